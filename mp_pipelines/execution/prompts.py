@@ -1,0 +1,96 @@
+"""Prompt templates: sandboxed Jinja2 rendering and static analysis of what a template refers to.
+
+Inputs are data: they are passed as values, never re-rendered, so an input holding `{{ ... }}`
+stays literal text, and the sandbox refuses access to Python internals.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from jinja2 import StrictUndefined, TemplateSyntaxError, nodes
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+
+class TemplateError(ValueError):
+    """A template could not be parsed or rendered; the message says which variable or line."""
+
+
+def _tojson(value: Any, indent: int | None = None) -> str:
+    return json.dumps(value, indent=indent, ensure_ascii=False, default=str)
+
+
+def make_environment() -> ImmutableSandboxedEnvironment:
+    """The one Jinja environment every prompt, system message and condition uses."""
+    env = ImmutableSandboxedEnvironment(
+        undefined=StrictUndefined, autoescape=False, keep_trailing_newline=False, trim_blocks=False
+    )
+    env.filters["tojson"] = _tojson  # the stock filter HTML-escapes, which corrupts prompts
+    return env
+
+
+_ENV = make_environment()
+
+
+@dataclass(frozen=True)
+class TemplateRefs:
+    """What a template reads: free top-level names and the attributes used on some of them."""
+
+    names: frozenset[str]
+    attributes: dict[str, frozenset[str]] = field(default_factory=dict)  # e.g. {"inputs": {"topic"}}
+
+
+def parse(source: str) -> nodes.Template:
+    """Parse a template, raising TemplateError with the line and reason on bad syntax."""
+    try:
+        return _ENV.parse(source)
+    except TemplateSyntaxError as exc:
+        raise TemplateError(f"Jinja syntax error on line {exc.lineno}: {exc.message}") from None
+
+
+def references(source: str, *, expression: bool = False) -> TemplateRefs:
+    """Names (and their constant attributes) a template or expression reads from its context."""
+    from jinja2 import meta
+
+    tree = parse(_as_template(source) if expression else source)
+    names = frozenset(meta.find_undeclared_variables(tree))
+    attributes: dict[str, set[str]] = {}
+    for node in tree.find_all((nodes.Getattr, nodes.Getitem)):
+        target = node.node
+        if isinstance(target, nodes.Name) and target.name in names:
+            key = node.attr if isinstance(node, nodes.Getattr) else getattr(node.arg, "value", None)
+            if isinstance(key, str):
+                attributes.setdefault(target.name, set()).add(key)
+    return TemplateRefs(names, {k: frozenset(v) for k, v in attributes.items()})
+
+
+def _as_template(expression: str) -> str:
+    text = expression.strip()
+    if text.startswith("{{") and text.endswith("}}"):
+        text = text[2:-2]
+    return "{{ (" + text + ") }}"
+
+
+def render(source: str, context: dict[str, Any]) -> str:
+    """Render a template with `context`; undefined names and sandbox violations raise TemplateError."""
+    try:
+        return _ENV.from_string(source).render(context)
+    except TemplateSyntaxError as exc:
+        raise TemplateError(f"Jinja syntax error on line {exc.lineno}: {exc.message}") from None
+    except Exception as exc:  # UndefinedError, SecurityError, errors inside filters
+        raise TemplateError(f"{type(exc).__name__}: {exc}") from None
+
+
+def evaluate(expression: str, context: dict[str, Any]) -> bool:
+    """Evaluate a condition such as `classify.severity == 'high'` (braces optional) to a bool."""
+    text = expression.strip()
+    if text.startswith("{{") and text.endswith("}}"):
+        text = text[2:-2]
+    try:
+        return bool(_ENV.compile_expression(text, undefined_to_none=False)(context))
+    except TemplateSyntaxError as exc:
+        raise TemplateError(f"Jinja syntax error in condition {expression!r}: {exc.message}") from None
+    except Exception as exc:
+        raise TemplateError(f"condition {expression!r} failed: {type(exc).__name__}: {exc}") from None

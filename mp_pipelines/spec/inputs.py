@@ -1,0 +1,116 @@
+"""Workflow input values: coercion from YAML, JSON and CLI strings, and loading of table inputs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+TABLE_SUFFIXES = (".csv", ".jsonl", ".ndjson", ".json", ".parquet", ".pq")
+_TRUE = {"true", "yes", "1", "on"}
+_FALSE = {"false", "no", "0", "off"}
+
+
+def coerce_input(kind: str, value: Any, name: str) -> Any:
+    """Convert `value` to the input type `kind`, raising ValueError that names input `name`."""
+    coerce = _COERCERS[kind]
+    try:
+        return coerce(value)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"input {name!r} expects a {kind}: {exc}") from None
+
+
+def _string(value: Any) -> str:
+    if isinstance(value, (dict, list)):
+        raise TypeError(f"got a {type(value).__name__}")
+    return str(value)
+
+
+def _integer(value: Any) -> int:
+    if isinstance(value, bool):
+        raise TypeError("got a boolean")
+    if isinstance(value, float) and not value.is_integer():
+        raise ValueError(f"{value!r} is not a whole number")
+    if isinstance(value, str):
+        return int(value.strip())
+    if isinstance(value, (int, float)):
+        return int(value)
+    raise TypeError(f"got a {type(value).__name__}")
+
+
+def _number(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise TypeError(f"got a {type(value).__name__}")
+    return float(value)
+
+
+def _boolean(value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in _TRUE:
+        return True
+    if text in _FALSE:
+        return False
+    raise ValueError(f"{value!r} is not one of true/false/yes/no/1/0")
+
+
+def _list(value: Any) -> list[Any]:
+    if isinstance(value, str):
+        text = value.strip()
+        if text.startswith("["):
+            value = json.loads(text)
+        else:
+            return [part.strip() for part in text.split(",") if part.strip()]
+    if not isinstance(value, list):
+        raise TypeError(f"got a {type(value).__name__}; give a list (JSON array or comma-separated)")
+    for index, element in enumerate(value):
+        if not isinstance(element, (str, dict, int, float, bool)):
+            raise TypeError(f"element {index} is a {type(element).__name__}; lists hold strings or objects")
+    return value
+
+
+def _table(value: Any) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise TypeError("give the path of a CSV, JSONL or Parquet file")
+    if not value.lower().endswith(TABLE_SUFFIXES):
+        raise ValueError(f"{value!r} is not a .csv, .jsonl or .parquet file")
+    return value
+
+
+_COERCERS = {
+    "string": _string,
+    "integer": _integer,
+    "number": _number,
+    "boolean": _boolean,
+    "list": _list,
+    "table": _table,
+}
+
+
+def load_table(path: str | Path, *, name: str = "table", max_rows: int | None = None):
+    """Read a CSV, JSONL or Parquet file into a DataFrame; errors name the input and the file."""
+    import pandas as pd
+
+    file = Path(path)
+    if not file.is_file():
+        raise FileNotFoundError(f"input {name!r}: table file {str(file)!r} does not exist")
+    suffix = file.suffix.lower()
+    try:
+        if suffix == ".csv":
+            frame = pd.read_csv(file)
+        elif suffix in (".jsonl", ".ndjson"):
+            frame = pd.read_json(file, lines=True)
+        elif suffix == ".json":
+            frame = pd.read_json(file)
+        elif suffix in (".parquet", ".pq"):
+            frame = pd.read_parquet(file)
+        else:
+            raise ValueError(f"unsupported table format {suffix!r}; use .csv, .jsonl or .parquet")
+    except (ValueError, OSError) as exc:
+        raise ValueError(f"input {name!r}: cannot read table {str(file)!r}: {exc}") from None
+    except Exception as exc:  # pandas raises parser-specific errors (ParserError, ArrowInvalid)
+        raise ValueError(f"input {name!r}: cannot read table {str(file)!r}: {type(exc).__name__}: {exc}") from None
+    if max_rows is not None and len(frame) > max_rows:
+        raise ValueError(f"input {name!r}: table {str(file)!r} has {len(frame)} rows, more than the limit {max_rows}")
+    return frame

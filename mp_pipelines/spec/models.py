@@ -1,0 +1,218 @@
+"""Pydantic models of a workflow: the data a YAML file or a WorkflowBuilder produces.
+
+Per-field checks live here; checks across fields and tasks (dependencies, cycles, template
+references) live in `spec/validate.py`, so a file's every problem can be reported at once.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Any, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, field_validator, model_validator
+
+IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+# Generated op names join a task name and a suffix with "__", so user names may not contain it.
+RESERVED_SEPARATOR = "__"
+# Names a template can use besides inputs and tasks.
+RESERVED_NAMES = frozenset({"inputs", "item", "item_index", "loop", "workflow", "previous"})
+
+InputType = Literal["string", "integer", "number", "boolean", "list", "table"]
+OutputKind = Literal["text", "json"]
+
+
+def check_name(value: str, what: str) -> str:
+    """Return `value` if it is a usable task/input/workflow name, else raise ValueError saying why."""
+    if not IDENTIFIER.match(value):
+        raise ValueError(f"{what} name {value!r} is not an identifier (letters, digits, '_'; not starting with a digit)")
+    if RESERVED_SEPARATOR in value:
+        raise ValueError(f"{what} name {value!r} contains '__', which is reserved for generated op names")
+    if value in RESERVED_NAMES:
+        raise ValueError(f"{what} name {value!r} is reserved for templates ({', '.join(sorted(RESERVED_NAMES))})")
+    return value
+
+
+class _Strict(BaseModel):
+    # Unknown keys are errors: a typo such as `depend_on` must not pass silently.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class InputSpec(_Strict):
+    """One workflow input, shown in the Dagster Launchpad as run config."""
+
+    type: InputType = "string"
+    description: str = ""
+    default: Any = None
+
+    @property
+    def required(self) -> bool:
+        return self.default is None
+
+    @model_validator(mode="after")
+    def _default_matches_type(self) -> InputSpec:
+        if self.default is not None:
+            from mp_pipelines.spec.inputs import coerce_input  # local: inputs imports this module
+
+            coerce_input(self.type, self.default, "default")
+        return self
+
+
+class ModelSettings(_Strict):
+    """Model parameters; workflow `defaults` and each task may set them, the task winning."""
+
+    model: str | None = Field(default=None, description="Model name sent to the endpoint, e.g. gpt-4o-mini.")
+    temperature: float | None = Field(default=None, ge=0.0, le=2.0)
+    max_tokens: int | None = Field(default=None, ge=1, le=1_000_000)
+    system: str | None = Field(default=None, description="System message (a template).")
+
+
+class RetrySpec(_Strict):
+    """Step-level retries of a task (Dagster RetryPolicy); request-level retries belong to the LLM client."""
+
+    max_retries: int = Field(default=3, ge=0, le=100)
+    delay: float = Field(default=1.0, ge=0.0, le=3600.0, description="Seconds before the first retry.")
+    backoff: Literal["linear", "exponential"] | None = None
+    jitter: Literal["full", "plus_minus"] | None = None
+
+
+class TaskSpec(ModelSettings):
+    """One prompt task: one op of the generated job and one asset `[workflow, task]`."""
+
+    name: str
+    description: str = ""
+    prompt: str = Field(min_length=1)
+    depends_on: list[str] = Field(default_factory=list)
+    for_each: str | None = Field(default=None, description="Fan out over a task's list output or inputs.<name>.")
+    when: str | None = Field(default=None, description="Jinja expression; the task is skipped when it is false.")
+    output: OutputKind = "text"
+    output_schema: dict[str, Any] | None = None
+    retries: RetrySpec | None = None
+    timeout: float | None = Field(default=None, gt=0.0, le=86_400.0, description="Seconds for the whole task.")
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str) -> str:
+        return check_name(value, "task")
+
+    @model_validator(mode="after")
+    def _schema_needs_json(self) -> TaskSpec:
+        if self.output_schema is not None and self.output != "json":
+            raise ValueError("output_schema is set but output is 'text'; set output: json")
+        if self.output_schema is not None:
+            from jsonschema import Draft202012Validator
+            from jsonschema.exceptions import SchemaError
+
+            try:
+                Draft202012Validator.check_schema(self.output_schema)
+            except SchemaError as exc:
+                raise ValueError(f"output_schema is not a valid JSON schema: {exc.message}") from None
+        return self
+
+
+class LoopControl(_Strict):
+    """How long a loop runs: at most `max_iterations` (≤ the workflow's depth), less when `until` holds."""
+
+    max_iterations: int | None = Field(default=None, ge=1, le=100)
+    until: str | None = Field(default=None, description="Jinja expression over this iteration's outputs.")
+
+
+class LoopSpec(_Strict):
+    """A bounded loop (depth): its tasks run in order, once per iteration, unrolled into the graph."""
+
+    name: str
+    description: str = ""
+    depends_on: list[str] = Field(default_factory=list)
+    loop: LoopControl = Field(default_factory=LoopControl)
+    tasks: list[TaskSpec] = Field(min_length=1)
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str) -> str:
+        return check_name(value, "loop")
+
+
+def _step_kind(value: Any) -> str:
+    if isinstance(value, dict):
+        return "loop" if "tasks" in value else "task"
+    return "loop" if isinstance(value, LoopSpec) else "task"
+
+
+Step = Annotated[Union[Annotated[TaskSpec, Tag("task")], Annotated[LoopSpec, Tag("loop")]], Discriminator(_step_kind)]
+
+
+class ScheduleSpec(_Strict):
+    """A cron schedule for the workflow's job; off unless `enabled`."""
+
+    cron: str
+    timezone: str = "UTC"
+    enabled: bool = False
+    inputs: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("cron")
+    @classmethod
+    def _cron(cls, value: str) -> str:
+        from dagster._utils.schedules import is_valid_cron_string  # dagster 1.13.27
+
+        if not is_valid_cron_string(value):
+            raise ValueError(f"{value!r} is not a valid cron string (five fields, e.g. '0 6 * * *')")
+        return value
+
+
+class WorkflowSpec(_Strict):
+    """A whole workflow: inputs, defaults, limits and the DAG of tasks."""
+
+    name: str
+    description: str = ""
+    inputs: dict[str, InputSpec] = Field(default_factory=dict)
+    defaults: ModelSettings = Field(default_factory=ModelSettings)
+    breadth: int = Field(default=8, ge=1, le=10_000, description="Most items of one fan-out in flight at once.")
+    depth: int = Field(default=3, ge=1, le=100, description="Most iterations a loop may run.")
+    max_items: int = Field(default=1000, ge=1, le=10_000_000, description="Largest fan-out allowed.")
+    schedule: ScheduleSpec | None = None
+    tags: dict[str, str] = Field(default_factory=dict)
+    tasks: list[Step] = Field(min_length=1)
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str) -> str:
+        return check_name(value, "workflow")
+
+    @field_validator("inputs")
+    @classmethod
+    def _input_names(cls, value: dict[str, InputSpec]) -> dict[str, InputSpec]:
+        for name in value:
+            check_name(name, "input")
+        return value
+
+    @field_validator("schedule", mode="before")
+    @classmethod
+    def _cron_shorthand(cls, value: Any) -> Any:
+        return {"cron": value} if isinstance(value, str) else value
+
+    def all_tasks(self) -> list[TaskSpec]:
+        """Every task, loop bodies included, in file order."""
+        out: list[TaskSpec] = []
+        for step in self.tasks:
+            out.extend(step.tasks if isinstance(step, LoopSpec) else [step])
+        return out
+
+    def step(self, name: str) -> TaskSpec | LoopSpec:
+        """The top-level task or loop called `name` (KeyError if none)."""
+        for step in self.tasks:
+            if step.name == name:
+                return step
+        raise KeyError(name)
+
+    def settings_for(self, task: TaskSpec) -> ModelSettings:
+        """The task's model settings with the workflow defaults filled in."""
+        merged = self.defaults.model_dump()
+        merged.update({k: v for k, v in task.model_dump(include=set(ModelSettings.model_fields)).items() if v is not None})
+        return ModelSettings(**merged)
+
+    def to_yaml(self) -> str:
+        """The spec as YAML that loads back to an equal spec."""
+        import yaml
+
+        data = self.model_dump(mode="json", exclude_defaults=True)
+        data = {"name": data.pop("name"), **data}  # name first for readers
+        return yaml.safe_dump(data, sort_keys=False, allow_unicode=True)
