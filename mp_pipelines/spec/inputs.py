@@ -73,8 +73,9 @@ def _list(value: Any) -> list[Any]:
 def _table(value: Any) -> str:
     if not isinstance(value, str) or not value.strip():
         raise TypeError("give the path of a CSV, JSONL or Parquet file")
-    if not value.lower().endswith(TABLE_SUFFIXES):
-        raise ValueError(f"{value!r} is not a .csv, .jsonl or .parquet file")
+    suffix = Path(value).suffix.lower()
+    if suffix and suffix not in TABLE_SUFFIXES:
+        raise ValueError(f"{value!r} is not a .csv, .jsonl or .parquet file, nor a folder of text files")
     return value
 
 
@@ -89,10 +90,15 @@ _COERCERS = {
 
 
 def load_table(path: str | Path, *, name: str = "table", max_rows: int | None = None):
-    """Read a CSV, JSONL or Parquet file into a DataFrame; errors name the input and the file."""
+    """Read a CSV, JSONL or Parquet file (or a folder of text files) into a DataFrame.
+
+    Errors name the input and the file. A folder gives one row per .txt/.md file: `name`, `path`, `text`.
+    """
     import pandas as pd
 
     file = Path(path)
+    if file.is_dir():
+        return _text_folder(file, name=name, max_rows=max_rows)
     if not file.is_file():
         raise FileNotFoundError(f"input {name!r}: table file {str(file)!r} does not exist")
     suffix = file.suffix.lower()
@@ -114,3 +120,32 @@ def load_table(path: str | Path, *, name: str = "table", max_rows: int | None = 
     if max_rows is not None and len(frame) > max_rows:
         raise ValueError(f"input {name!r}: table {str(file)!r} has {len(frame)} rows, more than the limit {max_rows}")
     return frame
+
+
+TEXT_SUFFIXES = (".txt", ".md", ".markdown", ".rst")
+
+
+def _text_folder(folder: Path, *, name: str, max_rows: int | None):
+    import pandas as pd
+
+    files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in TEXT_SUFFIXES)
+    if not files:
+        raise ValueError(f"input {name!r}: folder {str(folder)!r} holds no {', '.join(TEXT_SUFFIXES)} files")
+    if max_rows is not None and len(files) > max_rows:
+        raise ValueError(f"input {name!r}: folder {str(folder)!r} has {len(files)} files, more than the limit {max_rows}")
+    rows = []
+    for file in files:
+        try:
+            rows.append({"name": file.name, "path": str(file), "text": file.read_text(encoding="utf-8")})
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ValueError(f"input {name!r}: cannot read {str(file)!r}: {exc}") from None
+    return pd.DataFrame(rows)
+
+
+def resolve_path(value: str, base_dir: Path | None) -> str:
+    """A relative table path: as given when it exists from the working folder, else from `base_dir`."""
+    path = Path(value).expanduser()
+    if path.is_absolute() or path.exists() or base_dir is None:
+        return str(path)
+    candidate = base_dir / path
+    return str(candidate) if candidate.exists() else str(path)

@@ -1,0 +1,157 @@
+"""`mp-pipelines`: list, validate, show and run workflows from the command line."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from mp_pipelines.spec.loader import LoadResult, WorkflowValidationError, load_workflow_file, load_workflows
+from mp_pipelines.spec.models import WorkflowSpec
+
+
+def _echo_err(message: str) -> None:
+    click.echo(message, err=True)
+
+
+def _load(paths: tuple[str, ...] = ()) -> LoadResult:
+    return load_workflows([Path(p) for p in paths] if paths else None)
+
+
+def resolve_workflow(name_or_path: str) -> tuple[WorkflowSpec, str | None]:
+    """A workflow by name (from the workflow folders) or by YAML path; ClickException when not found."""
+    if name_or_path.endswith((".yaml", ".yml")) or Path(name_or_path).is_file():
+        try:
+            return load_workflow_file(name_or_path), str(Path(name_or_path).resolve())
+        except WorkflowValidationError as exc:
+            raise click.ClickException(str(exc)) from None
+    loaded = _load()
+    if name_or_path in loaded.specs:
+        return loaded.specs[name_or_path], None
+    bad = [p for p in loaded.problems if name_or_path in str(p.file or "")]
+    if bad:
+        raise click.ClickException("\n".join(str(p) for p in bad))
+    known = ", ".join(sorted(loaded.specs)) or "none"
+    raise click.ClickException(f"no workflow named {name_or_path!r}; known workflows: {known}")
+
+
+@click.group()
+@click.version_option(package_name="mp-pipelines")
+def main() -> None:
+    """Multi-step LLM prompt workflows that run as Dagster jobs."""
+
+
+@main.command("list")
+def list_command() -> None:
+    """List the workflows found in the shipped folder and MP_WORKFLOWS_PATH."""
+    loaded = _load()
+    width = max((len(n) for n in loaded.specs), default=10)
+    for name, spec in sorted(loaded.specs.items()):
+        inputs = ", ".join(spec.inputs) or "-"
+        click.echo(f"{name:<{width}}  {len(spec.all_tasks()):>2} tasks  inputs: {inputs}  {spec.description}")
+    for problem in loaded.problems:
+        _echo_err(f"warning: {problem}")
+    if loaded.problems:
+        _echo_err(f"{len(loaded.problems)} problem(s); run `mp-pipelines validate` for details")
+
+
+@main.command()
+@click.argument("paths", nargs=-1, type=click.Path())
+def validate(paths: tuple[str, ...]) -> None:
+    """Check workflow files (default: every workflow folder); exit 1 if any has a problem."""
+    loaded = _load(paths)
+    for name, spec in sorted(loaded.specs.items()):
+        click.echo(f"ok    {name} ({loaded.sources.get(name, '?')}): {len(spec.all_tasks())} tasks")
+    for problem in loaded.problems:
+        click.echo(f"error {problem}")
+    click.echo(f"{len(loaded.specs)} workflow(s) valid, {len(loaded.problems)} problem(s)")
+    if loaded.problems or not loaded.specs:
+        sys.exit(1)
+
+
+@main.command()
+@click.argument("workflow")
+def show(workflow: str) -> None:
+    """Print a workflow's DAG: inputs, steps in run order and what each depends on."""
+    from mp_pipelines.show import render_workflow
+
+    spec, _ = resolve_workflow(workflow)
+    click.echo(render_workflow(spec))
+
+
+def parse_inputs(spec: WorkflowSpec, pairs: tuple[str, ...], input_file: str | None) -> dict[str, Any]:
+    """Inputs from `--input-file` then `--input key=value`, checked against the spec."""
+    from mp_pipelines.spec.inputs import coerce_input
+
+    values: dict[str, Any] = {}
+    if input_file:
+        try:
+            data = json.loads(Path(input_file).read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise click.BadParameter(f"cannot read {input_file}: {exc}", param_hint="--input-file") from None
+        if not isinstance(data, dict):
+            raise click.BadParameter(f"{input_file} must hold a JSON object of input name → value",
+                                     param_hint="--input-file")
+        values.update(data)
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise click.BadParameter(f"{pair!r} is not key=value", param_hint="--input")
+        values[key.strip()] = value
+    unknown = sorted(set(values) - set(spec.inputs))
+    if unknown:
+        known = ", ".join(spec.inputs) or "none"
+        raise click.BadParameter(f"unknown input(s) {', '.join(unknown)} for {spec.name}; its inputs: {known}",
+                                 param_hint="--input")
+    checked = {}
+    for name, input_spec in spec.inputs.items():
+        if name in values:
+            try:
+                checked[name] = coerce_input(input_spec.type, values[name], name)
+            except ValueError as exc:
+                raise click.BadParameter(str(exc), param_hint="--input") from None
+        elif input_spec.required:
+            raise click.BadParameter(f"input {name!r} of {spec.name} is required ({input_spec.type}): "
+                                     f"pass --input {name}=...", param_hint="--input")
+    return checked
+
+
+@main.command()
+@click.argument("workflow")
+@click.option("--input", "-i", "pairs", multiple=True, metavar="KEY=VALUE", help="A workflow input; repeatable.")
+@click.option("--input-file", type=click.Path(exists=True, dir_okay=False), help="JSON object of inputs.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object with the results on stdout.")
+@click.option("--executor", type=click.Choice(["multiprocess", "in_process"]), default=None,
+              help="Override the job's executor for this run.")
+def run(workflow: str, pairs: tuple[str, ...], input_file: str | None, as_json: bool, executor: str | None) -> None:
+    """Run WORKFLOW (a name or a YAML path) through Dagster and print each task's result."""
+    from mp_pipelines.running import run_workflow
+
+    spec, source = resolve_workflow(workflow)
+    inputs = parse_inputs(spec, pairs, input_file)
+    outcome = run_workflow(spec, inputs, source=source, executor=executor, progress=_echo_err)
+    if as_json:
+        click.echo(json.dumps(outcome.as_json(), ensure_ascii=False, default=str, indent=2))
+    else:
+        click.echo(outcome.as_text())
+    sys.exit(0 if outcome.success else 1)
+
+
+@main.command("serve-model")
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=8000, show_default=True, type=int)
+@click.option("--latency", default=0.0, show_default=True, type=float, help="Seconds per answer.")
+@click.option("--failure-rate", default=0.0, show_default=True, type=float, help="Share of 500/429 answers.")
+def serve_model(host: str, port: int, latency: float, failure_rate: float) -> None:
+    """Serve the simulated model as an OpenAI-compatible HTTP endpoint (for OPENAI_BASE_URL)."""
+    from mp_pipelines.execution.server import serve
+
+    _echo_err(f"simulated OpenAI-compatible endpoint on http://{host}:{port}/v1 (Ctrl-C to stop)")
+    serve(host, port, latency, failure_rate)
+
+
+if __name__ == "__main__":
+    main()

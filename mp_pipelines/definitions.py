@@ -1,0 +1,81 @@
+"""The code location: load every workflow spec, build its definitions, add the LLM resource.
+
+`dagster dev` (via workspace.yaml) and `dagster definitions validate` load `defs` from here.
+A workflow file with problems is reported and left out; the others still load.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from functools import lru_cache
+from pathlib import Path
+
+import dagster as dg
+
+from mp_pipelines.execution.llm import LLMResource
+from mp_pipelines.factory import build_workflow_definitions
+from mp_pipelines.factory.ops import LLM_RESOURCE_KEY
+from mp_pipelines.spec.loader import LoadResult, Problem, load_workflows
+
+PROVIDER_TAG = "mp_pipelines/provider"
+logger = logging.getLogger("mp_pipelines")
+
+
+def build_llm_resource() -> LLMResource:
+    """The LLM resource from the environment; with no key and no base URL it is the simulated model."""
+    settings: dict[str, object] = {}
+    if os.environ.get("OPENAI_API_KEY"):
+        settings["api_key"] = dg.EnvVar("OPENAI_API_KEY")
+    if os.environ.get("OPENAI_BASE_URL"):
+        settings["base_url"] = dg.EnvVar("OPENAI_BASE_URL")
+    if os.environ.get("MP_LLM_PROVIDER"):
+        settings["provider"] = os.environ["MP_LLM_PROVIDER"]
+    if os.environ.get("MP_DEFAULT_MODEL"):
+        settings["default_model"] = os.environ["MP_DEFAULT_MODEL"]
+    for field, variable in (("simulated_latency", "MP_SIMULATED_LATENCY"),
+                            ("simulated_failure_rate", "MP_SIMULATED_FAILURE_RATE")):
+        if os.environ.get(variable):
+            settings[field] = float(os.environ[variable])
+    return LLMResource(**settings)
+
+
+def provider_name() -> str:
+    """Which provider runs will use, from the same environment the resource reads."""
+    chosen = os.environ.get("MP_LLM_PROVIDER", "auto")
+    if chosen != "auto":
+        return chosen
+    return "openai" if os.environ.get("OPENAI_API_KEY") or os.environ.get("OPENAI_BASE_URL") else "simulated"
+
+
+def build_definitions(loaded: LoadResult) -> dg.Definitions:
+    """Definitions of every loaded workflow plus the shared resources."""
+    parts = []
+    problems = list(loaded.problems)
+    for name, spec in loaded.specs.items():
+        try:
+            source = loaded.sources.get(name)
+            parts.append(build_workflow_definitions(spec, job_tags={PROVIDER_TAG: provider_name()},
+                                                    base_dir=Path(source).parent if source else None))
+        except Exception as exc:  # a bug for one workflow must not take the code location down
+            problems.append(Problem(str(loaded.sources.get(name, name)), "", f"could not build job: {exc}"))
+    for problem in problems:
+        logger.warning("workflow not loaded: %s", problem)
+    return dg.Definitions.merge(*parts, dg.Definitions(resources={LLM_RESOURCE_KEY: build_llm_resource()}))
+
+
+@lru_cache(maxsize=None)
+def _load(source: str | None) -> LoadResult:
+    return load_workflows([Path(source)] if source else None)
+
+
+def get_job(name: str, source: str | None = None) -> dg.JobDefinition:
+    """The job of workflow `name` (from `source`, a file, when given), for reconstruction in run workers."""
+    loaded = _load(source)
+    if name not in loaded.specs:
+        known = ", ".join(sorted(loaded.specs)) or "none"
+        raise KeyError(f"no workflow named {name!r} (loaded: {known})")
+    return build_definitions(LoadResult({name: loaded.specs[name]}, loaded.sources, [])).resolve_job_def(name)
+
+
+defs = build_definitions(_load(None))

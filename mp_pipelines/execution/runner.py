@@ -1,0 +1,126 @@
+"""What one prompt task does when it runs: render, call the model, check the answer, account usage.
+
+No Dagster here: ops in `factory/` are thin shells around these functions.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+from mp_pipelines.execution.client import LLMError, LLMRequest
+from mp_pipelines.execution.prompts import evaluate, render
+from mp_pipelines.execution.usage import Usage
+from mp_pipelines.spec.models import TaskSpec, WorkflowSpec
+
+PREVIEW_CHARS = 500
+
+
+class TaskTimeout(RuntimeError):
+    """A task used up its `timeout` before its model call could finish."""
+
+
+@dataclass(frozen=True)
+class TaskRun:
+    """The outcome of one prompt: the output value and how it was obtained."""
+
+    output: Any
+    usage: Usage
+    model: str
+    provider: str
+    finish_reason: str | None
+    attempts: int
+
+
+def template_value(value: Any) -> Any:
+    """A value as templates see it: DataFrames become lists of row dicts."""
+    if hasattr(value, "to_dict") and hasattr(value, "columns"):
+        return records(value)
+    return value
+
+
+def records(frame: Any) -> list[dict[str, Any]]:
+    """Rows of a DataFrame as dicts, with missing values as None (not NaN)."""
+    rows = frame.to_dict(orient="records")
+    return [{k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in row.items()} for row in rows]
+
+
+def build_context(
+    spec: WorkflowSpec,
+    inputs: Mapping[str, Any],
+    upstream: Mapping[str, Any],
+    **specials: Any,
+) -> dict[str, Any]:
+    """The template context: inputs, upstream step outputs by name, and specials (item, loop)."""
+    context: dict[str, Any] = {name: template_value(value) for name, value in upstream.items()}
+    context["inputs"] = dict(inputs)
+    context["workflow"] = {"name": spec.name, "description": spec.description}
+    context.update(specials)
+    return context
+
+
+def condition_holds(task: TaskSpec, context: Mapping[str, Any]) -> bool:
+    """True when the task has no `when`, or its `when` expression is true in `context`."""
+    return task.when is None or evaluate(task.when, dict(context))
+
+
+def build_request(spec: WorkflowSpec, task: TaskSpec, context: Mapping[str, Any], *, default_model: str,
+                  timeout: float | None, label: str) -> LLMRequest:
+    """Render the task's messages and settings into one request (TemplateError on bad templates)."""
+    settings = spec.settings_for(task)
+    messages = []
+    if settings.system:
+        messages.append({"role": "system", "content": render(settings.system, dict(context))})
+    messages.append({"role": "user", "content": render(task.prompt, dict(context))})
+    return LLMRequest(
+        messages=messages,
+        model=settings.model or default_model,
+        temperature=settings.temperature,
+        max_tokens=settings.max_tokens,
+        json_output=task.output == "json",
+        json_schema=task.output_schema,
+        timeout=timeout,
+        label=label,
+    )
+
+
+def remaining_time(deadline: float | None, label: str) -> float | None:
+    """Seconds left before `deadline` (a time.monotonic() value); TaskTimeout when none are."""
+    if deadline is None:
+        return None
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise TaskTimeout(f"task {label} used up its timeout before calling the model")
+    return left
+
+
+def run_task(llm: Any, spec: WorkflowSpec, task: TaskSpec, context: Mapping[str, Any], *, label: str,
+             deadline: float | None = None) -> TaskRun:
+    """Call the model once for `task`; the per-call timeout never outlives the task's deadline."""
+    left = remaining_time(deadline, label)
+    timeout = llm.timeout if left is None else min(llm.timeout, left)
+    request = build_request(spec, task, context, default_model=llm.default_model, timeout=timeout, label=label)
+    try:
+        result = llm.complete(request)
+    except LLMError as exc:
+        if exc.kind == "timeout" and deadline is not None and time.monotonic() >= deadline:
+            raise TaskTimeout(f"task {label} exceeded its timeout of {task.timeout} s: {exc}") from None
+        raise
+    output = result.parsed if request.json_output else result.text
+    return TaskRun(output, Usage.of_result(result), result.model, result.provider, result.finish_reason,
+                   result.attempts)
+
+
+def preview(value: Any, limit: int = PREVIEW_CHARS) -> str:
+    """A short text preview of an output for metadata and the CLI."""
+    import json
+
+    if hasattr(value, "head") and hasattr(value, "columns"):
+        text = value.head(10).to_string()
+    elif isinstance(value, str):
+        text = value
+    else:
+        text = json.dumps(value, ensure_ascii=False, default=str, indent=1)
+    return text if len(text) <= limit else text[: limit - 1] + "…"

@@ -1,0 +1,49 @@
+"""Asset specs `[workflow, task]` whose lineage mirrors the workflow DAG; the job's ops materialise them."""
+
+from __future__ import annotations
+
+import dagster as dg
+
+from mp_pipelines.factory.ops import WORKFLOW_TAG, asset_key
+from mp_pipelines.spec.graph import body_dependencies, step_dependencies
+from mp_pipelines.spec.models import LoopSpec, TaskSpec, WorkflowSpec
+
+_DESCRIPTION_CHARS = 300
+
+
+def _describe(task: TaskSpec) -> str:
+    prompt = task.prompt.strip()
+    excerpt = prompt if len(prompt) <= _DESCRIPTION_CHARS else prompt[: _DESCRIPTION_CHARS - 1] + "…"
+    return task.description or f"Prompt: {excerpt}"
+
+
+def _spec(spec: WorkflowSpec, name: str, deps: list[str], description: str, **metadata: object) -> dg.AssetSpec:
+    return dg.AssetSpec(
+        key=asset_key(spec, name),
+        deps=[asset_key(spec, dep) for dep in deps],
+        description=description,
+        group_name=spec.name,
+        kinds={"llm"},
+        tags={WORKFLOW_TAG: spec.name},
+        metadata={"workflow": spec.name, **metadata},
+    )
+
+
+def build_asset_specs(spec: WorkflowSpec) -> list[dg.AssetSpec]:
+    """One asset per task and per loop, with edges from each step's upstream steps."""
+    dependencies = step_dependencies(spec)
+    specs = []
+    for step in spec.tasks:
+        upstream = dependencies[step.name]
+        if isinstance(step, LoopSpec):
+            body = body_dependencies(step, set(dependencies))
+            for task in step.tasks:
+                external, earlier = body[task.name]
+                specs.append(_spec(spec, task.name, [*external, *earlier], _describe(task), loop=step.name,
+                                   output=task.output))
+            specs.append(_spec(spec, step.name, [t.name for t in step.tasks],
+                               step.description or f"Latest outputs of loop {step.name}.", kind="loop"))
+        else:
+            specs.append(_spec(spec, step.name, upstream, _describe(step), output=step.output,
+                               for_each=step.for_each or ""))
+    return specs

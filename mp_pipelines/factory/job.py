@@ -1,0 +1,117 @@
+"""Spec → Dagster job: compose the ops of every step in dependency order."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import dagster as dg
+
+from mp_pipelines.factory.loops import build_body_op, build_loop_result_op, iterations
+from mp_pipelines.factory.ops import (
+    FANOUT_TAG,
+    INPUTS_OP,
+    WORKFLOW_TAG,
+    build_collect_op,
+    build_inputs_op,
+    build_item_op,
+    build_items_op,
+    build_task_op,
+)
+from mp_pipelines.spec.graph import body_dependencies, for_each_source, step_dependencies, topological_order
+from mp_pipelines.spec.models import LoopSpec, TaskSpec, WorkflowSpec
+
+Handles = dict[str, Any]  # step name → the composition handle carrying its value
+
+
+def job_name(spec: WorkflowSpec) -> str:
+    return spec.name
+
+
+def build_executor(spec: WorkflowSpec) -> dg.ExecutorDefinition:
+    """Dagster's multiprocess/in-process executor, with `breadth` as the per-fan-out limit.
+
+    Selectable per run: `execution: {config: {in_process: {}}}` or `{multiprocess: {max_concurrent: N}}`.
+    """
+    schema = dg.Field(
+        dg.Selector({
+            "multiprocess": dg.Field({
+                "max_concurrent": dg.Field(dg.Int, default_value=spec.breadth,
+                                           description="Most steps running at once in this run."),
+                "start_method": dg.Field(dg.Enum("StartMethod", [dg.EnumValue("forkserver"), dg.EnumValue("spawn")]),
+                                         default_value="forkserver"),
+            }),
+            "in_process": dg.Field({}),
+        }),
+        default_value={"multiprocess": {}},
+    )
+
+    def to_stock_config(config: dict[str, Any]) -> dict[str, Any]:
+        if "in_process" in config:
+            return {"in_process": {}}
+        options = config["multiprocess"]
+        limit = {"key": FANOUT_TAG, "value": {"applyLimitPerUniqueValue": True}, "limit": spec.breadth}
+        return {"multiprocess": {"max_concurrent": options["max_concurrent"], "tag_concurrency_limits": [limit],
+                                 "start_method": {options["start_method"]: {}}}}
+
+    return dg.multi_or_in_process_executor.configured(to_stock_config, name="mp_pipelines_executor",
+                                                      config_schema=schema)
+
+
+def _compose_task(spec: WorkflowSpec, task: TaskSpec, upstream: list[str], handles: Handles) -> Any:
+    kwargs = {INPUTS_OP: handles[INPUTS_OP], **{name: handles[name] for name in upstream}}
+    source = for_each_source(task)
+    if source is None:
+        return build_task_op(spec, task, upstream)(**kwargs)
+    kind, name = source
+    items_kwargs = {INPUTS_OP: handles[INPUTS_OP]} if kind == "input" else {INPUTS_OP: handles[INPUTS_OP], name: handles[name]}
+    items = build_items_op(spec, task, "input" if kind == "input" else "step", name)(**items_kwargs)
+    item_op = build_item_op(spec, task, upstream)
+    mapped = items.map(lambda item: item_op(item=item, **kwargs))
+    return build_collect_op(spec, task)(records=mapped.collect())
+
+
+def _compose_loop(spec: WorkflowSpec, loop: LoopSpec, handles: Handles, step_names: set[str]) -> Any:
+    body = body_dependencies(loop, step_names)
+    state = None
+    finished = []
+    for iteration in range(1, iterations(spec, loop) + 1):
+        for index, task in enumerate(loop.tasks):
+            external = body[task.name][0]
+            op = build_body_op(spec, loop, index, iteration, external)
+            kwargs = {INPUTS_OP: handles[INPUTS_OP], **{name: handles[name] for name in external}}
+            if state is not None:
+                kwargs["state"] = state
+            result = op(**kwargs)
+            outputs = set(op.outs)
+            if outputs == {"next", "done"}:
+                state, done = result.next, result.done
+                finished.append(done)
+            elif outputs == {"done"}:
+                finished.append(result)
+            else:
+                state = result
+    return build_loop_result_op(spec, loop)(states=finished)
+
+
+def build_job(spec: WorkflowSpec, *, tags: dict[str, str] | None = None, base_dir: Path | None = None) -> dg.JobDefinition:
+    """The job of a workflow: an `inputs` op, then one op per task in dependency order."""
+    dependencies = step_dependencies(spec)
+    step_names = set(dependencies)
+
+    def compose() -> None:
+        handles: Handles = {INPUTS_OP: build_inputs_op(spec, base_dir)()}
+        for name in topological_order(spec):
+            step = spec.step(name)
+            if isinstance(step, LoopSpec):
+                handles[name] = _compose_loop(spec, step, handles, step_names)
+            else:
+                handles[name] = _compose_task(spec, step, dependencies[name], handles)
+
+    compose.__name__ = job_name(spec)
+    return dg.job(
+        name=job_name(spec),
+        description=spec.description or None,
+        tags={WORKFLOW_TAG: spec.name, **spec.tags, **(tags or {})},
+        executor_def=build_executor(spec),
+    )(compose)

@@ -1,0 +1,130 @@
+"""Depth: a bounded loop unrolled into ops `task__1 … task__N` that pass a loop state along.
+
+Every body op has a `next` output feeding the following op; the op that evaluates `until` (and the
+last op of the last iteration) also has a `done` output. When `until` holds, the op yields only
+`done`, so Dagster skips every later op of the loop, and the loop's collector (a fan-in of all
+`done` outputs, which Dagster runs when at least one source is present) publishes the result.
+"""
+
+
+from typing import Any, Iterator, Mapping
+
+import dagster as dg
+
+from mp_pipelines.execution.prompts import TemplateError, evaluate, references
+from mp_pipelines.execution.runner import build_context, preview
+from mp_pipelines.execution.usage import Usage
+from mp_pipelines.factory.ops import (
+    LLM_RESOURCE_KEY,
+    WORKFLOW_TAG,
+    check_condition,
+    task_deadline,
+    split_inputs,
+    asset_key,
+    call_metadata,
+    call_model,
+    make_op,
+    materialization,
+    retry_policy,
+    upstream_ins,
+)
+from mp_pipelines.spec.models import LoopSpec, TaskSpec, WorkflowSpec
+
+
+def iterations(spec: WorkflowSpec, loop: LoopSpec) -> int:
+    """How many times the loop may run: its max_iterations, never more than the workflow depth."""
+    return min(loop.loop.max_iterations or spec.depth, spec.depth)
+
+
+def gate_index(loop: LoopSpec) -> int:
+    """Index of the body task after which `until` is checked: the last body task it reads."""
+    if not loop.loop.until:
+        return len(loop.tasks) - 1
+    names = references(loop.loop.until, expression=True).names
+    read = [i for i, task in enumerate(loop.tasks) if task.name in names]
+    return max(read) if read else len(loop.tasks) - 1
+
+
+def body_op_name(task: TaskSpec, iteration: int) -> str:
+    return f"{task.name}__{iteration}"
+
+
+def _start_iteration(state: Mapping[str, Any] | None, iteration: int) -> dict[str, Any]:
+    if state is None:
+        return {"iteration": iteration, "current": {}, "previous": None, "latest": {}, "stopped_early": False,
+                "usage": Usage().as_dict()}
+    if state["iteration"] == iteration:
+        return dict(state)
+    return {**state, "iteration": iteration, "current": {}, "previous": state["current"]}
+
+
+def build_body_op(spec: WorkflowSpec, loop: LoopSpec, index: int, iteration: int,
+                  external: list[str]) -> dg.OpDefinition:
+    """The op of body task `index` in iteration `iteration`."""
+    task = loop.tasks[index]
+    total = iterations(spec, loop)
+    final = iteration == total and index == len(loop.tasks) - 1
+    checks_until = index == gate_index(loop) and loop.loop.until is not None
+    outs = {}
+    if not final:
+        outs["next"] = dg.Out(dg.Any, is_required=not checks_until)
+    if final or checks_until:
+        outs["done"] = dg.Out(dg.Any, is_required=final and not checks_until)
+    label = f"{loop.name}.{task.name}#{iteration}"
+
+    def compute(context: dg.OpExecutionContext, inputs: Mapping[str, Any]) -> Iterator[Any]:
+        workflow_inputs, values = split_inputs(inputs)
+        state = _start_iteration(values.pop("state", None), iteration)
+        loop_vars = {"iteration": iteration, "max_iterations": total, "previous": state["previous"]}
+        template_context = build_context(spec, workflow_inputs, {**values, **state["current"]}, loop=loop_vars)
+        if check_condition(task, template_context, label):
+            run = call_model(context, spec, task, template_context, label=label, deadline=task_deadline(task))
+            metadata = {**call_metadata(run), "iteration": iteration}
+            state["current"] = {**state["current"], task.name: run.output}
+            state["latest"] = {**state["latest"], task.name: run.output}
+            state["usage"] = (Usage(**state["usage"]) + run.usage).as_dict()
+            yield materialization(spec, task.name, run.output, metadata)
+        else:
+            context.log.info(f"{label}: skipped because `when: {task.when}` is false")
+            metadata = {"iteration": iteration, "skipped": True}
+        if checks_until and _until(loop, {**template_context, **state["current"]}, label):
+            context.log.info(f"{loop.name}: `until: {loop.loop.until}` holds after iteration {iteration}; stopping")
+            yield dg.Output({**state, "stopped_early": not final}, "done", metadata=metadata)
+        elif final:
+            yield dg.Output(state, "done", metadata=metadata)
+        else:
+            yield dg.Output(state, "next", metadata=metadata)
+
+    ins = upstream_ins(external)
+    if iteration > 1 or index > 0:
+        ins["state"] = dg.In(dg.Any)
+    return make_op(body_op_name(task, iteration), compute, ins=ins, outs=outs,
+                   description=f"{task.description or task.name} (loop {loop.name}, iteration {iteration}/{total})",
+                   retry_policy=retry_policy(task), required_resource_keys={LLM_RESOURCE_KEY},
+                   tags={WORKFLOW_TAG: spec.name, "mp_pipelines/loop": loop.name})
+
+
+def _until(loop: LoopSpec, template_context: Mapping[str, Any], label: str) -> bool:
+    try:
+        return evaluate(loop.loop.until or "false", dict(template_context))
+    except TemplateError as exc:
+        raise dg.Failure(f"{label}: `until` could not be evaluated: {exc}", allow_retries=False) from None
+
+
+def build_loop_result_op(spec: WorkflowSpec, loop: LoopSpec) -> dg.OpDefinition:
+    """The loop's collector: takes the one state that finished and publishes the latest body outputs."""
+
+    def compute(context: dg.OpExecutionContext, inputs: Mapping[str, Any]) -> Iterator[Any]:
+        (state,) = inputs["states"]  # exactly one iteration ends the loop; the others are skipped
+        value = state["latest"]
+        usage = Usage(**state["usage"])
+        context.log.info(f"{loop.name}: ran {state['iteration']} iteration(s)"
+                         + (", stopped early" if state["stopped_early"] else ""))
+        metadata = {"iterations": state["iteration"], "stopped_early": state["stopped_early"],
+                    "calls": usage.calls, "prompt_tokens": usage.prompt_tokens,
+                    "completion_tokens": usage.completion_tokens, "preview": dg.MetadataValue.text(preview(value))}
+        yield dg.AssetMaterialization(asset_key=asset_key(spec, loop.name), metadata=metadata)
+        yield dg.Output(value, metadata={"iterations": state["iteration"], "stopped_early": state["stopped_early"]})
+
+    return make_op(loop.name, compute, ins={"states": dg.In(dg.List[dg.Any])},
+                   description=loop.description or f"Result of loop {loop.name}.", tags={WORKFLOW_TAG: spec.name})

@@ -1,0 +1,265 @@
+"""Ops for prompt tasks: one small builder per construct (inputs, task, fan-out items, mapped item, collect)."""
+
+
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterator, Mapping
+
+import dagster as dg
+
+from mp_pipelines.execution.client import LLMError
+from mp_pipelines.execution.prompts import TemplateError
+from mp_pipelines.execution.runner import (
+    TaskRun,
+    TaskTimeout,
+    build_context,
+    condition_holds,
+    preview,
+    records,
+    run_task,
+)
+from mp_pipelines.execution.usage import Usage
+from mp_pipelines.spec.inputs import coerce_input, load_table, resolve_path
+from mp_pipelines.spec.models import InputSpec, TaskSpec, WorkflowSpec
+
+INPUTS_OP = "inputs"
+LLM_RESOURCE_KEY = "llm"
+FANOUT_TAG = "mp_pipelines/fanout"
+WORKFLOW_TAG = "mp_pipelines/workflow"
+
+_CONFIG_TYPES = {
+    "string": dg.String,
+    "integer": dg.Int,
+    "number": dg.Float,
+    "boolean": dg.Bool,
+    "list": dg.Array(dg.Any),
+    "table": dg.String,
+}
+
+Compute = Callable[[dg.OpExecutionContext, Mapping[str, Any]], Iterator[Any]]
+
+
+def make_op(name: str, compute: Compute, *, ins: Mapping[str, dg.In] | None = None,
+            outs: Mapping[str, dg.Out] | None = None, **kwargs: Any) -> dg.OpDefinition:
+    """An op from a plain `(context, inputs) -> events` function (the programmatic op API)."""
+    return dg.OpDefinition(compute_fn=compute, name=name, ins=dict(ins or {}),
+                           outs=dict(outs or {"result": dg.Out(dg.Any)}), **kwargs)
+
+
+def asset_key(spec: WorkflowSpec, name: str) -> dg.AssetKey:
+    return dg.AssetKey([spec.name, name])
+
+
+def input_field(spec: InputSpec) -> dg.Field:
+    """The run-config field of one workflow input, with its default so the Launchpad shows it."""
+    kind = _CONFIG_TYPES[spec.type]
+    if spec.required:
+        return dg.Field(kind, is_required=True, description=spec.description or None)
+    return dg.Field(kind, default_value=spec.default, is_required=False, description=spec.description or None)
+
+
+def build_inputs_op(spec: WorkflowSpec, base_dir: Path | None = None) -> dg.OpDefinition:
+    """The op whose run config holds the workflow inputs; it checks and passes them on.
+
+    Relative table paths resolve against the working folder, then against `base_dir` (the spec's folder).
+    """
+
+    def compute(context: dg.OpExecutionContext, _: Mapping[str, Any]) -> Iterator[Any]:
+        values = {}
+        for name, input_spec in spec.inputs.items():
+            try:
+                values[name] = coerce_input(input_spec.type, context.op_config[name], name)
+            except ValueError as exc:
+                raise dg.Failure(f"workflow {spec.name!r}: {exc}", allow_retries=False) from None
+            if input_spec.type == "table":
+                values[name] = resolve_path(values[name], base_dir)
+        yield dg.Output(values, metadata={name: dg.MetadataValue.text(preview(v, 200)) for name, v in values.items()})
+
+    schema = {name: input_field(s) for name, s in spec.inputs.items()}
+    return make_op(INPUTS_OP, compute, config_schema=schema, description=f"Inputs of workflow {spec.name}.",
+                   tags={WORKFLOW_TAG: spec.name})
+
+
+def retry_policy(task: TaskSpec) -> dg.RetryPolicy | None:
+    """The task's `retries` as a Dagster RetryPolicy (step-level retries)."""
+    if task.retries is None:
+        return None
+    backoff = {"linear": dg.Backoff.LINEAR, "exponential": dg.Backoff.EXPONENTIAL}.get(task.retries.backoff or "")
+    jitter = {"full": dg.Jitter.FULL, "plus_minus": dg.Jitter.PLUS_MINUS}.get(task.retries.jitter or "")
+    return dg.RetryPolicy(max_retries=task.retries.max_retries, delay=task.retries.delay, backoff=backoff, jitter=jitter)
+
+
+def call_model(context: dg.OpExecutionContext, spec: WorkflowSpec, task: TaskSpec, template_context: Mapping[str, Any],
+               *, label: str, deadline: float | None) -> TaskRun:
+    """Run one prompt, turning errors into Dagster failures that retry only when retrying can help."""
+    llm = getattr(context.resources, LLM_RESOURCE_KEY)
+    try:
+        run = run_task(llm, spec, task, template_context, label=label, deadline=deadline)
+    except TemplateError as exc:
+        raise dg.Failure(f"task {label}: template error: {exc}", allow_retries=False) from None
+    except LLMError as exc:
+        raise dg.Failure(str(exc), metadata={"error_kind": exc.kind}, allow_retries=exc.retryable) from None
+    except TaskTimeout as exc:
+        raise dg.Failure(str(exc), metadata={"error_kind": "timeout"}) from None
+    context.log.info(
+        f"{label}: {run.model} ({run.provider}) answered in {run.usage.latency_s:.2f} s, "
+        f"{run.usage.prompt_tokens}+{run.usage.completion_tokens} tokens, {run.attempts} attempt(s)"
+    )
+    return run
+
+
+def call_metadata(run: TaskRun) -> dict[str, Any]:
+    """Output metadata of a call: usage under the `llm/` prefix plus model and provider."""
+    return {**run.usage.as_metadata(), "model": run.model, "provider": run.provider,
+            "finish_reason": run.finish_reason or "", "attempts": run.attempts}
+
+
+def materialization(spec: WorkflowSpec, name: str, value: Any, metadata: Mapping[str, Any]) -> dg.AssetMaterialization:
+    """The asset event `[workflow, name]` for a task result."""
+    meta = {k: v for k, v in metadata.items() if not k.startswith("llm/")}
+    usage = Usage.from_metadata(metadata)
+    meta.update({"calls": usage.calls, "prompt_tokens": usage.prompt_tokens,
+                 "completion_tokens": usage.completion_tokens, "latency_s": round(usage.latency_s, 3),
+                 "preview": dg.MetadataValue.text(preview(value))})
+    return dg.AssetMaterialization(asset_key=asset_key(spec, name), metadata=meta)
+
+
+def task_deadline(task: TaskSpec) -> float | None:
+    return None if task.timeout is None else time.monotonic() + task.timeout
+
+
+def split_inputs(inputs: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    values = dict(inputs)
+    return values.pop(INPUTS_OP), values
+
+
+def upstream_ins(names: list[str]) -> dict[str, dg.In]:
+    return {INPUTS_OP: dg.In(dg.Any), **{name: dg.In(dg.Any) for name in names}}
+
+
+def build_task_op(spec: WorkflowSpec, task: TaskSpec, upstream: list[str]) -> dg.OpDefinition:
+    """One op for a plain task; with `when`, its output is optional and downstream skips when false."""
+
+    def compute(context: dg.OpExecutionContext, inputs: Mapping[str, Any]) -> Iterator[Any]:
+        workflow_inputs, values = split_inputs(inputs)
+        template_context = build_context(spec, workflow_inputs, values)
+        if not check_condition(task, template_context, task.name):
+            context.log.info(f"{task.name}: skipped because `when: {task.when}` is false")
+            return
+        run = call_model(context, spec, task, template_context, label=task.name, deadline=task_deadline(task))
+        metadata = call_metadata(run)
+        yield materialization(spec, task.name, run.output, metadata)
+        yield dg.Output(run.output, metadata=metadata)
+
+    return make_op(task.name, compute, ins=upstream_ins(upstream),
+                   outs={"result": dg.Out(dg.Any, is_required=task.when is None)},
+                   description=task.description or None, retry_policy=retry_policy(task),
+                   required_resource_keys={LLM_RESOURCE_KEY}, tags={WORKFLOW_TAG: spec.name})
+
+
+def check_condition(task: TaskSpec, template_context: Mapping[str, Any], label: str) -> bool:
+    try:
+        return condition_holds(task, template_context)
+    except TemplateError as exc:
+        raise dg.Failure(f"task {label}: `when` could not be evaluated: {exc}", allow_retries=False) from None
+
+
+def build_items_op(spec: WorkflowSpec, task: TaskSpec, source_kind: str, source: str) -> dg.OpDefinition:
+    """The fan-out of a for_each task: one dynamic output per item, with its index for ordering."""
+
+    def compute(context: dg.OpExecutionContext, inputs: Mapping[str, Any]) -> Iterator[Any]:
+        workflow_inputs, values = split_inputs(inputs)
+        items, is_table = _items(spec, task, source_kind, source, workflow_inputs, values)
+        if len(items) > spec.max_items:
+            raise dg.Failure(
+                f"task {task.name}: for_each over {task.for_each} has {len(items)} items, more than the "
+                f"workflow's max_items ({spec.max_items}); raise max_items or split the input",
+                allow_retries=False,
+            )
+        context.log.info(f"{task.name}: fanning out over {len(items)} item(s), at most {spec.breadth} at once")
+        for index, item in enumerate(items):
+            yield dg.DynamicOutput((index, item, is_table), mapping_key=str(index), output_name="items")
+
+    ins = upstream_ins([] if source_kind == "input" else [source])
+    return make_op(f"{task.name}__items", compute, ins=ins, outs={"items": dg.DynamicOut(dg.Any)},
+                   description=f"Items that {task.name} fans out over.", tags={WORKFLOW_TAG: spec.name})
+
+
+def _items(spec: WorkflowSpec, task: TaskSpec, source_kind: str, source: str, workflow_inputs: Mapping[str, Any],
+           values: Mapping[str, Any]) -> tuple[list[Any], bool]:
+    if source_kind == "input":
+        value = workflow_inputs[source]
+        if spec.inputs[source].type == "table":
+            try:
+                value = load_table(value, name=source, max_rows=spec.max_items)
+            except (OSError, ValueError) as exc:
+                raise dg.Failure(f"task {task.name}: {exc}", allow_retries=False) from None
+    else:
+        value = values[source]
+    if hasattr(value, "columns") and hasattr(value, "to_dict"):
+        return records(value), True
+    if not isinstance(value, list):
+        raise dg.Failure(
+            f"task {task.name}: for_each over {task.for_each} needs a list, but it is a {type(value).__name__}: "
+            f"{preview(value, 200)}", allow_retries=False)
+    return value, False
+
+
+def build_item_op(spec: WorkflowSpec, task: TaskSpec, upstream: list[str]) -> dg.OpDefinition:
+    """The mapped op of a for_each task: one prompt for one item."""
+
+    def compute(context: dg.OpExecutionContext, inputs: Mapping[str, Any]) -> Iterator[Any]:
+        workflow_inputs, values = split_inputs(inputs)
+        index, item, is_table = values.pop("item")
+        label = f"{task.name}[{index}]"
+        template_context = build_context(spec, workflow_inputs, values, item=item, item_index=index)
+        record: dict[str, Any] = {"index": index, "row": item if is_table else None}
+        if not check_condition(task, template_context, label):
+            context.log.info(f"{label}: skipped because `when: {task.when}` is false")
+            yield dg.Output({**record, "status": "skipped", "output": None, "usage": Usage().as_dict()})
+            return
+        run = call_model(context, spec, task, template_context, label=label, deadline=task_deadline(task))
+        metadata = call_metadata(run)
+        yield dg.Output({**record, "status": "success", "output": run.output, "usage": run.usage.as_dict()},
+                        metadata={**metadata, "item_index": index})
+
+    return make_op(task.name, compute, ins={"item": dg.In(dg.Any), **upstream_ins(upstream)},
+                   description=task.description or None, retry_policy=retry_policy(task),
+                   required_resource_keys={LLM_RESOURCE_KEY},
+                   tags={WORKFLOW_TAG: spec.name, FANOUT_TAG: f"{spec.name}.{task.name}"})
+
+
+def build_collect_op(spec: WorkflowSpec, task: TaskSpec) -> dg.OpDefinition:
+    """Gathers a fan-out's item records in input order into a list (or a DataFrame for tables)."""
+
+    def compute(context: dg.OpExecutionContext, inputs: Mapping[str, Any]) -> Iterator[Any]:
+        item_records = sorted(inputs["records"], key=lambda r: r["index"])
+        usage = sum((Usage(**r["usage"]) for r in item_records), Usage())
+        skipped = sum(r["status"] == "skipped" for r in item_records)
+        value = _collected(item_records)
+        metadata = {"items": len(item_records), "skipped_items": skipped, "calls": usage.calls,
+                    "prompt_tokens": usage.prompt_tokens, "completion_tokens": usage.completion_tokens,
+                    "latency_s": round(usage.latency_s, 3), "preview": dg.MetadataValue.text(preview(value))}
+        yield dg.AssetMaterialization(asset_key=asset_key(spec, task.name), metadata=metadata)
+        yield dg.Output(value, metadata={"items": len(item_records), "skipped_items": skipped})
+
+    return make_op(f"{task.name}__collect", compute, ins={"records": dg.In(dg.List[dg.Any])},
+                   description=f"Results of {task.name}, in input order.", tags={WORKFLOW_TAG: spec.name})
+
+
+def _collected(item_records: list[dict[str, Any]]) -> Any:
+    outputs = [r["output"] for r in item_records]
+    if not item_records or item_records[0]["row"] is None:
+        return outputs
+    import pandas as pd
+
+    frame = pd.DataFrame([r["row"] for r in item_records])
+    if all(isinstance(o, dict) or o is None for o in outputs) and any(isinstance(o, dict) for o in outputs):
+        for key in dict.fromkeys(k for o in outputs if isinstance(o, dict) for k in o):
+            column = key if key not in frame.columns else f"result_{key}"
+            frame[column] = [o.get(key) if isinstance(o, dict) else None for o in outputs]
+    else:
+        frame["result"] = outputs
+    frame["item_status"] = [r["status"] for r in item_records]
+    return frame
+

@@ -1,0 +1,139 @@
+"""What happened in a run, per task: status, output and model usage, read from Dagster's event log."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import dagster as dg
+
+from mp_pipelines.execution.runner import records
+from mp_pipelines.execution.usage import Usage
+from mp_pipelines.factory.loops import body_op_name, iterations
+from mp_pipelines.spec.models import LoopSpec, TaskSpec, WorkflowSpec
+
+_STEP_EVENTS = {
+    dg.DagsterEventType.STEP_START,
+    dg.DagsterEventType.STEP_OUTPUT,
+    dg.DagsterEventType.STEP_SUCCESS,
+    dg.DagsterEventType.STEP_FAILURE,
+    dg.DagsterEventType.STEP_SKIPPED,
+    dg.DagsterEventType.STEP_UP_FOR_RETRY,
+}
+
+
+@dataclass
+class StepState:
+    """One Dagster step as the event log tells it."""
+
+    status: str = "not_run"  # running | success | failed | skipped | not_run | retrying
+    has_output: bool = False
+    error: str | None = None
+    usage: Usage = field(default_factory=Usage)
+
+
+def step_states(instance: dg.DagsterInstance, run_id: str) -> dict[str, StepState]:
+    """Step key → state, from the run's step events."""
+    states: dict[str, StepState] = {}
+    for record in instance.get_records_for_run(run_id, of_type=_STEP_EVENTS, limit=1_000_000).records:
+        event = record.event_log_entry.dagster_event
+        if event is None or event.step_key is None:
+            continue
+        state = states.setdefault(event.step_key, StepState())
+        kind = event.event_type
+        if kind == dg.DagsterEventType.STEP_START:
+            state.status = "running"
+        elif kind == dg.DagsterEventType.STEP_UP_FOR_RETRY:
+            state.status = "retrying"
+        elif kind == dg.DagsterEventType.STEP_OUTPUT:
+            state.has_output = True
+            state.usage = state.usage + Usage.from_metadata(event.event_specific_data.metadata)
+        elif kind == dg.DagsterEventType.STEP_SUCCESS:
+            state.status = "success"
+        elif kind == dg.DagsterEventType.STEP_SKIPPED:
+            state.status = "skipped"
+        elif kind == dg.DagsterEventType.STEP_FAILURE:
+            state.status = "failed"
+            error = event.step_failure_data.error
+            state.error = _error_text(error, event.step_failure_data.user_failure_data)
+    return states
+
+
+def _error_text(error: Any, user_failure: Any) -> str:
+    if user_failure is not None and user_failure.description:
+        return user_failure.description
+    if error is None:
+        return "unknown error"
+    cause = error.cause or error
+    return cause.message.strip()
+
+
+def task_steps(spec: WorkflowSpec, step: TaskSpec | LoopSpec) -> dict[str, list[str]]:
+    """Task name → the step keys (prefixes for mapped steps) whose states make up its status."""
+    if isinstance(step, LoopSpec):
+        count = iterations(spec, step)
+        keys = {task.name: [body_op_name(task, i) for i in range(1, count + 1)] for task in step.tasks}
+        return {step.name: [step.name], **keys}
+    if step.for_each:
+        return {step.name: [f"{step.name}__items", f"{step.name}[", f"{step.name}__collect"]}
+    return {step.name: [step.name]}
+
+
+def _matching(states: dict[str, StepState], keys: list[str]) -> list[StepState]:
+    found = []
+    for key in keys:
+        if key.endswith("["):
+            found.extend(state for step_key, state in states.items() if step_key.startswith(key))
+        elif key in states:
+            found.append(states[key])
+    return found
+
+
+def task_status(states: list[StepState], *, last_key_state: StepState | None) -> str:
+    """One word for a task made of several steps."""
+    if any(s.status == "failed" for s in states):
+        return "failed"
+    if any(s.status in ("running", "retrying") for s in states):
+        return "running"
+    if last_key_state is None or last_key_state.status == "not_run":
+        return "skipped" if any(s.status == "skipped" for s in states) else "not_run"
+    if last_key_state.status == "success" and not last_key_state.has_output:
+        return "skipped"  # its `when` was false
+    return last_key_state.status
+
+
+def summarize_tasks(spec: WorkflowSpec, states: dict[str, StepState]) -> dict[str, dict[str, Any]]:
+    """Task name → {status, error, usage} for every task and loop of the workflow."""
+    summary = {}
+    for step in spec.tasks:
+        for name, keys in task_steps(spec, step).items():
+            found = _matching(states, keys)
+            ran = [s for s in found if s.status != "not_run"]
+            last = None
+            if isinstance(step, LoopSpec) and name != step.name:
+                last = next((s for s in reversed(found) if s.status == "success"), ran[-1] if ran else None)
+            else:
+                last = states.get(keys[-1])
+            usage = sum((s.usage for s in found), Usage())
+            errors = [s.error for s in found if s.error]
+            summary[name] = {"status": task_status(found, last_key_state=last), "error": errors[0] if errors else None,
+                             "usage": usage}
+    return summary
+
+
+def run_usage(states: dict[str, StepState]) -> Usage:
+    """Every call the run made to the model (successful steps' outputs)."""
+    return sum((s.usage for s in states.values()), Usage())
+
+
+def task_output(result: dg.ExecuteJobResult, spec: WorkflowSpec, name: str) -> Any:
+    """A finished task's output as JSON-ready data; fan-outs give item results in input order."""
+    step = next((s for s in spec.tasks if s.name == name), None)
+    if step is None:  # a loop body task: its latest output is in the loop's result
+        loop = next(s for s in spec.tasks if isinstance(s, LoopSpec) and name in {t.name for t in s.tasks})
+        return result.output_for_node(loop.name).get(name)
+    if isinstance(step, TaskSpec) and step.for_each:
+        item_records = sorted(result.output_for_node(name).values(), key=lambda r: r["index"])
+        return [r["output"] for r in item_records]
+    value = result.output_for_node(name)
+    return records(value) if hasattr(value, "columns") else value

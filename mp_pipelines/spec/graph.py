@@ -1,0 +1,191 @@
+"""Dependencies between a workflow's steps, read from `depends_on`, `for_each` and templates.
+
+Pure functions over a WorkflowSpec: the job factory wires ops from them, `validate.py` checks them.
+A *step* is a top-level entry of `spec.tasks` (a TaskSpec or a LoopSpec); a loop's output is a
+mapping of its body tasks' latest outputs, so outside a loop its tasks are read as `<loop>.<task>`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Literal
+
+from jinja2 import nodes
+
+from mp_pipelines.execution.prompts import TemplateError, make_environment, parse, references
+from mp_pipelines.spec.models import LoopSpec, TaskSpec, WorkflowSpec
+
+# Names Jinja itself defines (range, dict, lipsum, ...): not references to the context.
+JINJA_GLOBALS = frozenset(make_environment().globals)
+LOOP_ATTRIBUTES = frozenset({"iteration", "max_iterations", "previous"})
+
+
+@dataclass(frozen=True)
+class Refs:
+    """What one template reads: free names, their first attributes, and `loop.previous.<name>` names."""
+
+    names: frozenset[str] = frozenset()
+    attributes: Mapping[str, frozenset[str]] = field(default_factory=dict)
+    previous: frozenset[str] = frozenset()
+
+
+def template_refs(source: str, *, expression: bool = False) -> Refs:
+    """References of a template (or a condition, with `expression=True`); TemplateError on bad syntax."""
+    found = references(source, expression=expression)
+    attributes = dict(found.attributes)
+    previous: set[str] = set()
+    if "loop" in found.names:
+        # Inside `{% for %}` Jinja's own `loop` shadows ours, so read its chains scope-aware.
+        tree = parse(_wrap_expression(source) if expression else source)
+        loop_attrs: set[str] = set()
+        for chain in _loop_chains(tree, shadowed=False):
+            loop_attrs.add(chain[0])
+            if chain[0] == "previous" and len(chain) > 1:
+                previous.add(chain[1])
+        attributes["loop"] = frozenset(loop_attrs)
+    return Refs(found.names, attributes, frozenset(previous))
+
+
+def _wrap_expression(expression: str) -> str:
+    text = expression.strip()
+    if text.startswith("{{") and text.endswith("}}"):
+        text = text[2:-2]
+    return "{{ (" + text + ") }}"
+
+
+def _loop_chains(node: nodes.Node, *, shadowed: bool) -> Iterator[tuple[str, ...]]:
+    """Constant attribute chains read from the workflow's `loop` (not a Jinja for-loop's `loop`)."""
+    if isinstance(node, nodes.For):
+        for child in (node.target, node.iter, node.test, *node.else_):
+            if child is not None:
+                yield from _loop_chains(child, shadowed=shadowed)
+        for child in node.body:
+            yield from _loop_chains(child, shadowed=True)
+        return
+    if isinstance(node, (nodes.Getattr, nodes.Getitem)) and not shadowed:
+        chain = _chain(node)
+        if chain and chain[0] == "loop" and len(chain) > 1:
+            yield chain[1:]
+            return
+    for child in node.iter_child_nodes():
+        yield from _loop_chains(child, shadowed=shadowed)
+
+
+def _chain(node: nodes.Node) -> tuple[str, ...] | None:
+    parts: list[str] = []
+    while isinstance(node, (nodes.Getattr, nodes.Getitem)):
+        key = node.attr if isinstance(node, nodes.Getattr) else getattr(node.arg, "value", None)
+        if not isinstance(key, str):
+            parts.clear()  # a dynamic key: only the part of the chain above it is constant
+        else:
+            parts.append(key)
+        node = node.node
+    return (node.name, *reversed(parts)) if isinstance(node, nodes.Name) else None
+
+
+def task_templates(task: TaskSpec) -> list[tuple[str, str, bool]]:
+    """(field, source, is_expression) for every template field a task sets."""
+    fields = [("prompt", task.prompt, False), ("system", task.system, False), ("when", task.when, True)]
+    return [(name, source, expression) for name, source, expression in fields if source]
+
+
+def _safe_names(source: str, expression: bool) -> frozenset[str]:
+    # Unparsable templates contribute no edges; validate_workflow reports them on their own.
+    try:
+        return references(source, expression=expression).names
+    except TemplateError:
+        return frozenset()
+
+
+def _task_names(task: TaskSpec) -> set[str]:
+    names: set[str] = set(task.depends_on)
+    for _, source, expression in task_templates(task):
+        names |= _safe_names(source, expression)
+    return names
+
+
+def for_each_source(task: TaskSpec) -> tuple[Literal["input", "step"], str] | None:
+    """What a task fans out over: ("input", name) for `inputs.<name>`, ("step", name) otherwise."""
+    if task.for_each is None:
+        return None
+    text = task.for_each.strip()
+    if text.startswith("inputs."):
+        return "input", text.removeprefix("inputs.")
+    return "step", text
+
+
+def step_names(spec: WorkflowSpec) -> list[str]:
+    """Names of the top-level steps, in file order."""
+    return [step.name for step in spec.tasks]
+
+
+def body_dependencies(loop: LoopSpec, step_names: set[str]) -> dict[str, tuple[list[str], list[str]]]:
+    """Each body task → (top-level steps it reads, sorted; earlier body tasks it reads, in body order)."""
+    out: dict[str, tuple[list[str], list[str]]] = {}
+    for position, task in enumerate(loop.tasks):
+        names = _task_names(task)
+        external = sorted((names & step_names) - {loop.name})
+        earlier = [other.name for other in loop.tasks[:position] if other.name in names]
+        out[task.name] = (external, earlier)
+    return out
+
+
+def step_dependencies(spec: WorkflowSpec) -> dict[str, list[str]]:
+    """Every top-level step → the sorted top-level steps it runs after."""
+    names = set(step_names(spec))
+    deps: dict[str, list[str]] = {}
+    for step in spec.tasks:
+        if isinstance(step, LoopSpec):
+            found = set(step.depends_on) & names
+            for external, _ in body_dependencies(step, names).values():
+                found.update(external)
+            if step.loop.until:
+                found |= (_safe_names(step.loop.until, True) & names) - {step.name}
+        else:
+            found = _task_names(step) & names
+            source = for_each_source(step)
+            if source is not None and source[0] == "step" and source[1] in names:
+                found.add(source[1])
+        deps[step.name] = sorted(found)
+    return deps
+
+
+def find_cycle(deps: Mapping[str, Iterable[str]]) -> list[str] | None:
+    """A dependency cycle such as ["a", "b", "a"], or None; edges to unknown names are ignored."""
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+    path: list[str] = []
+
+    def visit(name: str) -> list[str] | None:
+        state[name] = 1
+        path.append(name)
+        for upstream in deps[name]:
+            if upstream not in deps:
+                continue
+            if state.get(upstream) == 1:
+                return path[path.index(upstream):] + [upstream]
+            if upstream not in state and (cycle := visit(upstream)) is not None:
+                return cycle
+        path.pop()
+        state[name] = 2
+        return None
+
+    for name in deps:
+        if name not in state and (cycle := visit(name)) is not None:
+            return cycle
+    return None
+
+
+def topological_order(spec: WorkflowSpec) -> list[str]:
+    """Top-level steps so that each follows its upstreams; among ready steps, file order wins."""
+    deps = step_dependencies(spec)
+    done: list[str] = []
+    pending = list(deps)
+    while pending:
+        ready = next((name for name in pending if all(up in done for up in deps[name])), None)
+        if ready is None:
+            cycle = find_cycle({name: deps[name] for name in pending}) or pending
+            raise ValueError(f"workflow {spec.name!r} has a dependency cycle: {' -> '.join(cycle)}")
+        done.append(ready)
+        pending.remove(ready)
+    return done

@@ -1,0 +1,34 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="mp-pipelines",
+    version="0.1.0",
+    description="Multi-step LLM prompt workflows that run as Dagster jobs.",
+    python_requires=">=3.10",
+    packages=find_packages(exclude=["mp_pipelines_tests", "mp_pipelines_tests.*"]),
+    package_data={"mp_pipelines": ["workflows/*.yaml", "workflows/data/*", "workflows/data/*/*"]},
+    install_requires=[
+        # dagster, dagster-webserver and dagster-postgres move together: pip finds no dagster-postgres
+        # for dagster 1.13.28 and silently falls back to a years-old one (see docs/DESIGN facts).
+        "dagster==1.13.27",
+        "dagster-webserver==1.13.27",
+        "dagster-postgres==0.29.27",
+        # SQLAlchemy 2.1 maps postgresql:// to psycopg 3, which breaks dagster-postgres 0.29.27.
+        "sqlalchemy>=2.0,<2.1",
+        "openai>=1.40",
+        "httpx>=0.27",
+        "pydantic>=2.6",
+        "pandas>=2.1",
+        "pyarrow>=14",
+        "jinja2>=3.1",
+        "jsonschema>=4.20",
+        "pyyaml>=6",
+        "click>=8.1",
+        "starlette>=0.37",
+        "uvicorn>=0.29",
+    ],
+    extras_require={
+        "dev": ["pytest>=8", "pytest-timeout>=2.3", "ruff>=0.5"],
+    },
+    entry_points={"console_scripts": ["mp-pipelines=mp_pipelines.cli:main"]},
+)
