@@ -128,8 +128,12 @@ def parse_inputs(spec: WorkflowSpec, pairs: tuple[str, ...], input_file: str | N
               help="Override the job's executor for this run.")
 def run(workflow: str, pairs: tuple[str, ...], input_file: str | None, as_json: bool, executor: str | None) -> None:
     """Run WORKFLOW (a name or a YAML path) through Dagster and print each task's result."""
+    import logging
+
     from mp_pipelines.running import run_workflow
 
+    # Dagster's own engine logger prints every step event; the CLI prints its own progress instead.
+    logging.getLogger("dagster").setLevel(logging.WARNING)
     spec, source = resolve_workflow(workflow)
     inputs = parse_inputs(spec, pairs, input_file)
     outcome = run_workflow(spec, inputs, source=source, executor=executor, progress=_echo_err)

@@ -92,12 +92,12 @@ def run_workflow(spec: WorkflowSpec, inputs: dict[str, Any], *, source: str | No
     if progress:
         watcher.start()
     try:
-        result = dg.execute_job(job, instance=instance, run_config=run_config(inputs, executor),
-                                tags={RUN_TOKEN_TAG: token}, raise_on_error=False)
-        done.set()
-        if progress:
-            watcher.join(timeout=5)
-        return summarize(result, spec, instance, provider_name())
+        with dg.execute_job(job, instance=instance, run_config=run_config(inputs, executor),
+                            tags={RUN_TOKEN_TAG: token}, raise_on_error=False) as result:
+            done.set()
+            if progress:
+                watcher.join(timeout=5)
+            return summarize(result, spec, instance, provider_name())
     finally:
         done.set()
         if own_instance:

@@ -73,19 +73,22 @@ def loop_with(body: dict[str, Any], **control: Any) -> dict[str, Any]:
     [
         ({"name": "w", "tasks": [{"name": "a", "prompt": "p", "output": "xml"}]}, "tasks[0] (a).output",
          ["'text' or 'json'", "got 'xml'"]),
-        (loop_with({"name": "critique"}), "tasks[0] (refine).tasks[0] (critique).prompt", ["missing required key 'prompt'"]),
+        (loop_with({"name": "critique"}), "tasks[0] (refine).tasks[0] (critique).prompt",
+         ["missing required key 'prompt'"]),
         (loop_with({"name": "c", "prompt": "p"}, max_iterations=0), "tasks[0] (refine).loop.max_iterations",
          ["greater than or equal to 1"]),
         ({"name": "w", "inputs": {"topic": {"type": "text"}}, "tasks": [{"name": "a", "prompt": "p"}]},
          "inputs.topic.type", ["'string'", "got 'text'"]),
-        ({"name": "w", "inputs": {"n": {"type": "integer", "default": "many"}}, "tasks": [{"name": "a", "prompt": "p"}]},
+        ({"name": "w",
+          "inputs": {"n": {"type": "integer", "default": "many"}}, "tasks": [{"name": "a", "prompt": "p"}]},
          "inputs.n", ["expects a integer", "'many'"]),
         ({"name": "w", "schedule": "every day", "tasks": [{"name": "a", "prompt": "p"}]}, "schedule.cron",
          ["not a valid cron string"]),
         ({"name": "my-flow", "tasks": [{"name": "a", "prompt": "p"}]}, "name", ["not an identifier"]),
         ({"name": "w", "tasks": []}, "tasks", ["at least 1 item"]),
         ({"name": "w", "tasks": ["hello"]}, "tasks[0]", ["valid dictionary"]),
-        ({"name": "w", "tasks": [{"name": "a", "prompt": "p", "retries": {"max_retry": 2}}]}, "tasks[0] (a).retries.max_retry",
+        ({"name": "w", "tasks": [{"name": "a", "prompt": "p", "retries": {"max_retry": 2}}]},
+         "tasks[0] (a).retries.max_retry",
          ["did you mean 'max_retries'?"]),
         ({"name": "w", "tasks": [{"name": "a", "prompt": "p", "output_schema": {"type": "array"}}]}, "tasks[0] (a)",
          ["output_schema is set but output is 'text'"]),
@@ -164,7 +167,7 @@ def test_duplicate_names_name_both_files_and_the_first_wins(tmp_path: Path) -> N
     assert problem.file == str(second) and str(first) in problem.message and "'same'" in problem.message
 
 
-def test_workflow_dirs_starts_with_shipped_and_adds_env_folders(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+def test_workflow_dirs_start_with_shipped_then_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("MP_WORKFLOWS_PATH", os.pathsep.join([str(tmp_path / "a"), "", str(tmp_path / "b")]))
     assert workflow_dirs() == [SHIPPED_WORKFLOWS_DIR, tmp_path / "a", tmp_path / "b"]
     monkeypatch.delenv("MP_WORKFLOWS_PATH")

@@ -77,8 +77,9 @@ REFINE = loop("refine", t("critique", "{{ draft }}", output="json"), t("revise",
         ([t("a", "{{ previous }}")], "tasks[0] (a).prompt", ["loop.previous.<task>"]),
         ([loop("l", t("a", "{{ b }}"), t("b"))], "tasks[0] (l).tasks[0] (a).prompt",
          ["'b' is a later task of loop 'l'", "loop.previous.b"]),
-        ([loop("l", t("a", "{{ a }}"))], "tasks[0] (l).tasks[0] (a).prompt", ["'a' is this task itself", "loop.previous.a"]),
-        ([loop("l", t("a", "{{ l.a }}"))], "tasks[0] (l).tasks[0] (a).prompt", ["cannot read the loop itself"]),
+        ([loop("l", t("a", "{{ a }}"))], "tasks[0] (l).tasks[0] (a).prompt",
+         ["'a' is this task itself", "loop.previous.a"]),
+        ([loop("l", t("a", "{{ l.a }}"))], "tasks[0] (l).tasks[0] (a).prompt", ["the loop itself cannot be read"]),
         ([loop("l", t("a", "{{ loop.previous.z }}"))], "tasks[0] (l).tasks[0] (a).prompt",
          ["loop.previous.z", "not a task of loop 'l'"]),
         ([loop("l", t("a", "{{ loop.index }}"))], "tasks[0] (l).tasks[0] (a).prompt", ["loop.index is not defined"]),
@@ -178,7 +179,8 @@ def unchecked(*tasks: dict[str, Any]) -> WorkflowSpec:
 
 def test_dependencies_of_the_research_report() -> None:
     spec = load_workflow_file(SPECS / "research_report.yaml")
-    assert graph.step_dependencies(spec) == {"plan": [], "research": ["plan"], "draft": ["research"], "refine": ["draft"]}
+    assert graph.step_dependencies(spec) == {
+        "plan": [], "research": ["plan"], "draft": ["research"], "refine": ["draft"]}
     refine = spec.step("refine")
     assert isinstance(refine, LoopSpec)
     assert graph.body_dependencies(refine, set(graph.step_names(spec))) == {
@@ -199,7 +201,15 @@ def test_loop_dependencies_come_from_body_and_until_but_not_body_names() -> None
                           until="c.done and y", depends_on=("d",)))
     assert graph.step_dependencies(spec)["l"] == ["a", "b", "c", "d"]
     body = graph.body_dependencies(spec.tasks[4], {"a", "b", "c", "d", "l"})  # type: ignore[arg-type]
-    assert body == {"x": (["a", "b"], []), "y": ([], ["x"])}
+    assert body == {"x": (["a", "b"], []), "y": (["c"], ["x"])}  # `until` is checked after y, the last task it reads
+
+
+def test_until_gate_is_the_last_body_task_until_reads() -> None:
+    body = [t("a"), t("b"), t("c")]
+    assert graph.until_gate(LoopSpec.model_validate(loop("l", *body, until="a.done"))) == 0
+    assert graph.until_gate(LoopSpec.model_validate(loop("l", *body, until="b and a"))) == 1
+    assert graph.until_gate(LoopSpec.model_validate(loop("l", *body, until="inputs.topic"))) == 2
+    assert graph.until_gate(LoopSpec.model_validate(loop("l", *body))) == 2
 
 
 def test_topological_order_keeps_file_order_among_ready_steps() -> None:
@@ -221,6 +231,7 @@ def test_find_cycle() -> None:
 def test_for_each_source_and_template_refs() -> None:
     spec = unchecked(t("p", **JSON_LIST), t("a", for_each="p"), t("b", for_each="inputs.items"), t("c"))
     assert [graph.for_each_source(task) for task in spec.all_tasks()[1:]] == [("step", "p"), ("input", "items"), None]
-    refs = graph.template_refs("{% for x in d %}{{ loop.index }}{% endfor %}{{ loop.previous.b }} {{ loop['iteration'] }}")
+    source = "{% for x in d %}{{ loop.index }}{% endfor %}{{ loop.previous.b }} {{ loop['iteration'] }}"
+    refs = graph.template_refs(source)
     assert refs.names == {"d", "loop"}
     assert refs.attributes["loop"] == {"previous", "iteration"} and refs.previous == {"b"}

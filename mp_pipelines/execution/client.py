@@ -3,28 +3,34 @@
 Retry layering: request-level retries (connection errors, timeouts, 429 honouring Retry-After, 5xx)
 belong to the official openai client and its `max_retries`; this module never loops over a request
 itself. Step-level retries (the whole op again, e.g. after `invalid_output` or once the client's
-retries are exhausted) belong to Dagster's `RetryPolicy`; `LLMError.retryable` tells it which errors
+retries are exhausted) belong to Dagster's `RetryPolicy`; `LLMError.retryable` says which errors
 are worth one.
 
 `LLMRequest.timeout` bounds the whole call, client retries included: httpx event hooks give every
-attempt only the time left, stop retrying once it is spent and refuse a Retry-After that would
-overrun it (async calls are also cut at the budget exactly; a sync call may overrun it by the one
-backoff sleep the client takes before the hook can stop it). The same hooks count HTTP attempts,
-so `LLMResult.attempts` is what went over the wire. The simulated provider is an httpx
-transport under the same openai client, so it takes exactly this path.
+attempt only the time left, stop retrying once it is spent and veto a Retry-After that would
+overrun it. Async calls are also cut at the budget exactly; a sync call may overrun it by the one
+backoff sleep the client takes before the hook can stop it. The same hooks count HTTP attempts, so
+`LLMResult.attempts` is what went over the wire. The simulated provider is an httpx transport under
+the same openai client, so it takes exactly this path.
+
+Async calls use one AsyncOpenAI per running event loop (connections cannot cross loops), so
+`acomplete` works from successive `asyncio.run` calls; a loop's client is closed by `aclose()` or
+when `asyncio.run` shuts that loop down.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextvars
+import functools
 import json
 import logging
 import os
 import re
 import threading
 import time
-from dataclasses import dataclass, field
+from collections.abc import AsyncGenerator
+from dataclasses import dataclass
 from typing import Any
 
 import httpx
@@ -39,6 +45,7 @@ SIMULATED_BASE_URL = "http://simulated.local/v1"
 DEFAULT_BASE_URL = "https://api.openai.com/v1"
 STRUCTURED_OUTPUT_MODES = ("json_schema", "json_object", "none")
 RETRYABLE_KINDS = frozenset({"rate_limit", "timeout", "server_error", "connection", "invalid_output"})
+_LIMITS = httpx.Limits(max_connections=1000, max_keepalive_connections=100)  # the openai SDK's defaults
 
 
 @dataclass(frozen=True)
@@ -65,7 +72,7 @@ class LLMResult:
     provider: str  # "openai" or "simulated"
     prompt_tokens: int
     completion_tokens: int
-    latency_s: float
+    latency_s: float  # seconds, retries included
     finish_reason: str | None
     attempts: int  # HTTP attempts made (1 = no retry)
 
@@ -78,12 +85,16 @@ class LLMError(Exception):
         self.kind, self.status_code, self.attempts = kind, status_code, attempts
         self.retryable = kind in RETRYABLE_KINDS
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        rebuild = functools.partial(LLMError, kind=self.kind, status_code=self.status_code, attempts=self.attempts)
+        return rebuild, (str(self),)
+
     def __repr__(self) -> str:
         return f"LLMError(kind={self.kind!r}, retryable={self.retryable}, message={str(self)!r})"
 
 
 def resolve_provider(provider: str, api_key: str | None, base_url: str | None) -> str:
-    """"auto" is openai when an API key or base URL is given, else simulated."""
+    """The provider "auto" stands for: openai when an API key or base URL is given, else simulated."""
     if provider == "auto":
         return "openai" if (api_key or base_url) else "simulated"
     if provider not in ("openai", "simulated"):
@@ -97,7 +108,7 @@ def public_url(url: str) -> str:
 
 
 def describe_call(label: str, base_url: str) -> str:
-    """The subject of an error sentence: "LLM call research[3] to http://host/v1"."""
+    """The subject of an error sentence, e.g. "LLM call research[3] to http://host/v1"."""
     return f"LLM call {label} to {public_url(base_url)}" if label else f"LLM call to {public_url(base_url)}"
 
 
@@ -110,14 +121,14 @@ def parse_json_answer(text: str) -> Any:
 
 @dataclass
 class _Call:
-    """Per-call state the httpx hooks read: deadline, attempt count, last outcome."""
+    """Per-call state the httpx hooks read and update."""
 
     label: str
     base_url: str
-    deadline: float
+    deadline: float  # time.monotonic() when the budget is spent
     max_retries: int
     attempts: int = 0
-    last_status: int | None = field(default=None)
+    last_status: int | None = None
 
 
 _CALL: contextvars.ContextVar[_Call | None] = contextvars.ContextVar("mp_llm_call", default=None)
@@ -130,28 +141,15 @@ def _before_send(request: httpx.Request) -> None:
         return
     remaining = call.deadline - time.monotonic()
     if remaining <= 0.001:
-        # An OpenAIError raised here is propagated by the openai client without another retry.
-        raise openai.APITimeoutError(request=request)  # type: ignore[arg-type]
+        raise openai.APITimeoutError(request=request)  # an OpenAIError: the openai client re-raises, no retry
     call.attempts += 1
     if call.attempts > 1:
         why = f"HTTP {call.last_status}" if call.last_status else "a timeout or connection error"
         log.info("Retrying LLM call %s to %s: attempt %d/%d after %s.", call.label or "(unlabelled)",
                  call.base_url, call.attempts, call.max_retries + 1, why)
     call.last_status = None
-    timeout = dict(request.extensions.get("timeout") or {})
-    request.extensions["timeout"] = {k: remaining if v is None else min(v, remaining) for k, v in timeout.items()} or {
-        k: remaining for k in ("connect", "read", "write", "pool")
-    }
-
-
-def _retry_after(headers: httpx.Headers) -> float | None:
-    """Seconds a response asks the client to wait (retry-after-ms or numeric Retry-After), if any."""
-    for name, scale in (("retry-after-ms", 0.001), ("retry-after", 1.0)):
-        try:
-            return float(headers[name]) * scale
-        except (KeyError, ValueError):
-            continue
-    return None
+    timeout = request.extensions.get("timeout") or dict.fromkeys(("connect", "read", "write", "pool"))
+    request.extensions["timeout"] = {k: remaining if v is None else min(v, remaining) for k, v in timeout.items()}
 
 
 def _after_send(response: httpx.Response) -> None:
@@ -160,9 +158,14 @@ def _after_send(response: httpx.Response) -> None:
     if call is None:
         return
     call.last_status = response.status_code
-    wait = _retry_after(response.headers)
-    if response.status_code >= 400 and wait is not None and wait >= call.deadline - time.monotonic():
-        response.headers["x-should-retry"] = "false"  # honoured by the openai client's retry decision
+    for name, scale in (("retry-after-ms", 0.001), ("retry-after", 1.0)):
+        try:
+            wait = float(response.headers[name]) * scale
+        except (KeyError, ValueError):
+            continue
+        if response.status_code >= 400 and wait >= call.deadline - time.monotonic():
+            response.headers["x-should-retry"] = "false"  # honoured by the openai client's retry decision
+        break
 
 
 async def _abefore_send(request: httpx.Request) -> None:
@@ -173,7 +176,12 @@ async def _aafter_send(response: httpx.Response) -> None:
     _after_send(response)
 
 
-_LIMITS = httpx.Limits(max_connections=1000, max_keepalive_connections=100)  # the openai SDK's defaults
+async def _close_with_loop(client: openai.AsyncOpenAI) -> AsyncGenerator[None, None]:
+    """Parked async generator: the loop's shutdown_asyncgens() closes the client before the loop closes."""
+    try:
+        yield
+    finally:
+        await client.close()
 
 
 class LLMClient:
@@ -183,92 +191,95 @@ class LLMClient:
                  timeout: float = 60.0, max_retries: int = 2, structured_output: str = "json_schema",
                  simulated_latency: float = 0.0, simulated_failure_rate: float = 0.0, simulated_seed: int = 0) -> None:
         if structured_output not in STRUCTURED_OUTPUT_MODES:
-            raise ValueError(f"structured_output {structured_output!r} is unknown; use one of {STRUCTURED_OUTPUT_MODES}.")
+            raise ValueError(f"structured_output {structured_output!r} is unknown; use {STRUCTURED_OUTPUT_MODES}.")
         if timeout <= 0 or max_retries < 0:
             raise ValueError("LLMClient needs timeout > 0 seconds and max_retries >= 0.")
         self.provider_name = resolve_provider(provider, api_key, base_url)
         self.timeout, self.max_retries, self.structured_output = timeout, max_retries, structured_output
-        self._api_key = api_key
         self._simulated = SimulatedModel(simulated_latency, simulated_failure_rate, simulated_seed)
         if self.provider_name == "simulated":
-            self._api_key, base_url = "simulated", SIMULATED_BASE_URL
+            api_key, base_url = "simulated", SIMULATED_BASE_URL
+        self._api_key = api_key
         self.base_url = (base_url or os.environ.get("OPENAI_BASE_URL") or DEFAULT_BASE_URL).rstrip("/")
+        self._secret: str | None = None  # the key actually sent; redacted from every message
         self._lock = threading.Lock()
         self._sync: openai.OpenAI | None = None
-        self._async: dict[asyncio.AbstractEventLoop, openai.AsyncOpenAI] = {}
+        self._async: dict[asyncio.AbstractEventLoop, tuple[openai.AsyncOpenAI, AsyncGenerator[None, None]]] = {}
 
     def __repr__(self) -> str:
         return f"LLMClient(provider={self.provider_name!r}, base_url={public_url(self.base_url)!r})"
 
-    def _client_args(self) -> dict[str, Any]:
+    def _client_args(self, asynchronous: bool) -> dict[str, Any]:
         """Keyword arguments for OpenAI/AsyncOpenAI; raises LLMError when no key can be found."""
         key = self._api_key or os.environ.get("OPENAI_API_KEY")
         if not key and self.base_url != DEFAULT_BASE_URL:
-            key = "unused"  # local OpenAI-compatible servers (vLLM, Ollama, …) accept any key
+            key = "unused"  # local OpenAI-compatible servers (vLLM, Ollama, ...) accept any key
         if not key:
-            raise LLMError(f"No API key for the LLM endpoint {self.base_url}: set OPENAI_API_KEY or configure "
-                           "the provider as 'simulated'.", kind="authentication")
-        return {"api_key": key, "base_url": self.base_url, "max_retries": self.max_retries, "timeout": self.timeout}
-
-    def _transport(self) -> SimulatedTransport | None:
-        return SimulatedTransport(self._simulated) if self.provider_name == "simulated" else None
+            raise LLMError(f"No API key for the LLM endpoint {self.base_url}: set OPENAI_API_KEY or use the "
+                           "'simulated' provider.", kind="authentication")
+        self._secret = key
+        hooks = {"request": [_abefore_send if asynchronous else _before_send],
+                 "response": [_aafter_send if asynchronous else _after_send]}
+        transport = SimulatedTransport(self._simulated) if self.provider_name == "simulated" else None
+        http = (httpx.AsyncClient if asynchronous else httpx.Client)(
+            transport=transport, timeout=self.timeout, limits=_LIMITS, follow_redirects=True, event_hooks=hooks,
+            trust_env=transport is None)  # no proxy may intercept the simulated host
+        return {"api_key": key, "base_url": self.base_url, "max_retries": self.max_retries, "timeout": self.timeout,
+                "http_client": http}
 
     def _sync_client(self) -> openai.OpenAI:
         with self._lock:
             if self._sync is None:
-                http = httpx.Client(transport=self._transport(), timeout=self.timeout, limits=_LIMITS,
-                                    follow_redirects=True, trust_env=self.provider_name != "simulated", event_hooks={"request": [_before_send], "response": [_after_send]})
-                self._sync = openai.OpenAI(http_client=http, **self._client_args())
+                self._sync = openai.OpenAI(**self._client_args(asynchronous=False))
             return self._sync
 
-    def _async_client(self) -> openai.AsyncOpenAI:
-        """The async client of the running event loop; connections never cross loops."""
+    async def _async_client(self) -> openai.AsyncOpenAI:
+        """The running event loop's own async client."""
         loop = asyncio.get_running_loop()
         with self._lock:
             for stale in [other for other in self._async if other.is_closed()]:
-                del self._async[stale]  # its loop is gone, so its connections cannot be used or awaited
-            if loop not in self._async:
-                http = httpx.AsyncClient(transport=self._transport(), timeout=self.timeout, limits=_LIMITS,
-                                         follow_redirects=True, trust_env=self.provider_name != "simulated",
-                                         event_hooks={"request": [_abefore_send], "response": [_aafter_send]})
-                self._async[loop] = openai.AsyncOpenAI(http_client=http, **self._client_args())
-            return self._async[loop]
+                del self._async[stale]  # connections of a finished loop can be neither used nor awaited
+            fresh = loop not in self._async
+            if fresh:
+                client = openai.AsyncOpenAI(**self._client_args(asynchronous=True))
+                self._async[loop] = (client, _close_with_loop(client))
+            client, closer = self._async[loop]
+        if fresh:
+            await closer.__anext__()  # parks the closer; asyncio.run's shutdown_asyncgens() finishes it
+        return client
 
     def _create_args(self, request: LLMRequest, budget: float) -> dict[str, Any]:
         """Arguments of chat.completions.create for a request."""
-        if not request.messages:
-            raise LLMError(f"{describe_call(request.label, self.base_url)} has no messages to send.", kind="bad_request")
+        if not request.messages or budget <= 0:
+            raise LLMError(f"{describe_call(request.label, self.base_url)} needs messages and a timeout > 0 s.",
+                           kind="bad_request")
         args: dict[str, Any] = {"model": request.model, "messages": request.messages, "timeout": budget}
         if request.temperature is not None:
             args["temperature"] = request.temperature
         if request.max_tokens is not None:
             args["max_tokens"] = request.max_tokens
-        wants_json = request.json_output or request.json_schema is not None
-        if wants_json and self.structured_output == "json_schema" and request.json_schema is not None:
+        schema = request.json_schema
+        if schema is not None and self.structured_output == "json_schema":
             args["response_format"] = {"type": "json_schema",
-                                       "json_schema": {"name": "output", "schema": request.json_schema, "strict": False}}
-        elif wants_json and self.structured_output != "none":
+                                       "json_schema": {"name": "output", "schema": schema, "strict": False}}
+        elif (request.json_output or schema is not None) and self.structured_output != "none":
             args["response_format"] = {"type": "json_object"}
             if not any("json" in str(m.get("content", "")).lower() for m in request.messages):
                 # OpenAI refuses json_object mode unless some message mentions JSON.
                 args["messages"] = [*request.messages, {"role": "system", "content": "Answer with a JSON object."}]
         return args
 
-    def _start(self, request: LLMRequest) -> tuple[_Call, float]:
+    def _start(self, request: LLMRequest) -> tuple[_Call, float, dict[str, Any]]:
         budget = request.timeout if request.timeout is not None else self.timeout
-        if budget <= 0:
-            where = describe_call(request.label, self.base_url)
-            raise LLMError(f"{where} needs a timeout > 0 seconds, got {budget}.", kind="bad_request")
-        return _Call(request.label, public_url(self.base_url), time.monotonic() + budget, self.max_retries), budget
+        args = self._create_args(request, budget)
+        return _Call(request.label, self.base_url, time.monotonic() + budget, self.max_retries), budget, args
 
     def complete(self, request: LLMRequest) -> LLMResult:
         """Send one request and wait for its result; raises LLMError."""
-        call, budget = self._start(request)
-        args = self._create_args(request, budget)
+        call, budget, args = self._start(request)
         token, started = _CALL.set(call), time.monotonic()
         try:
-            raw = self._sync_client().chat.completions.with_raw_response.create(**args)
-            completion = raw.parse()
+            completion = self._sync_client().chat.completions.with_raw_response.create(**args).parse()
         except openai.OpenAIError as exc:
             raise self._error(exc, request, call, budget) from None
         finally:
@@ -277,14 +288,12 @@ class LLMClient:
 
     async def acomplete(self, request: LLMRequest) -> LLMResult:
         """Send one request on the running event loop; raises LLMError."""
-        call, budget = self._start(request)
-        args = self._create_args(request, budget)
+        call, budget, args = self._start(request)
         token, started = _CALL.set(call), time.monotonic()
         try:
-            async with asyncio.timeout(budget):  # also bounds the client's sleeps between retries
-                raw = await self._async_client().chat.completions.with_raw_response.create(**args)
-                completion = raw.parse()
-        except (openai.OpenAIError, TimeoutError) as exc:
+            create = (await self._async_client()).chat.completions.with_raw_response.create(**args)
+            completion = (await asyncio.wait_for(create, budget)).parse()  # also bounds sleeps between retries
+        except (openai.OpenAIError, asyncio.TimeoutError) as exc:
             raise self._error(exc, request, call, budget) from None
         finally:
             _CALL.reset(token)
@@ -293,73 +302,75 @@ class LLMClient:
     def _result(self, completion: Any, request: LLMRequest, call: _Call, latency: float) -> LLMResult:
         choice = completion.choices[0] if completion.choices else None
         text = (choice.message.content if choice else None) or ""
-        parsed = None
-        if request.json_output or request.json_schema is not None:
-            parsed = self._validated(text, request, call.attempts)
+        wants_json = request.json_output or request.json_schema is not None
         usage = completion.usage
-        return LLMResult(text=text, parsed=parsed, model=completion.model or request.model, provider=self.provider_name,
+        return LLMResult(text=text, parsed=self._validated(text, request, call.attempts) if wants_json else None,
+                         model=completion.model or request.model, provider=self.provider_name,
                          prompt_tokens=usage.prompt_tokens if usage else 0,
                          completion_tokens=usage.completion_tokens if usage else 0, latency_s=latency,
                          finish_reason=choice.finish_reason if choice else None, attempts=max(call.attempts, 1))
 
     def _validated(self, text: str, request: LLMRequest, attempts: int) -> Any:
         """Decode the answer and check it against the request's schema; raises LLMError(invalid_output)."""
-        where = describe_call(request.label, self.base_url)
-        excerpt = " ".join(text.split())[:200]
+        where, excerpt = describe_call(request.label, self.base_url), " ".join(text.split())[:200]
         try:
             parsed = parse_json_answer(text)
         except ValueError as exc:
             raise LLMError(f"{where} returned an answer that is not valid JSON ({exc}); the answer began "
                            f"{excerpt!r}.", kind="invalid_output", attempts=attempts) from None
-        if request.json_schema is not None:
-            validator_cls = jsonschema.validators.validator_for(request.json_schema)
-            try:
-                validator_cls.check_schema(request.json_schema)
-            except jsonschema.SchemaError as exc:
-                raise LLMError(f"{where} has an invalid JSON schema: {exc.message}.", kind="bad_request") from None
-            error = jsonschema.exceptions.best_match(validator_cls(request.json_schema).iter_errors(parsed))
-            if error is not None:
-                raise LLMError(f"{where} returned JSON that does not match the schema ({error.message} at "
-                               f"{error.json_path}); the answer began {excerpt!r}.", kind="invalid_output",
-                               attempts=attempts)
+        if request.json_schema is None:
+            return parsed
+        validator_cls = jsonschema.validators.validator_for(request.json_schema)
+        try:
+            validator_cls.check_schema(request.json_schema)
+        except jsonschema.SchemaError as exc:
+            raise LLMError(f"{where} has an invalid JSON schema: {exc.message}.", kind="bad_request") from None
+        error = jsonschema.exceptions.best_match(validator_cls(request.json_schema).iter_errors(parsed))
+        if error is not None:
+            raise LLMError(f"{where} returned JSON that does not match the schema ({error.message} at "
+                           f"{error.json_path}); the answer began {excerpt!r}.", kind="invalid_output",
+                           attempts=attempts)
         return parsed
 
     def _error(self, exc: BaseException, request: LLMRequest, call: _Call, budget: float) -> LLMError:
         """Map an openai exception to an LLMError with one clear sentence (never the API key)."""
-        where, n = describe_call(request.label, call.base_url), call.attempts
+        n, status = call.attempts, getattr(exc, "status_code", None)
         tries = f"after {n} attempt{'s' if n != 1 else ''}"
-        status = getattr(exc, "status_code", None)
-        if isinstance(exc, (openai.APITimeoutError, TimeoutError)):
-            return LLMError(f"{where} got no answer within {budget:g} s ({tries}): raise the task timeout or check "
-                            "that the endpoint is responsive.", kind="timeout", attempts=n)
-        if isinstance(exc, openai.APIConnectionError):
-            return LLMError(f"{where} could not connect ({tries}): check OPENAI_BASE_URL and that the server is "
-                            "running.", kind="connection", attempts=n)
-        if isinstance(exc, (openai.AuthenticationError, openai.PermissionDeniedError)):
-            return LLMError(f"{where} was refused with HTTP {status} (not authorised): check OPENAI_API_KEY for this "
-                            "endpoint.", kind="authentication", status_code=status, attempts=n)
-        if isinstance(exc, openai.RateLimitError):
-            return LLMError(f"{where} was rate-limited (HTTP 429, {tries}): lower the concurrency or request rate, "
-                            "or raise max_retries.", kind="rate_limit", status_code=429, attempts=n)
-        if isinstance(exc, openai.APIStatusError) and status is not None and status >= 500:
-            return LLMError(f"{where} failed with a server error (HTTP {status}, {tries}): the endpoint is "
-                            "unhealthy; try again later.", kind="server_error", status_code=status, attempts=n)
-        if isinstance(exc, openai.APIStatusError):
-            detail = self._redact(str(getattr(exc, "message", "") or exc))[:300]
-            return LLMError(f"{where} was rejected with HTTP {status} ({detail}): check the model name and request "
-                            "parameters.", kind="bad_request", status_code=status, attempts=n)
-        detail = self._redact(f"{type(exc).__name__}: {exc}")[:300]
-        return LLMError(f"{where} failed unexpectedly ({detail}): see the endpoint's logs.", kind="server_error",
+        if isinstance(exc, (openai.APITimeoutError, asyncio.TimeoutError)):
+            kind = "timeout"
+            what = f"got no answer within {budget:g} s ({tries}): raise the timeout or check that the endpoint responds"
+        elif isinstance(exc, openai.APIConnectionError):
+            kind, what = "connection", f"could not connect ({tries}): check OPENAI_BASE_URL and that the server runs"
+        elif isinstance(exc, (openai.AuthenticationError, openai.PermissionDeniedError)):
+            kind, what = "authentication", f"was refused with HTTP {status}: check OPENAI_API_KEY for this endpoint"
+        elif isinstance(exc, openai.RateLimitError):
+            kind = "rate_limit"
+            what = f"was rate-limited (HTTP 429, {tries}): lower the concurrency or request rate, or raise max_retries"
+        elif isinstance(exc, openai.APIStatusError) and status is not None and status >= 500:
+            kind, what = "server_error", f"failed with HTTP {status} ({tries}): the endpoint is failing; try later"
+        elif isinstance(exc, openai.APIStatusError):
+            kind = "bad_request"
+            what = (f"was rejected with HTTP {status} ({self._redact(exc.message)[:300]}): check the model name "
+                    "and request parameters")
+        else:
+            kind, what = "server_error", f"failed ({self._redact(f'{type(exc).__name__}: {exc}')[:300]})"
+        return LLMError(f"{describe_call(request.label, call.base_url)} {what}.", kind=kind, status_code=status,
                         attempts=n)
 
     def _redact(self, text: str) -> str:
         """Remove the API key (and anything shaped like one) from text."""
-        if self._api_key and len(self._api_key) >= 4:
-            text = text.replace(self._api_key, "***")
+        if self._secret and len(self._secret) >= 4:
+            text = text.replace(self._secret, "***")
         return re.sub(r"\bsk-[A-Za-z0-9_\-*]{6,}", "sk-***", text)
 
+    def __enter__(self) -> LLMClient:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
     def close(self) -> None:
-        """Close the sync client and forget async clients (use aclose() inside a loop to close its one)."""
+        """Close the sync client and forget async clients (each is closed with its loop, or by aclose())."""
         with self._lock:
             sync, self._sync = self._sync, None
             self._async.clear()
@@ -367,9 +378,8 @@ class LLMClient:
             sync.close()
 
     async def aclose(self) -> None:
-        """Close the running loop's async client (call it before the loop ends, e.g. at the end of asyncio.run)."""
-        loop = asyncio.get_running_loop()
+        """Close the running loop's async client now."""
         with self._lock:
-            client = self._async.pop(loop, None)
-        if client is not None:
-            await client.close()
+            entry = self._async.pop(asyncio.get_running_loop(), None)
+        if entry is not None:
+            await entry[1].aclose()

@@ -27,9 +27,17 @@ from starlette.routing import Route
 
 from mp_pipelines.execution.simulated import SimulatedModel
 
-_REASONS = {400: "Bad request.", 401: "Incorrect API key provided.", 403: "Forbidden.", 404: "Not found.",
-            408: "Request timeout.", 429: "Rate limit reached.", 500: "Internal server error.",
-            502: "Bad gateway.", 503: "Service unavailable."}
+_REASONS = {
+    400: "Bad request.",
+    401: "Incorrect API key provided.",
+    403: "Forbidden.",
+    404: "Not found.",
+    408: "Request timeout.",
+    429: "Rate limit reached.",
+    500: "Internal server error.",
+    502: "Bad gateway.",
+    503: "Service unavailable.",
+}
 
 
 @dataclass(frozen=True)
@@ -50,8 +58,16 @@ class FaultScript:
         self._queue: deque[Fault] = deque()
         self._lock = threading.Lock()
 
-    def add(self, *, status: int | None = None, headers: dict[str, str] | None = None, delay: float = 0.0,
-            content: str | None = None, body: dict[str, Any] | None = None, times: int = 1) -> FaultScript:
+    def add(
+        self,
+        *,
+        status: int | None = None,
+        headers: dict[str, str] | None = None,
+        delay: float = 0.0,
+        content: str | None = None,
+        body: dict[str, Any] | None = None,
+        times: int = 1,
+    ) -> FaultScript:
         """Queue a reaction `times` times; returns self so calls chain."""
         fault = Fault(status=status, headers=dict(headers or {}), delay=delay, content=content, body=body)
         with self._lock:
@@ -83,12 +99,22 @@ class ReceivedRequest:
 
 
 def _error_body(status: int, message: str | None = None) -> dict[str, Any]:
-    return {"error": {"message": message or _REASONS.get(status, f"HTTP {status}."), "type": "simulated_fault",
-                      "param": None, "code": None}}
+    return {
+        "error": {
+            "message": message or _REASONS.get(status, f"HTTP {status}."),
+            "type": "simulated_fault",
+            "param": None,
+            "code": None,
+        }
+    }
 
 
-def build_app(model: SimulatedModel, faults: FaultScript | None = None, requests: list[ReceivedRequest] | None = None,
-              api_key: str | None = None) -> Starlette:
+def build_app(
+    model: SimulatedModel,
+    faults: FaultScript | None = None,
+    requests: list[ReceivedRequest] | None = None,
+    api_key: str | None = None,
+) -> Starlette:
     """A Starlette app serving /v1/chat/completions and /v1/models from `model`, `faults` first."""
     script = faults if faults is not None else FaultScript()
     received = requests if requests is not None else []
@@ -118,8 +144,9 @@ def build_app(model: SimulatedModel, faults: FaultScript | None = None, requests
     async def models(request: Request) -> JSONResponse:
         return JSONResponse(model.models())
 
-    app = Starlette(routes=[Route("/v1/chat/completions", chat, methods=["POST"]),
-                            Route("/v1/models", models, methods=["GET"])])
+    app = Starlette(
+        routes=[Route("/v1/chat/completions", chat, methods=["POST"]), Route("/v1/models", models, methods=["GET"])]
+    )
     app.state.model, app.state.faults, app.state.requests = model, script, received
     return app
 
@@ -144,8 +171,13 @@ def _config(app: Starlette, **kwargs: Any) -> uvicorn.Config:
 
 
 @contextmanager
-def run_server(host: str = "127.0.0.1", port: int = 0, model: SimulatedModel | None = None,
-               faults: FaultScript | None = None, api_key: str | None = None) -> Iterator[RunningServer]:
+def run_server(
+    host: str = "127.0.0.1",
+    port: int = 0,
+    model: SimulatedModel | None = None,
+    faults: FaultScript | None = None,
+    api_key: str | None = None,
+) -> Iterator[RunningServer]:
     """Run the app with uvicorn in a background thread; yields a RunningServer, stops on exit."""
     model = model if model is not None else SimulatedModel()
     faults = faults if faults is not None else FaultScript()
@@ -172,10 +204,14 @@ def run_server(host: str = "127.0.0.1", port: int = 0, model: SimulatedModel | N
         sock.close()
 
 
-def serve(host: str = "127.0.0.1", port: int = 8000, latency: float = 0.0, failure_rate: float = 0.0,
-          seed: int = 0) -> None:
+def serve(
+    host: str = "127.0.0.1", port: int = 8000, latency: float = 0.0, failure_rate: float = 0.0, seed: int = 0
+) -> None:
     """Serve the simulated model until interrupted (blocking)."""
     model = SimulatedModel(latency=latency, failure_rate=failure_rate, seed=seed)
-    print(f"Simulated OpenAI-compatible endpoint on http://{host}:{port}/v1 ({model!r}); "
-          f"set OPENAI_BASE_URL to use it.", file=sys.stderr, flush=True)
+    print(
+        f"Simulated OpenAI-compatible endpoint on http://{host}:{port}/v1 ({model!r}); set OPENAI_BASE_URL to use it.",
+        file=sys.stderr,
+        flush=True,
+    )
     uvicorn.Server(_config(build_app(model), host=host, port=port)).run()

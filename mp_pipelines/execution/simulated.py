@@ -117,7 +117,7 @@ class _SchemaFaker:
         prefix, items = schema.get("prefixItems") or [], schema.get("items", {})
         item_name = name[:-1] if name.endswith("s") and len(name) > 1 else f"{name} item"
         values: list[Any] = []
-        for tries in range(count * 20):
+        for _ in range(count * 20):
             if len(values) == count:
                 break
             i = len(values)
@@ -131,12 +131,12 @@ class _SchemaFaker:
         if fmt in ("date", "date-time", "time", "email", "uri", "uuid"):
             stamp = self.rng.randrange(10**8)
             return {
-                "date": "2024-01-%02d" % (stamp % 28 + 1),
-                "date-time": "2024-01-%02dT12:00:00Z" % (stamp % 28 + 1),
-                "time": "12:%02d:00" % (stamp % 60),
+                "date": f"2024-01-{stamp % 28 + 1:02d}",
+                "date-time": f"2024-01-{stamp % 28 + 1:02d}T12:00:00Z",
+                "time": f"12:{stamp % 60:02d}:00",
                 "email": f"user{stamp}@example.com",
                 "uri": f"https://example.com/simulated/{stamp}",
-                "uuid": "%08x-0000-4000-8000-%012x" % (stamp, stamp),
+                "uuid": f"{stamp:08x}-0000-4000-8000-{stamp:012x}",
             }[fmt]
         text = f"{SIMULATED_TAG} {name} about {self.topic}"
         low, high = schema.get("minLength", 0), schema.get("maxLength")
@@ -229,7 +229,12 @@ class SimulatedModel:
             "model": model,
             "system_fingerprint": "simulated",
             "choices": [
-                {"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": finish, "logprobs": None}
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": content},
+                    "finish_reason": finish,
+                    "logprobs": None,
+                }
             ],
             "usage": {
                 "prompt_tokens": _tokens(prompt_chars),
@@ -238,7 +243,9 @@ class SimulatedModel:
             },
         }
 
-    def _answer(self, body: dict[str, Any], messages: list[dict[str, Any]], rng: random.Random, digest: str) -> tuple[str, str]:
+    def _answer(
+        self, body: dict[str, Any], messages: list[dict[str, Any]], rng: random.Random, digest: str
+    ) -> tuple[str, str]:
         """Answer text and finish reason for a request."""
         prompt = _last_user_text(messages)
         fmt = body.get("response_format") or {}

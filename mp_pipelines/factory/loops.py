@@ -11,7 +11,7 @@ from typing import Any, Iterator, Mapping
 
 import dagster as dg
 
-from mp_pipelines.execution.prompts import TemplateError, evaluate, references
+from mp_pipelines.execution.prompts import TemplateError, evaluate
 from mp_pipelines.execution.runner import build_context, preview
 from mp_pipelines.execution.usage import Usage
 from mp_pipelines.factory.ops import (
@@ -28,21 +28,13 @@ from mp_pipelines.factory.ops import (
     retry_policy,
     upstream_ins,
 )
+from mp_pipelines.spec.graph import until_gate
 from mp_pipelines.spec.models import LoopSpec, TaskSpec, WorkflowSpec
 
 
 def iterations(spec: WorkflowSpec, loop: LoopSpec) -> int:
     """How many times the loop may run: its max_iterations, never more than the workflow depth."""
     return min(loop.loop.max_iterations or spec.depth, spec.depth)
-
-
-def gate_index(loop: LoopSpec) -> int:
-    """Index of the body task after which `until` is checked: the last body task it reads."""
-    if not loop.loop.until:
-        return len(loop.tasks) - 1
-    names = references(loop.loop.until, expression=True).names
-    read = [i for i, task in enumerate(loop.tasks) if task.name in names]
-    return max(read) if read else len(loop.tasks) - 1
 
 
 def body_op_name(task: TaskSpec, iteration: int) -> str:
@@ -64,7 +56,7 @@ def build_body_op(spec: WorkflowSpec, loop: LoopSpec, index: int, iteration: int
     task = loop.tasks[index]
     total = iterations(spec, loop)
     final = iteration == total and index == len(loop.tasks) - 1
-    checks_until = index == gate_index(loop) and loop.loop.until is not None
+    checks_until = index == until_gate(loop) and loop.loop.until is not None
     outs = {}
     if not final:
         outs["next"] = dg.Out(dg.Any, is_required=not checks_until)
@@ -86,6 +78,7 @@ def build_body_op(spec: WorkflowSpec, loop: LoopSpec, index: int, iteration: int
             yield materialization(spec, task.name, run.output, metadata)
         else:
             context.log.info(f"{label}: skipped because `when: {task.when}` is false")
+            state["current"] = {**state["current"], task.name: None}  # later body tasks read none, not undefined
             metadata = {"iteration": iteration, "skipped": True}
         if checks_until and _until(loop, {**template_context, **state["current"]}, label):
             context.log.info(f"{loop.name}: `until: {loop.loop.until}` holds after iteration {iteration}; stopping")

@@ -46,7 +46,8 @@ class WorkflowBuilder:
         if tags:
             self._data["tags"] = dict(tags)
 
-    def input(self, name: str, type: str = "string", *, description: str = "", default: Any = None) -> WorkflowBuilder:
+    def input(self, name: str, type: str = "string", *,
+              description: str = "", default: Any = None) -> WorkflowBuilder:
         """Declare an input (string, integer, number, boolean, list or table); no default means required."""
         spec: dict[str, Any] = {"type": type}
         if description:

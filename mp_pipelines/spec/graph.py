@@ -120,12 +120,24 @@ def step_names(spec: WorkflowSpec) -> list[str]:
     return [step.name for step in spec.tasks]
 
 
+def until_gate(loop: LoopSpec) -> int:
+    """Index of the body task after which `until` is checked: the last body task it reads, else the last task."""
+    names = _safe_names(loop.loop.until, True) if loop.loop.until else frozenset()
+    read = [index for index, task in enumerate(loop.tasks) if task.name in names]
+    return max(read) if read else len(loop.tasks) - 1
+
+
 def body_dependencies(loop: LoopSpec, step_names: set[str]) -> dict[str, tuple[list[str], list[str]]]:
-    """Each body task → (top-level steps it reads, sorted; earlier body tasks it reads, in body order)."""
+    """Each body task → (top-level steps it reads, sorted; earlier body tasks it reads, in body order).
+
+    The top-level steps `until` reads count as read by the until_gate task, the op that evaluates `until`.
+    """
+    gate = until_gate(loop)
     out: dict[str, tuple[list[str], list[str]]] = {}
     for position, task in enumerate(loop.tasks):
         names = _task_names(task)
-        external = sorted((names & step_names) - {loop.name})
+        until = _safe_names(loop.loop.until, True) if position == gate and loop.loop.until else frozenset()
+        external = sorted(((names | until) & step_names) - {loop.name})
         earlier = [other.name for other in loop.tasks[:position] if other.name in names]
         out[task.name] = (external, earlier)
     return out
@@ -138,10 +150,8 @@ def step_dependencies(spec: WorkflowSpec) -> dict[str, list[str]]:
     for step in spec.tasks:
         if isinstance(step, LoopSpec):
             found = set(step.depends_on) & names
-            for external, _ in body_dependencies(step, names).values():
+            for external, _ in body_dependencies(step, names).values():  # `until` included
                 found.update(external)
-            if step.loop.until:
-                found |= (_safe_names(step.loop.until, True) & names) - {step.name}
         else:
             found = _task_names(step) & names
             source = for_each_source(step)
@@ -163,7 +173,7 @@ def find_cycle(deps: Mapping[str, Iterable[str]]) -> list[str] | None:
             if upstream not in deps:
                 continue
             if state.get(upstream) == 1:
-                return path[path.index(upstream):] + [upstream]
+                return [*path[path.index(upstream):], upstream]
             if upstream not in state and (cycle := visit(upstream)) is not None:
                 return cycle
         path.pop()

@@ -14,10 +14,11 @@ _FALSE = {"false", "no", "0", "off"}
 def coerce_input(kind: str, value: Any, name: str) -> Any:
     """Convert `value` to the input type `kind`, raising ValueError that names input `name`."""
     coerce = _COERCERS[kind]
+    article = "an" if kind[0] in "aeiou" else "a"
     try:
         return coerce(value)
     except (TypeError, ValueError) as exc:
-        raise ValueError(f"input {name!r} expects a {kind}: {exc}") from None
+        raise ValueError(f"input {name!r} expects {article} {kind}: {exc}") from None
 
 
 def _string(value: Any) -> str:

@@ -48,9 +48,12 @@ class WorkflowValidationError(ValueError):
         summary = f"{count} problem{'s' if count != 1 else ''} in {self.source or 'workflow spec'}"
         super().__init__("\n".join([summary, *(f"  {problem}" for problem in self.problems)]))
 
+    def __reduce__(self) -> tuple[type[WorkflowValidationError], tuple[list[Problem], str | None]]:
+        return type(self), (self.problems, self.source)  # picklable across processes
+
 
 def suggest(word: str, candidates: typing.Iterable[str]) -> str:
-    """"; did you mean 'x'?" for the closest candidate, or "" when none is close."""
+    """A hint such as "; did you mean 'x'?" naming the closest candidate, or "" when none is close."""
     match = difflib.get_close_matches(word, list(candidates), n=1, cutoff=0.6)
     return f"; did you mean {match[0]!r}?" if match else ""
 
@@ -112,6 +115,9 @@ def _format_loc(loc: tuple[str | int, ...], data: Any) -> tuple[str, type[BaseMo
         owner = unwrapped if isinstance(unwrapped, type) and issubclass(unwrapped, BaseModel) else None
         annotation, is_tag = _step_into(annotation, part)
         if is_tag:
+            continue
+        if part == "[key]":  # Pydantic's marker for a bad mapping key
+            text += " (name)"
             continue
         if isinstance(part, int):
             node = node[part] if isinstance(node, list) and -len(node) <= part < len(node) else None
@@ -196,7 +202,7 @@ def read_yaml(path: str | Path) -> Any:
         reason = "does not exist" if isinstance(exc, FileNotFoundError) else f"cannot be read ({exc})"
         raise WorkflowValidationError([Problem(source, "", f"workflow file {reason}")], source) from None
     try:
-        data = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+        data = yaml.load(text, Loader=_UniqueKeyLoader)  # a SafeLoader subclass: as safe as yaml.safe_load
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -237,7 +243,8 @@ def _files(paths: Sequence[str | Path], problems: list[Problem], hint: str) -> l
         elif entry.is_file():
             files.append(entry)
         else:
-            problems.append(Problem(str(entry), "", f"workflow folder or file does not exist{hint}"))
+            where = hint if entry != SHIPPED_WORKFLOWS_DIR else ""
+            problems.append(Problem(str(entry), "", f"workflow folder or file does not exist{where}"))
     return files
 
 
@@ -253,9 +260,9 @@ def load_workflows(paths: Sequence[str | Path] | None = None) -> LoadResult:
             continue
         if spec.name in result.specs:
             first = result.sources[spec.name]
-            result.problems.append(
-                Problem(str(file), "name", f"workflow {spec.name!r} is already defined in {first}; names must be unique, so this file is skipped")
-            )
+            message = f"workflow {spec.name!r} is already defined in {first}; names must be unique, "
+            message += "so this file is skipped"
+            result.problems.append(Problem(str(file), "name", message))
             continue
         result.specs[spec.name] = spec
         result.sources[spec.name] = file

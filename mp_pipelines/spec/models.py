@@ -53,7 +53,10 @@ class InputSpec(_Strict):
         if self.default is not None:
             from mp_pipelines.spec.inputs import coerce_input  # local: inputs imports this module
 
-            coerce_input(self.type, self.default, "default")
+            try:
+                coerce_input(self.type, self.default, "default")
+            except ValueError as exc:
+                raise ValueError(str(exc).replace("input 'default' expects", "default must be", 1)) from None
         return self
 
 

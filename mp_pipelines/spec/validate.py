@@ -5,6 +5,7 @@ Every check adds Problems instead of raising, so one run reports everything wron
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from mp_pipelines.execution.prompts import TemplateError
@@ -26,10 +27,14 @@ class _Scope:
     position: int | None = None  # index in the loop body; None for `until` (sees the whole body)
     shared: bool = False  # defaults.system: rendered for every task, so only inputs and workflow
 
+    @property
+    def name(self) -> str:
+        """The task's or loop's name ("" for defaults)."""
+        return self.task.name if self.task is not None else self.loop.name if self.loop is not None else ""
 
-def _known(names: object) -> str:
-    listed = ", ".join(sorted(names))  # type: ignore[call-overload]
-    return listed or "none"
+
+def _known(names: Iterable[str]) -> str:
+    return ", ".join(sorted(names)) or "none"
 
 
 class _Checker:
@@ -74,7 +79,7 @@ class _Checker:
 
     def check_unique_names(self) -> None:
         for scope in self.scopes:
-            name = (scope.task or scope.loop).name  # type: ignore[union-attr]
+            name = scope.name
             if self.paths[name] != scope.path:
                 self.add(f"{scope.path}.name", f"name {name!r} is already used by {self.paths[name]}; "
                          "every task and loop in a workflow needs its own name")
@@ -105,7 +110,7 @@ class _Checker:
         """Why `name` (a body task, or the scope's own loop) may not be read here, or None if it may."""
         loop = scope.loop
         if loop is not None and name == loop.name:
-            return (f"a task inside loop {loop.name!r} cannot read the loop itself; read earlier tasks of the loop "
+            return (f"inside loop {loop.name!r} the loop itself cannot be read; read earlier tasks of the loop "
                     "by name, or the previous iteration as loop.previous.<task>")
         owner = self.owner.get(name)
         if owner is None or name in self.steps:
@@ -113,7 +118,8 @@ class _Checker:
         if loop is not None and owner.name == loop.name:
             if scope.position is None or self.position[name] < scope.position:
                 return None
-            what = "this task itself" if scope.task and name == scope.task.name else f"a later task of loop {loop.name!r}"
+            itself = scope.task is not None and name == scope.task.name
+            what = "this task itself" if itself else f"a later task of loop {loop.name!r}"
             return (f"{name!r} is {what}; a loop task may read earlier tasks of its loop, "
                     f"and the previous iteration as loop.previous.{name}")
         return f"{name!r} is a task inside loop {owner.name!r}; outside that loop read it as {owner.name}.{name}"
@@ -132,8 +138,7 @@ class _Checker:
                 self.add(path, f"{name!r} is a task inside loop {owner.name!r}; "
                          f"depend on the loop {owner.name!r} instead")
         elif name not in self.steps:
-            own = scope.task or scope.loop
-            known = (set(self.steps) | (self.visible_body(scope) if scope.task is not None else set())) - {own.name}
+            known = (set(self.steps) | (self.visible_body(scope) if scope.task is not None else set())) - {scope.name}
             self.add(path, f"unknown step {name!r}; known steps: {_known(known)}{suggest(name, known)}")
 
     def visible_body(self, scope: _Scope) -> set[str]:
@@ -148,7 +153,9 @@ class _Checker:
             self.add(path, f"for_each is not supported inside loop {scope.loop.name!r}; fan out in a top-level "
                      "task that depends on the loop")
             return
-        kind, name = graph.for_each_source(task)  # type: ignore[misc]
+        found = graph.for_each_source(task)
+        assert found is not None  # only called when the task has for_each
+        kind, name = found
         if kind == "input":
             declared = self.spec.inputs.get(name)
             if declared is None:
@@ -226,8 +233,9 @@ class _Checker:
         if loop is None:
             return ("'loop' is only defined in the tasks of a loop "
                     f"({', '.join(f'loop.{a}' for a in sorted(graph.LOOP_ATTRIBUTES))})")
+        unknown = sorted(refs.attributes.get("loop", frozenset()) - graph.LOOP_ATTRIBUTES)
         reasons = [f"loop.{a} is not defined; a loop task can read loop.iteration, loop.max_iterations and "
-                   "loop.previous.<task>" for a in sorted(refs.attributes.get("loop", frozenset()) - graph.LOOP_ATTRIBUTES)]
+                   "loop.previous.<task>" for a in unknown]
         body = [task.name for task in loop.tasks]
         reasons += [f"loop.previous.{a}: {a!r} is not a task of loop {loop.name!r}; its tasks are {_known(body)}"
                     f"{suggest(a, body)}" for a in sorted(refs.previous - set(body))]

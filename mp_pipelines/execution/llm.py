@@ -1,0 +1,104 @@
+"""The Dagster resource every prompt op calls: configuration in, an LLMClient out.
+
+The client (and its HTTP connections) is built in `setup_for_execution` and closed in
+`teardown_after_execution`; used outside a run, the resource builds it on first use. Request-level
+retries happen inside the client (`max_retries`); step-level retries belong to the op's
+`dg.RetryPolicy`, guided by `LLMError.retryable`.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import replace
+from typing import Literal
+
+import dagster as dg
+from pydantic import Field, PrivateAttr
+
+from mp_pipelines.execution.client import LLMClient, LLMRequest, LLMResult, resolve_provider
+
+_BUILD_LOCK = threading.Lock()  # guards lazy client creation when the resource is used outside a run
+
+
+class LLMResource(dg.ConfigurableResource):
+    """Chat completions from an OpenAI-compatible endpoint, or the offline simulated model."""
+
+    provider: Literal["auto", "openai", "simulated"] = Field(
+        default="auto",
+        description="'openai' for an OpenAI-compatible endpoint, 'simulated' for the offline deterministic model, "
+        "'auto' for openai when an API key or base URL is set and simulated otherwise.",
+    )
+    api_key: str | None = Field(
+        default=None, repr=False, description="API key of the endpoint; set it from dg.EnvVar('OPENAI_API_KEY')."
+    )
+    base_url: str | None = Field(
+        default=None,
+        description="Base URL of an OpenAI-compatible endpoint (vLLM, Ollama, a gateway); "
+        "set it from dg.EnvVar('OPENAI_BASE_URL'). Empty means api.openai.com.",
+    )
+    default_model: str = Field(default="gpt-4o-mini", description="Model used when a task names none.")
+    timeout: float = Field(default=60.0, description="Seconds one call may take, the client's retries included.")
+    max_retries: int = Field(
+        default=2,
+        description="Request-level retries by the openai client (connection errors, timeouts, 429, 5xx); "
+        "step-level retries are the op's RetryPolicy.",
+    )
+    structured_output: Literal["json_schema", "json_object", "none"] = Field(
+        default="json_schema",
+        description="How JSON tasks ask for JSON: a response_format with the task's schema, plain JSON mode, "
+        "or nothing (for endpoints without response_format); answers are validated either way.",
+    )
+    simulated_latency: float = Field(default=0.0, description="Seconds the simulated model takes per answer.")
+    simulated_failure_rate: float = Field(
+        default=0.0, description="Probability (0..1) that the simulated model answers HTTP 500 or 429."
+    )
+    simulated_seed: int = Field(default=0, description="Seed of the simulated model's failure draws.")
+
+    _client: LLMClient | None = PrivateAttr(default=None)
+
+    def _build_client(self) -> LLMClient:
+        return LLMClient(
+            provider=self.provider,
+            api_key=self.api_key,
+            base_url=self.base_url,
+            timeout=self.timeout,
+            max_retries=self.max_retries,
+            structured_output=self.structured_output,
+            simulated_latency=self.simulated_latency,
+            simulated_failure_rate=self.simulated_failure_rate,
+            simulated_seed=self.simulated_seed,
+        )
+
+    def setup_for_execution(self, context: dg.InitResourceContext) -> None:
+        """Build the client for this run."""
+        self._client = self._build_client()
+
+    def teardown_after_execution(self, context: dg.InitResourceContext) -> None:
+        """Close the client's connections at the end of the run."""
+        client, self._client = self._client, None
+        if client is not None:
+            client.close()
+
+    @property
+    def provider_name(self) -> str:
+        """The resolved provider: "openai" or "simulated"."""
+        return resolve_provider(self.provider, self.api_key, self.base_url)
+
+    def get_client(self) -> LLMClient:
+        """The client, built on first use when the resource runs outside Dagster's setup."""
+        if self._client is None:
+            with _BUILD_LOCK:
+                if self._client is None:
+                    self._client = self._build_client()
+        return self._client
+
+    def _with_default_model(self, request: LLMRequest) -> LLMRequest:
+        return request if request.model else replace(request, model=self.default_model)
+
+    def complete(self, request: LLMRequest) -> LLMResult:
+        """One chat call (blocking); raises LLMError."""
+        return self.get_client().complete(self._with_default_model(request))
+
+    async def acomplete(self, request: LLMRequest) -> LLMResult:
+        """One chat call on the running event loop; raises LLMError."""
+        return await self.get_client().acomplete(self._with_default_model(request))

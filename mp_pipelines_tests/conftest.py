@@ -1,0 +1,72 @@
+"""Shared pytest fixtures. Keep them generic: add new ones below, each with a one-line docstring."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack
+from typing import Any
+
+import pytest
+
+from mp_pipelines.execution.server import RunningServer, run_server
+
+
+@pytest.fixture(scope="session")
+def _shared_llm_server() -> Iterator[RunningServer]:
+    """One loopback server for the whole session; `llm_server` hands it out clean to each test."""
+    with run_server() as server:
+        yield server
+
+
+@pytest.fixture
+def llm_server(_shared_llm_server: RunningServer) -> Iterator[RunningServer]:
+    """A running loopback OpenAI-compatible server (simulated model, no latency), empty fault script and log."""
+    _shared_llm_server.reset()
+    yield _shared_llm_server
+    _shared_llm_server.reset()
+
+
+@pytest.fixture
+def llm_server_factory() -> Iterator[Callable[..., RunningServer]]:
+    """Start extra servers with their own model, faults or api_key: `llm_server_factory(model=...)`."""
+    with ExitStack() as stack:
+
+        def start(**kwargs: Any) -> RunningServer:
+            return stack.enter_context(run_server(**kwargs))
+
+        yield start
+
+
+@pytest.fixture
+def instance(tmp_path: Any) -> Iterator[Any]:
+    """A persistent local Dagster instance (SQLite) in a temporary folder."""
+    import dagster as dg
+
+    (tmp_path / "dagster_home").mkdir()
+    with dg.DagsterInstance.local_temp(
+        str(tmp_path / "dagster_home"), overrides={"telemetry": {"enabled": False}}
+    ) as inst:
+        yield inst
+
+
+@pytest.fixture
+def openai_env(llm_server: RunningServer, monkeypatch: pytest.MonkeyPatch) -> RunningServer:
+    """Point the LLM resource at the loopback server as a real (openai) provider with a fake key."""
+    monkeypatch.setenv("OPENAI_BASE_URL", llm_server.base_url)
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-test-not-a-real-key")
+    return llm_server
+
+
+@pytest.fixture(autouse=True)
+def _no_ambient_llm_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tests choose their provider themselves: drop any endpoint settings from the outer environment."""
+    for name in (
+        "OPENAI_API_KEY",
+        "OPENAI_BASE_URL",
+        "MP_LLM_PROVIDER",
+        "MP_WORKFLOWS_PATH",
+        "MP_SIMULATED_LATENCY",
+        "MP_SIMULATED_FAILURE_RATE",
+        "DAGSTER_HOME",
+    ):
+        monkeypatch.delenv(name, raising=False)

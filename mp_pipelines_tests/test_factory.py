@@ -1,0 +1,136 @@
+"""The generated Dagster definitions: ops, edges, retry policies, fan-out, run config, assets, schedules."""
+
+from __future__ import annotations
+
+import dagster as dg
+import pytest
+
+from mp_pipelines.definitions import build_definitions, defs
+from mp_pipelines.factory.job import build_job
+from mp_pipelines.factory.schedules import build_schedule
+from mp_pipelines.spec.builder import WorkflowBuilder
+from mp_pipelines.spec.loader import LoadResult, load_workflows
+
+SHIPPED = ("research_report", "summarize_documents", "classify_tickets")
+
+
+def upstream_nodes(job: dg.JobDefinition, node: str) -> set[str]:
+    return {out.node_name for out in job.graph.dependency_structure.all_upstream_outputs_from_node(node)}
+
+
+def test_every_shipped_workflow_has_a_job_and_assets() -> None:
+    for name in SHIPPED:
+        job = defs.resolve_job_def(name)
+        assert job.tags["mp_pipelines/workflow"] == name
+        assert job.tags["mp_pipelines/provider"] == "simulated"
+    keys = defs.resolve_asset_graph().get_all_asset_keys()
+    assert dg.AssetKey(["research_report", "research"]) in keys
+    assert dg.AssetKey(["classify_tickets", "classify"]) in keys
+    assert dg.AssetKey(["summarize_documents", "overview"]) in keys
+
+
+def test_research_report_graph_mirrors_the_workflow() -> None:
+    job = defs.resolve_job_def("research_report")
+    nodes = {node.name for node in job.graph.nodes}
+    assert {"inputs", "plan", "research__items", "research", "research__collect", "draft", "refine", "report"} <= nodes
+    # the loop is unrolled: depth 3 → three critique/revise pairs
+    assert {f"{task}__{i}" for task in ("critique", "revise") for i in (1, 2, 3)} <= nodes
+    assert upstream_nodes(job, "plan") == {"inputs"}
+    assert upstream_nodes(job, "research__items") == {"inputs", "plan"}
+    assert upstream_nodes(job, "draft") == {"inputs", "plan", "research__collect"}
+    assert upstream_nodes(job, "revise__1") == {"inputs", "critique__1", "draft"}
+    assert upstream_nodes(job, "critique__2") == {"inputs", "revise__1", "draft"}
+    assert upstream_nodes(job, "refine") == {"critique__1", "critique__2", "critique__3", "revise__3"}
+    assert upstream_nodes(job, "report") == {"inputs", "refine", "draft"}
+
+
+def test_fan_out_is_a_dynamic_output_mapped_and_collected() -> None:
+    job = defs.resolve_job_def("research_report")
+    items_op = job.graph.node_named("research__items").definition
+    assert items_op.output_defs[0].is_dynamic
+    structure = job.graph.dependency_structure
+    assert structure.is_dynamic_mapped("research")
+    assert upstream_nodes(job, "research__collect") == {"research"}
+    assert not structure.is_dynamic_mapped("research__collect")  # collected: back to one step
+    assert job.graph.node_named("research").definition.tags["mp_pipelines/fanout"] == "research_report.research"
+
+
+def test_retries_become_retry_policies() -> None:
+    job = defs.resolve_job_def("research_report")
+    policy = job.graph.node_named("research").definition.retry_policy
+    assert policy == dg.RetryPolicy(max_retries=3, delay=1, backoff=dg.Backoff.EXPONENTIAL, jitter=dg.Jitter.PLUS_MINUS)
+    assert job.graph.node_named("plan").definition.retry_policy.max_retries == 2
+    assert job.graph.node_named("draft").definition.retry_policy is None
+
+
+def test_inputs_are_typed_run_config_with_defaults() -> None:
+    job = defs.resolve_job_def("research_report")
+    with pytest.raises(dg.DagsterInvalidConfigError, match="topic"):
+        dg.validate_run_config(job, {"ops": {"inputs": {"config": {}}}})
+    with pytest.raises(dg.DagsterInvalidConfigError, match="max_questions"):
+        dg.validate_run_config(job, {"ops": {"inputs": {"config": {"topic": "x", "max_questions": "five"}}}})
+    resolved = dg.validate_run_config(job, {"ops": {"inputs": {"config": {"topic": "x"}}}})
+    assert resolved["ops"]["inputs"]["config"] == {"topic": "x", "max_questions": 5, "audience": "a technical reader"}
+    # the executor is selectable per run and defaults to multiprocess limited by breadth
+    multiprocess = resolved["execution"]["mp_pipelines_executor"]["multiprocess"]
+    assert multiprocess["max_concurrent"] == 8
+    assert multiprocess["tag_concurrency_limits"] == [
+        {"key": "mp_pipelines/fanout", "value": {"applyLimitPerUniqueValue": True}, "limit": 8}]
+    assert multiprocess["start_method"] == {"forkserver": {}}
+    in_process = dg.validate_run_config(job, {"ops": {"inputs": {"config": {"topic": "x"}}},
+                                              "execution": {"config": {"in_process": {}}}})
+    assert "in_process" in in_process["execution"]["mp_pipelines_executor"]
+
+
+def test_asset_lineage_mirrors_the_dag() -> None:
+    graph = defs.resolve_asset_graph()
+
+    def parents(*path: str) -> set[tuple[str, ...]]:
+        return {tuple(key.path) for key in graph.get(dg.AssetKey(list(path))).parent_keys}
+
+    assert parents("research_report", "plan") == set()
+    assert parents("research_report", "research") == {("research_report", "plan")}
+    assert parents("research_report", "draft") == {("research_report", "plan"), ("research_report", "research")}
+    assert parents("research_report", "revise") == {("research_report", "critique"), ("research_report", "draft")}
+    assert parents("research_report", "refine") == {("research_report", "critique"), ("research_report", "revise")}
+    assert parents("research_report", "report") == {("research_report", "refine"), ("research_report", "draft")}
+    assert parents("classify_tickets", "escalate") == {("classify_tickets", "classify")}
+    assert graph.get(dg.AssetKey(["classify_tickets", "classify"])).group_name == "classify_tickets"
+
+
+def test_schedule_becomes_a_stopped_schedule_with_its_inputs() -> None:
+    schedule = defs.resolve_schedule_def("research_report_schedule")
+    assert schedule.cron_schedule == "0 6 * * 1"
+    assert schedule.default_status == dg.DefaultScheduleStatus.STOPPED
+    with dg.build_schedule_context(scheduled_execution_time=None) as context:
+        (request,) = schedule.evaluate_tick(context).run_requests
+    assert request.run_config["ops"]["inputs"]["config"] == {"topic": "the state of open-source LLM serving"}
+    job = defs.resolve_job_def("research_report")
+    dg.validate_run_config(job, request.run_config)  # the scheduled config is complete
+
+
+def test_enabled_schedule_is_running_by_default() -> None:
+    spec = (WorkflowBuilder("nightly").input("topic", default="x").task("a", "say {{ inputs.topic }}")
+            .schedule("30 2 * * *", enabled=True).build())
+    schedule = build_schedule(spec, build_job(spec))
+    assert schedule.default_status == dg.DefaultScheduleStatus.RUNNING
+    assert schedule.cron_schedule == "30 2 * * *"
+
+
+def test_a_workflow_whose_job_cannot_be_built_does_not_break_the_others(caplog: pytest.LogCaptureFixture) -> None:
+    good = (WorkflowBuilder("good").task("a", "hello").build())
+    valid = WorkflowBuilder("looped").task("a", "hello").build()
+    # model_copy skips validation: a fan-out over a task that does not exist cannot be wired
+    broken = valid.model_copy(update={"tasks": [valid.tasks[0].model_copy(update={"for_each": "missing"})]})
+    loaded = LoadResult({"good": good, "looped": broken}, {}, [])
+    built = build_definitions(loaded)
+    assert built.resolve_job_def("good").name == "good"
+    with pytest.raises(Exception):
+        built.resolve_job_def("looped")
+    assert "looped" in caplog.text and "could not build job" in caplog.text
+
+
+def test_shipped_workflows_load_without_problems() -> None:
+    loaded = load_workflows()
+    assert not loaded.problems, loaded.problems
+    assert set(SHIPPED) <= set(loaded.specs)

@@ -1,0 +1,132 @@
+"""Every shipped workflow end to end through Dagster with the simulated provider, checking real values."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import dagster as dg
+import pandas as pd
+import pytest
+
+from mp_pipelines.running import run_config, run_workflow
+from mp_pipelines.spec.loader import SHIPPED_WORKFLOWS_DIR, load_workflows
+from mp_pipelines_tests.workflow_helpers import materializations
+
+SPECS = load_workflows().specs
+TICKETS = pd.read_csv(SHIPPED_WORKFLOWS_DIR / "data" / "tickets.csv")
+
+
+def test_research_report_runs_end_to_end(instance: dg.DagsterInstance) -> None:
+    outcome = run_workflow(SPECS["research_report"], {"topic": "solar power", "max_questions": 4},
+                           executor="in_process", instance=instance)
+    assert outcome.success, outcome.as_text()
+    assert outcome.provider == "simulated"
+    tasks = outcome.tasks
+    plan = tasks["plan"]["output"]
+    assert isinstance(plan, list) and len(plan) == 4  # the simulated model honours "List 4 …"
+    research = tasks["research"]["output"]
+    assert len(research) == 4
+    for question, answer in zip(plan, research):  # item results keep input order
+        assert question[:26] in answer
+    assert tasks["report"]["status"] == "success" and "[simulated]" in tasks["report"]["output"]
+    assert tasks["refine"]["status"] == "success"
+    assert tasks["refine"]["output"]["critique"] == tasks["critique"]["output"]
+    # usage adds up: one call per task run, research once per item
+    loop_calls = tasks["critique"]["usage"].calls + tasks["revise"]["usage"].calls
+    assert loop_calls >= 1
+    assert outcome.usage.calls == 1 + 4 + 1 + loop_calls + 1
+    assert outcome.usage.prompt_tokens > 0 and outcome.usage.completion_tokens > 0
+
+    events = materializations(instance, outcome.run_id)
+    keys = {tuple(event.asset_key.path) for event in events}
+    assert {("research_report", name) for name in ("plan", "research", "draft", "critique", "refine", "report")} <= keys
+    plan_event = next(e for e in events if e.asset_key.path == ["research_report", "plan"])
+    assert plan_event.metadata["provider"].value == "simulated"
+    assert plan_event.metadata["model"].value == "gpt-4o-mini"
+    assert plan_event.metadata["calls"].value == 1
+    assert "answer item 1" in plan_event.metadata["preview"].value
+    research_event = next(e for e in events if e.asset_key.path == ["research_report", "research"])
+    assert research_event.metadata["items"].value == 4 and research_event.metadata["calls"].value == 4
+
+
+def test_same_inputs_give_the_same_results_in_process_and_multiprocess(instance: dg.DagsterInstance) -> None:
+    inputs = {"topic": "tidal energy", "max_questions": 2}
+    serial = run_workflow(SPECS["research_report"], inputs, executor="in_process", instance=instance)
+    parallel = run_workflow(SPECS["research_report"], inputs, executor=None, instance=instance)  # job's own: multiprocess
+    assert serial.success and parallel.success, parallel.as_text()
+    assert {n: t["output"] for n, t in serial.tasks.items()} == {n: t["output"] for n, t in parallel.tasks.items()}
+    run = instance.get_run_by_id(parallel.run_id)
+    assert "multiprocess" in json.dumps(run.run_config.get("execution", {"config": {"multiprocess": {}}}))
+
+
+def test_classify_tickets_gives_a_dataframe_with_one_row_per_ticket(instance: dg.DagsterInstance) -> None:
+    job = dg.build_reconstructable_job("mp_pipelines.definitions", "get_job", reconstructable_args=("classify_tickets", None))
+    with dg.execute_job(job, instance=instance, run_config=run_config({}, "in_process")) as result:
+        assert result.success
+        frame = result.output_for_node("classify__collect")
+        escalated = result.output_for_node("escalate") if result.is_node_success("escalate") else None
+    assert isinstance(frame, pd.DataFrame)
+    assert list(frame["id"]) == list(TICKETS["id"])  # one row per input row, in order
+    assert {"subject", "body", "category", "urgency", "summary", "item_status"} <= set(frame.columns)
+    assert set(frame["category"]) <= {"billing", "bug", "feature_request", "account", "other"}
+    assert set(frame["urgency"]) <= {"low", "medium", "high"}
+    assert (frame["item_status"] == "success").all()
+    urgent = frame[frame["urgency"] == "high"]
+    events = {tuple(e.asset_key.path) for e in materializations(instance, result.run_id)}
+    if len(urgent):  # the escalation runs exactly when some ticket is urgent
+        assert ("classify_tickets", "escalate") in events and "[simulated]" in escalated
+    else:
+        assert ("classify_tickets", "escalate") not in events
+
+
+def test_classify_tickets_summary_via_run_workflow(instance: dg.DagsterInstance) -> None:
+    outcome = run_workflow(SPECS["classify_tickets"], {}, executor="in_process", instance=instance)
+    assert outcome.success
+    labels = outcome.tasks["classify"]["output"]
+    assert len(labels) == len(TICKETS)
+    assert all(set(label) == {"category", "urgency", "summary"} for label in labels)
+    any_urgent = any(label["urgency"] == "high" for label in labels)
+    assert outcome.tasks["escalate"]["status"] == ("success" if any_urgent else "skipped")
+
+
+def test_summarize_documents_over_the_shipped_folder(instance: dg.DagsterInstance) -> None:
+    outcome = run_workflow(SPECS["summarize_documents"], {}, executor="in_process", instance=instance)
+    assert outcome.success, outcome.as_text()
+    documents = sorted(p.name for p in (SHIPPED_WORKFLOWS_DIR / "data" / "documents").iterdir())
+    summaries = outcome.tasks["summarize"]["output"]
+    assert len(summaries) == len(documents) == 4
+    assert len(set(summaries)) == 4  # one distinct summary per document
+    assert outcome.usage.calls == 5  # map 4 + reduce 1
+
+
+def test_summarize_documents_over_a_jsonl_file(instance: dg.DagsterInstance, tmp_path: Path) -> None:
+    source = tmp_path / "docs.jsonl"
+    source.write_text("\n".join(json.dumps({"name": f"d{i}", "text": f"Document number {i} about topic {i}."})
+                                for i in range(3)))
+    outcome = run_workflow(SPECS["summarize_documents"], {"documents": str(source), "max_words": 10},
+                           executor="in_process", instance=instance)
+    assert outcome.success, outcome.as_text()
+    assert len(outcome.tasks["summarize"]["output"]) == 3
+    assert outcome.tasks["overview"]["status"] == "success"
+
+
+def test_a_missing_table_fails_the_run_naming_the_file(instance: dg.DagsterInstance, tmp_path: Path) -> None:
+    missing = tmp_path / "nope.csv"
+    outcome = run_workflow(SPECS["classify_tickets"], {"tickets": str(missing)}, executor="in_process",
+                           instance=instance)
+    assert not outcome.success
+    assert outcome.status == "failure"
+    assert outcome.tasks["classify"]["status"] == "failed"
+    assert str(missing) in outcome.tasks["classify"]["error"]
+    assert outcome.tasks["escalate"]["status"] in ("skipped", "not_run")
+    assert outcome.usage.calls == 0
+
+
+@pytest.mark.parametrize("name", sorted(SPECS))
+def test_every_shipped_workflow_runs(instance: dg.DagsterInstance, name: str) -> None:
+    spec = SPECS[name]
+    inputs = {k: "quantum sensors" for k, s in spec.inputs.items() if s.required}
+    outcome = run_workflow(spec, inputs, executor="in_process", instance=instance)
+    assert outcome.success, outcome.as_text()
+    assert outcome.usage.calls >= len([t for t in spec.tasks if not getattr(t, "when", None)])

@@ -1,0 +1,36 @@
+"""Helpers for tests that run whole workflows through Dagster."""
+
+from __future__ import annotations
+
+import textwrap
+from pathlib import Path
+from typing import Any
+
+import dagster as dg
+import yaml
+
+from mp_pipelines.running import RunOutcome, run_workflow
+from mp_pipelines.spec.loader import load_workflow_file
+
+
+def write_workflow(folder: Path, text_or_data: str | dict[str, Any]) -> Path:
+    """Write a workflow YAML file into `folder` and return its path."""
+    text = text_or_data if isinstance(text_or_data, str) else yaml.safe_dump(text_or_data, sort_keys=False)
+    text = textwrap.dedent(text)
+    name = yaml.safe_load(text)["name"]
+    path = folder / f"{name}.yaml"
+    path.write_text(text)
+    return path
+
+
+def run_file(path: Path, inputs: dict[str, Any], instance: dg.DagsterInstance,
+             executor: str | None = "in_process") -> RunOutcome:
+    """Run the workflow in `path` on `instance` (in-process unless told otherwise)."""
+    spec = load_workflow_file(path)
+    return run_workflow(spec, inputs, source=str(path.resolve()), executor=executor, instance=instance)
+
+
+def materializations(instance: dg.DagsterInstance, run_id: str) -> list[dg.AssetMaterialization]:
+    """Every asset materialization the run recorded, in order."""
+    records = instance.get_records_for_run(run_id, of_type=dg.DagsterEventType.ASSET_MATERIALIZATION).records
+    return [r.event_log_entry.asset_materialization for r in records]
