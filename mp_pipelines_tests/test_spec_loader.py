@@ -81,7 +81,7 @@ def loop_with(body: dict[str, Any], **control: Any) -> dict[str, Any]:
          "inputs.topic.type", ["'string'", "got 'text'"]),
         ({"name": "w",
           "inputs": {"n": {"type": "integer", "default": "many"}}, "tasks": [{"name": "a", "prompt": "p"}]},
-         "inputs.n", ["expects a integer", "'many'"]),
+         "inputs.n", ["default must be an integer", "'many'"]),
         ({"name": "w", "schedule": "every day", "tasks": [{"name": "a", "prompt": "p"}]}, "schedule.cron",
          ["not a valid cron string"]),
         ({"name": "my-flow", "tasks": [{"name": "a", "prompt": "p"}]}, "name", ["not an identifier"]),

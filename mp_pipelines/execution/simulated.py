@@ -110,18 +110,22 @@ class _SchemaFaker:
     def _object(self, schema: dict[str, Any], name: str, depth: int) -> dict[str, Any]:
         props = schema.get("properties") or {}
         names = list(props) + [r for r in schema.get("required", []) if r not in props]
-        return {key: self.value(props.get(key, {}), key, depth + 1) for key in names}
+        index = re.search(r" [\d.]+$", name)  # an array item's number, so sibling items read differently
+        suffix = index.group() if index else ""
+        return {key: self.value(props.get(key, {}), key + suffix, depth + 1) for key in names}
 
     def _array(self, schema: dict[str, Any], name: str, depth: int) -> list[Any]:
         count = int(min(max(self.count, schema.get("minItems", 0)), schema.get("maxItems", math.inf)))
         prefix, items = schema.get("prefixItems") or [], schema.get("items", {})
-        item_name = name[:-1] if name.endswith("s") and len(name) > 1 else f"{name} item"
+        index = re.search(r" [\d.]+$", name)
+        base, number = (name[: index.start()], index.group()[1:] + ".") if index else (name, "")
+        item_name = base[:-1] if base.endswith("s") and len(base) > 1 else f"{base} item"
         values: list[Any] = []
         for _ in range(count * 20):
             if len(values) == count:
                 break
             i = len(values)
-            value = self.value(prefix[i] if i < len(prefix) else items, f"{item_name} {i + 1}", depth + 1)
+            value = self.value(prefix[i] if i < len(prefix) else items, f"{item_name} {number}{i + 1}", depth + 1)
             if not schema.get("uniqueItems") or value not in values:
                 values.append(value)
         return values
