@@ -101,21 +101,22 @@ def parse_inputs(spec: WorkflowSpec, pairs: tuple[str, ...], input_file: str | N
         if not sep or not key.strip():
             raise click.BadParameter(f"{pair!r} is not key=value", param_hint="--input")
         values[key.strip()] = value
+    problems = []
     unknown = sorted(set(values) - set(spec.inputs))
     if unknown:
         known = ", ".join(spec.inputs) or "none"
-        raise click.BadParameter(f"unknown input(s) {', '.join(unknown)} for {spec.name}; its inputs: {known}",
-                                 param_hint="--input")
+        problems.append(f"unknown input(s) {', '.join(unknown)} for {spec.name}; its inputs: {known}")
     checked = {}
     for name, input_spec in spec.inputs.items():
         if name in values:
             try:
                 checked[name] = coerce_input(input_spec.type, values[name], name)
             except ValueError as exc:
-                raise click.BadParameter(str(exc), param_hint="--input") from None
+                problems.append(str(exc))
         elif input_spec.required:
-            raise click.BadParameter(f"input {name!r} of {spec.name} is required ({input_spec.type}): "
-                                     f"pass --input {name}=...", param_hint="--input")
+            problems.append(f"input {name!r} of {spec.name} is required ({input_spec.type}): pass --input {name}=...")
+    if problems:
+        raise click.BadParameter("; ".join(problems), param_hint="--input")
     return checked
 
 

@@ -29,7 +29,8 @@ def local_instance() -> dg.DagsterInstance:
         return dg.DagsterInstance.get()
     home = (Path.cwd() / LOCAL_HOME).resolve()
     home.mkdir(parents=True, exist_ok=True)
-    return dg.DagsterInstance.local_temp(str(home), overrides={"telemetry": {"enabled": False}})
+    return dg.DagsterInstance.local_temp(str(home), overrides={"telemetry": {"enabled": False},
+                                                               "python_logs": {"python_log_level": "INFO"}})
 
 
 @dataclass

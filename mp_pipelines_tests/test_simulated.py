@@ -62,6 +62,8 @@ SCHEMAS = {
                                                  "when": {"type": "string", "format": "date-time"}}},
     "pydantic_refs": Report.model_json_schema(),
     "top_level_array": {"type": "array", "items": {"type": "string"}},
+    "tuple": {"type": "array", "prefixItems": [{"type": "integer"}, {"type": "boolean"}], "items": {"type": "string"},
+              "minItems": 3},
 }
 
 

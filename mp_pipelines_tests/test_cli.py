@@ -1,0 +1,163 @@
+"""The `mp-pipelines` command line: list, validate, show, run."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from mp_pipelines.cli import main
+
+BAD = """
+name: broken
+tasks:
+  - name: plan
+    prompt: "{{ inputs.topic }}"
+    depend_on: [x]
+  - name: write
+    for_each: nowhere
+    prompt: "{{ item }}"
+"""
+
+
+@pytest.fixture
+def runner(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> CliRunner:
+    monkeypatch.chdir(tmp_path)  # the CLI's local instance lives under the working folder
+    return CliRunner()
+
+
+def test_list_shows_shipped_workflows(runner: CliRunner) -> None:
+    result = runner.invoke(main, ["list"])
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    assert any(line.startswith("research_report") and "inputs: topic, max_questions, audience" in line for line in lines)
+    assert any(line.startswith("classify_tickets") for line in lines)
+    assert any(line.startswith("summarize_documents") for line in lines)
+
+
+def test_list_warns_about_bad_files_on_the_workflows_path(runner: CliRunner, tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    folder = tmp_path / "extra"
+    folder.mkdir()
+    (folder / "broken.yaml").write_text(BAD)
+    (folder / "hello.yaml").write_text("name: hello\ntasks: [{name: greet, prompt: hi}]\n")
+    monkeypatch.setenv("MP_WORKFLOWS_PATH", str(folder))
+    result = runner.invoke(main, ["list"])
+    assert result.exit_code == 0
+    assert "hello" in result.stdout and "research_report" in result.stdout
+    assert "broken.yaml" in result.stderr
+
+
+def test_validate_good_files(runner: CliRunner) -> None:
+    result = runner.invoke(main, ["validate"])
+    assert result.exit_code == 0, result.output
+    assert "3 workflow(s) valid, 0 problem(s)" in result.stdout
+
+
+def test_validate_bad_file_lists_every_problem_and_fails(runner: CliRunner, tmp_path: Path) -> None:
+    bad = tmp_path / "broken.yaml"
+    bad.write_text(BAD)
+    result = runner.invoke(main, ["validate", str(bad)])
+    assert result.exit_code == 1
+    assert str(bad) in result.stdout
+    assert "depend_on" in result.stdout and "did you mean 'depends_on'" in result.stdout
+    assert "0 workflow(s) valid" in result.stdout
+
+
+def test_validate_reports_semantic_problems_with_paths(runner: CliRunner, tmp_path: Path) -> None:
+    bad = tmp_path / "bad_refs.yaml"
+    bad.write_text(BAD.replace("    depend_on: [x]\n", ""))
+    result = runner.invoke(main, ["validate", str(bad)])
+    assert result.exit_code == 1
+    assert "tasks[1] (write).for_each" in result.stdout and "nowhere" in result.stdout
+    assert "tasks[0] (plan).prompt" in result.stdout and "topic" in result.stdout
+
+
+def test_show_prints_the_dag(runner: CliRunner) -> None:
+    result = runner.invoke(main, ["show", "research_report"])
+    assert result.exit_code == 0, result.output
+    text = result.stdout
+    assert "topic: string, required" in text
+    assert "research: text" in text and "for_each plan" in text and "← inputs, plan" in text
+    assert "refine: loop, ≤3 iterations until critique.done" in text
+    order = [text.index(f"\n  {name}:") for name in ("plan", "research", "draft", "refine", "report")]
+    assert order == sorted(order)
+
+
+def test_show_unknown_workflow(runner: CliRunner) -> None:
+    result = runner.invoke(main, ["show", "nope"])
+    assert result.exit_code != 0
+    assert "no workflow named 'nope'" in result.output and "research_report" in result.output
+
+
+def test_run_json(runner: CliRunner, tmp_path: Path) -> None:
+    inputs = tmp_path / "inputs.json"
+    inputs.write_text(json.dumps({"topic": "coral reefs", "max_questions": 2}))
+    result = runner.invoke(main, ["run", "research_report", "--input-file", str(inputs), "--input", "max_questions=3",
+                                  "--json", "--executor", "in_process"])
+    assert result.exit_code == 0, result.output
+    payload = json.loads(result.stdout)
+    assert payload["status"] == "success" and payload["provider"] == "simulated"
+    assert len(payload["tasks"]["plan"]["output"]) == 3  # --input wins over --input-file
+    assert len(payload["tasks"]["research"]["output"]) == 3
+    assert payload["tasks"]["report"]["status"] == "success"
+    assert payload["usage"]["calls"] >= 7 and payload["usage"]["prompt_tokens"] > 0
+    assert (tmp_path / ".mp_pipelines" / "dagster_home").is_dir()  # persistent local instance
+    assert "research[0]" in result.stderr  # progress goes to stderr
+
+
+def test_run_text_prints_statuses_and_final_output(runner: CliRunner) -> None:
+    result = runner.invoke(main, ["run", "classify_tickets", "--executor", "in_process"])
+    assert result.exit_code == 0, result.output
+    assert "classify             success  12 call(s)" in result.stdout
+    assert "usage: " in result.stdout
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--input", "topik=x"], "unknown input(s) topik"),
+    (["--input", "max_questions=many"], "expects an integer"),
+    ([], "input 'topic' of research_report is required"),
+    (["--input", "novalue"], "is not key=value"),
+])
+def test_run_rejects_bad_inputs_before_running(runner: CliRunner, tmp_path: Path, args: list[str], message: str) -> None:
+    result = runner.invoke(main, ["run", "research_report", *args])
+    assert result.exit_code == 2
+    assert message in result.output
+    assert not (tmp_path / ".mp_pipelines").exists()  # nothing ran
+
+
+def test_run_failure_exits_non_zero_with_the_error(runner: CliRunner, tmp_path: Path) -> None:
+    result = runner.invoke(main, ["run", "classify_tickets", "--input", f"tickets={tmp_path / 'missing.csv'}",
+                                  "--json", "--executor", "in_process"])
+    assert result.exit_code == 1
+    payload = json.loads(result.stdout)
+    assert payload["status"] == "failure"
+    assert "missing.csv" in payload["tasks"]["classify"]["error"]
+
+
+def test_run_a_workflow_file_by_path(runner: CliRunner, tmp_path: Path) -> None:
+    path = tmp_path / "hello.yaml"
+    path.write_text("name: hello\ninputs: {who: {type: string}}\ntasks: [{name: greet, prompt: 'Hi {{ inputs.who }}'}]\n")
+    result = runner.invoke(main, ["run", str(path), "-i", "who=Grace", "--json", "--executor", "in_process"])
+    assert result.exit_code == 0, result.output
+    assert "Hi Grace" in json.loads(result.stdout)["tasks"]["greet"]["output"]
+
+
+def test_readme_command_runs_with_the_jobs_own_executor(tmp_path: Path) -> None:
+    """The README's command, as a user types it: the console script and the job's multiprocess executor."""
+    exe = shutil.which("mp-pipelines") or f"{sys.executable} -m mp_pipelines.cli"
+    env = {k: v for k, v in os.environ.items() if k not in ("DAGSTER_HOME", "OPENAI_API_KEY", "OPENAI_BASE_URL")}
+    completed = subprocess.run([*exe.split(), "run", "research_report", "--input", "topic=wind turbines",
+                                "--input", "max_questions=2", "--json"],
+                               cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    payload = json.loads(completed.stdout)
+    assert payload["status"] == "success"
+    assert len(payload["tasks"]["research"]["output"]) == 2
+    assert "STEP_WORKER_STARTED" not in completed.stderr  # Dagster's engine chatter stays out of the progress
