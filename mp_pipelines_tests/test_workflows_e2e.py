@@ -48,6 +48,8 @@ def test_research_report_runs_end_to_end(instance: dg.DagsterInstance) -> None:
     assert "answer item 1" in plan_event.metadata["preview"].value
     research_event = next(e for e in events if e.asset_key.path == ["research_report", "research"])
     assert research_event.metadata["items"].value == 4 and research_event.metadata["calls"].value == 4
+    assert research_event.metadata["provider"].value == "simulated"
+    assert research_event.metadata["latency_s"].value >= 0
 
 
 def test_same_inputs_give_the_same_results_in_process_and_multiprocess(instance: dg.DagsterInstance) -> None:

@@ -45,7 +45,6 @@ SIMULATED_BASE_URL = "http://simulated.local/v1"
 DEFAULT_BASE_URL = "https://api.openai.com/v1"
 STRUCTURED_OUTPUT_MODES = ("json_schema", "json_object", "none")
 RETRYABLE_KINDS = frozenset({"rate_limit", "timeout", "server_error", "connection", "invalid_output"})
-_LIMITS = httpx.Limits(max_connections=1000, max_keepalive_connections=100)  # the openai SDK's defaults
 
 
 @dataclass(frozen=True)
@@ -221,9 +220,9 @@ class LLMClient:
         hooks = {"request": [_abefore_send if asynchronous else _before_send],
                  "response": [_aafter_send if asynchronous else _after_send]}
         transport = SimulatedTransport(self._simulated) if self.provider_name == "simulated" else None
-        http = (httpx.AsyncClient if asynchronous else httpx.Client)(
-            transport=transport, timeout=self.timeout, limits=_LIMITS, follow_redirects=True, event_hooks=hooks,
-            trust_env=transport is None)  # no proxy may intercept the simulated host
+        # The SDK's own default client class (httpx, or httpx2 from openai 3.x) keeps its tuned pool and defaults.
+        http = (openai.DefaultAsyncHttpxClient if asynchronous else openai.DefaultHttpxClient)(
+            transport=transport, timeout=self.timeout, event_hooks=hooks, trust_env=transport is None)
         return {"api_key": key, "base_url": self.base_url, "max_retries": self.max_retries, "timeout": self.timeout,
                 "http_client": http}
 

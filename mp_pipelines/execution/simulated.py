@@ -13,8 +13,10 @@ import json
 import math
 import random
 import re
+import sys
 import threading
 import time
+from types import ModuleType
 from typing import Any
 
 import httpx
@@ -266,8 +268,13 @@ class SimulatedModel:
         return text, "stop"
 
 
+def _http_module(request: httpx.Request) -> ModuleType:
+    """httpx or httpx2, whichever built the request (openai 3.x clients use httpx2, its fork)."""
+    return sys.modules[type(request).__module__.partition(".")[0]]
+
+
 class SimulatedTransport(httpx.BaseTransport, httpx.AsyncBaseTransport):
-    """An httpx transport (sync and async) that answers from a SimulatedModel with its latency."""
+    """An httpx (or httpx2) transport, sync and async, answering from a SimulatedModel with its latency."""
 
     def __init__(self, model: SimulatedModel) -> None:
         self.model = model
@@ -285,34 +292,31 @@ class SimulatedTransport(httpx.BaseTransport, httpx.AsyncBaseTransport):
         return 404, {}, _error(404, f"No simulated route for {request.method} {path}.", "not_found")
 
     def _wait(self, request: httpx.Request, status: int) -> tuple[float, bool]:
-        """How long to sleep, and whether the request times out first."""
+        """How long to sleep, and whether the request's read timeout runs out first."""
         latency = self.model.latency if status == 200 else 0.0
         read = (request.extensions.get("timeout") or {}).get("read")
-        if read is not None and latency > read:
-            return read, True
-        return latency, False
+        return (read, True) if read is not None and latency > read else (latency, False)
 
     @staticmethod
-    def _response(request: httpx.Request, result: tuple[int, dict[str, str], dict[str, Any]]) -> httpx.Response:
+    def _reply(request: httpx.Request, result: tuple[int, dict[str, str], dict[str, Any]], timed_out: bool) -> Any:
+        http = _http_module(request)
+        if timed_out:
+            raise http.ReadTimeout("The simulated model took longer than the read timeout.", request=request)
         status, headers, body = result
-        return httpx.Response(status, headers=headers, json=body, request=request)
+        return http.Response(status, headers=headers, json=body, request=request)
 
     def handle_request(self, request: httpx.Request) -> httpx.Response:
-        """Answer synchronously, sleeping the model's latency (or the read timeout, then raising)."""
+        """Answer synchronously, sleeping the model's latency (or the read timeout, then raising ReadTimeout)."""
         result = self._route(request, request.read())
         delay, timed_out = self._wait(request, result[0])
         if delay:
             time.sleep(delay)
-        if timed_out:
-            raise httpx.ReadTimeout(f"simulated model took longer than the read timeout ({delay:g} s)", request=request)
-        return self._response(request, result)
+        return self._reply(request, result, timed_out)
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
-        """Answer asynchronously, awaiting the model's latency (or the read timeout, then raising)."""
+        """Answer asynchronously, awaiting the model's latency (or the read timeout, then raising ReadTimeout)."""
         result = self._route(request, await request.aread())
         delay, timed_out = self._wait(request, result[0])
         if delay:
             await asyncio.sleep(delay)
-        if timed_out:
-            raise httpx.ReadTimeout(f"simulated model took longer than the read timeout ({delay:g} s)", request=request)
-        return self._response(request, result)
+        return self._reply(request, result, timed_out)

@@ -83,7 +83,7 @@ def _compose_loop(spec: WorkflowSpec, loop: LoopSpec, handles: Handles, step_nam
             if state is not None:
                 kwargs["state"] = state
             result = op(**kwargs)
-            outputs = set(op.outs)
+            outputs = set(op.node_def.outs)
             if outputs == {"next", "done"}:
                 state, done = result.next, result.done
                 finished.append(done)

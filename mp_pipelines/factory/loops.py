@@ -16,6 +16,7 @@ from mp_pipelines.execution.runner import build_context, preview
 from mp_pipelines.execution.usage import Usage
 from mp_pipelines.factory.ops import (
     LLM_RESOURCE_KEY,
+    Node,
     WORKFLOW_TAG,
     check_condition,
     task_deadline,
@@ -51,7 +52,7 @@ def _start_iteration(state: Mapping[str, Any] | None, iteration: int) -> dict[st
 
 
 def build_body_op(spec: WorkflowSpec, loop: LoopSpec, index: int, iteration: int,
-                  external: list[str]) -> dg.OpDefinition:
+                  external: list[str]) -> Node:
     """The op of body task `index` in iteration `iteration`."""
     task = loop.tasks[index]
     total = iterations(spec, loop)
@@ -91,7 +92,7 @@ def build_body_op(spec: WorkflowSpec, loop: LoopSpec, index: int, iteration: int
     ins = upstream_ins(external)
     if iteration > 1 or index > 0:
         ins["state"] = dg.In(dg.Any)
-    return make_op(body_op_name(task, iteration), compute, ins=ins, outs=outs,
+    return make_op(spec, body_op_name(task, iteration), compute, ins=ins, outs=outs,
                    description=f"{task.description or task.name} (loop {loop.name}, iteration {iteration}/{total})",
                    retry_policy=retry_policy(task), required_resource_keys={LLM_RESOURCE_KEY},
                    tags={WORKFLOW_TAG: spec.name, "mp_pipelines/loop": loop.name})
@@ -104,7 +105,7 @@ def _until(loop: LoopSpec, template_context: Mapping[str, Any], label: str) -> b
         raise dg.Failure(f"{label}: `until` could not be evaluated: {exc}", allow_retries=False) from None
 
 
-def build_loop_result_op(spec: WorkflowSpec, loop: LoopSpec) -> dg.OpDefinition:
+def build_loop_result_op(spec: WorkflowSpec, loop: LoopSpec) -> Node:
     """The loop's collector: takes the one state that finished and publishes the latest body outputs."""
 
     def compute(context: dg.OpExecutionContext, inputs: Mapping[str, Any]) -> Iterator[Any]:
@@ -119,5 +120,5 @@ def build_loop_result_op(spec: WorkflowSpec, loop: LoopSpec) -> dg.OpDefinition:
         yield dg.AssetMaterialization(asset_key=asset_key(spec, loop.name), metadata=metadata)
         yield dg.Output(value, metadata={"iterations": state["iteration"], "stopped_early": state["stopped_early"]})
 
-    return make_op(loop.name, compute, ins={"states": dg.In(dg.List[dg.Any])},
+    return make_op(spec, loop.name, compute, ins={"states": dg.In(dg.List[dg.Any])},
                    description=loop.description or f"Result of loop {loop.name}.", tags={WORKFLOW_TAG: spec.name})

@@ -36,14 +36,21 @@ _CONFIG_TYPES = {
     "table": dg.String,
 }
 
+# An op aliased to its node name (a dagster PendingNodeInvocation), called inside the job's composition.
+Node = Any
 Compute = Callable[[dg.OpExecutionContext, Mapping[str, Any]], Iterator[Any]]
 
 
-def make_op(name: str, compute: Compute, *, ins: Mapping[str, dg.In] | None = None,
-            outs: Mapping[str, dg.Out] | None = None, **kwargs: Any) -> dg.OpDefinition:
-    """An op from a plain `(context, inputs) -> events` function (the programmatic op API)."""
-    return dg.OpDefinition(compute_fn=compute, name=name, ins=dict(ins or {}),
-                           outs=dict(outs or {"result": dg.Out(dg.Any)}), **kwargs)
+def make_op(spec: WorkflowSpec, name: str, compute: Compute, *, ins: Mapping[str, dg.In] | None = None,
+            outs: Mapping[str, dg.Out] | None = None, **kwargs: Any) -> Node:
+    """An op from a plain `(context, inputs) -> events` function, used in the job as node `name`.
+
+    Op definition names must be unique in a code location, so the definition is `<workflow>__<name>`
+    and the node (the step key users see) is aliased to `name`.
+    """
+    op_def = dg.OpDefinition(compute_fn=compute, name=f"{spec.name}__{name}", ins=dict(ins or {}),
+                             outs=dict(outs or {"result": dg.Out(dg.Any)}), **kwargs)
+    return op_def.alias(name)
 
 
 def asset_key(spec: WorkflowSpec, name: str) -> dg.AssetKey:
@@ -58,7 +65,7 @@ def input_field(spec: InputSpec) -> dg.Field:
     return dg.Field(kind, default_value=spec.default, is_required=False, description=spec.description or None)
 
 
-def build_inputs_op(spec: WorkflowSpec, base_dir: Path | None = None) -> dg.OpDefinition:
+def build_inputs_op(spec: WorkflowSpec, base_dir: Path | None = None) -> Node:
     """The op whose run config holds the workflow inputs; it checks and passes them on.
 
     Relative table paths resolve against the working folder, then against `base_dir` (the spec's folder).
@@ -76,7 +83,7 @@ def build_inputs_op(spec: WorkflowSpec, base_dir: Path | None = None) -> dg.OpDe
         yield dg.Output(values, metadata={name: dg.MetadataValue.text(preview(v, 200)) for name, v in values.items()})
 
     schema = {name: input_field(s) for name, s in spec.inputs.items()}
-    return make_op(INPUTS_OP, compute, config_schema=schema, description=f"Inputs of workflow {spec.name}.",
+    return make_op(spec, INPUTS_OP, compute, config_schema=schema, description=f"Inputs of workflow {spec.name}.",
                    tags={WORKFLOW_TAG: spec.name})
 
 
@@ -137,7 +144,7 @@ def upstream_ins(names: list[str]) -> dict[str, dg.In]:
     return {INPUTS_OP: dg.In(dg.Any), **{name: dg.In(dg.Any) for name in names}}
 
 
-def build_task_op(spec: WorkflowSpec, task: TaskSpec, upstream: list[str]) -> dg.OpDefinition:
+def build_task_op(spec: WorkflowSpec, task: TaskSpec, upstream: list[str]) -> Node:
     """One op for a plain task; with `when`, its output is optional and downstream skips when false."""
 
     def compute(context: dg.OpExecutionContext, inputs: Mapping[str, Any]) -> Iterator[Any]:
@@ -151,7 +158,7 @@ def build_task_op(spec: WorkflowSpec, task: TaskSpec, upstream: list[str]) -> dg
         yield materialization(spec, task.name, run.output, metadata)
         yield dg.Output(run.output, metadata=metadata)
 
-    return make_op(task.name, compute, ins=upstream_ins(upstream),
+    return make_op(spec, task.name, compute, ins=upstream_ins(upstream),
                    outs={"result": dg.Out(dg.Any, is_required=task.when is None)},
                    description=task.description or None, retry_policy=retry_policy(task),
                    required_resource_keys={LLM_RESOURCE_KEY}, tags={WORKFLOW_TAG: spec.name})
@@ -164,7 +171,7 @@ def check_condition(task: TaskSpec, template_context: Mapping[str, Any], label: 
         raise dg.Failure(f"task {label}: `when` could not be evaluated: {exc}", allow_retries=False) from None
 
 
-def build_items_op(spec: WorkflowSpec, task: TaskSpec, source_kind: str, source: str) -> dg.OpDefinition:
+def build_items_op(spec: WorkflowSpec, task: TaskSpec, source_kind: str, source: str) -> Node:
     """The fan-out of a for_each task: one dynamic output per item, with its index for ordering."""
 
     def compute(context: dg.OpExecutionContext, inputs: Mapping[str, Any]) -> Iterator[Any]:
@@ -181,7 +188,7 @@ def build_items_op(spec: WorkflowSpec, task: TaskSpec, source_kind: str, source:
             yield dg.DynamicOutput((index, item, is_table), mapping_key=str(index), output_name="items")
 
     ins = upstream_ins([] if source_kind == "input" else [source])
-    return make_op(f"{task.name}__items", compute, ins=ins, outs={"items": dg.DynamicOut(dg.Any)},
+    return make_op(spec, f"{task.name}__items", compute, ins=ins, outs={"items": dg.DynamicOut(dg.Any)},
                    description=f"Items that {task.name} fans out over.", tags={WORKFLOW_TAG: spec.name})
 
 
@@ -205,7 +212,7 @@ def _items(spec: WorkflowSpec, task: TaskSpec, source_kind: str, source: str, wo
     return value, False
 
 
-def build_item_op(spec: WorkflowSpec, task: TaskSpec, upstream: list[str]) -> dg.OpDefinition:
+def build_item_op(spec: WorkflowSpec, task: TaskSpec, upstream: list[str]) -> Node:
     """The mapped op of a for_each task: one prompt for one item."""
 
     def compute(context: dg.OpExecutionContext, inputs: Mapping[str, Any]) -> Iterator[Any]:
@@ -220,16 +227,17 @@ def build_item_op(spec: WorkflowSpec, task: TaskSpec, upstream: list[str]) -> dg
             return
         run = call_model(context, spec, task, template_context, label=label, deadline=task_deadline(task))
         metadata = call_metadata(run)
-        yield dg.Output({**record, "status": "success", "output": run.output, "usage": run.usage.as_dict()},
+        yield dg.Output({**record, "status": "success", "output": run.output, "usage": run.usage.as_dict(),
+                         "model": run.model, "provider": run.provider},
                         metadata={**metadata, "item_index": index})
 
-    return make_op(task.name, compute, ins={"item": dg.In(dg.Any), **upstream_ins(upstream)},
+    return make_op(spec, task.name, compute, ins={"item": dg.In(dg.Any), **upstream_ins(upstream)},
                    description=task.description or None, retry_policy=retry_policy(task),
                    required_resource_keys={LLM_RESOURCE_KEY},
                    tags={WORKFLOW_TAG: spec.name, FANOUT_TAG: f"{spec.name}.{task.name}"})
 
 
-def build_collect_op(spec: WorkflowSpec, task: TaskSpec) -> dg.OpDefinition:
+def build_collect_op(spec: WorkflowSpec, task: TaskSpec) -> Node:
     """Gathers a fan-out's item records in input order into a list (or a DataFrame for tables)."""
 
     def compute(context: dg.OpExecutionContext, inputs: Mapping[str, Any]) -> Iterator[Any]:
@@ -237,13 +245,16 @@ def build_collect_op(spec: WorkflowSpec, task: TaskSpec) -> dg.OpDefinition:
         usage = sum((Usage(**r["usage"]) for r in item_records), Usage())
         skipped = sum(r["status"] == "skipped" for r in item_records)
         value = _collected(item_records)
-        metadata = {"items": len(item_records), "skipped_items": skipped, "calls": usage.calls,
+        called = [r for r in item_records if r["status"] == "success"]
+        metadata = {"model": ", ".join(sorted({r["model"] for r in called})),
+                    "provider": ", ".join(sorted({r["provider"] for r in called})),
+                    "items": len(item_records), "skipped_items": skipped, "calls": usage.calls,
                     "prompt_tokens": usage.prompt_tokens, "completion_tokens": usage.completion_tokens,
                     "latency_s": round(usage.latency_s, 3), "preview": dg.MetadataValue.text(preview(value))}
         yield dg.AssetMaterialization(asset_key=asset_key(spec, task.name), metadata=metadata)
         yield dg.Output(value, metadata={"items": len(item_records), "skipped_items": skipped})
 
-    return make_op(f"{task.name}__collect", compute, ins={"records": dg.In(dg.List[dg.Any])},
+    return make_op(spec, f"{task.name}__collect", compute, ins={"records": dg.In(dg.List[dg.Any])},
                    description=f"Results of {task.name}, in input order.", tags={WORKFLOW_TAG: spec.name})
 
 
