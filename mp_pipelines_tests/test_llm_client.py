@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import pickle
 import socket
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import httpx
 import pytest
 
 from mp_pipelines.execution.client import LLMClient, LLMError, LLMRequest
@@ -237,3 +239,37 @@ def test_llm_resource_against_the_server(llm_server: RunningServer) -> None:
     with resource.get_client():
         result = resource.complete(LLMRequest(messages=[{"role": "user", "content": "hi"}], model=""))
     assert result.model == "house-model" and llm_server.requests[0].body["model"] == "house-model"
+
+
+def test_json_mode_adds_a_json_instruction_only_when_no_message_mentions_json(
+    client_for: MakeClient, llm_server: RunningServer
+) -> None:
+    client = client_for(llm_server, structured_output="json_object")
+    client.complete(ask("List three fruits", json_output=True))
+    client.complete(ask("List three fruits as json", json_output=True))
+    first, second = (r.body["messages"] for r in llm_server.requests)
+    assert first[-1] == {"role": "system", "content": "Answer with a JSON object."} and len(second) == 1
+
+
+def test_llm_error_survives_pickling() -> None:
+    err = pickle.loads(pickle.dumps(LLMError("LLM call x failed.", kind="rate_limit", status_code=429, attempts=3)))
+    assert (err.kind, err.retryable, err.status_code, err.attempts, str(err)) == (
+        "rate_limit",
+        True,
+        429,
+        3,
+        "LLM call x failed.",
+    )
+
+
+def test_server_consumes_faults_in_order_and_lists_models(llm_server: RunningServer) -> None:
+    llm_server.faults.add(status=503).add(content="scripted answer")
+    assert len(llm_server.faults) == 2
+    with httpx.Client(base_url=llm_server.base_url) as http:
+        payload = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+        statuses = [http.post("/chat/completions", json=payload) for _ in range(3)]
+        assert http.get("/models").json()["data"][0]["id"] == "simulated"
+    assert [r.status_code for r in statuses] == [503, 200, 200] and len(llm_server.faults) == 0
+    assert statuses[1].json()["choices"][0]["message"]["content"] == "scripted answer"
+    assert statuses[2].json()["choices"][0]["message"]["content"].startswith("[simulated]")
+    assert [r.body["messages"][0]["content"] for r in llm_server.requests] == ["hi"] * 3

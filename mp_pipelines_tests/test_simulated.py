@@ -41,29 +41,68 @@ class Report(BaseModel):
 
 
 SCHEMAS = {
-    "flat": {"type": "object", "properties": {"name": {"type": "string"}, "ok": {"type": "boolean"}},
-             "required": ["name", "ok"], "additionalProperties": False},
-    "bounds": {"type": "object", "properties": {
-        "score": {"type": "integer", "minimum": 7, "maximum": 9},
-        "ratio": {"type": "number", "exclusiveMinimum": 0, "exclusiveMaximum": 1},
-        "label": {"enum": ["low", "mid", "high"]}, "kind": {"const": "answer"},
-        "code": {"type": "string", "minLength": 60, "maxLength": 70}}, "required": ["score", "ratio", "label", "kind"]},
-    "arrays": {"type": "object", "properties": {
-        "few": {"type": "array", "items": {"type": "integer"}, "maxItems": 2},
-        "many": {"type": "array", "items": {"type": "string"}, "minItems": 8},
-        "tags": {"type": "array", "items": {"enum": ["a", "b", "c", "d"]}, "uniqueItems": True, "maxItems": 3}},
-        "required": ["few", "many", "tags"]},
-    "nested": {"type": "object", "properties": {"plan": {"type": "object", "properties": {
-        "steps": {"type": "array", "minItems": 1, "items": {"type": "object", "properties": {
-            "id": {"type": "integer", "minimum": 1}, "done": {"type": "boolean"}}, "required": ["id", "done"]}}},
-        "required": ["steps"]}}, "required": ["plan"]},
-    "any_of": {"type": "object", "properties": {"value": {"anyOf": [{"type": "string", "format": "date"},
-                                                                       {"type": "null"}]},
-                                                 "when": {"type": "string", "format": "date-time"}}},
+    "flat": {
+        "type": "object",
+        "properties": {"name": {"type": "string"}, "ok": {"type": "boolean"}},
+        "required": ["name", "ok"],
+        "additionalProperties": False,
+    },
+    "bounds": {
+        "type": "object",
+        "properties": {
+            "score": {"type": "integer", "minimum": 7, "maximum": 9},
+            "ratio": {"type": "number", "exclusiveMinimum": 0, "exclusiveMaximum": 1},
+            "label": {"enum": ["low", "mid", "high"]},
+            "kind": {"const": "answer"},
+            "code": {"type": "string", "minLength": 60, "maxLength": 70},
+        },
+        "required": ["score", "ratio", "label", "kind"],
+    },
+    "arrays": {
+        "type": "object",
+        "properties": {
+            "few": {"type": "array", "items": {"type": "integer"}, "maxItems": 2},
+            "many": {"type": "array", "items": {"type": "string"}, "minItems": 8},
+            "tags": {"type": "array", "items": {"enum": ["a", "b", "c", "d"]}, "uniqueItems": True, "maxItems": 3},
+        },
+        "required": ["few", "many", "tags"],
+    },
+    "nested": {
+        "type": "object",
+        "properties": {
+            "plan": {
+                "type": "object",
+                "properties": {
+                    "steps": {
+                        "type": "array",
+                        "minItems": 1,
+                        "items": {
+                            "type": "object",
+                            "properties": {"id": {"type": "integer", "minimum": 1}, "done": {"type": "boolean"}},
+                            "required": ["id", "done"],
+                        },
+                    }
+                },
+                "required": ["steps"],
+            }
+        },
+        "required": ["plan"],
+    },
+    "any_of": {
+        "type": "object",
+        "properties": {
+            "value": {"anyOf": [{"type": "string", "format": "date"}, {"type": "null"}]},
+            "when": {"type": "string", "format": "date-time"},
+        },
+    },
     "pydantic_refs": Report.model_json_schema(),
     "top_level_array": {"type": "array", "items": {"type": "string"}},
-    "tuple": {"type": "array", "prefixItems": [{"type": "integer"}, {"type": "boolean"}], "items": {"type": "string"},
-              "minItems": 3},
+    "tuple": {
+        "type": "array",
+        "prefixItems": [{"type": "integer"}, {"type": "boolean"}],
+        "items": {"type": "string"},
+        "minItems": 3,
+    },
 }
 
 
@@ -139,8 +178,9 @@ def test_failure_rate_injects_500s_and_429s_reproducibly() -> None:
 
 
 async def _many(client: LLMClient, n: int) -> list[Any]:
-    return await asyncio.gather(*(client.acomplete(LLMRequest([{"role": "user", "content": f"item {i}"}], "m"))
-                                  for i in range(n)))
+    return await asyncio.gather(
+        *(client.acomplete(LLMRequest([{"role": "user", "content": f"item {i}"}], "m")) for i in range(n))
+    )
 
 
 def test_failure_rate_is_absorbed_by_the_clients_retries() -> None:
@@ -190,7 +230,9 @@ def test_simulated_client_is_labelled_and_validates_json() -> None:
         schema = SCHEMAS["nested"]
         result = client.complete(LLMRequest([{"role": "user", "content": "Plan 2 steps"}], "m", json_schema=schema))
     assert result.provider == "simulated" and result.attempts == 1 and len(result.parsed["plan"]["steps"]) == 2
-    assert LLMClient(api_key="k").provider_name == "openai" and LLMClient(base_url="http://x/v1").provider_name == "openai"
+    assert (
+        LLMClient(api_key="k").provider_name == "openai" and LLMClient(base_url="http://x/v1").provider_name == "openai"
+    )
 
 
 def test_resource_works_directly_outside_a_run() -> None:
@@ -212,8 +254,9 @@ def test_resource_builds_and_closes_its_client_with_the_run() -> None:
 def test_resource_in_an_op() -> None:
     @dg.op
     def summarise(llm: LLMResource) -> dict:
-        result = llm.complete(LLMRequest([{"role": "user", "content": "Summarise 2 items"}], "",
-                                         json_schema=SCHEMAS["arrays"]))
+        result = llm.complete(
+            LLMRequest([{"role": "user", "content": "Summarise 2 items"}], "", json_schema=SCHEMAS["arrays"])
+        )
         return {"parsed": result.parsed, "provider": result.provider, "model": result.model}
 
     @dg.job

@@ -21,8 +21,8 @@ from typing import Any
 
 import uvicorn
 from starlette.applications import Starlette
-from starlette.requests import Request
-from starlette.responses import JSONResponse
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from mp_pipelines.execution.simulated import SimulatedModel
@@ -119,7 +119,7 @@ def build_app(
     script = faults if faults is not None else FaultScript()
     received = requests if requests is not None else []
 
-    async def chat(request: Request) -> JSONResponse:
+    async def answer(request: Request) -> Response:
         raw = await request.body()
         try:
             body = json.loads(raw)
@@ -134,12 +134,19 @@ def build_app(
             await asyncio.sleep(fault.delay)
         if fault is not None and fault.status is not None and fault.status != 200:
             return JSONResponse(fault.body or _error_body(fault.status), fault.status, headers=fault.headers)
-        content = fault.content if fault is not None else None
-        status, answer_headers, payload = model.respond(body, content=content)
+        status, answer_headers, payload = model.respond(body, content=fault.content if fault else None)
         if status == 200 and model.latency and fault is None:
             await asyncio.sleep(model.latency)
         extra = fault.headers if fault is not None else {}
         return JSONResponse(payload, status_code=status, headers={**answer_headers, **extra})
+
+    async def chat(request: Request) -> Response:
+        try:
+            return await answer(request)
+        except (ClientDisconnect, asyncio.CancelledError):
+            # The client gave up (its timeout) or the server is stopping: nobody waits for this answer, and
+            # uvicorn would log the exception as an application error.
+            return Response(status_code=499)
 
     async def models(request: Request) -> JSONResponse:
         return JSONResponse(model.models())
@@ -185,18 +192,20 @@ def run_server(
     sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((host, port))  # bound here so the port is known before uvicorn starts
+    bound_port = sock.getsockname()[1]
     server = uvicorn.Server(_config(build_app(model, faults, received, api_key)))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="mp-llm-server", daemon=True)
     thread.start()
     deadline = time.monotonic() + 10.0
     while not server.started:
         if not thread.is_alive() or time.monotonic() > deadline:
+            server.should_exit = True
             sock.close()
-            raise RuntimeError(f"The simulated LLM server on {host}:{sock.getsockname()[1]} did not start.")
+            raise RuntimeError(f"The simulated LLM server on {host}:{bound_port} did not start within 10 s.")
         time.sleep(0.002)
     bound_host = f"[{host}]" if ":" in host else host
     try:
-        yield RunningServer(f"http://{bound_host}:{sock.getsockname()[1]}/v1", model, faults, received)
+        yield RunningServer(f"http://{bound_host}:{bound_port}/v1", model, faults, received)
     finally:
         server.force_exit = True  # do not wait for requests still sleeping on a scripted delay
         server.should_exit = True

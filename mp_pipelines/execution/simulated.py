@@ -48,9 +48,12 @@ def _last_user_text(messages: list[dict[str, Any]]) -> str:
 
 
 def _excerpt(text: str, limit: int = 80) -> str:
-    """A one-line excerpt of a prompt, cut at `limit` characters."""
+    """A one-line excerpt of about `limit` characters: the head and the tail, where prompts tend to differ."""
     flat = " ".join(text.split())
-    return flat if len(flat) <= limit else flat[: limit - 1].rstrip() + "…"
+    if len(flat) <= limit:
+        return flat
+    head = limit * 2 // 3
+    return f"{flat[:head].rstrip()} … {flat[head - limit + 3 :].lstrip()}"
 
 
 def _item_count(text: str) -> int:
@@ -61,7 +64,7 @@ def _item_count(text: str) -> int:
     return _DEFAULT_ITEMS
 
 
-def _error(status: int, message: str, kind: str) -> dict[str, Any]:
+def _error(message: str, kind: str) -> dict[str, Any]:
     """An OpenAI-style error body."""
     return {"error": {"message": message, "type": kind, "param": None, "code": None}}
 
@@ -201,8 +204,8 @@ class SimulatedModel:
         if rate_limited:
             # retry-after-ms lets the openai client retry at once; it treats "Retry-After: 0" as unset.
             headers = {"retry-after": "0", "retry-after-ms": "1"}
-            return 429, headers, _error(429, "Simulated rate limit (failure_rate).", "rate_limit_exceeded")
-        return 500, {}, _error(500, "Simulated server error (failure_rate).", "server_error")
+            return 429, headers, _error("Simulated rate limit (failure_rate).", "rate_limit_exceeded")
+        return 500, {}, _error("Simulated server error (failure_rate).", "server_error")
 
     def models(self) -> dict[str, Any]:
         """The /v1/models listing."""
@@ -213,7 +216,7 @@ class SimulatedModel:
         messages = body.get("messages") if isinstance(body, dict) else None
         if not isinstance(messages, list) or not messages or not isinstance(body.get("model"), str):
             message = "A chat request needs 'model' and a non-empty 'messages' list."
-            return 400, {}, _error(400, message, "invalid_request_error")
+            return 400, {}, _error(message, "invalid_request_error")
         failure = self._injected_failure() if content is None else None
         if failure is not None:
             return failure
@@ -285,11 +288,11 @@ class SimulatedTransport(httpx.BaseTransport, httpx.AsyncBaseTransport):
             try:
                 body = json.loads(raw or b"null")
             except ValueError:
-                return 400, {}, _error(400, "The request body is not valid JSON.", "invalid_request_error")
+                return 400, {}, _error("The request body is not valid JSON.", "invalid_request_error")
             return self.model.respond(body)
         if request.method == "GET" and path.endswith("/models"):
             return 200, {}, self.model.models()
-        return 404, {}, _error(404, f"No simulated route for {request.method} {path}.", "not_found")
+        return 404, {}, _error(f"No simulated route for {request.method} {path}.", "not_found")
 
     def _wait(self, request: httpx.Request, status: int) -> tuple[float, bool]:
         """How long to sleep, and whether the request's read timeout runs out first."""
