@@ -24,6 +24,7 @@ setup(
         "jsonschema>=4.20",
         "pyyaml>=6",
         "click>=8.1",
+        "aiolimiter>=1.1",
         "starlette>=0.37",
         "uvicorn>=0.29",
     ],

@@ -16,9 +16,10 @@ import dagster as dg
 from mp_pipelines.execution.llm import LLMResource
 from mp_pipelines.factory import build_workflow_definitions
 from mp_pipelines.factory.ops import LLM_RESOURCE_KEY
+from mp_pipelines.sensors.failures import build_failure_sensor
+from mp_pipelines.sensors.inbox import build_inbox_sensor
 from mp_pipelines.spec.loader import LoadResult, Problem, load_workflows
 
-PROVIDER_TAG = "mp_pipelines/provider"
 logger = logging.getLogger("mp_pipelines")
 
 
@@ -55,13 +56,16 @@ def build_definitions(loaded: LoadResult) -> dg.Definitions:
     for name, spec in loaded.specs.items():
         try:
             source = loaded.sources.get(name)
-            parts.append(build_workflow_definitions(spec, job_tags={PROVIDER_TAG: provider_name()},
+            parts.append(build_workflow_definitions(spec, provider=provider_name(),
                                                     base_dir=Path(source).parent if source else None))
+            inbox_sensor = build_inbox_sensor(spec)  # workflows with a table input start runs from files
+            parts.append(dg.Definitions(sensors=[inbox_sensor] if inbox_sensor else []))
         except Exception as exc:  # a bug for one workflow must not take the code location down
             problems.append(Problem(str(loaded.sources.get(name, name)), "", f"could not build job: {exc}"))
     for problem in problems:
         logger.warning("workflow not loaded: %s", problem)
-    return dg.Definitions.merge(*parts, dg.Definitions(resources={LLM_RESOURCE_KEY: build_llm_resource()}))
+    return dg.Definitions.merge(*parts, dg.Definitions(resources={LLM_RESOURCE_KEY: build_llm_resource()},
+                                                       sensors=[build_failure_sensor()]))
 
 
 @lru_cache(maxsize=None)

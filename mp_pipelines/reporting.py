@@ -133,7 +133,8 @@ def task_output(result: dg.ExecuteJobResult, spec: WorkflowSpec, name: str) -> A
         loop = next(s for s in spec.tasks if isinstance(s, LoopSpec) and name in {t.name for t in s.tasks})
         return result.output_for_node(loop.name).get(name)
     if isinstance(step, TaskSpec) and step.for_each:
-        item_records = sorted(result.output_for_node(name).values(), key=lambda r: r["index"])
-        return [r["output"] for r in item_records]
+        from mp_pipelines.factory.fanout import collected_records
+
+        return list(collected_records(list(result.output_for_node(name).values()))["output"])
     value = result.output_for_node(name)
     return records(value) if hasattr(value, "columns") else value

@@ -29,7 +29,7 @@ import os
 import re
 import threading
 import time
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -44,6 +44,7 @@ log = logging.getLogger(__name__)
 SIMULATED_BASE_URL = "http://simulated.local/v1"
 DEFAULT_BASE_URL = "https://api.openai.com/v1"
 STRUCTURED_OUTPUT_MODES = ("json_schema", "json_object", "none")
+ResponseObserver = Callable[[int, Mapping[str, str]], None]  # (HTTP status, headers) of every attempt
 RETRYABLE_KINDS = frozenset({"rate_limit", "timeout", "server_error", "connection", "invalid_output"})
 
 
@@ -128,6 +129,7 @@ class _Call:
     max_retries: int
     attempts: int = 0
     last_status: int | None = None
+    on_response: Callable[[int, Mapping[str, str]], None] | None = None  # e.g. a rate limiter adapting to 429
 
 
 _CALL: contextvars.ContextVar[_Call | None] = contextvars.ContextVar("mp_llm_call", default=None)
@@ -157,6 +159,8 @@ def _after_send(response: httpx.Response) -> None:
     if call is None:
         return
     call.last_status = response.status_code
+    if call.on_response is not None:
+        call.on_response(response.status_code, response.headers)
     for name, scale in (("retry-after-ms", 0.001), ("retry-after", 1.0)):
         try:
             wait = float(response.headers[name]) * scale
@@ -268,14 +272,15 @@ class LLMClient:
                 args["messages"] = [*request.messages, {"role": "system", "content": "Answer with a JSON object."}]
         return args
 
-    def _start(self, request: LLMRequest) -> tuple[_Call, float, dict[str, Any]]:
+    def _start(self, request: LLMRequest, on_response: ResponseObserver | None) -> tuple[_Call, float, dict[str, Any]]:
         budget = request.timeout if request.timeout is not None else self.timeout
         args = self._create_args(request, budget)
-        return _Call(request.label, self.base_url, time.monotonic() + budget, self.max_retries), budget, args
+        call = _Call(request.label, self.base_url, time.monotonic() + budget, self.max_retries, on_response=on_response)
+        return call, budget, args
 
-    def complete(self, request: LLMRequest) -> LLMResult:
-        """Send one request and wait for its result; raises LLMError."""
-        call, budget, args = self._start(request)
+    def complete(self, request: LLMRequest, on_response: ResponseObserver | None = None) -> LLMResult:
+        """Send one request and wait for its result; raises LLMError. `on_response` sees every HTTP response."""
+        call, budget, args = self._start(request, on_response)
         token, started = _CALL.set(call), time.monotonic()
         try:
             completion = self._sync_client().chat.completions.with_raw_response.create(**args).parse()
@@ -285,9 +290,9 @@ class LLMClient:
             _CALL.reset(token)
         return self._result(completion, request, call, time.monotonic() - started)
 
-    async def acomplete(self, request: LLMRequest) -> LLMResult:
-        """Send one request on the running event loop; raises LLMError."""
-        call, budget, args = self._start(request)
+    async def acomplete(self, request: LLMRequest, on_response: ResponseObserver | None = None) -> LLMResult:
+        """Send one request on the running event loop; raises LLMError. `on_response` sees every HTTP response."""
+        call, budget, args = self._start(request, on_response)
         token, started = _CALL.set(call), time.monotonic()
         try:
             create = (await self._async_client()).chat.completions.with_raw_response.create(**args)

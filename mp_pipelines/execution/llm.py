@@ -15,7 +15,8 @@ from typing import Literal
 import dagster as dg
 from pydantic import Field, PrivateAttr
 
-from mp_pipelines.execution.client import LLMClient, LLMRequest, LLMResult, resolve_provider
+from mp_pipelines.execution.client import LLMClient, LLMRequest, LLMResult, ResponseObserver, resolve_provider
+from mp_pipelines.execution.limits import LimitSettings
 
 _BUILD_LOCK = threading.Lock()  # guards lazy client creation when the resource is used outside a run
 
@@ -53,6 +54,15 @@ class LLMResource(dg.ConfigurableResource):
         default=0.0, description="Probability (0..1) that the simulated model answers HTTP 500 or 429."
     )
     simulated_seed: int = Field(default=0, description="Seed of the simulated model's failure draws.")
+    max_in_flight: int | None = Field(
+        default=None, ge=1, description="Most calls to one model in flight at once in one process (none: no cap)."
+    )
+    requests_per_minute: float | None = Field(
+        default=None, gt=0, description="Most calls to one model per minute in one process (none: no cap)."
+    )
+    tokens_per_minute: float | None = Field(
+        default=None, gt=0, description="Most prompt+completion tokens to one model per minute in one process."
+    )
 
     _client: LLMClient | None = PrivateAttr(default=None)
 
@@ -95,10 +105,18 @@ class LLMResource(dg.ConfigurableResource):
     def _with_default_model(self, request: LLMRequest) -> LLMRequest:
         return request if request.model else replace(request, model=self.default_model)
 
-    def complete(self, request: LLMRequest) -> LLMResult:
+    def complete(self, request: LLMRequest, on_response: ResponseObserver | None = None) -> LLMResult:
         """One chat call (blocking); raises LLMError."""
-        return self.get_client().complete(self._with_default_model(request))
+        return self.get_client().complete(self._with_default_model(request), on_response)
 
-    async def acomplete(self, request: LLMRequest) -> LLMResult:
+    async def acomplete(self, request: LLMRequest, on_response: ResponseObserver | None = None) -> LLMResult:
         """One chat call on the running event loop; raises LLMError."""
-        return await self.get_client().acomplete(self._with_default_model(request))
+        return await self.get_client().acomplete(self._with_default_model(request), on_response)
+
+    def limit_settings(self) -> LimitSettings:
+        """This process's caps per model (also the defaults of a workflow's `limits`)."""
+        return LimitSettings(self.max_in_flight, self.requests_per_minute, self.tokens_per_minute)
+
+    def endpoint_key(self) -> str:
+        """Which endpoint calls go to, for keying per-model limiters (never contains the key)."""
+        return f"{self.provider_name}:{self.get_client().base_url}"

@@ -5,11 +5,14 @@ No Dagster here: ops in `factory/` are thin shells around these functions.
 
 from __future__ import annotations
 
+import asyncio
 import math
 import time
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
+from mp_pipelines.execution.aio import shared_loop
+from mp_pipelines.execution.calls import CallScope, acall
 from mp_pipelines.execution.client import LLMError, LLMRequest
 from mp_pipelines.execution.prompts import evaluate, render
 from mp_pipelines.execution.usage import Usage
@@ -96,21 +99,37 @@ def remaining_time(deadline: float | None, label: str) -> float | None:
     return left
 
 
-def run_task(llm: Any, spec: WorkflowSpec, task: TaskSpec, context: Mapping[str, Any], *, label: str,
-             deadline: float | None = None) -> TaskRun:
-    """Call the model once for `task`; the per-call timeout never outlives the task's deadline."""
+async def arun_task(llm: Any, spec: WorkflowSpec, task: TaskSpec, context: Mapping[str, Any], *, label: str,
+                    scope: CallScope, deadline: float | None = None) -> TaskRun:
+    """Call the model once for `task` under the scope's limits; nothing outlives the task's deadline.
+
+    Runs on the shared loop: waiting for a limiter slot counts against the deadline too.
+    """
     left = remaining_time(deadline, label)
     timeout = llm.timeout if left is None else min(llm.timeout, left)
     request = build_request(spec, task, context, default_model=llm.default_model, timeout=timeout, label=label)
     try:
-        result = llm.complete(request)
+        if left is None:
+            result = await acall(llm, request, scope)
+        else:
+            result = await asyncio.wait_for(acall(llm, request, scope), left)
+    except asyncio.TimeoutError:
+        raise TaskTimeout(f"task {label} exceeded its timeout of {task.timeout:g} s waiting for the model") from None
     except LLMError as exc:
         if exc.kind == "timeout" and deadline is not None and time.monotonic() >= deadline:
-            raise TaskTimeout(f"task {label} exceeded its timeout of {task.timeout} s: {exc}") from None
+            raise TaskTimeout(f"task {label} exceeded its timeout of {task.timeout:g} s: {exc}") from None
         raise
     output = result.parsed if request.json_output else result.text
     return TaskRun(output, Usage.of_result(result), result.model, result.provider, result.finish_reason,
                    result.attempts)
+
+
+def run_task(llm: Any, spec: WorkflowSpec, task: TaskSpec, context: Mapping[str, Any], *, label: str,
+             scope: CallScope, deadline: float | None = None,
+             should_stop: Callable[[], bool] | None = None) -> TaskRun:
+    """`arun_task` from a synchronous op: run it on the shared loop and wait (cancelled by `should_stop`)."""
+    coro = arun_task(llm, spec, task, context, label=label, scope=scope, deadline=deadline)
+    return shared_loop().run(coro, should_stop=should_stop)
 
 
 def preview(value: Any, limit: int = PREVIEW_CHARS) -> str:

@@ -12,9 +12,9 @@ from mp_pipelines.factory.schedules import build_schedule
 from mp_pipelines.spec.models import WorkflowSpec
 
 
-def build_workflow_definitions(spec: WorkflowSpec, *, job_tags: dict[str, str] | None = None,
+def build_workflow_definitions(spec: WorkflowSpec, *, provider: str = "simulated",
                                base_dir: Path | None = None) -> dg.Definitions:
-    """Everything one workflow contributes to the code location."""
-    job = build_job(spec, tags=job_tags, base_dir=base_dir)
+    """Everything one workflow contributes to the code location; `provider` names the LLM provider runs use."""
+    job = build_job(spec, provider=provider, base_dir=base_dir)
     schedule = build_schedule(spec, job)
     return dg.Definitions(jobs=[job], assets=build_asset_specs(spec), schedules=[schedule] if schedule else [])

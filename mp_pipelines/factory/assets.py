@@ -5,6 +5,7 @@ from __future__ import annotations
 import dagster as dg
 
 from mp_pipelines.factory.ops import WORKFLOW_TAG, asset_key
+from mp_pipelines.sensors.partitions import inbox_partitions_def
 from mp_pipelines.spec.graph import body_dependencies, step_dependencies
 from mp_pipelines.spec.models import LoopSpec, TaskSpec, WorkflowSpec
 
@@ -26,6 +27,7 @@ def _spec(spec: WorkflowSpec, name: str, deps: list[str], description: str, **me
         kinds={"llm"},
         tags={WORKFLOW_TAG: spec.name},
         metadata={"workflow": spec.name, **metadata},
+        partitions_def=inbox_partitions_def(spec),  # one partition per inbox file, for table workflows
     )
 
 

@@ -8,16 +8,17 @@ from typing import Any
 import dagster as dg
 
 from mp_pipelines.factory.loops import build_body_op, build_loop_result_op, iterations
+from mp_pipelines.factory.fanout import build_collect_op, build_items_op, build_shard_op
 from mp_pipelines.factory.ops import (
     FANOUT_TAG,
     INPUTS_OP,
+    PROVIDER_TAG,
     WORKFLOW_TAG,
-    build_collect_op,
     build_inputs_op,
-    build_item_op,
-    build_items_op,
     build_task_op,
+    llm_pool,
 )
+from mp_pipelines.sensors.partitions import inbox_partitioned_config, inbox_partitions_def
 from mp_pipelines.spec.graph import body_dependencies, for_each_source, step_dependencies, topological_order
 from mp_pipelines.spec.models import LoopSpec, TaskSpec, WorkflowSpec
 
@@ -58,27 +59,27 @@ def build_executor(spec: WorkflowSpec) -> dg.ExecutorDefinition:
                                                       config_schema=schema)
 
 
-def _compose_task(spec: WorkflowSpec, task: TaskSpec, upstream: list[str], handles: Handles) -> Any:
+def _compose_task(spec: WorkflowSpec, task: TaskSpec, upstream: list[str], handles: Handles, provider: str) -> Any:
     kwargs = {INPUTS_OP: handles[INPUTS_OP], **{name: handles[name] for name in upstream}}
     source = for_each_source(task)
     if source is None:
-        return build_task_op(spec, task, upstream)(**kwargs)
+        return build_task_op(spec, task, upstream, pool=llm_pool(provider, spec, task))(**kwargs)
     kind, name = source
     items_kwargs = {INPUTS_OP: handles[INPUTS_OP]} if kind == "input" else {INPUTS_OP: handles[INPUTS_OP], name: handles[name]}
     items = build_items_op(spec, task, "input" if kind == "input" else "step", name)(**items_kwargs)
-    item_op = build_item_op(spec, task, upstream)
+    item_op = build_shard_op(spec, task, upstream, pool=llm_pool(provider, spec, task))
     mapped = items.map(lambda item: item_op(item=item, **kwargs))
     return build_collect_op(spec, task)(records=mapped.collect())
 
 
-def _compose_loop(spec: WorkflowSpec, loop: LoopSpec, handles: Handles, step_names: set[str]) -> Any:
+def _compose_loop(spec: WorkflowSpec, loop: LoopSpec, handles: Handles, step_names: set[str], provider: str) -> Any:
     body = body_dependencies(loop, step_names)
     state = None
     finished = []
     for iteration in range(1, iterations(spec, loop) + 1):
         for index, task in enumerate(loop.tasks):
             external = body[task.name][0]
-            op = build_body_op(spec, loop, index, iteration, external)
+            op = build_body_op(spec, loop, index, iteration, external, pool=llm_pool(provider, spec, task))
             kwargs = {INPUTS_OP: handles[INPUTS_OP], **{name: handles[name] for name in external}}
             if state is not None:
                 kwargs["state"] = state
@@ -94,8 +95,11 @@ def _compose_loop(spec: WorkflowSpec, loop: LoopSpec, handles: Handles, step_nam
     return build_loop_result_op(spec, loop)(states=finished)
 
 
-def build_job(spec: WorkflowSpec, *, tags: dict[str, str] | None = None, base_dir: Path | None = None) -> dg.JobDefinition:
-    """The job of a workflow: an `inputs` op, then one op per task in dependency order."""
+def build_job(spec: WorkflowSpec, *, provider: str = "simulated", base_dir: Path | None = None) -> dg.JobDefinition:
+    """The job of a workflow: an `inputs` op, then one op per task in dependency order.
+
+    `provider` ("simulated" or "openai") goes into the job's tags (for run queue limits) and op pools.
+    """
     dependencies = step_dependencies(spec)
     step_names = set(dependencies)
 
@@ -104,14 +108,16 @@ def build_job(spec: WorkflowSpec, *, tags: dict[str, str] | None = None, base_di
         for name in topological_order(spec):
             step = spec.step(name)
             if isinstance(step, LoopSpec):
-                handles[name] = _compose_loop(spec, step, handles, step_names)
+                handles[name] = _compose_loop(spec, step, handles, step_names, provider)
             else:
-                handles[name] = _compose_task(spec, step, dependencies[name], handles)
+                handles[name] = _compose_task(spec, step, dependencies[name], handles, provider)
 
     compose.__name__ = job_name(spec)
     return dg.job(
         name=job_name(spec),
         description=spec.description or None,
-        tags={WORKFLOW_TAG: spec.name, **spec.tags, **(tags or {})},
+        tags={**spec.tags, WORKFLOW_TAG: spec.name, PROVIDER_TAG: provider},
         executor_def=build_executor(spec),
+        partitions_def=inbox_partitions_def(spec),  # inbox files, for workflows with a table input
+        config=inbox_partitioned_config(spec),
     )(compose)

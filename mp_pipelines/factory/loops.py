@@ -12,7 +12,7 @@ from typing import Any, Iterator, Mapping
 import dagster as dg
 
 from mp_pipelines.execution.prompts import TemplateError, evaluate
-from mp_pipelines.execution.runner import build_context, preview
+from mp_pipelines.execution.runner import build_context
 from mp_pipelines.execution.usage import Usage
 from mp_pipelines.factory.ops import (
     LLM_RESOURCE_KEY,
@@ -21,7 +21,6 @@ from mp_pipelines.factory.ops import (
     check_condition,
     task_deadline,
     split_inputs,
-    asset_key,
     call_metadata,
     call_model,
     make_op,
@@ -52,7 +51,7 @@ def _start_iteration(state: Mapping[str, Any] | None, iteration: int) -> dict[st
 
 
 def build_body_op(spec: WorkflowSpec, loop: LoopSpec, index: int, iteration: int,
-                  external: list[str]) -> Node:
+                  external: list[str], pool: str | None = None) -> Node:
     """The op of body task `index` in iteration `iteration`."""
     task = loop.tasks[index]
     total = iterations(spec, loop)
@@ -76,7 +75,7 @@ def build_body_op(spec: WorkflowSpec, loop: LoopSpec, index: int, iteration: int
             state["current"] = {**state["current"], task.name: run.output}
             state["latest"] = {**state["latest"], task.name: run.output}
             state["usage"] = (Usage(**state["usage"]) + run.usage).as_dict()
-            yield materialization(spec, task.name, run.output, metadata)
+            yield materialization(context, spec, task.name, run.output, metadata)
         else:
             context.log.info(f"{label}: skipped because `when: {task.when}` is false")
             state["current"] = {**state["current"], task.name: None}  # later body tasks read none, not undefined
@@ -94,7 +93,7 @@ def build_body_op(spec: WorkflowSpec, loop: LoopSpec, index: int, iteration: int
         ins["state"] = dg.In(dg.Any)
     return make_op(spec, body_op_name(task, iteration), compute, ins=ins, outs=outs,
                    description=f"{task.description or task.name} (loop {loop.name}, iteration {iteration}/{total})",
-                   retry_policy=retry_policy(task), required_resource_keys={LLM_RESOURCE_KEY},
+                   retry_policy=retry_policy(task), required_resource_keys={LLM_RESOURCE_KEY}, pool=pool,
                    tags={WORKFLOW_TAG: spec.name, "mp_pipelines/loop": loop.name})
 
 
@@ -114,10 +113,8 @@ def build_loop_result_op(spec: WorkflowSpec, loop: LoopSpec) -> Node:
         usage = Usage(**state["usage"])
         context.log.info(f"{loop.name}: ran {state['iteration']} iteration(s)"
                          + (", stopped early" if state["stopped_early"] else ""))
-        metadata = {"iterations": state["iteration"], "stopped_early": state["stopped_early"],
-                    "calls": usage.calls, "prompt_tokens": usage.prompt_tokens,
-                    "completion_tokens": usage.completion_tokens, "preview": dg.MetadataValue.text(preview(value))}
-        yield dg.AssetMaterialization(asset_key=asset_key(spec, loop.name), metadata=metadata)
+        metadata = {"iterations": state["iteration"], "stopped_early": state["stopped_early"], **usage.as_metadata()}
+        yield materialization(context, spec, loop.name, value, metadata)
         yield dg.Output(value, metadata={"iterations": state["iteration"], "stopped_early": state["stopped_early"]})
 
     return make_op(spec, loop.name, compute, ins={"states": dg.In(dg.List[dg.Any])},

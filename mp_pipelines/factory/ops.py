@@ -9,23 +9,18 @@ import dagster as dg
 
 from mp_pipelines.execution.client import LLMError
 from mp_pipelines.execution.prompts import TemplateError
-from mp_pipelines.execution.runner import (
-    TaskRun,
-    TaskTimeout,
-    build_context,
-    condition_holds,
-    preview,
-    records,
-    run_task,
-)
+from mp_pipelines.execution.calls import CallScope
+from mp_pipelines.execution.limits import LimitSettings
+from mp_pipelines.execution.runner import TaskRun, TaskTimeout, build_context, condition_holds, preview, run_task
 from mp_pipelines.execution.usage import Usage
-from mp_pipelines.spec.inputs import coerce_input, load_table, resolve_path
+from mp_pipelines.spec.inputs import coerce_input, resolve_path
 from mp_pipelines.spec.models import InputSpec, TaskSpec, WorkflowSpec
 
 INPUTS_OP = "inputs"
 LLM_RESOURCE_KEY = "llm"
 FANOUT_TAG = "mp_pipelines/fanout"
 WORKFLOW_TAG = "mp_pipelines/workflow"
+PROVIDER_TAG = "mp_pipelines/provider"
 
 _CONFIG_TYPES = {
     "string": dg.String,
@@ -96,12 +91,34 @@ def retry_policy(task: TaskSpec) -> dg.RetryPolicy | None:
     return dg.RetryPolicy(max_retries=task.retries.max_retries, delay=task.retries.delay, backoff=backoff, jitter=jitter)
 
 
+def llm_pool(provider: str, spec: WorkflowSpec, task: TaskSpec) -> str:
+    """The Dagster concurrency pool of a prompt op: one per provider and model, shared by every run."""
+    return f"llm/{provider}/{spec.settings_for(task).model or 'default'}"
+
+
+def call_scope(context: dg.OpExecutionContext, spec: WorkflowSpec, *, fanout: str | None = None,
+               breadth: int | None = None) -> CallScope:
+    """The limits a call of this op runs under: the run's workflow `limits` over the resource's defaults."""
+    llm = getattr(context.resources, LLM_RESOURCE_KEY)
+    run_limits = None
+    if spec.limits is not None:
+        run_limits = llm.limit_settings().merged(LimitSettings(**spec.limits.model_dump()))
+    return CallScope(context.run_id, run_limits, fanout, breadth)
+
+
+def run_is_stopping(context: dg.OpExecutionContext) -> bool:
+    """True once the run is being terminated, so in-flight calls can be cancelled."""
+    run = context.instance.get_run_by_id(context.run_id)
+    return run is None or run.status in (dg.DagsterRunStatus.CANCELING, dg.DagsterRunStatus.CANCELED)
+
+
 def call_model(context: dg.OpExecutionContext, spec: WorkflowSpec, task: TaskSpec, template_context: Mapping[str, Any],
                *, label: str, deadline: float | None) -> TaskRun:
     """Run one prompt, turning errors into Dagster failures that retry only when retrying can help."""
     llm = getattr(context.resources, LLM_RESOURCE_KEY)
     try:
-        run = run_task(llm, spec, task, template_context, label=label, deadline=deadline)
+        run = run_task(llm, spec, task, template_context, label=label, deadline=deadline,
+                       scope=call_scope(context, spec), should_stop=lambda: run_is_stopping(context))
     except TemplateError as exc:
         raise dg.Failure(f"task {label}: template error: {exc}", allow_retries=False) from None
     except LLMError as exc:
@@ -121,14 +138,16 @@ def call_metadata(run: TaskRun) -> dict[str, Any]:
             "finish_reason": run.finish_reason or "", "attempts": run.attempts}
 
 
-def materialization(spec: WorkflowSpec, name: str, value: Any, metadata: Mapping[str, Any]) -> dg.AssetMaterialization:
-    """The asset event `[workflow, name]` for a task result."""
+def materialization(context: dg.OpExecutionContext, spec: WorkflowSpec, name: str, value: Any,
+                    metadata: Mapping[str, Any]) -> dg.AssetMaterialization:
+    """The asset event `[workflow, name]` for a task result (every task asset event is made here)."""
     meta = {k: v for k, v in metadata.items() if not k.startswith("llm/")}
     usage = Usage.from_metadata(metadata)
     meta.update({"calls": usage.calls, "prompt_tokens": usage.prompt_tokens,
                  "completion_tokens": usage.completion_tokens, "latency_s": round(usage.latency_s, 3),
                  "preview": dg.MetadataValue.text(preview(value))})
-    return dg.AssetMaterialization(asset_key=asset_key(spec, name), metadata=meta)
+    return dg.AssetMaterialization(asset_key=asset_key(spec, name), metadata=meta,
+                                   partition=context.partition_key if context.has_partition_key else None)
 
 
 def task_deadline(task: TaskSpec) -> float | None:
@@ -144,7 +163,7 @@ def upstream_ins(names: list[str]) -> dict[str, dg.In]:
     return {INPUTS_OP: dg.In(dg.Any), **{name: dg.In(dg.Any) for name in names}}
 
 
-def build_task_op(spec: WorkflowSpec, task: TaskSpec, upstream: list[str]) -> Node:
+def build_task_op(spec: WorkflowSpec, task: TaskSpec, upstream: list[str], pool: str | None = None) -> Node:
     """One op for a plain task; with `when`, its output is optional and downstream skips when false."""
 
     def compute(context: dg.OpExecutionContext, inputs: Mapping[str, Any]) -> Iterator[Any]:
@@ -155,12 +174,12 @@ def build_task_op(spec: WorkflowSpec, task: TaskSpec, upstream: list[str]) -> No
             return
         run = call_model(context, spec, task, template_context, label=task.name, deadline=task_deadline(task))
         metadata = call_metadata(run)
-        yield materialization(spec, task.name, run.output, metadata)
+        yield materialization(context, spec, task.name, run.output, metadata)
         yield dg.Output(run.output, metadata=metadata)
 
     return make_op(spec, task.name, compute, ins=upstream_ins(upstream),
                    outs={"result": dg.Out(dg.Any, is_required=task.when is None)},
-                   description=task.description or None, retry_policy=retry_policy(task),
+                   description=task.description or None, retry_policy=retry_policy(task), pool=pool,
                    required_resource_keys={LLM_RESOURCE_KEY}, tags={WORKFLOW_TAG: spec.name})
 
 
@@ -169,108 +188,3 @@ def check_condition(task: TaskSpec, template_context: Mapping[str, Any], label: 
         return condition_holds(task, template_context)
     except TemplateError as exc:
         raise dg.Failure(f"task {label}: `when` could not be evaluated: {exc}", allow_retries=False) from None
-
-
-def build_items_op(spec: WorkflowSpec, task: TaskSpec, source_kind: str, source: str) -> Node:
-    """The fan-out of a for_each task: one dynamic output per item, with its index for ordering."""
-
-    def compute(context: dg.OpExecutionContext, inputs: Mapping[str, Any]) -> Iterator[Any]:
-        workflow_inputs, values = split_inputs(inputs)
-        items, is_table = _items(spec, task, source_kind, source, workflow_inputs, values)
-        if len(items) > spec.max_items:
-            raise dg.Failure(
-                f"task {task.name}: for_each over {task.for_each} has {len(items)} items, more than the "
-                f"workflow's max_items ({spec.max_items}); raise max_items or split the input",
-                allow_retries=False,
-            )
-        context.log.info(f"{task.name}: fanning out over {len(items)} item(s), at most {spec.breadth} at once")
-        for index, item in enumerate(items):
-            yield dg.DynamicOutput((index, item, is_table), mapping_key=str(index), output_name="items")
-
-    ins = upstream_ins([] if source_kind == "input" else [source])
-    return make_op(spec, f"{task.name}__items", compute, ins=ins, outs={"items": dg.DynamicOut(dg.Any)},
-                   description=f"Items that {task.name} fans out over.", tags={WORKFLOW_TAG: spec.name})
-
-
-def _items(spec: WorkflowSpec, task: TaskSpec, source_kind: str, source: str, workflow_inputs: Mapping[str, Any],
-           values: Mapping[str, Any]) -> tuple[list[Any], bool]:
-    if source_kind == "input":
-        value = workflow_inputs[source]
-        if spec.inputs[source].type == "table":
-            try:
-                value = load_table(value, name=source, max_rows=spec.max_items)
-            except (OSError, ValueError) as exc:
-                raise dg.Failure(f"task {task.name}: {exc}", allow_retries=False) from None
-    else:
-        value = values[source]
-    if hasattr(value, "columns") and hasattr(value, "to_dict"):
-        return records(value), True
-    if not isinstance(value, list):
-        raise dg.Failure(
-            f"task {task.name}: for_each over {task.for_each} needs a list, but it is a {type(value).__name__}: "
-            f"{preview(value, 200)}", allow_retries=False)
-    return value, False
-
-
-def build_item_op(spec: WorkflowSpec, task: TaskSpec, upstream: list[str]) -> Node:
-    """The mapped op of a for_each task: one prompt for one item."""
-
-    def compute(context: dg.OpExecutionContext, inputs: Mapping[str, Any]) -> Iterator[Any]:
-        workflow_inputs, values = split_inputs(inputs)
-        index, item, is_table = values.pop("item")
-        label = f"{task.name}[{index}]"
-        template_context = build_context(spec, workflow_inputs, values, item=item, item_index=index)
-        record: dict[str, Any] = {"index": index, "row": item if is_table else None}
-        if not check_condition(task, template_context, label):
-            context.log.info(f"{label}: skipped because `when: {task.when}` is false")
-            yield dg.Output({**record, "status": "skipped", "output": None, "usage": Usage().as_dict()})
-            return
-        run = call_model(context, spec, task, template_context, label=label, deadline=task_deadline(task))
-        metadata = call_metadata(run)
-        yield dg.Output({**record, "status": "success", "output": run.output, "usage": run.usage.as_dict(),
-                         "model": run.model, "provider": run.provider},
-                        metadata={**metadata, "item_index": index})
-
-    return make_op(spec, task.name, compute, ins={"item": dg.In(dg.Any), **upstream_ins(upstream)},
-                   description=task.description or None, retry_policy=retry_policy(task),
-                   required_resource_keys={LLM_RESOURCE_KEY},
-                   tags={WORKFLOW_TAG: spec.name, FANOUT_TAG: f"{spec.name}.{task.name}"})
-
-
-def build_collect_op(spec: WorkflowSpec, task: TaskSpec) -> Node:
-    """Gathers a fan-out's item records in input order into a list (or a DataFrame for tables)."""
-
-    def compute(context: dg.OpExecutionContext, inputs: Mapping[str, Any]) -> Iterator[Any]:
-        item_records = sorted(inputs["records"], key=lambda r: r["index"])
-        usage = sum((Usage(**r["usage"]) for r in item_records), Usage())
-        skipped = sum(r["status"] == "skipped" for r in item_records)
-        value = _collected(item_records)
-        called = [r for r in item_records if r["status"] == "success"]
-        metadata = {"model": ", ".join(sorted({r["model"] for r in called})),
-                    "provider": ", ".join(sorted({r["provider"] for r in called})),
-                    "items": len(item_records), "skipped_items": skipped, "calls": usage.calls,
-                    "prompt_tokens": usage.prompt_tokens, "completion_tokens": usage.completion_tokens,
-                    "latency_s": round(usage.latency_s, 3), "preview": dg.MetadataValue.text(preview(value))}
-        yield dg.AssetMaterialization(asset_key=asset_key(spec, task.name), metadata=metadata)
-        yield dg.Output(value, metadata={"items": len(item_records), "skipped_items": skipped})
-
-    return make_op(spec, f"{task.name}__collect", compute, ins={"records": dg.In(dg.List[dg.Any])},
-                   description=f"Results of {task.name}, in input order.", tags={WORKFLOW_TAG: spec.name})
-
-
-def _collected(item_records: list[dict[str, Any]]) -> Any:
-    outputs = [r["output"] for r in item_records]
-    if not item_records or item_records[0]["row"] is None:
-        return outputs
-    import pandas as pd
-
-    frame = pd.DataFrame([r["row"] for r in item_records])
-    if all(isinstance(o, dict) or o is None for o in outputs) and any(isinstance(o, dict) for o in outputs):
-        for key in dict.fromkeys(k for o in outputs if isinstance(o, dict) for k in o):
-            column = key if key not in frame.columns else f"result_{key}"
-            frame[column] = [o.get(key) if isinstance(o, dict) else None for o in outputs]
-    else:
-        frame["result"] = outputs
-    frame["item_status"] = [r["status"] for r in item_records]
-    return frame
-

@@ -78,6 +78,14 @@ class RetrySpec(_Strict):
     jitter: Literal["full", "plus_minus"] | None = None
 
 
+class LimitsSpec(_Strict):
+    """Caps on all of a run's calls to one model; unset fields fall back to the LLM resource's."""
+
+    max_in_flight: int | None = Field(default=None, ge=1, le=100_000)
+    requests_per_minute: float | None = Field(default=None, gt=0)
+    tokens_per_minute: float | None = Field(default=None, gt=0)
+
+
 class TaskSpec(ModelSettings):
     """One prompt task: one op of the generated job and one asset `[workflow, task]`."""
 
@@ -91,6 +99,11 @@ class TaskSpec(ModelSettings):
     output_schema: dict[str, Any] | None = None
     retries: RetrySpec | None = None
     timeout: float | None = Field(default=None, gt=0.0, le=86_400.0, description="Seconds for the whole task.")
+    shard_size: int | None = Field(
+        default=None, ge=1, le=1_000_000,
+        description="Items per Dagster step of a fan-out (default: one step per item up to 32 items, "
+        "else enough items per step to keep 32 steps).",
+    )
 
     @field_validator("name")
     @classmethod
@@ -99,6 +112,8 @@ class TaskSpec(ModelSettings):
 
     @model_validator(mode="after")
     def _schema_needs_json(self) -> TaskSpec:
+        if self.shard_size is not None and self.for_each is None:
+            raise ValueError("shard_size is set but the task has no for_each; it only applies to fan-outs")
         if self.output_schema is not None and self.output != "json":
             raise ValueError("output_schema is set but output is 'text'; set output: json")
         if self.output_schema is not None:
@@ -171,6 +186,7 @@ class WorkflowSpec(_Strict):
     breadth: int = Field(default=8, ge=1, le=10_000, description="Most items of one fan-out in flight at once.")
     depth: int = Field(default=3, ge=1, le=100, description="Most iterations a loop may run.")
     max_items: int = Field(default=1000, ge=1, le=10_000_000, description="Largest fan-out allowed.")
+    limits: LimitsSpec | None = None
     schedule: ScheduleSpec | None = None
     tags: dict[str, str] = Field(default_factory=dict)
     tasks: list[Step] = Field(min_length=1)

@@ -1,0 +1,71 @@
+"""One asyncio event loop per process, in a daemon thread, that runs every LLM call of that process.
+
+Ops run in threads (the concurrent executor) or processes (multiprocess); their calls all land on
+this loop, so the async client's connection pool, the per-model rate limiters and a fan-out's
+breadth semaphore are shared by every shard of the process. It holds no workflow data: only
+connections and limiters, like a connection pool.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import os
+import threading
+from collections.abc import Callable, Coroutine
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+
+class BackgroundLoop:
+    """An event loop running forever in a daemon thread; `run` submits a coroutine and waits for it."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._serve, name="mp-llm-loop", daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        asyncio.set_event_loop(self.loop)
+        self.loop.run_forever()
+
+    def submit(self, coro: Coroutine[Any, Any, T]) -> concurrent.futures.Future[T]:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop)
+
+    def run(self, coro: Coroutine[Any, Any, T], *, should_stop: Callable[[], bool] | None = None,
+            poll_seconds: float = 1.0) -> T:
+        """Run `coro` on the loop and wait for it; cancel it when `should_stop()` turns true."""
+        future = self.submit(coro)
+        while True:
+            try:
+                return future.result(timeout=poll_seconds if should_stop else None)
+            except concurrent.futures.TimeoutError:
+                if should_stop is not None and should_stop():
+                    future.cancel()
+                    raise concurrent.futures.CancelledError("the run is being terminated") from None
+            except BaseException:
+                future.cancel()  # e.g. KeyboardInterrupt in the waiting thread: do not leave calls running
+                raise
+
+
+_LOOP: BackgroundLoop | None = None
+_LOCK = threading.Lock()
+
+
+def shared_loop() -> BackgroundLoop:
+    """This process's loop, started on first use."""
+    global _LOOP
+    with _LOCK:
+        if _LOOP is None:
+            _LOOP = BackgroundLoop()
+        return _LOOP
+
+
+def _forget_after_fork() -> None:
+    # A forked child inherits the object but not the thread: start a fresh loop on first use.
+    global _LOOP, _LOCK
+    _LOOP, _LOCK = None, threading.Lock()
+
+
+os.register_at_fork(after_in_child=_forget_after_fork)

@@ -1,0 +1,115 @@
+"""A shard: several items of one fan-out run concurrently on the async client, each with its own record.
+
+Item-level retries of a multi-item shard happen here, with the task's `retries` policy (so a shard
+is never re-run whole for one bad item); a one-item shard leaves retries to Dagster's RetryPolicy.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import random
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping
+
+from mp_pipelines.execution.calls import CallScope
+from mp_pipelines.execution.client import LLMError
+from mp_pipelines.execution.prompts import TemplateError, evaluate
+from mp_pipelines.execution.runner import TaskTimeout, arun_task
+from mp_pipelines.execution.usage import Usage
+from mp_pipelines.spec.models import RetrySpec, TaskSpec, WorkflowSpec
+
+MAX_RETRY_DELAY = 3600.0  # seconds
+MAX_STEPS_PER_FANOUT = 32  # default: small fan-outs keep one step per item, larger ones ≤ this many shards
+
+
+def shard_size(task: TaskSpec, items: int) -> int:
+    """Items per Dagster step: the task's `shard_size`, else 1 up to 32 items, else enough for 32 steps."""
+    if task.shard_size is not None:
+        return task.shard_size
+    return 1 if items <= MAX_STEPS_PER_FANOUT else math.ceil(items / MAX_STEPS_PER_FANOUT)
+
+
+@dataclass
+class ItemRecord:
+    """What happened to one item: its result or error, and what it cost."""
+
+    index: int
+    status: str  # success | skipped | failed
+    output: Any = None
+    error: str | None = None
+    error_kind: str | None = None
+    retryable: bool = False
+    attempts: int = 0  # task-level attempts (item retries inside the shard)
+    http_attempts: int = 0
+    usage: Usage = field(default_factory=Usage)
+    model: str | None = None
+    provider: str | None = None
+    row: Any = None  # the input row, for fan-outs over a table
+
+    def as_row(self) -> dict[str, Any]:
+        return {"index": self.index, "status": self.status, "output": self.output, "error": self.error,
+                "error_kind": self.error_kind, "attempts": self.attempts, "http_attempts": self.http_attempts,
+                **self.usage.as_dict(), "model": self.model, "provider": self.provider, "row": self.row}
+
+
+def retry_delay(retries: RetrySpec, attempt: int, rand: Callable[[], float] = random.random) -> float:
+    """Seconds before retry number `attempt` (1-based): Dagster's RetryPolicy formula, capped after jitter."""
+    base = retries.delay
+    delay = {"exponential": (2**attempt - 1) * base, "linear": base * attempt}.get(retries.backoff or "", base)
+    if retries.jitter == "full":
+        delay = rand() * delay
+    elif retries.jitter == "plus_minus":
+        delay = delay + 2 * rand() * base - base
+    return min(max(delay, 0.0), MAX_RETRY_DELAY)
+
+
+async def run_item(llm: Any, spec: WorkflowSpec, task: TaskSpec, base_context: Mapping[str, Any], index: int,
+                   item: Any, *, scope: CallScope, label: str, deadline_of: Callable[[], float | None],
+                   retries: RetrySpec | None, row: Any, log: logging.Logger | Any) -> ItemRecord:
+    """One item: its `when`, then its call with up to `retries.max_retries` retries; never raises for item errors."""
+    context = {**base_context, "item": item, "item_index": index}
+    record = ItemRecord(index=index, status="failed", row=row)
+    try:
+        if task.when is not None and not evaluate(task.when, context):
+            record.status = "skipped"
+            return record
+    except TemplateError as exc:
+        record.error, record.error_kind = f"`when` could not be evaluated: {exc}", "template"
+        return record
+    max_attempts = 1 + (retries.max_retries if retries else 0)
+    for attempt in range(1, max_attempts + 1):
+        record.attempts = attempt
+        try:
+            run = await arun_task(llm, spec, task, context, label=label, scope=scope, deadline=deadline_of())
+        except TemplateError as exc:
+            record.error, record.error_kind, record.retryable = f"template error: {exc}", "template", False
+            return record
+        except (LLMError, TaskTimeout) as exc:
+            kind = exc.kind if isinstance(exc, LLMError) else "timeout"
+            retryable = exc.retryable if isinstance(exc, LLMError) else True
+            record.error, record.error_kind, record.retryable = str(exc), kind, retryable
+            record.http_attempts += getattr(exc, "attempts", 0)
+            if not retryable or attempt == max_attempts or retries is None:
+                return record
+            delay = retry_delay(retries, attempt)
+            log.warning(f"retrying task {label} in {delay:.1f} s after {kind}, attempt {attempt + 1}/{max_attempts}")
+            await asyncio.sleep(delay)
+            continue
+        record.status, record.output, record.error, record.error_kind = "success", run.output, None, None
+        record.http_attempts += run.attempts
+        record.usage, record.model, record.provider = run.usage, run.model, run.provider
+        return record
+    return record
+
+
+async def run_shard(llm: Any, spec: WorkflowSpec, task: TaskSpec, base_context: Mapping[str, Any],
+                    items: list[tuple[int, Any]], *, is_table: bool, scope: CallScope,
+                    deadline_of: Callable[[], float | None], log: Any) -> list[ItemRecord]:
+    """Every item of a shard concurrently (the scope's breadth and limits decide how many calls fly)."""
+    retries = task.retries if len(items) > 1 else None
+    return list(await asyncio.gather(*(
+        run_item(llm, spec, task, base_context, index, item, scope=scope, label=f"{task.name}[{index}]",
+                 deadline_of=deadline_of, retries=retries, row=item if is_table else None, log=log)
+        for index, item in items)))
