@@ -69,9 +69,8 @@ class CallLimiter:
         self.throttled = 0  # 429s seen
         self._paused_until = 0.0
         self._changed = asyncio.Condition()
-        rpm, tpm = settings.requests_per_minute, settings.tokens_per_minute
-        self._requests = AsyncLimiter(rpm, 60) if rpm else None
-        self._tokens = AsyncLimiter(tpm, 60) if tpm else None
+        self._requests = per_minute_bucket(settings.requests_per_minute)
+        self._tokens = per_minute_bucket(settings.tokens_per_minute)
 
     @asynccontextmanager
     async def slot(self, tokens: int = 0) -> AsyncIterator[None]:
@@ -115,6 +114,17 @@ class CallLimiter:
                 self.allowed += 1
                 if self._cap is None and self.allowed > 4 * max(self.peak_in_flight, 1):
                     self.allowed = None  # fully recovered: uncapped again
+
+
+def per_minute_bucket(per_minute: float | None) -> AsyncLimiter | None:
+    """A leaky bucket for a per-minute rate that refills every second or so, so bursts stay small.
+
+    (A 60-second bucket would let a whole minute's budget out at once.)
+    """
+    if not per_minute:
+        return None
+    period = max(1.0, 60.0 / per_minute)  # at least one unit per period
+    return AsyncLimiter(per_minute * period / 60.0, period)
 
 
 async def _wait(condition: asyncio.Condition, seconds: float) -> None:

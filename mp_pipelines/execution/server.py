@@ -109,15 +109,28 @@ def _error_body(status: int, message: str | None = None) -> dict[str, Any]:
     }
 
 
+@dataclass
+class InFlight:
+    """Chat requests being answered now, and the most at once since the last reset."""
+
+    current: int = 0
+    peak: int = 0
+
+    def reset(self) -> None:
+        self.peak = self.current
+
+
 def build_app(
     model: SimulatedModel,
     faults: FaultScript | None = None,
     requests: list[ReceivedRequest] | None = None,
     api_key: str | None = None,
+    in_flight: InFlight | None = None,
 ) -> Starlette:
     """A Starlette app serving /v1/chat/completions and /v1/models from `model`, `faults` first."""
     script = faults if faults is not None else FaultScript()
     received = requests if requests is not None else []
+    flying = in_flight if in_flight is not None else InFlight()
 
     async def answer(request: Request) -> Response:
         raw = await request.body()
@@ -141,12 +154,16 @@ def build_app(
         return JSONResponse(payload, status_code=status, headers={**answer_headers, **extra})
 
     async def chat(request: Request) -> Response:
+        flying.current += 1  # one event loop: no lock needed
+        flying.peak = max(flying.peak, flying.current)
         try:
             return await answer(request)
         except (ClientDisconnect, asyncio.CancelledError):
             # The client gave up (its timeout) or the server is stopping: nobody waits for this answer, and
             # uvicorn would log the exception as an application error.
             return Response(status_code=499)
+        finally:
+            flying.current -= 1
 
     async def models(request: Request) -> JSONResponse:
         return JSONResponse(model.models())
@@ -166,11 +183,13 @@ class RunningServer:
     model: SimulatedModel
     faults: FaultScript
     requests: list[ReceivedRequest]
+    in_flight: InFlight = field(default_factory=InFlight)
 
     def reset(self) -> None:
-        """Forget queued faults and received requests (between tests)."""
+        """Forget queued faults, received requests and the in-flight peak (between tests)."""
         self.faults.clear()
         self.requests.clear()
+        self.in_flight.reset()
 
 
 def _config(app: Starlette, **kwargs: Any) -> uvicorn.Config:
@@ -189,11 +208,12 @@ def run_server(
     model = model if model is not None else SimulatedModel()
     faults = faults if faults is not None else FaultScript()
     received: list[ReceivedRequest] = []
+    in_flight = InFlight()
     sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((host, port))  # bound here so the port is known before uvicorn starts
     bound_port = sock.getsockname()[1]
-    server = uvicorn.Server(_config(build_app(model, faults, received, api_key)))
+    server = uvicorn.Server(_config(build_app(model, faults, received, api_key, in_flight)))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="mp-llm-server", daemon=True)
     thread.start()
     deadline = time.monotonic() + 10.0
@@ -205,7 +225,7 @@ def run_server(
         time.sleep(0.002)
     bound_host = f"[{host}]" if ":" in host else host
     try:
-        yield RunningServer(f"http://{bound_host}:{bound_port}/v1", model, faults, received)
+        yield RunningServer(f"http://{bound_host}:{bound_port}/v1", model, faults, received, in_flight)
     finally:
         server.force_exit = True  # do not wait for requests still sleeping on a scripted delay
         server.should_exit = True
