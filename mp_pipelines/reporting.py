@@ -126,7 +126,7 @@ def run_usage(states: dict[str, StepState]) -> Usage:
     return sum((s.usage for s in states.values()), Usage())
 
 
-def task_output(result: dg.ExecuteJobResult, spec: WorkflowSpec, name: str) -> Any:
+def task_output(result: dg.ExecuteJobResult, spec: WorkflowSpec, name: str, states: dict[str, StepState]) -> Any:
     """A finished task's output as JSON-ready data; fan-outs give item results in input order."""
     step = next((s for s in spec.tasks if s.name == name), None)
     if step is None:  # a loop body task: its latest output is in the loop's result
@@ -135,6 +135,8 @@ def task_output(result: dg.ExecuteJobResult, spec: WorkflowSpec, name: str) -> A
     if isinstance(step, TaskSpec) and step.for_each:
         from mp_pipelines.factory.fanout import collected_records
 
+        if not any(key.startswith(f"{name}[") for key in states):
+            return []  # an empty fan-out ran no item step
         return list(collected_records(list(result.output_for_node(name).values()))["output"])
     value = result.output_for_node(name)
     return records(value) if hasattr(value, "columns") else value

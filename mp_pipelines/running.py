@@ -114,7 +114,7 @@ def summarize(result: dg.ExecuteJobResult, spec: WorkflowSpec, instance: dg.Dags
         task["output"] = None
         if task["status"] == "success":
             try:
-                task["output"] = task_output(result, spec, name)
+                task["output"] = task_output(result, spec, name, states)
             except Exception as exc:  # an output the IO manager cannot load is reported, not fatal
                 task["output"] = None
                 task["error"] = f"output could not be loaded: {exc}"

@@ -179,3 +179,21 @@ def test_fan_out_over_a_non_list_fails_clearly(openai_env: RunningServer, instan
     outcome = run_file(path, {}, instance)
     assert not outcome.success
     assert "needs a list, but it is a dict" in outcome.tasks["expand"]["error"]
+
+
+def test_an_empty_fan_out_gives_an_empty_list_downstream(instance: dg.DagsterInstance, tmp_path: Path) -> None:
+    path = write_workflow(tmp_path, """
+        name: empty_fanout
+        inputs:
+          words: {type: list, default: []}
+        tasks:
+          - name: echo
+            for_each: inputs.words
+            prompt: "Echo {{ item }}"
+          - name: summary
+            prompt: "Summarize {{ echo | length }} echoes"
+    """)
+    outcome = run_file(path, {}, instance)
+    assert outcome.success, outcome.as_text()
+    assert outcome.tasks["echo"] == {**outcome.tasks["echo"], "status": "success", "output": []}
+    assert "Summarize 0 echoes" in outcome.tasks["summary"]["output"]

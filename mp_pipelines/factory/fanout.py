@@ -153,7 +153,9 @@ def build_collect_op(spec: WorkflowSpec, task: TaskSpec) -> Node:
 
 
 def collected_records(frames: list[pd.DataFrame]) -> pd.DataFrame:
-    """All shards' item records, ordered by input index."""
+    """All shards' item records, ordered by input index (an empty fan-out gives no rows, same columns)."""
+    if not frames:
+        return pd.DataFrame(columns=list(ItemRecord(index=0, status="").as_row()))
     return pd.concat(frames, ignore_index=True).sort_values("index", kind="stable").reset_index(drop=True)
 
 

@@ -1,0 +1,217 @@
+"""Fan-out benchmark: N prompts at latency L and concurrency C, four ways, side by side in one run.
+
+  (a) floor: asyncio.gather over openai.AsyncOpenAI with a semaphore of C
+  (b) the generated Dagster job: its default (concurrent) executor, sharded fan-out, breadth C
+  (c) one op per item on Dagster's multiprocess executor (capped at --cap items, extrapolated)
+  (d) one op per item on Dagster's in-process executor (capped likewise)
+
+Every variant runs in its own child process against one loopback OpenAI-compatible server (the
+simulated model, `mp-pipelines serve-model`) in another process, so peak RSS is per variant.
+
+    python benchmarks/fanout.py --n 1000 --latency 0.5 --concurrency 100 --storage sqlite
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import math
+import os
+import resource
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+VARIANTS = ("a", "b", "c", "d")
+NAMES = {"a": "floor: asyncio.gather + AsyncOpenAI", "b": "dagster job: concurrent executor, shards",
+         "c": "one op per item, multiprocess", "d": "one op per item, in-process"}
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def start_server(latency: float) -> tuple[subprocess.Popen, str]:
+    """The simulated model over HTTP in its own process; returns it and its base URL."""
+    port = free_port()
+    server = subprocess.Popen([sys.executable, "-m", "mp_pipelines.cli", "serve-model", "--port", str(port),
+                               "--latency", str(latency)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}/v1"
+    for _ in range(200):
+        try:
+            urllib.request.urlopen(f"{url}/models", timeout=1).read()
+            return server, url
+        except OSError:
+            time.sleep(0.05)
+    server.kill()
+    raise RuntimeError(f"the simulated model server on port {port} did not start")
+
+
+# ---- variants (each runs in a child process: `fanout.py --variant X ...`) ----
+
+async def _floor(n: int, concurrency: int, base_url: str) -> None:
+    import openai
+
+    client = openai.AsyncOpenAI(api_key="bench", base_url=base_url, max_retries=2)
+    semaphore = asyncio.Semaphore(concurrency)
+
+    async def one(i: int) -> str:
+        async with semaphore:
+            answer = await client.chat.completions.create(model="gpt-4o-mini",
+                                                          messages=[{"role": "user", "content": f"Echo item {i}"}])
+            return answer.choices[0].message.content or ""
+
+    results = await asyncio.gather(*(one(i) for i in range(n)))
+    assert len(results) == n
+    await client.close()
+
+
+def workflow_yaml(n: int, concurrency: int, per_item: bool) -> str:
+    shard = "\n    shard_size: 1" if per_item else ""
+    return (f"name: bench_fanout\nbreadth: {concurrency}\nmax_items: {max(n, 1)}\n"
+            f"inputs:\n  items: {{type: list}}\n"
+            f"tasks:\n  - name: echo\n    for_each: inputs.items\n    prompt: \"Echo {{{{ item }}}}\"{shard}\n")
+
+
+def instance_for(storage: str, home: Path, dbname: str | None):
+    import dagster as dg
+
+    overrides: dict = {"telemetry": {"enabled": False}}
+    if storage == "postgres":
+        from mp_pipelines_tests.postgres import postgres_storage_config
+
+        overrides["storage"] = postgres_storage_config(dbname)
+    return dg.DagsterInstance.local_temp(str(home), overrides=overrides)
+
+
+def _dagster(variant: str, n: int, concurrency: int, storage: str, dbname: str | None) -> int:
+    """Run the generated job; returns the number of Dagster steps it ran."""
+    import dagster as dg
+
+    from mp_pipelines.running import run_config
+
+    with tempfile.TemporaryDirectory() as tmp:
+        spec_path = Path(tmp) / "bench_fanout.yaml"
+        spec_path.write_text(workflow_yaml(n, concurrency, per_item=variant != "b"))
+        home = Path(tmp) / "home"
+        home.mkdir()
+        executor = {"b": None, "c": "multiprocess", "d": "in_process"}[variant]
+        config = run_config({"items": [f"item {i}" for i in range(n)]}, executor)
+        if variant == "c":
+            config["execution"] = {"config": {"multiprocess": {"max_concurrent": concurrency}}}
+        job = dg.build_reconstructable_job("mp_pipelines.definitions", "get_job",
+                                           reconstructable_args=("bench_fanout", str(spec_path)))
+        with instance_for(storage, home, dbname) as instance:
+            with dg.execute_job(job, instance=instance, run_config=config) as result:
+                if not result.success:
+                    raise SystemExit(f"variant {variant}: the run failed")
+                return len({e.step_key for e in result.all_events if e.event_type_value == "STEP_START"})
+
+
+def child(args: argparse.Namespace) -> None:
+    """Run one variant and print its measurements as JSON."""
+    os.environ["OPENAI_BASE_URL"] = args.base_url
+    os.environ["OPENAI_API_KEY"] = "bench"
+    started = time.perf_counter()
+    steps = 0
+    if args.variant == "a":
+        asyncio.run(_floor(args.n, args.concurrency, args.base_url))
+    else:
+        steps = _dagster(args.variant, args.n, args.concurrency, args.storage, args.dbname)
+    wall = time.perf_counter() - started
+    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    print(json.dumps({"wall": wall, "rss_kib": max(own, children), "steps": steps}))
+
+
+def run_variant(variant: str, n: int, args: argparse.Namespace, base_url: str, dbname: str | None) -> dict:
+    command = [sys.executable, __file__, "--variant", variant, "--n", str(n), "--concurrency", str(args.concurrency),
+               "--latency", str(args.latency), "--storage", args.storage, "--base-url", base_url]
+    if dbname:
+        command += ["--dbname", dbname]
+    completed = subprocess.run(command, capture_output=True, text=True, timeout=3600,
+                               cwd=Path(__file__).resolve().parents[1])
+    if completed.returncode != 0:
+        raise SystemExit(f"variant {variant} failed:\n{completed.stderr[-3000:]}")
+    return json.loads(completed.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--n", type=int, default=1000, help="prompts")
+    parser.add_argument("--latency", type=float, default=0.5, help="seconds per answer")
+    parser.add_argument("--concurrency", type=int, default=100, help="calls in flight (C)")
+    parser.add_argument("--storage", choices=("sqlite", "postgres"), default="sqlite")
+    parser.add_argument("--cap", type=int, default=60, help="items for variants c and d (extrapolated to N)")
+    parser.add_argument("--variants", default="abcd", help="which variants to run, e.g. ab")
+    parser.add_argument("--variant", choices=VARIANTS, help=argparse.SUPPRESS)
+    parser.add_argument("--base-url", help=argparse.SUPPRESS)
+    parser.add_argument("--dbname", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.variant:
+        child(args)
+        return
+
+    server, base_url = start_server(args.latency)
+    ideal = math.ceil(args.n / args.concurrency) * args.latency
+    rows = []
+    try:
+        for variant in args.variants:
+            n = args.n if variant in "ab" else min(args.n, args.cap)
+            dbname_cm = _database(args.storage)
+            with dbname_cm as dbname:
+                measured = run_variant(variant, n, args, base_url, dbname)
+            wall = measured["wall"]
+            if n < args.n:  # extrapolate linearly in the number of items (say so in the table)
+                wall = wall * args.n / n
+            rows.append((variant, n, wall, measured))
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
+
+    floor = next((wall for v, _, wall, _ in rows if v == "a"), None)
+    print(f"N={args.n} latency={args.latency}s concurrency={args.concurrency} storage={args.storage} "
+          f"ideal=ceil(N/C)*L={ideal:.2f}s cores={os.cpu_count()}")
+    print(f"{'variant':<44} {'items run':>9} {'wall s':>8} {'/floor':>7} {'/ideal':>7} {'peak RSS MiB':>12} {'steps':>6}")
+    for variant, n, wall, measured in rows:
+        note = " (extrapolated)" if n < args.n else ""
+        ratio = f"{wall / floor:7.2f}" if floor else "      -"
+        print(f"{variant}) {NAMES[variant] + note:<41} {n:>9} {wall:8.2f} {ratio} {wall / ideal:7.2f} "
+              f"{measured['rss_kib'] / 1024:12.0f} {measured['steps']:>6}")
+    job = next((wall for v, _, wall, _ in rows if v == "b"), None)
+    if floor and job:
+        for variant, _, wall, _ in rows:
+            if variant in "cd":
+                print(f"b_faster_than_{variant}={wall / job:.1f}x")
+        print(f"ratio_to_floor={job / floor:.2f}")
+
+
+class _database:
+    """A throw-away PostgreSQL database for one variant (nothing for SQLite)."""
+
+    def __init__(self, storage: str) -> None:
+        self._storage, self._cm = storage, None
+
+    def __enter__(self) -> str | None:
+        if self._storage != "postgres":
+            return None
+        sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+        from mp_pipelines_tests.postgres import temporary_database
+
+        self._cm = temporary_database()
+        return self._cm.__enter__()
+
+    def __exit__(self, *exc: object) -> None:
+        if self._cm is not None:
+            self._cm.__exit__(*exc)
+
+
+if __name__ == "__main__":
+    main()
