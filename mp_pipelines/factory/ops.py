@@ -1,4 +1,4 @@
-"""Ops for prompt tasks: one small builder per construct (inputs, task, fan-out items, mapped item, collect)."""
+"""Ops for prompt tasks: the inputs op, plain task ops, and the helpers every op builder shares."""
 
 
 import time
