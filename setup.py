@@ -13,6 +13,7 @@ setup(
         "dagster==1.13.27",
         "dagster-webserver==1.13.27",
         "dagster-postgres==0.29.27",
+        "dagster-graphql==1.13.27",  # `mp-pipelines launch/status/cancel/reload` (DagsterGraphQLClient)
         # SQLAlchemy 2.1 maps postgresql:// to psycopg 3, which breaks dagster-postgres 0.29.27.
         "sqlalchemy>=2.0,<2.1",
         "openai>=1.40",
@@ -29,7 +30,8 @@ setup(
         "uvicorn>=0.29",
     ],
     extras_require={
-        "dev": ["pytest>=8", "pytest-timeout>=2.3", "ruff>=0.5"],
+        # playwright drives the Debian chromium package (never `playwright install`): test_ui_browser.py
+        "dev": ["pytest>=8", "pytest-timeout>=2.3", "ruff>=0.5", "playwright>=1.45"],
     },
     entry_points={"console_scripts": ["mp-pipelines=mp_pipelines.cli:main"]},
 )

@@ -9,6 +9,7 @@ from typing import Any
 
 import click
 
+from mp_pipelines.remote import register_remote_commands
 from mp_pipelines.spec.loader import LoadResult, WorkflowValidationError, load_workflow_file, load_workflows
 from mp_pipelines.spec.models import WorkflowSpec
 
@@ -157,6 +158,8 @@ def serve_model(host: str, port: int, latency: float, failure_rate: float) -> No
     _echo_err(f"simulated OpenAI-compatible endpoint on http://{host}:{port}/v1 (Ctrl-C to stop)")
     serve(host, port, latency, failure_rate)
 
+
+register_remote_commands(main)  # launch, status, cancel, reload: runs on a Dagster webserver over GraphQL
 
 if __name__ == "__main__":
     main()

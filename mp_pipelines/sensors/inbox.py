@@ -1,0 +1,296 @@
+"""Inbox sensors: each new CSV/JSONL/Parquet file in `MP_INBOX_DIR/<workflow>/` starts one run.
+
+The run key is the file's SHA-256, so a file is processed once whatever its name, even after a
+restart: identical content under a new name is a duplicate, and Dagster itself drops a run request
+whose key a run of this sensor already has. Every file becomes a dynamic partition of the workflow.
+
+The cursor remembers each present file's size and mtime and what was decided about it, so a file
+is read only when it changed, and a malformed or unreadable one is reported once and not retried
+until it changes. A file modified within the last `MP_INBOX_SETTLE_SECONDS` (or named like a
+temporary or partial download) may still be being written: it waits for a later tick.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import dagster as dg
+
+from mp_pipelines.sensors.partitions import (
+    inbox_folder,
+    inbox_input,
+    inbox_partitions_def,
+    inbox_run_config,
+    partitions_name,
+)
+from mp_pipelines.spec.models import WorkflowSpec
+
+INBOX_SUFFIXES = (".csv", ".jsonl", ".ndjson", ".parquet", ".pq")
+# Names that writers use while a file is incomplete; such files are left alone until renamed.
+PARTIAL_SUFFIXES = (".tmp", ".part", ".partial", ".crdownload", ".download", ".swp", "~")
+SETTLE_ENV = "MP_INBOX_SETTLE_SECONDS"
+INTERVAL_ENV = "MP_INBOX_INTERVAL_SECONDS"
+DEFAULT_SETTLE_SECONDS = 5.0
+DEFAULT_INTERVAL_SECONDS = 30
+FILE_TAG = "mp_pipelines/inbox_file"
+SHA256_TAG = "mp_pipelines/inbox_sha256"
+# Tags the sensor daemon puts on the runs it launches (stable names of Dagster's system tags).
+RUN_KEY_TAG = "dagster/run_key"
+SENSOR_NAME_TAG = "dagster/sensor_name"
+_CURSOR_VERSION = 1
+
+
+@dataclass(frozen=True)
+class FileState:
+    """What the sensor decided about one file, at one size and mtime."""
+
+    signature: str  # "<size>:<mtime_ns>"; a change means the file changed
+    outcome: str  # "submitted", "duplicate" or "skipped"
+    sha256: str | None = None
+    reason: str = ""
+
+    def as_json(self) -> dict[str, Any]:
+        return {"sig": self.signature, "outcome": self.outcome, "sha256": self.sha256, "reason": self.reason}
+
+
+@dataclass
+class Batch:
+    """A new file to run: its name (the partition key), absolute path and content hash (the run key)."""
+
+    name: str
+    path: Path
+    sha256: str
+
+
+@dataclass
+class InboxScan:
+    """The outcome of one look at the inbox folder."""
+
+    batches: list[Batch] = field(default_factory=list)
+    messages: list[tuple[str, str]] = field(default_factory=list)  # (level, text) for the sensor log
+    files: dict[str, FileState] = field(default_factory=dict)  # the next cursor's file states
+
+    def log(self, level: str, text: str) -> None:
+        self.messages.append((level, text))
+
+
+def parse_cursor(cursor: str | None) -> dict[str, FileState]:
+    """File states from a cursor; an unreadable or older cursor starts afresh (run keys still prevent re-runs)."""
+    if not cursor:
+        return {}
+    try:
+        data = json.loads(cursor)
+        if data.get("v") != _CURSOR_VERSION:
+            return {}
+        return {name: FileState(s["sig"], s["outcome"], s.get("sha256"), s.get("reason", ""))
+                for name, s in data["files"].items()}
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return {}
+
+
+def dump_cursor(files: Mapping[str, FileState]) -> str:
+    return json.dumps({"v": _CURSOR_VERSION, "files": {n: s.as_json() for n, s in sorted(files.items())}},
+                      separators=(",", ":"))
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _signature(stat: os.stat_result) -> str:
+    return f"{stat.st_size}:{stat.st_mtime_ns}"
+
+
+# Substrings Dagster rejects in partition keys (dagster 1.13's INVALID_PARTITION_SUBSTRINGS).
+_INVALID_KEY_SUBSTRINGS = ("...", "\a", "\b", "\f", "\n", "\r", "\t", "\v", "\0")
+
+
+def _partition_key_problem(name: str) -> str | None:
+    bad = [s for s in _INVALID_KEY_SUBSTRINGS if s in name]
+    return f"its name contains {bad[0]!r}, which Dagster partition keys may not contain; rename it" if bad else None
+
+
+def scan_inbox(
+    folder: Path,
+    previous: Mapping[str, FileState],
+    *,
+    check_table: Callable[[Path], str | None],
+    processed_by: Callable[[str], str | None] = lambda digest: None,
+    settle_seconds: float = DEFAULT_SETTLE_SECONDS,
+    now: float | None = None,
+) -> InboxScan:
+    """Decide what to do with every file in `folder`.
+
+    `check_table(path)` returns why a file cannot be used (None when it can); `processed_by(sha256)`
+    names the run that already processed that content (None when none did).
+    """
+    now = time.time() if now is None else now
+    scan = InboxScan()
+    known = {state.sha256: name for name, state in previous.items()
+             if state.sha256 and state.outcome in ("submitted", "duplicate")}
+    for entry in sorted(folder.iterdir(), key=lambda p: p.name):
+        name = entry.name
+        if name.startswith(".") or name.lower().endswith(PARTIAL_SUFFIXES):
+            continue  # hidden or still being written under a temporary name: not ours yet
+        earlier = previous.get(name)
+        try:
+            stat = entry.stat()
+        except OSError as exc:  # a dangling symlink, a file removed while listing, no permission
+            stat, signature, error = None, f"unstatable:{type(exc).__name__}", exc
+        else:
+            signature = _signature(stat)
+        if earlier is not None and earlier.signature == signature:
+            scan.files[name] = earlier  # decided before and unchanged since: nothing to do
+            continue
+        if stat is None:
+            _skip(scan, name, signature, f"cannot read it: {error.strerror or error}")
+            continue
+        if not entry.is_file():
+            _skip(scan, name, signature, "it is not a regular file")
+            continue
+        if entry.suffix.lower() not in INBOX_SUFFIXES:
+            _skip(scan, name, signature,
+                  f"it is not a {', '.join(INBOX_SUFFIXES)} file (other files in the inbox are ignored)")
+            continue
+        age = now - stat.st_mtime
+        if age < settle_seconds:
+            scan.log("info", f"{name}: modified {max(age, 0):.1f} s ago, may still be being written; "
+                             f"waiting until it is {settle_seconds:g} s old")
+            continue
+        problem = _partition_key_problem(name)
+        try:
+            digest = file_sha256(entry)
+            problem = problem or check_table(entry)
+            after = entry.stat()
+        except OSError as exc:
+            _skip(scan, name, signature, f"cannot read it: {exc.strerror or exc}")
+            continue
+        if _signature(after) != signature:
+            scan.log("info", f"{name}: changed while being read, may still be being written; waiting")
+            continue
+        if problem:
+            _skip(scan, name, signature, problem, digest)
+            continue
+        first = known.get(digest) or processed_by(digest)
+        if first is not None:
+            scan.files[name] = FileState(signature, "duplicate", digest, f"same content as {first}")
+            scan.log("info", f"{name}: skipped, same content as {first} (sha256 {digest[:12]}…); "
+                             "each content is processed once")
+            continue
+        known[digest] = name
+        scan.files[name] = FileState(signature, "submitted", digest)
+        scan.batches.append(Batch(name, entry.resolve(), digest))
+    return scan
+
+
+def _skip(scan: InboxScan, name: str, signature: str, reason: str,
+          digest: str | None = None) -> None:
+    scan.files[name] = FileState(signature, "skipped", digest, reason)
+    scan.log("warning", f"{name}: skipped, {reason}; it is not retried until it changes")
+
+
+def table_checker(spec: WorkflowSpec, input_name: str) -> Callable[[Path], str | None]:
+    """Why a file is no good as the workflow's table input (malformed, empty, too long), or None."""
+    from mp_pipelines.spec.inputs import load_table
+
+    def check(path: Path) -> str | None:
+        try:
+            frame = load_table(path, name=input_name, max_rows=spec.max_items)
+        except ValueError as exc:
+            return f"malformed: {exc}"
+        if len(frame) == 0:
+            return f"malformed: {path.name} has no rows"
+        return None
+
+    return check
+
+
+def settle_seconds() -> float:
+    value = os.environ.get(SETTLE_ENV)
+    try:
+        return float(value) if value else DEFAULT_SETTLE_SECONDS
+    except ValueError:
+        raise ValueError(f"{SETTLE_ENV}={value!r} is not a number of seconds") from None
+
+
+def interval_seconds() -> int:
+    value = os.environ.get(INTERVAL_ENV)
+    try:
+        return int(value) if value else DEFAULT_INTERVAL_SECONDS
+    except ValueError:
+        raise ValueError(f"{INTERVAL_ENV}={value!r} is not a whole number of seconds") from None
+
+
+def inbox_sensor_name(spec: WorkflowSpec) -> str:
+    return f"{spec.name}_inbox_sensor"
+
+
+def build_inbox_sensor(spec: WorkflowSpec) -> dg.SensorDefinition | None:
+    """The sensor `<workflow>_inbox_sensor` for a workflow with one table input, else None.
+
+    Running by default when MP_INBOX_DIR is set, stopped (switch it on in the UI) otherwise.
+    """
+    input_name = inbox_input(spec)
+    partitions_def = inbox_partitions_def(spec)
+    if input_name is None or partitions_def is None:
+        return None
+    name = inbox_sensor_name(spec)
+    check = table_checker(spec, input_name)
+    status = dg.DefaultSensorStatus.RUNNING if os.environ.get("MP_INBOX_DIR") else dg.DefaultSensorStatus.STOPPED
+
+    def evaluate(context: dg.SensorEvaluationContext) -> dg.SensorResult | dg.SkipReason:
+        folder = inbox_folder(spec.name)
+        if not folder.is_dir():
+            return dg.SkipReason(f"inbox folder {folder} does not exist; create it (or set MP_INBOX_DIR) "
+                                 f"and put CSV/JSONL/Parquet files for {spec.name} in it")
+
+        def processed_by(digest: str) -> str | None:
+            runs = context.instance.get_runs(filters=dg.RunsFilter(tags={RUN_KEY_TAG: digest,
+                                                                          SENSOR_NAME_TAG: name}), limit=1)
+            if not runs:
+                return None
+            return f"{runs[0].tags.get(FILE_TAG, 'a file')} (run {runs[0].run_id})"
+
+        scan = scan_inbox(folder, parse_cursor(context.cursor), check_table=check, processed_by=processed_by,
+                          settle_seconds=settle_seconds())
+        for level, text in scan.messages:
+            getattr(context.log, level)(f"{spec.name} inbox: {text}")
+        new_keys = [b.name for b in scan.batches
+                    if not context.instance.has_dynamic_partition(partitions_name(spec), b.name)]
+        requests = [
+            dg.RunRequest(run_key=batch.sha256, partition_key=batch.name,
+                          run_config=inbox_run_config(spec, batch.path),
+                          tags={FILE_TAG: batch.name, SHA256_TAG: batch.sha256})
+            for batch in scan.batches
+        ]
+        for batch in scan.batches:
+            context.log.info(f"{spec.name} inbox: {batch.name}: starting a run (partition {batch.name!r}, "
+                             f"sha256 {batch.sha256[:12]}…)")
+        skipped = sum(state.outcome == "skipped" for state in scan.files.values())
+        return dg.SensorResult(
+            run_requests=requests or None,
+            dynamic_partitions_requests=[partitions_def.build_add_request(new_keys)] if new_keys else None,
+            cursor=dump_cursor(scan.files),
+            skip_reason=None if requests else f"no new files in {folder} ({skipped} skipped, see the sensor log)",
+        )
+
+    return dg.SensorDefinition(
+        name=name,
+        evaluation_fn=evaluate,
+        job_name=spec.name,
+        minimum_interval_seconds=interval_seconds(),
+        default_status=status,
+        description=(f"Starts {spec.name} once per new CSV/JSONL/Parquet file in MP_INBOX_DIR/{spec.name}/ "
+                     f"(input `{input_name}`); each file is a partition, its SHA-256 the run key."),
+    )
