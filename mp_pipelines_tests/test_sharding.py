@@ -11,6 +11,7 @@ from mp_pipelines.execution.server import RunningServer
 from mp_pipelines.execution.shards import MAX_STEPS_PER_FANOUT, retry_delay, shard_size
 from mp_pipelines.execution.simulated import SimulatedModel
 from mp_pipelines.reporting import step_states
+from mp_pipelines.running import run_config
 from mp_pipelines.spec.models import RetrySpec, TaskSpec
 from mp_pipelines_tests.workflow_helpers import materializations, run_file, write_workflow
 
@@ -65,8 +66,6 @@ def test_shard_output_is_a_dataframe_of_item_records(instance: dg.DagsterInstanc
     path = write_workflow(tmp_path, fan_out("records", 6, shard=3))
     job = dg.build_reconstructable_job("mp_pipelines.definitions", "get_job",
                                        reconstructable_args=("records", str(path)))
-    from mp_pipelines.running import run_config
-
     with dg.execute_job(job, instance=instance, run_config=run_config({}, "in_process")) as result:
         assert result.success
         shards = result.output_for_node("echo")
@@ -105,11 +104,15 @@ def test_breadth_holds_across_shards_in_separate_processes(llm_server_factory, m
                                                            instance: dg.DagsterInstance, tmp_path: Path) -> None:
     server = llm_server_factory(model=SimulatedModel(latency=0.3))
     monkeypatch.setenv("OPENAI_BASE_URL", server.base_url)
-    outcome = run_file(write_workflow(tmp_path, fan_out("spread", 12, breadth=4, shard=3)), {}, instance,
-                       executor="multiprocess")
-    assert outcome.success, outcome.as_text()
+    path = write_workflow(tmp_path, fan_out("spread", 12, breadth=4, shard=3))
+    job = dg.build_reconstructable_job("mp_pipelines.definitions", "get_job", reconstructable_args=("spread", str(path)))
+    config = run_config({}, None)
+    # spawn, not forkserver: a forkserver started by an earlier test keeps that test's environment
+    config["execution"] = {"config": {"multiprocess": {"start_method": "spawn"}}}
+    with dg.execute_job(job, instance=instance, run_config=config) as result:
+        assert result.success
     assert 1 <= server.in_flight.peak <= 4
-    assert len(outcome.tasks["echo"]["output"]) == 12
+    assert len(server.requests) == 12
 
 
 def test_failed_items_are_recorded_and_fail_the_shard(openai_env: RunningServer, instance: dg.DagsterInstance,
