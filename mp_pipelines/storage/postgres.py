@@ -1,0 +1,459 @@
+"""dagster-postgres storages with pooled connections.
+
+Written against **dagster-postgres 0.29.27** (dagster 1.13.27, SQLAlchemy 2.0.x). Re-read this module
+when either is upgraded: it is, with `execution/executor.py`, the only place allowed to lean on
+Dagster / dagster-postgres internals.
+
+Why: every dagster-postgres storage builds its SQLAlchemy engine with `NullPool`, so each read or
+write (`create_pg_connection(self._engine)`) opens a new PostgreSQL connection (TCP/socket, backend
+fork, auth) and closes it afterwards. A mapped step writes about 9-13 events, each on its own connection.
+These classes keep dagster-postgres' behaviour, SQL and schema handling and change one thing: the
+engine behind `_connect()` / `connect()` is a `QueuePool` engine, shared by the run, event log and
+schedule storages of one process that point at the same database with the same pool settings.
+
+Internal surface used (keep it this small):
+
+* the `_engine` attribute of `PostgresEventLogStorage`, `PostgresRunStorage` and
+  `PostgresScheduleStorage`: every connection they open comes from it. It is replaced after
+  `__init__`, exactly as their own `optimize_for_webserver` does for the webserver.
+* their `__init__(postgres_url, should_autocreate_tables, inst_data, token_provider)` signature; with
+  `should_autocreate_tables=False` it opens no connection.
+* the table names each stock `__init__` checks before creating or migrating its schema
+  (`_SCHEMA_MISSING` below); when one is missing, the stock class itself is instantiated once to create
+  the schema, so table creation, stamping and data migrations stay dagster-postgres' own code.
+* `PostgresEventLogStorage.has_table` / `has_secondary_index` (with `ASSET_KEY_INDEX_COLS`): the two
+  lookups dagster-postgres makes on a second connection while holding one (writing an asset event);
+  answered at construction and cached, so that writes do not hold one pooled connection while waiting
+  for another (a pool of 1 runs the tests' jobs; many step threads cannot deadlock a full pool).
+* `dagster_postgres.utils`: `create_pg_engine`, `pg_url_from_config`,
+  `get_token_provider_from_config`, `retry_pg_connection_fn`, `set_pg_statement_timeout`;
+  `dagster._core.storage.config.pg_config` (the config schema we extend);
+  `dagster._serdes.ConfigurableClass(Data)` and `dagster._core.storage.base_storage.DagsterStorage`.
+
+Process safety: a pooled connection must never be used by two processes. Dagster's multiprocess executor
+spawns (or forkservers) its step processes, and those rebuild the instance, hence new engines; for plain
+`os.fork` (the `fork` start method, a forking run launcher, user code) every live pooled engine is
+disposed in the child with `engine.dispose(close=False)` (SQLAlchemy's recommended pattern: the
+child drops the inherited pool without closing the parent's sockets), and a checkout-time pid check
+refuses any connection that was opened in another process (before the optional pre-ping, so that not
+even a ping crosses processes). Engines are thread-safe: the polling event watcher threads and a
+threaded executor's step threads share the pool.
+
+Event watching: dagster-postgres 0.29.27 watches runs with `SqlPollingEventWatcher` (threads that
+poll `get_records_for_run`, here through the pool) and still sends `NOTIFY run_events, '<run>_<id>'`
+after every stored event for version skew with older LISTEN-based watchers; both are inherited
+unchanged.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import weakref
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Any
+
+import sqlalchemy as db
+from dagster import BoolSource, Field, IntSource
+from dagster._config.config_schema import UserConfigSchema
+from dagster._core.storage.base_storage import DagsterStorage
+from dagster._core.storage.config import pg_config
+from dagster._core.storage.event_log.migration import ASSET_KEY_INDEX_COLS
+from dagster._serdes import ConfigurableClass, ConfigurableClassData
+from dagster_postgres import (
+    PostgresEventLogStorage,
+    PostgresRunStorage,
+    PostgresScheduleStorage,
+)
+from dagster_postgres.utils import (
+    create_pg_engine,
+    get_token_provider_from_config,
+    pg_url_from_config,
+    retry_pg_connection_fn,
+    set_pg_statement_timeout,
+)
+from sqlalchemy import event, exc
+
+if TYPE_CHECKING:
+    from dagster_postgres.auth import PgTokenProvider
+
+WRITTEN_AGAINST = {"dagster": "1.13.27", "dagster-postgres": "0.29.27"}
+
+
+# --------------------------------------------------------------------------------------------------
+# Pool settings and the per-process engine registry
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PoolSettings:
+    """SQLAlchemy `QueuePool` settings (see `create_engine`); `pool_recycle=-1` never recycles."""
+
+    pool_size: int = 5
+    max_overflow: int = 10
+    pool_recycle: int = 3600
+    pool_timeout: int = 30
+    pool_pre_ping: bool = True
+
+    def __post_init__(self) -> None:
+        if self.pool_size < 1:
+            raise ValueError(f"pool_size must be at least 1, got {self.pool_size}")
+        if self.max_overflow < -1:
+            raise ValueError(f"max_overflow must be -1 (unlimited) or more, got {self.max_overflow}")
+        if self.pool_timeout < 0:
+            raise ValueError(f"pool_timeout must not be negative, got {self.pool_timeout}")
+
+    @classmethod
+    def from_config(cls, config_value: Mapping[str, Any]) -> PoolSettings:
+        defaults = cls()
+        return cls(**{name: config_value.get(name, getattr(defaults, name)) for name in POOL_CONFIG_KEYS})
+
+    def engine_kwargs(self) -> dict[str, Any]:
+        # pool_pre_ping is done by our checkout listener, after the process check (see _guard_checkout)
+        return {
+            "pool_size": self.pool_size,
+            "max_overflow": self.max_overflow,
+            "pool_recycle": self.pool_recycle,
+            "pool_timeout": self.pool_timeout,
+        }
+
+
+POOL_CONFIG_KEYS = ("pool_size", "max_overflow", "pool_recycle", "pool_timeout", "pool_pre_ping")
+
+
+def pooled_pg_config() -> UserConfigSchema:
+    """dagster-postgres' storage config (`postgres_url` | `postgres_db`, `auth_provider`,
+    `should_autocreate_tables`) plus the pool settings."""
+    d = PoolSettings()
+    return {
+        **pg_config(),  # type: ignore[dict-item]
+        "pool_size": Field(IntSource, is_required=False, default_value=d.pool_size,
+                           description="Connections kept open per process (opened lazily)."),
+        "max_overflow": Field(IntSource, is_required=False, default_value=d.max_overflow,
+                              description="Extra connections allowed under load, closed when returned."),
+        "pool_recycle": Field(IntSource, is_required=False, default_value=d.pool_recycle,
+                              description="Seconds after which a pooled connection is replaced (-1: never)."),
+        "pool_timeout": Field(IntSource, is_required=False, default_value=d.pool_timeout,
+                              description="Seconds to wait for a free connection before failing."),
+        "pool_pre_ping": Field(BoolSource, is_required=False, default_value=d.pool_pre_ping,
+                               description="Test a pooled connection before use (survives server restarts)."),
+    }
+
+
+# Every pooled engine alive in this process, so that a forked child can drop them all.
+_LIVE_ENGINES: weakref.WeakSet[db.engine.Engine] = weakref.WeakSet()
+# Engines shared between the storages of one process: (url, pool settings) -> engine.
+_SHARED_ENGINES: weakref.WeakValueDictionary[tuple[str, PoolSettings], db.engine.Engine] = (
+    weakref.WeakValueDictionary()
+)
+_REGISTRY_LOCK = threading.Lock()
+
+
+def _after_fork_in_child() -> None:
+    """Drop inherited pools without touching the parent's sockets (SQLAlchemy's `dispose(close=False)`)."""
+    global _REGISTRY_LOCK
+    _REGISTRY_LOCK = threading.Lock()  # another parent thread may have held it at fork time
+    for engine in list(_LIVE_ENGINES):
+        engine.dispose(close=False)
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def _guard_checkout(engine: db.engine.Engine, pre_ping: bool) -> None:
+    """At checkout, refuse a connection opened in another process, then (optionally) ping it.
+
+    The process check is SQLAlchemy's documented recipe for pools that may cross a fork. The ping is done
+    here rather than with `create_engine(pool_pre_ping=True)` because SQLAlchemy pings *before* running
+    checkout listeners, which would send a query over a socket that belongs to another process.
+    Raising `DisconnectionError` makes the pool discard the record and hand out a fresh connection.
+    """
+
+    @event.listens_for(engine, "connect")
+    def _remember_pid(dbapi_connection: Any, connection_record: Any) -> None:
+        connection_record.info["pid"] = os.getpid()
+        connection_record.info["fresh"] = True
+
+    @event.listens_for(engine, "checkout")
+    def _check(dbapi_connection: Any, connection_record: Any, connection_proxy: Any) -> None:
+        pid = os.getpid()
+        owner = connection_record.info.get("pid", pid)
+        if owner != pid:
+            # Forget the DBAPI connection without closing it: it belongs to the other process.
+            connection_record.dbapi_connection = connection_proxy.dbapi_connection = None
+            raise exc.DisconnectionError(f"pooled connection opened by pid {owner}, checked out in pid {pid}")
+        if connection_record.info.pop("fresh", False) or not pre_ping:
+            return
+        try:
+            engine.dialect.do_ping(dbapi_connection)
+        except Exception as err:  # a dropped connection (server restart, idle timeout): replace it
+            raise exc.DisconnectionError(f"pooled connection failed its ping: {err}") from err
+
+
+def create_pooled_engine(
+    postgres_url: str,
+    pool: PoolSettings,
+    token_provider: PgTokenProvider | None = None,
+    statement_timeout: int | None = None,
+) -> db.engine.Engine:
+    """A new pooled engine configured like dagster-postgres' (AUTOCOMMIT, token hook), not shared."""
+    engine = create_pg_engine(postgres_url, token_provider, isolation_level="AUTOCOMMIT", **pool.engine_kwargs())
+    _guard_checkout(engine, pool.pool_pre_ping)
+    if statement_timeout is not None:
+        event.listen(engine, "connect", lambda connection, _: set_pg_statement_timeout(connection, statement_timeout))
+    _LIVE_ENGINES.add(engine)
+    return engine
+
+
+def shared_pooled_engine(
+    postgres_url: str, pool: PoolSettings, token_provider: PgTokenProvider | None = None
+) -> db.engine.Engine:
+    """The process-wide engine for (url, pool settings); the three storages of an instance share it.
+
+    Engines with a token provider (cloud workload identity) are not shared: each storage keeps its own.
+    """
+    if token_provider is not None:
+        return create_pooled_engine(postgres_url, pool, token_provider)
+    key = (postgres_url, pool)
+    with _REGISTRY_LOCK:
+        engine = _SHARED_ENGINES.get(key)
+        if engine is None:
+            engine = create_pooled_engine(postgres_url, pool)
+            _SHARED_ENGINES[key] = engine
+        return engine
+
+
+# --------------------------------------------------------------------------------------------------
+# The storages
+# --------------------------------------------------------------------------------------------------
+
+# The table check each stock `__init__` (0.29.27) runs when `should_autocreate_tables` is set: True when
+# the stock constructor would create or migrate something.
+_SCHEMA_MISSING: dict[type, Callable[[set[str]], bool]] = {
+    PostgresEventLogStorage: lambda names: "event_logs" not in names,
+    PostgresRunStorage: lambda names: "runs" not in names or "instance_info" not in names,
+    PostgresScheduleStorage: lambda names: "schedules" not in names and "jobs" not in names,
+}
+
+
+def _table_names(engine: db.engine.Engine) -> set[str]:
+    return set(retry_pg_connection_fn(lambda: db.inspect(engine).get_table_names()))
+
+
+class _PooledMixin:
+    """Shared construction for the three pooled storages. `_stock` is the dagster-postgres class."""
+
+    _stock: type
+    _engine: db.engine.Engine
+    postgres_url: str
+    should_autocreate_tables: bool
+
+    def _init_pooled(
+        self,
+        postgres_url: str,
+        should_autocreate_tables: bool,
+        inst_data: ConfigurableClassData | None,
+        token_provider: PgTokenProvider | None,
+        pool: PoolSettings | None,
+    ) -> set[str] | None:
+        """Set up on the shared pooled engine; return the database's table names if they were read."""
+        pool = pool or PoolSettings()
+        engine = shared_pooled_engine(postgres_url, pool, token_provider)
+        names = None
+        if should_autocreate_tables:
+            names = _table_names(engine)
+            if _SCHEMA_MISSING[self._stock](names):
+                # First use of this database: let dagster-postgres create, stamp and migrate its schema.
+                self._stock(postgres_url, True, token_provider=token_provider)
+                names = _table_names(engine)
+        # With should_autocreate_tables=False the stock __init__ only builds a NullPool engine (no connection).
+        self._stock.__init__(self, postgres_url, False, inst_data=inst_data, token_provider=token_provider)  # type: ignore[misc]
+        self.should_autocreate_tables = should_autocreate_tables
+        self._engine = engine
+        self._pool_settings = pool
+        self._pool_token_provider = token_provider
+        return names
+
+    @property
+    def pool_settings(self) -> PoolSettings:
+        return self._pool_settings
+
+    @property
+    def engine(self) -> db.engine.Engine:
+        """The pooled engine behind every connection of this storage."""
+        return self._engine
+
+    def optimize_for_webserver(self, statement_timeout: int, pool_recycle: int, max_overflow: int) -> None:
+        # Like dagster-postgres: a statement timeout on a private engine; unlike it, keep our pool size.
+        pool = replace(self._pool_settings, pool_recycle=pool_recycle,
+                       max_overflow=max(max_overflow, self._pool_settings.max_overflow))
+        self._engine = create_pooled_engine(self.postgres_url, pool, self._pool_token_provider, statement_timeout)
+
+    def _dispose_pool(self) -> None:
+        # Close idle pooled connections; the engine stays usable (a new pool opens on demand).
+        self._engine.dispose()
+
+    @classmethod
+    def config_type(cls) -> UserConfigSchema:
+        return pooled_pg_config()
+
+    @classmethod
+    def from_config_value(cls, inst_data: ConfigurableClassData | None, config_value: Mapping[str, Any]) -> Any:
+        return cls(
+            postgres_url=pg_url_from_config(config_value),
+            should_autocreate_tables=config_value.get("should_autocreate_tables", True),
+            inst_data=inst_data,
+            token_provider=get_token_provider_from_config(config_value),
+            pool=PoolSettings.from_config(config_value),
+        )
+
+
+class PooledPostgresEventLogStorage(_PooledMixin, PostgresEventLogStorage):
+    """`PostgresEventLogStorage` on a connection pool (carries the ~13 event writes of every step)."""
+
+    _stock = PostgresEventLogStorage
+
+    def __init__(
+        self,
+        postgres_url: str,
+        should_autocreate_tables: bool = True,
+        inst_data: ConfigurableClassData | None = None,
+        token_provider: PgTokenProvider | None = None,
+        pool: PoolSettings | None = None,
+    ):
+        names = self._init_pooled(postgres_url, should_autocreate_tables, inst_data, token_provider, pool)
+        # Answer now what asset events would otherwise ask on a second connection while holding the
+        # first (see has_table): the tables that exist, and whether the asset key index is built.
+        self._tables_seen: set[str] = names if names is not None else _table_names(self._engine)
+        self.has_secondary_index(ASSET_KEY_INDEX_COLS)
+
+    def has_table(self, table_name: str) -> bool:
+        # dagster-postgres asks this on every asset event with indexed tags (data versions, partitions),
+        # on a second connection while the first is held in `index_transaction`. Nested checkouts from
+        # many step threads could exhaust a pool (each holding one, waiting for another), so a table seen
+        # once is remembered: tables are only ever added under a running instance, by migrations.
+        if table_name in self._tables_seen:
+            return True
+        found = super().has_table(table_name)
+        if found:
+            self._tables_seen.add(table_name)
+        return found
+
+    def dispose(self) -> None:
+        super().dispose()  # stops the polling event watcher threads
+        self._dispose_pool()
+
+
+class PooledPostgresRunStorage(_PooledMixin, PostgresRunStorage):
+    """`PostgresRunStorage` on a connection pool."""
+
+    _stock = PostgresRunStorage
+
+    def __init__(
+        self,
+        postgres_url: str,
+        should_autocreate_tables: bool = True,
+        inst_data: ConfigurableClassData | None = None,
+        token_provider: PgTokenProvider | None = None,
+        pool: PoolSettings | None = None,
+    ):
+        self._init_pooled(postgres_url, should_autocreate_tables, inst_data, token_provider, pool)
+
+    def dispose(self) -> None:
+        super().dispose()
+        self._dispose_pool()
+
+
+class PooledPostgresScheduleStorage(_PooledMixin, PostgresScheduleStorage):
+    """`PostgresScheduleStorage` on a connection pool."""
+
+    _stock = PostgresScheduleStorage
+
+    def __init__(
+        self,
+        postgres_url: str,
+        should_autocreate_tables: bool = True,
+        inst_data: ConfigurableClassData | None = None,
+        token_provider: PgTokenProvider | None = None,
+        pool: PoolSettings | None = None,
+    ):
+        self._init_pooled(postgres_url, should_autocreate_tables, inst_data, token_provider, pool)
+
+    def dispose(self) -> None:
+        super().dispose()
+        self._dispose_pool()
+
+
+class PooledPostgresStorage(DagsterStorage, ConfigurableClass):
+    """All three pooled storages from one config block: `storage: custom:` in dagster.yaml.
+
+    The counterpart of `dagster_postgres.DagsterPostgresStorage` (what `storage: postgres:` builds).
+    """
+
+    def __init__(
+        self,
+        postgres_url: str,
+        should_autocreate_tables: bool = True,
+        inst_data: ConfigurableClassData | None = None,
+        token_provider: PgTokenProvider | None = None,
+        pool: PoolSettings | None = None,
+    ):
+        self.postgres_url = postgres_url
+        self.should_autocreate_tables = should_autocreate_tables
+        self._inst_data = inst_data
+        args = (postgres_url, should_autocreate_tables)
+        self._run_storage = PooledPostgresRunStorage(*args, token_provider=token_provider, pool=pool)
+        self._event_log_storage = PooledPostgresEventLogStorage(*args, token_provider=token_provider, pool=pool)
+        self._schedule_storage = PooledPostgresScheduleStorage(*args, token_provider=token_provider, pool=pool)
+        super().__init__()
+
+    @property
+    def inst_data(self) -> ConfigurableClassData | None:
+        return self._inst_data
+
+    @classmethod
+    def config_type(cls) -> UserConfigSchema:
+        return pooled_pg_config()
+
+    @classmethod
+    def from_config_value(
+        cls, inst_data: ConfigurableClassData | None, config_value: Mapping[str, Any]
+    ) -> PooledPostgresStorage:
+        return cls(
+            postgres_url=pg_url_from_config(config_value),
+            should_autocreate_tables=config_value.get("should_autocreate_tables", True),
+            inst_data=inst_data,
+            token_provider=get_token_provider_from_config(config_value),
+            pool=PoolSettings.from_config(config_value),
+        )
+
+    @property
+    def event_log_storage(self) -> PooledPostgresEventLogStorage:
+        return self._event_log_storage
+
+    @property
+    def run_storage(self) -> PooledPostgresRunStorage:
+        return self._run_storage
+
+    @property
+    def schedule_storage(self) -> PooledPostgresScheduleStorage:
+        return self._schedule_storage
+
+    def _part(self, class_name: str) -> ConfigurableClassData | None:
+        if self._inst_data is None:
+            return None
+        return ConfigurableClassData(__name__, class_name, self._inst_data.config_yaml)
+
+    @property
+    def event_storage_data(self) -> ConfigurableClassData | None:
+        return self._part("PooledPostgresEventLogStorage")
+
+    @property
+    def run_storage_data(self) -> ConfigurableClassData | None:
+        return self._part("PooledPostgresRunStorage")
+
+    @property
+    def schedule_storage_data(self) -> ConfigurableClassData | None:
+        return self._part("PooledPostgresScheduleStorage")
