@@ -126,7 +126,7 @@ def parse_inputs(spec: WorkflowSpec, pairs: tuple[str, ...], input_file: str | N
 @click.option("--input", "-i", "pairs", multiple=True, metavar="KEY=VALUE", help="A workflow input; repeatable.")
 @click.option("--input-file", type=click.Path(exists=True, dir_okay=False), help="JSON object of inputs.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object with the results on stdout.")
-@click.option("--executor", type=click.Choice(["multiprocess", "in_process"]), default=None,
+@click.option("--executor", type=click.Choice(["concurrent", "multiprocess", "in_process"]), default=None,
               help="Override the job's executor for this run.")
 def run(workflow: str, pairs: tuple[str, ...], input_file: str | None, as_json: bool, executor: str | None) -> None:
     """Run WORKFLOW (a name or a YAML path) through Dagster and print each task's result."""

@@ -209,7 +209,7 @@ def register_remote_commands(main: click.Group) -> None:
     @click.option("--input", "-i", "pairs", multiple=True, metavar="KEY=VALUE", help="A workflow input; repeatable.")
     @click.option("--input-file", type=click.Path(exists=True, dir_okay=False), help="JSON object of inputs.")
     @click.option("--tag", "tag_pairs", multiple=True, metavar="KEY=VALUE", help="A run tag; repeatable.")
-    @click.option("--executor", type=click.Choice(["multiprocess", "in_process"]), default=None,
+    @click.option("--executor", type=click.Choice(["concurrent", "multiprocess", "in_process"]), default=None,
                   help="Override the job's executor for this run.")
     @click.option("--wait", "wait_seconds", type=float, default=None, metavar="SECONDS",
                   help="Wait up to SECONDS for the run to finish; exit 1 unless it succeeds.")

@@ -71,11 +71,14 @@ def test_inputs_are_typed_run_config_with_defaults() -> None:
         dg.validate_run_config(job, {"ops": {"inputs": {"config": {"topic": "x", "max_questions": "five"}}}})
     resolved = dg.validate_run_config(job, {"ops": {"inputs": {"config": {"topic": "x"}}}})
     assert resolved["ops"]["inputs"]["config"] == {"topic": "x", "max_questions": 5, "audience": "a technical reader"}
-    # the executor is selectable per run and defaults to multiprocess limited by breadth
-    multiprocess = resolved["execution"]["mp_pipelines_executor"]["multiprocess"]
-    assert multiprocess["max_concurrent"] == 8
-    assert multiprocess["tag_concurrency_limits"] == [
-        {"key": "mp_pipelines/fanout", "value": {"applyLimitPerUniqueValue": True}, "limit": 8}]
+    # the executor is selectable per run and defaults to the concurrent one; fan-outs stay within breadth
+    breadth_limit = [{"key": "mp_pipelines/fanout", "value": {"applyLimitPerUniqueValue": True}, "limit": 8}]
+    concurrent = resolved["execution"]["mp_pipelines_executor"]["concurrent"]
+    assert concurrent["max_concurrent"] == 64 and concurrent["tag_concurrency_limits"] == breadth_limit
+    chosen = dg.validate_run_config(job, {"ops": {"inputs": {"config": {"topic": "x"}}},
+                                          "execution": {"config": {"multiprocess": {}}}})
+    multiprocess = chosen["execution"]["mp_pipelines_executor"]["multiprocess"]
+    assert multiprocess["max_concurrent"] == 8 and multiprocess["tag_concurrency_limits"] == breadth_limit
     assert multiprocess["start_method"] == {"forkserver": {}}
     in_process = dg.validate_run_config(job, {"ops": {"inputs": {"config": {"topic": "x"}}},
                                               "execution": {"config": {"in_process": {}}}})

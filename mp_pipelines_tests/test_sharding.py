@@ -151,3 +151,16 @@ def test_429_burst_with_retry_after_is_honoured_and_the_run_succeeds(
     first_429 = openai_env.requests[0].time
     later = [r.time for r in openai_env.requests[4:]]
     assert min(later) - first_429 >= 0.9  # nobody called again before Retry-After had passed
+
+
+def test_breadth_is_exact_across_concurrent_shards(llm_server_factory, monkeypatch, instance: dg.DagsterInstance,
+                                                   tmp_path: Path) -> None:
+    server = llm_server_factory(model=SimulatedModel(latency=0.2))
+    monkeypatch.setenv("OPENAI_BASE_URL", server.base_url)
+    path = write_workflow(tmp_path, fan_out("shared", 60, breadth=5, shard=6))
+    outcome = run_file(path, {}, instance, executor=None)  # the job's own concurrent executor: shards overlap
+    assert outcome.success, outcome.as_text()
+    assert server.in_flight.peak == 5  # overlapping shards share one breadth semaphore
+    assert len(server.requests) == 60
+    shard_steps = [key for key in step_states(instance, outcome.run_id) if key.startswith("echo[")]
+    assert len(shard_steps) == 10

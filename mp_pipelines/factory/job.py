@@ -8,6 +8,7 @@ from typing import Any
 import dagster as dg
 
 from mp_pipelines.factory.loops import build_body_op, build_loop_result_op, iterations
+from mp_pipelines.execution.executor import selectable_executor
 from mp_pipelines.factory.fanout import build_collect_op, build_items_op, build_shard_op
 from mp_pipelines.factory.ops import (
     FANOUT_TAG,
@@ -30,12 +31,17 @@ def job_name(spec: WorkflowSpec) -> str:
 
 
 def build_executor(spec: WorkflowSpec) -> dg.ExecutorDefinition:
-    """Dagster's multiprocess/in-process executor, with `breadth` as the per-fan-out limit.
+    """The concurrent executor by default; Dagster's multiprocess or in-process one when a run asks.
 
-    Selectable per run: `execution: {config: {in_process: {}}}` or `{multiprocess: {max_concurrent: N}}`.
+    Selectable per run: `execution: {config: {concurrent: {max_concurrent: N}}}`, `{in_process: {}}` or
+    `{multiprocess: {max_concurrent: N}}`. Every choice keeps one fan-out's steps within `breadth`.
     """
     schema = dg.Field(
         dg.Selector({
+            "concurrent": dg.Field({
+                "max_concurrent": dg.Field(dg.Int, default_value=64,
+                                           description="Most steps running at once in this run (threads)."),
+            }),
             "multiprocess": dg.Field({
                 "max_concurrent": dg.Field(dg.Int, default_value=spec.breadth,
                                            description="Most steps running at once in this run."),
@@ -44,19 +50,20 @@ def build_executor(spec: WorkflowSpec) -> dg.ExecutorDefinition:
             }),
             "in_process": dg.Field({}),
         }),
-        default_value={"multiprocess": {}},
+        default_value={"concurrent": {}},
     )
+    limit = {"key": FANOUT_TAG, "value": {"applyLimitPerUniqueValue": True}, "limit": spec.breadth}
 
-    def to_stock_config(config: dict[str, Any]) -> dict[str, Any]:
-        if "in_process" in config:
+    def to_selected_config(config: dict[str, Any]) -> dict[str, Any]:
+        ((kind, options),) = config.items()
+        if kind == "in_process":
             return {"in_process": {}}
-        options = config["multiprocess"]
-        limit = {"key": FANOUT_TAG, "value": {"applyLimitPerUniqueValue": True}, "limit": spec.breadth}
+        if kind == "concurrent":
+            return {"concurrent": {"max_concurrent": options["max_concurrent"], "tag_concurrency_limits": [limit]}}
         return {"multiprocess": {"max_concurrent": options["max_concurrent"], "tag_concurrency_limits": [limit],
                                  "start_method": {options["start_method"]: {}}}}
 
-    return dg.multi_or_in_process_executor.configured(to_stock_config, name="mp_pipelines_executor",
-                                                      config_schema=schema)
+    return selectable_executor.configured(to_selected_config, name="mp_pipelines_executor", config_schema=schema)
 
 
 def _compose_task(spec: WorkflowSpec, task: TaskSpec, upstream: list[str], handles: Handles, provider: str) -> Any:
