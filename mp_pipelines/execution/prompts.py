@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import Any
 
 from jinja2 import StrictUndefined, TemplateSyntaxError, nodes
@@ -73,10 +74,21 @@ def _as_template(expression: str) -> str:
     return "{{ (" + text + ") }}"
 
 
+@lru_cache(maxsize=1024)
+def _compiled(source: str) -> Any:
+    # A fan-out renders one template thousands of times; compiling it once saves ~0.4 ms a call.
+    return _ENV.from_string(source)
+
+
+@lru_cache(maxsize=1024)
+def _compiled_expression(text: str) -> Any:
+    return _ENV.compile_expression(text, undefined_to_none=False)
+
+
 def render(source: str, context: dict[str, Any]) -> str:
     """Render a template with `context`; undefined names and sandbox violations raise TemplateError."""
     try:
-        return _ENV.from_string(source).render(context)
+        return _compiled(source).render(context)
     except TemplateSyntaxError as exc:
         raise TemplateError(f"Jinja syntax error on line {exc.lineno}: {exc.message}") from None
     except Exception as exc:  # UndefinedError, SecurityError, errors inside filters
@@ -89,7 +101,7 @@ def evaluate(expression: str, context: dict[str, Any]) -> bool:
     if text.startswith("{{") and text.endswith("}}"):
         text = text[2:-2]
     try:
-        return bool(_ENV.compile_expression(text, undefined_to_none=False)(context))
+        return bool(_compiled_expression(text)(context))
     except TemplateSyntaxError as exc:
         raise TemplateError(f"Jinja syntax error in condition {expression!r}: {exc.message}") from None
     except Exception as exc:
