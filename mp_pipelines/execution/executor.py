@@ -22,6 +22,8 @@ behave as they do there. Private APIs used (re-check them whenever the Dagster p
 - dagster._core.execution.step_dependency_config.StepDependencyConfig, get_step_dependency_config_field
 - dagster._core.execution.tags.get_tag_concurrency_limits_config
 - dagster._utils.error.serializable_error_info_from_exc_info
+- dagster._core.definitions.executor_definition.IN_PROC_CONFIG, MULTI_PROC_CONFIG,
+  multiple_process_executor_requirements (for `selectable_executor`)
 
 Threads, not asyncio: ops, resources, IO managers and hooks are synchronous code. An asyncio executor
 must re-implement Dagster's step pipeline as coroutines (the community `dagster-async-executor` 0.0.x
@@ -39,6 +41,11 @@ from functools import partial
 from typing import Any
 
 import dagster as dg
+from dagster._core.definitions.executor_definition import (
+    IN_PROC_CONFIG,
+    MULTI_PROC_CONFIG,
+    multiple_process_executor_requirements,
+)
 from dagster._core.errors import DagsterExecutionInterruptedError
 from dagster._core.events import DagsterEvent, EngineEventData
 from dagster._core.execution.api import ExecuteRunWithPlanIterable
@@ -336,12 +343,6 @@ def concurrent_executor(init_context: dg.InitExecutorContext) -> ConcurrentExecu
 
 
 # ---- the executor generated jobs name: concurrent by default, Dagster's stock ones on request ----
-# Also Dagster internals (1.13.27): the stock executors' config fields and their requirements helper.
-from dagster._core.definitions.executor_definition import (  # noqa: E402
-    IN_PROC_CONFIG,
-    MULTI_PROC_CONFIG,
-    multiple_process_executor_requirements,
-)
 
 
 def _selected_requirements(config: dict[str, Any]) -> list[dg.ExecutorRequirement]:
