@@ -16,6 +16,9 @@ from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
 T = TypeVar("T")
+# How often a waiting op asks whether its run is being terminated (a database read each time; the
+# executor itself reacts to termination at once, this only cancels the calls it leaves behind).
+STOP_POLL_SECONDS = 5.0
 
 
 class BackgroundLoop:
@@ -34,7 +37,7 @@ class BackgroundLoop:
         return asyncio.run_coroutine_threadsafe(coro, self.loop)
 
     def run(self, coro: Coroutine[Any, Any, T], *, should_stop: Callable[[], bool] | None = None,
-            poll_seconds: float = 1.0) -> T:
+            poll_seconds: float = STOP_POLL_SECONDS) -> T:
         """Run `coro` on the loop and wait for it; cancel it when `should_stop()` turns true."""
         future = self.submit(coro)
         while True:

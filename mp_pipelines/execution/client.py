@@ -171,6 +171,15 @@ def _after_send(response: httpx.Response) -> None:
         break
 
 
+def _connection_limits() -> Any:
+    """The SDK's pool limits, but keep every connection alive: with more calls in flight than kept-alive
+    connections, each answer closes one and the next call opens a new one (a connect per call)."""
+    from openai._constants import DEFAULT_CONNECTION_LIMITS  # openai's own defaults (max 1000 connections)
+
+    return type(DEFAULT_CONNECTION_LIMITS)(max_connections=DEFAULT_CONNECTION_LIMITS.max_connections,
+                                           max_keepalive_connections=DEFAULT_CONNECTION_LIMITS.max_connections)
+
+
 async def _abefore_send(request: httpx.Request) -> None:
     _before_send(request)
 
@@ -225,8 +234,9 @@ class LLMClient:
                  "response": [_aafter_send if asynchronous else _after_send]}
         transport = SimulatedTransport(self._simulated) if self.provider_name == "simulated" else None
         # The SDK's own default client class (httpx, or httpx2 from openai 3.x) keeps its tuned pool and defaults.
-        http = (openai.DefaultAsyncHttpxClient if asynchronous else openai.DefaultHttpxClient)(
-            transport=transport, timeout=self.timeout, event_hooks=hooks, trust_env=transport is None)
+        factory = openai.DefaultAsyncHttpxClient if asynchronous else openai.DefaultHttpxClient
+        http = factory(transport=transport, timeout=self.timeout, event_hooks=hooks, trust_env=transport is None,
+                       limits=_connection_limits())
         return {"api_key": key, "base_url": self.base_url, "max_retries": self.max_retries, "timeout": self.timeout,
                 "http_client": http}
 
