@@ -87,7 +87,9 @@ def instance_for(storage: str, home: Path, dbname: str | None):
     if storage == "postgres":
         from mp_pipelines_tests.postgres import postgres_storage_config
 
-        overrides["storage"] = postgres_storage_config(dbname)
+        # the pooled storage deploy/dagster.yaml uses (docs/performance.md: PostgreSQL per-step cost)
+        overrides["storage"] = {"custom": {"module": "mp_pipelines.storage", "class": "PooledPostgresStorage",
+                                           "config": {**postgres_storage_config(dbname)["postgres"], "pool_size": 8}}}
     return dg.DagsterInstance.local_temp(str(home), overrides=overrides)
 
 

@@ -34,10 +34,13 @@ def build_llm_resource() -> LLMResource:
         settings["provider"] = os.environ["MP_LLM_PROVIDER"]
     if os.environ.get("MP_DEFAULT_MODEL"):
         settings["default_model"] = os.environ["MP_DEFAULT_MODEL"]
-    for field, variable in (("simulated_latency", "MP_SIMULATED_LATENCY"),
-                            ("simulated_failure_rate", "MP_SIMULATED_FAILURE_RATE")):
+    for field, variable, kind in (("simulated_latency", "MP_SIMULATED_LATENCY", float),
+                                  ("simulated_failure_rate", "MP_SIMULATED_FAILURE_RATE", float),
+                                  ("max_in_flight", "MP_MAX_IN_FLIGHT", int),
+                                  ("requests_per_minute", "MP_REQUESTS_PER_MINUTE", float),
+                                  ("tokens_per_minute", "MP_TOKENS_PER_MINUTE", float)):
         if os.environ.get(variable):
-            settings[field] = float(os.environ[variable])
+            settings[field] = kind(os.environ[variable])
     return LLMResource(**settings)
 
 

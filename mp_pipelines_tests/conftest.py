@@ -67,6 +67,9 @@ def _no_ambient_llm_env(monkeypatch: pytest.MonkeyPatch) -> None:
         "MP_WORKFLOWS_PATH",
         "MP_SIMULATED_LATENCY",
         "MP_SIMULATED_FAILURE_RATE",
+        "MP_MAX_IN_FLIGHT",
+        "MP_REQUESTS_PER_MINUTE",
+        "MP_TOKENS_PER_MINUTE",
         "DAGSTER_HOME",
     ):
         monkeypatch.delenv(name, raising=False)

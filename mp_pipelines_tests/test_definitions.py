@@ -35,6 +35,13 @@ def test_llm_resource_defaults_to_the_simulated_model() -> None:
     assert definitions.provider_name() == "simulated"
 
 
+def test_llm_resource_reads_process_limits_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MP_MAX_IN_FLIGHT", "12")
+    monkeypatch.setenv("MP_REQUESTS_PER_MINUTE", "600")
+    settings = definitions.build_llm_resource().limit_settings()
+    assert (settings.max_in_flight, settings.requests_per_minute, settings.tokens_per_minute) == (12, 600.0, None)
+
+
 def test_llm_resource_reads_the_endpoint_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("OPENAI_API_KEY", "sk-from-env")
     monkeypatch.setenv("OPENAI_BASE_URL", "http://127.0.0.1:9/v1")
