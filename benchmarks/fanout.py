@@ -27,6 +27,9 @@ import time
 import urllib.request
 from pathlib import Path
 
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # the project and its test helpers (a throw-away PostgreSQL database)
+
 VARIANTS = ("a", "b", "c", "d")
 NAMES = {"a": "floor: asyncio.gather + AsyncOpenAI", "b": "dagster job: concurrent executor, shards",
          "c": "one op per item, multiprocess", "d": "one op per item, in-process"}
@@ -212,7 +215,6 @@ class _database:
     def __enter__(self) -> str | None:
         if self._storage != "postgres":
             return None
-        sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
         from mp_pipelines_tests.postgres import temporary_database
 
         self._cm = temporary_database()
