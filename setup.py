@@ -4,7 +4,7 @@ setup(
     name="mp-pipelines",
     version="0.1.0",
     description="Multi-step LLM prompt workflows that run as Dagster jobs.",
-    python_requires=">=3.10",
+    python_requires=">=3.11",
     packages=find_packages(exclude=["mp_pipelines_tests", "mp_pipelines_tests.*"]),
     package_data={"mp_pipelines": ["workflows/*.yaml", "workflows/data/*", "workflows/data/*/*"]},
     install_requires=[

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import dagster as dg
 
-from mp_pipelines.reporting import step_states
 from mp_pipelines.execution.server import RunningServer
+from mp_pipelines.reporting import step_states
 from mp_pipelines_tests.workflow_helpers import materializations, run_file, write_workflow
 
 LOOP = """
@@ -25,7 +25,9 @@ tasks:
     loop: {until: check.done}
     tasks:
       - name: check
-        prompt: "Round {{ loop.iteration }} of {{ loop.max_iterations }}: check {{ loop.previous.fix if loop.previous else draft }}"
+        prompt: >-
+          Round {{ loop.iteration }} of {{ loop.max_iterations }}:
+          check {{ loop.previous.fix if loop.previous else draft }}
         output: json
         output_schema: {type: object, properties: {done: {type: boolean}}, required: [done]}
       - name: fix

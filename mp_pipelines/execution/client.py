@@ -306,7 +306,8 @@ class LLMClient:
         token, started = _CALL.set(call), time.monotonic()
         try:
             create = (await self._async_client()).chat.completions.with_raw_response.create(**args)
-            completion = (await asyncio.wait_for(create, budget)).parse()  # also bounds sleeps between retries
+            async with asyncio.timeout(budget):  # also bounds sleeps between retries; no extra task per call
+                completion = (await create).parse()
         except (openai.OpenAIError, asyncio.TimeoutError) as exc:
             raise self._error(exc, request, call, budget) from None
         finally:

@@ -10,6 +10,7 @@ from typing import Any, Iterator, Mapping
 import dagster as dg
 import pandas as pd
 
+from mp_pipelines.execution.aio import shared_loop
 from mp_pipelines.execution.runner import build_context, preview, records
 from mp_pipelines.execution.shards import ItemRecord, run_shard, shard_size
 from mp_pipelines.execution.usage import Usage
@@ -27,7 +28,6 @@ from mp_pipelines.factory.ops import (
     task_deadline,
     upstream_ins,
 )
-from mp_pipelines.execution.aio import shared_loop
 from mp_pipelines.spec.inputs import load_table
 from mp_pipelines.spec.models import TaskSpec, WorkflowSpec
 

@@ -7,9 +7,9 @@ from typing import Any
 
 import dagster as dg
 
-from mp_pipelines.factory.loops import build_body_op, build_loop_result_op, iterations
 from mp_pipelines.execution.executor import selectable_executor
 from mp_pipelines.factory.fanout import build_collect_op, build_items_op, build_shard_op
+from mp_pipelines.factory.loops import build_body_op, build_loop_result_op, iterations
 from mp_pipelines.factory.ops import (
     FANOUT_TAG,
     INPUTS_OP,

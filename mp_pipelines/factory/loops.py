@@ -16,16 +16,16 @@ from mp_pipelines.execution.runner import build_context
 from mp_pipelines.execution.usage import Usage
 from mp_pipelines.factory.ops import (
     LLM_RESOURCE_KEY,
-    Node,
     WORKFLOW_TAG,
-    check_condition,
-    task_deadline,
-    split_inputs,
+    Node,
     call_metadata,
     call_model,
+    check_condition,
     make_op,
     materialization,
     retry_policy,
+    split_inputs,
+    task_deadline,
     upstream_ins,
 )
 from mp_pipelines.spec.graph import until_gate

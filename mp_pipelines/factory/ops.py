@@ -7,10 +7,10 @@ from typing import Any, Callable, Iterator, Mapping
 
 import dagster as dg
 
-from mp_pipelines.execution.client import LLMError
-from mp_pipelines.execution.prompts import TemplateError
 from mp_pipelines.execution.calls import CallScope
+from mp_pipelines.execution.client import LLMError
 from mp_pipelines.execution.limits import LimitSettings
+from mp_pipelines.execution.prompts import TemplateError
 from mp_pipelines.execution.runner import TaskRun, TaskTimeout, build_context, condition_holds, preview, run_task
 from mp_pipelines.execution.usage import Usage
 from mp_pipelines.spec.inputs import coerce_input, resolve_path
