@@ -73,3 +73,18 @@ def _no_ambient_llm_env(monkeypatch: pytest.MonkeyPatch) -> None:
         "DAGSTER_HOME",
     ):
         monkeypatch.delenv(name, raising=False)
+
+
+@pytest.fixture
+def pg_instance(tmp_path: Any) -> Iterator[Any]:
+    """A Dagster instance whose runs, events and schedules live in a fresh PostgreSQL database."""
+    import dagster as dg
+
+    from mp_pipelines_tests.postgres import postgres_storage_config, temporary_database
+
+    with temporary_database() as dbname:
+        home = tmp_path / "pg_home"
+        home.mkdir()
+        overrides = {"storage": postgres_storage_config(dbname), "telemetry": {"enabled": False}}
+        with dg.DagsterInstance.local_temp(str(home), overrides=overrides) as instance:
+            yield instance

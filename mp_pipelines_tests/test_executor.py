@@ -9,7 +9,6 @@ import sys
 import time
 import uuid
 from collections import defaultdict
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +17,6 @@ import pytest
 
 from mp_pipelines_tests import executor_jobs
 from mp_pipelines_tests.executor_jobs import POOL, peak_concurrency
-from mp_pipelines_tests.postgres import postgres_storage_config, temporary_database
 
 ET = dg.DagsterEventType
 TERMINAL = {ET.STEP_SUCCESS, ET.STEP_FAILURE, ET.STEP_UP_FOR_RETRY}
@@ -230,16 +228,6 @@ def assert_overlapping_runs_shared_the_pool(instance: dg.DagsterInstance, run_id
     assert peak_concurrency(counter) == 2
     assert instance.event_log_storage.get_concurrency_info(POOL).active_slot_count == 0
 
-
-@pytest.fixture
-def pg_instance(tmp_path: Path) -> Iterator[dg.DagsterInstance]:
-    """A Dagster instance whose storage is a fresh PostgreSQL database."""
-    with temporary_database() as dbname:
-        home = tmp_path / "pg_home"
-        home.mkdir()
-        overrides = {"storage": postgres_storage_config(dbname), "telemetry": {"enabled": False}}
-        with dg.DagsterInstance.local_temp(str(home), overrides=overrides) as instance:
-            yield instance
 
 
 def test_pool_limits_ops_across_two_simultaneous_run_workers(pg_instance: dg.DagsterInstance, tmp_path: Path) -> None:

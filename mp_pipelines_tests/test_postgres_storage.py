@@ -2,27 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from pathlib import Path
-
 import dagster as dg
-import pytest
 
 from mp_pipelines.running import run_workflow
 from mp_pipelines.spec.loader import load_workflows
-from mp_pipelines_tests.postgres import postgres_storage_config, temporary_database
 from mp_pipelines_tests.workflow_helpers import materializations
-
-
-@pytest.fixture
-def pg_instance(tmp_path: Path) -> Iterator[dg.DagsterInstance]:
-    """A Dagster instance on a fresh PostgreSQL database (local folder only for compute logs and outputs)."""
-    with temporary_database() as dbname:
-        home = tmp_path / "pg_home"
-        home.mkdir()
-        overrides = {"storage": postgres_storage_config(dbname), "telemetry": {"enabled": False}}
-        with dg.DagsterInstance.local_temp(str(home), overrides=overrides) as instance:
-            yield instance
 
 
 def test_workflow_runs_on_postgres_storage(pg_instance: dg.DagsterInstance) -> None:
