@@ -250,6 +250,20 @@ class _PooledMixin:
     postgres_url: str
     should_autocreate_tables: bool
 
+    def __init__(
+        self,
+        postgres_url: str,
+        should_autocreate_tables: bool = True,
+        inst_data: ConfigurableClassData | None = None,
+        token_provider: PgTokenProvider | None = None,
+        pool: PoolSettings | None = None,
+    ):
+        self._table_names = self._init_pooled(postgres_url, should_autocreate_tables, inst_data, token_provider, pool)
+
+    def dispose(self) -> None:
+        super().dispose()  # the stock storage's own clean-up (the event log's polling watcher threads)
+        self._dispose_pool()
+
     def _init_pooled(
         self,
         postgres_url: str,
@@ -315,15 +329,9 @@ class PooledPostgresEventLogStorage(_PooledMixin, PostgresEventLogStorage):
 
     _stock = PostgresEventLogStorage
 
-    def __init__(
-        self,
-        postgres_url: str,
-        should_autocreate_tables: bool = True,
-        inst_data: ConfigurableClassData | None = None,
-        token_provider: PgTokenProvider | None = None,
-        pool: PoolSettings | None = None,
-    ):
-        names = self._init_pooled(postgres_url, should_autocreate_tables, inst_data, token_provider, pool)
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        names = self._table_names
         # Answer now what asset events would otherwise ask on a second connection while holding the
         # first (see has_table): the tables that exist, and whether the asset key index is built.
         self._tables_seen: set[str] = names if names is not None else _table_names(self._engine)
@@ -341,49 +349,17 @@ class PooledPostgresEventLogStorage(_PooledMixin, PostgresEventLogStorage):
             self._tables_seen.add(table_name)
         return found
 
-    def dispose(self) -> None:
-        super().dispose()  # stops the polling event watcher threads
-        self._dispose_pool()
-
 
 class PooledPostgresRunStorage(_PooledMixin, PostgresRunStorage):
     """`PostgresRunStorage` on a connection pool."""
 
     _stock = PostgresRunStorage
 
-    def __init__(
-        self,
-        postgres_url: str,
-        should_autocreate_tables: bool = True,
-        inst_data: ConfigurableClassData | None = None,
-        token_provider: PgTokenProvider | None = None,
-        pool: PoolSettings | None = None,
-    ):
-        self._init_pooled(postgres_url, should_autocreate_tables, inst_data, token_provider, pool)
-
-    def dispose(self) -> None:
-        super().dispose()
-        self._dispose_pool()
-
 
 class PooledPostgresScheduleStorage(_PooledMixin, PostgresScheduleStorage):
     """`PostgresScheduleStorage` on a connection pool."""
 
     _stock = PostgresScheduleStorage
-
-    def __init__(
-        self,
-        postgres_url: str,
-        should_autocreate_tables: bool = True,
-        inst_data: ConfigurableClassData | None = None,
-        token_provider: PgTokenProvider | None = None,
-        pool: PoolSettings | None = None,
-    ):
-        self._init_pooled(postgres_url, should_autocreate_tables, inst_data, token_provider, pool)
-
-    def dispose(self) -> None:
-        super().dispose()
-        self._dispose_pool()
 
 
 class PooledPostgresStorage(DagsterStorage, ConfigurableClass):
