@@ -37,7 +37,6 @@ import statistics
 import sys
 import tempfile
 import time
-import uuid
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -51,12 +50,9 @@ import dagster as dg
 import sqlalchemy
 from sqlalchemy import event
 
-PG = {
-    "host": os.environ.get("DAGSTER_PG_HOST", "127.0.0.1"),
-    "port": int(os.environ.get("DAGSTER_PG_PORT", "5432")),
-    "user": os.environ.get("DAGSTER_PG_USER", "postgres"),
-    "password": os.environ.get("DAGSTER_PG_PASSWORD", ""),
-}
+from mp_pipelines_tests.postgres import PG, settled_sessions  # noqa: E402
+from mp_pipelines_tests.postgres import temporary_database as fresh_database  # noqa: E402
+
 VARIANTS = ("sqlite", "stock", "pooled", "bouncer")
 PGBOUNCER_PORT: int | None = None
 
@@ -102,50 +98,6 @@ _connects = 0
 def _count_connect(dbapi_connection: object, connection_record: object) -> None:
     global _connects
     _connects += 1
-
-
-def _admin():
-    import psycopg2
-
-    connection = psycopg2.connect(dbname="postgres", connect_timeout=5, **PG)
-    connection.autocommit = True
-    return connection
-
-
-@contextmanager
-def fresh_database() -> Iterator[str]:
-    name = f"mp_bench_{uuid.uuid4().hex[:12]}"
-    admin = _admin()
-    with admin.cursor() as cursor:
-        cursor.execute(f'CREATE DATABASE "{name}"')
-    try:
-        yield name
-    finally:
-        with admin.cursor() as cursor:
-            cursor.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        admin.close()
-
-
-def sessions_after_exit(dbname: str, timeout: float = 15.0) -> int | None:
-    """`pg_stat_database.sessions` once no backend is connected to `dbname` and the figure is stable
-    (backends report their session count to the cumulative statistics when they exit)."""
-    admin = _admin()
-    try:
-        deadline = time.monotonic() + timeout
-        last = None
-        while True:
-            with admin.cursor() as cursor:
-                cursor.execute("SELECT pg_stat_clear_snapshot()")
-                cursor.execute("SELECT numbackends, sessions FROM pg_stat_database WHERE datname = %s", (dbname,))
-                backends, sessions = cursor.fetchone()
-            if backends == 0 and sessions == last:
-                return int(sessions)
-            if time.monotonic() > deadline:
-                return None
-            last = sessions
-            time.sleep(0.3)
-    finally:
-        admin.close()
 
 
 def close_bouncer_connections(dbname: str) -> None:
@@ -208,7 +160,7 @@ def run_variant(variant: str, n: int) -> Result:
             steps = len(instance.get_run_step_stats(result.run_id))
         if variant == "bouncer":
             close_bouncer_connections(dbname)
-        sessions = sessions_after_exit(dbname) if dbname else None
+        sessions = settled_sessions(dbname, timeout=15.0) if dbname else None
     return Result(variant, steps, wall, events, conns if variant != "sqlite" else None, sessions)
 
 

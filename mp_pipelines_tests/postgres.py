@@ -7,6 +7,7 @@ When the server is unreachable the tests skip locally, but fail under CI (CI=tru
 from __future__ import annotations
 
 import os
+import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -21,12 +22,36 @@ PG = {
 }
 
 
-def _connect(dbname: str):
+def admin_connection(dbname: str = "postgres"):
+    """An autocommit psycopg2 connection to `dbname` with the PG settings above."""
     import psycopg2
 
     connection = psycopg2.connect(dbname=dbname, connect_timeout=5, **PG)
     connection.autocommit = True
     return connection
+
+
+def settled_sessions(dbname: str, timeout: float = 30.0) -> int | None:
+    """Sessions ever opened on `dbname`, once no backend is connected and the figure is stable
+    (a backend's session count reaches the cumulative statistics by the time it has exited);
+    None if that did not happen within `timeout` seconds."""
+    admin = admin_connection()
+    try:
+        deadline = time.monotonic() + timeout
+        last = None
+        while True:
+            with admin.cursor() as cursor:
+                cursor.execute("SELECT pg_stat_clear_snapshot()")
+                cursor.execute("SELECT numbackends, sessions FROM pg_stat_database WHERE datname = %s", (dbname,))
+                backends, sessions = cursor.fetchone()
+            if backends == 0 and sessions is not None and sessions == last:
+                return int(sessions)
+            if time.monotonic() > deadline:
+                return None
+            last = sessions
+            time.sleep(0.25)
+    finally:
+        admin.close()
 
 
 @contextmanager
@@ -35,7 +60,7 @@ def temporary_database() -> Iterator[str]:
     import psycopg2
 
     try:
-        admin = _connect("postgres")
+        admin = admin_connection()
     except psycopg2.OperationalError as exc:
         if os.environ.get("CI"):
             pytest.fail(f"PostgreSQL at {PG['host']}:{PG['port']} is required under CI: {exc}")

@@ -31,7 +31,13 @@ from mp_pipelines.storage import (
     PoolSettings,
 )
 from mp_pipelines_tests import pg_jobs
-from mp_pipelines_tests.postgres import PG, postgres_storage_config, temporary_database
+from mp_pipelines_tests.postgres import (
+    PG,
+    admin_connection,
+    postgres_storage_config,
+    settled_sessions,
+    temporary_database,
+)
 
 MODULE = "mp_pipelines.storage"
 IN_PROCESS = {"execution": {"config": {"in_process": {}}}}
@@ -74,33 +80,11 @@ def open_instance(home: Path, storage: dict[str, Any]) -> Iterator[dg.DagsterIns
         yield inst
 
 
-def _admin():
-    import psycopg2
-
-    connection = psycopg2.connect(dbname="postgres", connect_timeout=5, **PG)
-    connection.autocommit = True
-    return connection
-
-
-def settled_sessions(dbname: str, timeout: float = 30.0) -> int:
-    """Sessions ever opened on `dbname`, once no backend is connected and the figure is stable
-    (a backend's session count reaches the cumulative statistics by the time it has exited)."""
-    admin = _admin()
-    try:
-        deadline = time.monotonic() + timeout
-        last = None
-        while True:
-            with admin.cursor() as cursor:
-                cursor.execute("SELECT pg_stat_clear_snapshot()")
-                cursor.execute("SELECT numbackends, sessions FROM pg_stat_database WHERE datname = %s", (dbname,))
-                backends, sessions = cursor.fetchone()
-            if backends == 0 and sessions is not None and sessions == last:
-                return int(sessions)
-            assert time.monotonic() < deadline, f"{dbname}: {backends} backends still connected after {timeout}s"
-            last = sessions
-            time.sleep(0.25)
-    finally:
-        admin.close()
+def settled(dbname: str, timeout: float = 30.0) -> int:
+    """`settled_sessions`, failing the test when backends stay connected."""
+    sessions = settled_sessions(dbname, timeout)
+    assert sessions is not None, f"{dbname}: backends still connected after {timeout}s"
+    return sessions
 
 
 def run_fanout(instance: dg.DagsterInstance, run_config: dict[str, Any]) -> str:
@@ -115,10 +99,10 @@ def sessions_for_one_run(dbname: str, home: Path, storage: dict[str, Any],
     the run in every process it uses, dispose), and the run id. Creating the schema is not counted."""
     with open_instance(home, storage):
         pass
-    before = settled_sessions(dbname)
+    before = settled(dbname)
     with open_instance(home, storage) as instance:
         run_id = run_fanout(instance, run_config)
-    return settled_sessions(dbname) - before, run_id
+    return settled(dbname) - before, run_id
 
 
 def check_run_reads_back(instance: dg.DagsterInstance, run_id: str) -> list[dg.EventLogEntry]:
@@ -359,7 +343,7 @@ def test_a_dropped_pooled_connection_is_replaced_on_checkout(pg_db: str, tmp_pat
     with open_instance(tmp_path, unified_storage(pg_db)) as instance:
         engine = instance.run_storage.engine
         dropped = _backend_pid(engine)
-        admin = _admin()
+        admin = admin_connection()
         try:
             with admin.cursor() as cursor:
                 cursor.execute("SELECT pg_terminate_backend(%s)", (dropped,))
