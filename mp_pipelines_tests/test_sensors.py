@@ -335,6 +335,14 @@ def test_task_of_step_keys() -> None:
     assert task_of_step("plan") == "plan"
 
 
+
+def failure_context(instance: dg.DagsterInstance, run_id: str) -> dg.RunFailureSensorContext:
+    """The context Dagster gives the run-failure sensor for the failed run `run_id`."""
+    (failure,) = instance.get_records_for_run(run_id, of_type=dg.DagsterEventType.RUN_FAILURE).records
+    return dg.build_run_status_sensor_context(
+        sensor_name=FAILURE_SENSOR_NAME, dagster_event=failure.event_log_entry.dagster_event,
+        dagster_instance=instance, dagster_run=instance.get_run_by_id(run_id)).for_run_failure()
+
 def test_a_failed_run_is_recorded_with_its_task_and_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                           instance: dg.DagsterInstance,
                                                           sensor_log: SensorLog) -> None:
@@ -344,12 +352,7 @@ def test_a_failed_run_is_recorded_with_its_task_and_error(tmp_path: Path, monkey
     outcome = run_workflow(SPECS["classify_tickets"], {"tickets": str(missing)}, executor="in_process",
                            instance=instance)
     assert not outcome.success
-    run = instance.get_run_by_id(outcome.run_id)
-    (failure,) = instance.get_records_for_run(outcome.run_id, of_type=dg.DagsterEventType.RUN_FAILURE).records
-    context = dg.build_run_status_sensor_context(
-        sensor_name=FAILURE_SENSOR_NAME, dagster_event=failure.event_log_entry.dagster_event,
-        dagster_instance=instance, dagster_run=run).for_run_failure()
-    build_failure_sensor()(context)
+    build_failure_sensor()(failure_context(instance, outcome.run_id))
     (line,) = log_file.read_text().splitlines()
     record = json.loads(line)
     assert record["workflow"] == "classify_tickets" and record["run_id"] == outcome.run_id
@@ -375,10 +378,5 @@ def test_the_failure_sensor_ignores_runs_of_other_jobs(tmp_path: Path, monkeypat
         boom()
 
     result = other_job.execute_in_process(instance=instance, raise_on_error=False)
-    run = instance.get_run_by_id(result.run_id)
-    (failure,) = instance.get_records_for_run(result.run_id, of_type=dg.DagsterEventType.RUN_FAILURE).records
-    context = dg.build_run_status_sensor_context(
-        sensor_name=FAILURE_SENSOR_NAME, dagster_event=failure.event_log_entry.dagster_event,
-        dagster_instance=instance, dagster_run=run).for_run_failure()
-    build_failure_sensor()(context)
+    build_failure_sensor()(failure_context(instance, result.run_id))
     assert not (tmp_path / "failures.jsonl").exists()
