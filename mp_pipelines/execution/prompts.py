@@ -55,7 +55,7 @@ def references(source: str, *, expression: bool = False) -> TemplateRefs:
     """Names (and their constant attributes) a template or expression reads from its context."""
     from jinja2 import meta
 
-    tree = parse(_as_template(source) if expression else source)
+    tree = parse(as_template(source) if expression else source)
     names = frozenset(meta.find_undeclared_variables(tree))
     attributes: dict[str, set[str]] = {}
     for node in tree.find_all((nodes.Getattr, nodes.Getitem)):
@@ -67,11 +67,15 @@ def references(source: str, *, expression: bool = False) -> TemplateRefs:
     return TemplateRefs(names, {k: frozenset(v) for k, v in attributes.items()})
 
 
-def _as_template(expression: str) -> str:
+def expression_body(expression: str) -> str:
+    """A condition without its optional `{{ }}` braces."""
     text = expression.strip()
-    if text.startswith("{{") and text.endswith("}}"):
-        text = text[2:-2]
-    return "{{ (" + text + ") }}"
+    return text[2:-2] if text.startswith("{{") and text.endswith("}}") else text
+
+
+def as_template(expression: str) -> str:
+    """A condition as a one-expression template, for parsing it like any prompt."""
+    return "{{ (" + expression_body(expression) + ") }}"
 
 
 @lru_cache(maxsize=1024)
@@ -97,11 +101,8 @@ def render(source: str, context: dict[str, Any]) -> str:
 
 def evaluate(expression: str, context: dict[str, Any]) -> bool:
     """Evaluate a condition such as `classify.severity == 'high'` (braces optional) to a bool."""
-    text = expression.strip()
-    if text.startswith("{{") and text.endswith("}}"):
-        text = text[2:-2]
     try:
-        return bool(_compiled_expression(text)(context))
+        return bool(_compiled_expression(expression_body(expression))(context))
     except TemplateSyntaxError as exc:
         raise TemplateError(f"Jinja syntax error in condition {expression!r}: {exc.message}") from None
     except Exception as exc:

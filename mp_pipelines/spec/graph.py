@@ -13,7 +13,7 @@ from typing import Literal
 
 from jinja2 import nodes
 
-from mp_pipelines.execution.prompts import TemplateError, make_environment, parse, references
+from mp_pipelines.execution.prompts import TemplateError, as_template, make_environment, parse, references
 from mp_pipelines.spec.models import LoopSpec, TaskSpec, WorkflowSpec
 
 # Names Jinja itself defines (range, dict, lipsum, ...): not references to the context.
@@ -37,7 +37,7 @@ def template_refs(source: str, *, expression: bool = False) -> Refs:
     previous: set[str] = set()
     if "loop" in found.names:
         # Inside `{% for %}` Jinja's own `loop` shadows ours, so read its chains scope-aware.
-        tree = parse(_wrap_expression(source) if expression else source)
+        tree = parse(as_template(source) if expression else source)
         loop_attrs: set[str] = set()
         for chain in _loop_chains(tree, shadowed=False):
             loop_attrs.add(chain[0])
@@ -45,13 +45,6 @@ def template_refs(source: str, *, expression: bool = False) -> Refs:
                 previous.add(chain[1])
         attributes["loop"] = frozenset(loop_attrs)
     return Refs(found.names, attributes, frozenset(previous))
-
-
-def _wrap_expression(expression: str) -> str:
-    text = expression.strip()
-    if text.startswith("{{") and text.endswith("}}"):
-        text = text[2:-2]
-    return "{{ (" + text + ") }}"
 
 
 def _loop_chains(node: nodes.Node, *, shadowed: bool) -> Iterator[tuple[str, ...]]:
