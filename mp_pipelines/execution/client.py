@@ -30,7 +30,7 @@ import re
 import threading
 import time
 from collections.abc import AsyncGenerator, Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import httpx
@@ -80,13 +80,17 @@ class LLMResult:
 class LLMError(Exception):
     """A failed LLM call; `kind` classifies it and `retryable` says whether a step retry may help."""
 
-    def __init__(self, message: str, *, kind: str, status_code: int | None = None, attempts: int = 0) -> None:
+    def __init__(self, message: str, *, kind: str, status_code: int | None = None, attempts: int = 0,
+                 result: LLMResult | None = None) -> None:
         super().__init__(message)
         self.kind, self.status_code, self.attempts = kind, status_code, attempts
         self.retryable = kind in RETRYABLE_KINDS
+        # An answer that arrived but was unusable (invalid_output): its raw text and token usage still count.
+        self.result = result
 
     def __reduce__(self) -> tuple[Any, ...]:
-        rebuild = functools.partial(LLMError, kind=self.kind, status_code=self.status_code, attempts=self.attempts)
+        rebuild = functools.partial(LLMError, kind=self.kind, status_code=self.status_code, attempts=self.attempts,
+                                    result=self.result)
         return rebuild, (str(self),)
 
     def __repr__(self) -> str:
@@ -317,22 +321,24 @@ class LLMClient:
     def _result(self, completion: Any, request: LLMRequest, call: _Call, latency: float) -> LLMResult:
         choice = completion.choices[0] if completion.choices else None
         text = (choice.message.content if choice else None) or ""
-        wants_json = request.json_output or request.json_schema is not None
         usage = completion.usage
-        return LLMResult(text=text, parsed=self._validated(text, request, call.attempts) if wants_json else None,
-                         model=completion.model or request.model, provider=self.provider_name,
-                         prompt_tokens=usage.prompt_tokens if usage else 0,
-                         completion_tokens=usage.completion_tokens if usage else 0, latency_s=latency,
-                         finish_reason=choice.finish_reason if choice else None, attempts=max(call.attempts, 1))
+        result = LLMResult(text=text, parsed=None, model=completion.model or request.model, provider=self.provider_name,
+                           prompt_tokens=usage.prompt_tokens if usage else 0,
+                           completion_tokens=usage.completion_tokens if usage else 0, latency_s=latency,
+                           finish_reason=choice.finish_reason if choice else None, attempts=max(call.attempts, 1))
+        if request.json_output or request.json_schema is not None:
+            result = replace(result, parsed=self._validated(result, request))
+        return result
 
-    def _validated(self, text: str, request: LLMRequest, attempts: int) -> Any:
+    def _validated(self, result: LLMResult, request: LLMRequest) -> Any:
         """Decode the answer and check it against the request's schema; raises LLMError(invalid_output)."""
+        text = result.text
         where, excerpt = describe_call(request.label, self.base_url), " ".join(text.split())[:200]
         try:
             parsed = parse_json_answer(text)
         except ValueError as exc:
             raise LLMError(f"{where} returned an answer that is not valid JSON ({exc}); the answer began "
-                           f"{excerpt!r}.", kind="invalid_output", attempts=attempts) from None
+                           f"{excerpt!r}.", kind="invalid_output", attempts=result.attempts, result=result) from None
         if request.json_schema is None:
             return parsed
         validator_cls = jsonschema.validators.validator_for(request.json_schema)
@@ -344,7 +350,7 @@ class LLMClient:
         if error is not None:
             raise LLMError(f"{where} returned JSON that does not match the schema ({error.message} at "
                            f"{error.json_path}); the answer began {excerpt!r}.", kind="invalid_output",
-                           attempts=attempts)
+                           attempts=result.attempts, result=result)
         return parsed
 
     def _error(self, exc: BaseException, request: LLMRequest, call: _Call, budget: float) -> LLMError:
