@@ -15,7 +15,7 @@ import dagster as dg
 
 from mp_pipelines.execution.llm import LLMResource
 from mp_pipelines.factory import build_workflow_definitions
-from mp_pipelines.factory.ops import LLM_RESOURCE_KEY
+from mp_pipelines.factory.ops import BUDGET_RESOURCE_KEY, LLM_RESOURCE_KEY, RunBudget
 from mp_pipelines.sensors.failures import build_failure_sensor
 from mp_pipelines.sensors.inbox import build_inbox_sensor
 from mp_pipelines.spec.loader import LoadResult, Problem, load_workflows
@@ -67,7 +67,8 @@ def build_definitions(loaded: LoadResult) -> dg.Definitions:
             problems.append(Problem(str(loaded.sources.get(name, name)), "", f"could not build job: {exc}"))
     for problem in problems:
         logger.warning("workflow not loaded: %s", problem)
-    return dg.Definitions.merge(*parts, dg.Definitions(resources={LLM_RESOURCE_KEY: build_llm_resource()},
+    return dg.Definitions.merge(*parts, dg.Definitions(resources={LLM_RESOURCE_KEY: build_llm_resource(),
+                                                                  BUDGET_RESOURCE_KEY: RunBudget()},
                                                        sensors=[build_failure_sensor()]))
 
 

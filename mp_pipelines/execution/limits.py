@@ -15,6 +15,7 @@ import time
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from typing import Any
 
 from aiolimiter import AsyncLimiter
 
@@ -140,6 +141,17 @@ class LimiterRegistry:
     def __init__(self) -> None:
         self._limiters: dict[tuple[str, ...], CallLimiter] = {}
         self._semaphores: dict[tuple[str, ...], asyncio.Semaphore] = {}
+        self._budgets: dict[tuple[str, ...], Any] = {}
+
+    def budget(self, run_id: str, budget: Any, spent_before: Any) -> Any:
+        """The run's BudgetTracker in this process, started from what its finished steps spent."""
+        from mp_pipelines.execution.budget import BudgetTracker
+
+        key = ("budget", run_id)
+        found = self._budgets.get(key)
+        if found is None or found.budget != budget:
+            found = self._budgets[key] = BudgetTracker(run_id, budget, spent_before)
+        return found
 
     def limiter(self, key: tuple[str, ...], settings: LimitSettings) -> CallLimiter:
         found = self._limiters.get(key)
@@ -156,6 +168,6 @@ class LimiterRegistry:
 
     def forget(self, prefix: tuple[str, ...]) -> None:
         """Drop the limiters and semaphores whose key starts with `prefix` (e.g. a finished run)."""
-        for table in (self._limiters, self._semaphores):
+        for table in (self._limiters, self._semaphores, self._budgets):
             for key in [k for k in table if k[: len(prefix)] == prefix]:
                 del table[key]

@@ -6,14 +6,16 @@ No Dagster here: ops in `factory/` are thin shells around these functions.
 from __future__ import annotations
 
 import asyncio
+import json
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable, Mapping
 
 from mp_pipelines.execution.aio import shared_loop
+from mp_pipelines.execution.cache import SHARED, Entry, checkpoint_key, request_key
 from mp_pipelines.execution.calls import CallScope, acall
-from mp_pipelines.execution.client import LLMError, LLMRequest
+from mp_pipelines.execution.client import LLMError, LLMRequest, LLMResult
 from mp_pipelines.execution.prompts import evaluate, render
 from mp_pipelines.execution.usage import Usage
 from mp_pipelines.spec.models import TaskSpec, WorkflowSpec
@@ -101,27 +103,91 @@ def remaining_time(deadline: float | None, label: str) -> float | None:
 
 async def arun_task(llm: Any, spec: WorkflowSpec, task: TaskSpec, context: Mapping[str, Any], *, label: str,
                     scope: CallScope, deadline: float | None = None) -> TaskRun:
-    """Call the model once for `task` under the scope's limits; nothing outlives the task's deadline.
+    """The task's answer for `context`: from the cache or checkpoint when allowed, else from the model
+    (invalid JSON sent back for repair), under the scope's limits; nothing outlives the task's deadline.
 
     Runs on the shared loop: waiting for a limiter slot counts against the deadline too.
     """
     left = remaining_time(deadline, label)
     timeout = llm.timeout if left is None else min(llm.timeout, left)
     request = build_request(spec, task, context, default_model=llm.default_model, timeout=timeout, label=label)
-    try:
-        if left is None:
-            result = await acall(llm, request, scope)
-        else:
-            result = await asyncio.wait_for(acall(llm, request, scope), left)
-    except asyncio.TimeoutError:
-        raise TaskTimeout(f"task {label} exceeded its timeout of {task.timeout:g} s waiting for the model") from None
-    except LLMError as exc:
-        if exc.kind == "timeout" and deadline is not None and time.monotonic() >= deadline:
-            raise TaskTimeout(f"task {label} exceeded its timeout of {task.timeout:g} s: {exc}") from None
-        raise
+    key = request_key(request, llm.endpoint_key()) if scope.store is not None else ""
+    answer = await _stored_answer(scope, key, label)
+    if answer is None:
+        try:
+            if left is None:
+                answer = await _answer(llm, task, request, scope)
+            else:
+                answer = await asyncio.wait_for(_answer(llm, task, request, scope), left)
+        except asyncio.TimeoutError:
+            raise TaskTimeout(f"task {label} exceeded its timeout of {task.timeout:g} s waiting for the model") from None
+        except LLMError as exc:
+            if exc.kind == "timeout" and deadline is not None and time.monotonic() >= deadline:
+                raise TaskTimeout(f"task {label} exceeded its timeout of {task.timeout:g} s: {exc}") from None
+            raise
+        _remember(scope, key, label, answer)
+    result = answer.result
     output = result.parsed if request.json_output else result.text
-    return TaskRun(output, Usage.of_result(result), result.model, result.provider, result.finish_reason,
-                   result.attempts)
+    return TaskRun(output, answer.usage, result.model, result.provider, result.finish_reason, result.attempts)
+
+
+async def _stored_answer(scope: CallScope, key: str, label: str) -> Answer | None:
+    """A stored answer this call may use: its run family's checkpoint when resuming, then the shared cache."""
+    if scope.store is None:
+        return None
+    found = None
+    if scope.resuming:
+        found = await scope.store.aget(scope.root_run_id, checkpoint_key(key, label))
+    if found is None and (scope.resuming or scope.cache_policy in ("read_write", "read")):
+        found = await scope.store.aget(SHARED, key)
+    return None if found is None else Answer(found, Usage(cache_hits=1))
+
+
+def _remember(scope: CallScope, key: str, label: str, answer: Answer) -> None:
+    """Keep a new answer: in the shared cache when the policy writes, else in the run family's checkpoint."""
+    if scope.store is None or answer.result.cached:
+        return
+    shared = scope.cache_policy in ("read_write", "write")
+    entry_key = key if shared else checkpoint_key(key, label)
+    scope.store.put(Entry(SHARED if shared else scope.root_run_id, entry_key, scope.workflow, scope.task,
+                          answer.result))
+
+
+@dataclass(frozen=True)
+class Answer:
+    """A usable answer and everything it took to get it (a repaired answer counts every call)."""
+
+    result: LLMResult
+    usage: Usage
+
+
+async def _answer(llm: Any, task: TaskSpec, request: LLMRequest, scope: CallScope) -> Answer:
+    """Call the model; an answer that is not the JSON asked for goes back with what is wrong with it, up to
+    `task.repair_attempts` times. The last failure carries the usage of every call (`exc.usage`)."""
+    usage = Usage()
+    for repair in range(task.repair_attempts + 1):
+        try:
+            result = await acall(llm, request, scope)
+        except LLMError as exc:
+            spent = usage + (Usage.of_result(exc.result) if exc.result is not None else Usage())
+            exc.usage = spent  # type: ignore[attr-defined]
+            if exc.kind != "invalid_output" or exc.result is None or repair == task.repair_attempts:
+                raise
+            usage = spent
+            request = replace(request, messages=[*request.messages, {"role": "assistant", "content": exc.result.text},
+                                                 {"role": "user", "content": repair_prompt(exc, request)}])
+            continue
+        return Answer(result, usage + Usage.of_result(result))
+    raise AssertionError("unreachable: the last repair attempt returns or raises")
+
+
+def repair_prompt(exc: LLMError, request: LLMRequest) -> str:
+    """What the model is told when its JSON answer cannot be used."""
+    schema = ""
+    if request.json_schema is not None:
+        schema = " It must match this JSON schema:\n" + json.dumps(request.json_schema, ensure_ascii=False)
+    return (f"Your answer cannot be used: {exc.detail or exc}. Reply again with only the corrected JSON, "
+            f"no other text.{schema}")
 
 
 def run_task(llm: Any, spec: WorkflowSpec, task: TaskSpec, context: Mapping[str, Any], *, label: str,

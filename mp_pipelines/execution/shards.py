@@ -36,7 +36,7 @@ class ItemRecord:
     """What happened to one item: its result or error, and what it cost."""
 
     index: int
-    status: str  # success | skipped | failed
+    status: str  # success | skipped | failed | stopped (not started: the run's budget was spent)
     output: Any = None
     error: str | None = None
     error_kind: str | None = None
@@ -47,11 +47,15 @@ class ItemRecord:
     model: str | None = None
     provider: str | None = None
     row: Any = None  # the input row, for fan-outs over a table
+    raw_output: str | None = None  # the last unusable answer of an item that failed with invalid_output
+    item: Any = None  # a failed or stopped list item itself, so a later attempt can run it again
+    run_id: str = ""  # the run that produced this record (a re-executed run may carry its parent's)
 
     def as_row(self) -> dict[str, Any]:
         return {"index": self.index, "status": self.status, "output": self.output, "error": self.error,
                 "error_kind": self.error_kind, "attempts": self.attempts, "http_attempts": self.http_attempts,
-                **self.usage.as_dict(), "model": self.model, "provider": self.provider, "row": self.row}
+                **self.usage.as_dict(), "model": self.model, "provider": self.provider, "row": self.row,
+                "raw_output": self.raw_output, "item": self.item, "run_id": self.run_id}
 
 
 def retry_delay(retries: RetrySpec, attempt: int, rand: Callable[[], float] = random.random) -> float:
@@ -87,21 +91,33 @@ async def run_item(llm: Any, spec: WorkflowSpec, task: TaskSpec, base_context: M
             record.error, record.error_kind, record.retryable = f"template error: {exc}", "template", False
             return record
         except (LLMError, TaskTimeout) as exc:
-            kind = exc.kind if isinstance(exc, LLMError) else "timeout"
-            retryable = exc.retryable if isinstance(exc, LLMError) else True
-            record.error, record.error_kind, record.retryable = str(exc), kind, retryable
-            record.http_attempts += getattr(exc, "attempts", 0)
-            if not retryable or attempt == max_attempts or retries is None:
+            _record_failure(record, exc)
+            if record.status == "stopped" or not record.retryable or attempt == max_attempts or retries is None:
                 return record
             delay = retry_delay(retries, attempt)
-            log.warning(f"retrying task {label} in {delay:.1f} s after {kind}, attempt {attempt + 1}/{max_attempts}")
+            log.warning(f"retrying task {label} in {delay:.1f} s after {record.error_kind}, "
+                        f"attempt {attempt + 1}/{max_attempts}")
             await asyncio.sleep(delay)
             continue
         record.status, record.output, record.error, record.error_kind = "success", run.output, None, None
+        record.raw_output = None
         record.http_attempts += run.attempts
-        record.usage, record.model, record.provider = run.usage, run.model, run.provider
+        record.usage, record.model, record.provider = record.usage + run.usage, run.model, run.provider
         return record
     return record
+
+
+def _record_failure(record: ItemRecord, exc: LLMError | TaskTimeout) -> None:
+    """Note a failed attempt on the item's record: its error, what it cost, and the unusable answer if any."""
+    kind = exc.kind if isinstance(exc, LLMError) else "timeout"
+    record.error, record.error_kind = str(exc), kind
+    record.retryable = exc.retryable if isinstance(exc, LLMError) else True
+    record.status = "stopped" if kind == "budget" else "failed"
+    record.http_attempts += getattr(exc, "attempts", 0)
+    record.usage = record.usage + getattr(exc, "usage", Usage())
+    result = getattr(exc, "result", None)
+    if result is not None:
+        record.raw_output = result.text
 
 
 async def run_shard(llm: Any, spec: WorkflowSpec, task: TaskSpec, base_context: Mapping[str, Any],

@@ -12,20 +12,34 @@ USAGE_PREFIX = "llm/"
 
 @dataclass(frozen=True)
 class Usage:
-    """Calls made to the model and what they cost in tokens and seconds."""
+    """Calls made to the model, answers taken from the cache, and what the calls cost."""
 
-    calls: int = 0
+    calls: int = 0  # requests answered by the model (an invalid answer that was repaired counts too)
+    cache_hits: int = 0  # answers taken from the response cache (or a resumed run's checkpoint): free
     prompt_tokens: int = 0
     completion_tokens: int = 0
     latency_s: float = 0.0  # summed over calls
+    cost_usd: float = 0.0  # from the price table; 0 for models it does not list
 
     def __add__(self, other: Usage) -> Usage:
         return Usage(*(getattr(self, f.name) + getattr(other, f.name) for f in fields(self)))
 
     @classmethod
     def of_result(cls, result: Any) -> Usage:
-        """Usage of one LLMResult."""
-        return cls(1, result.prompt_tokens, result.completion_tokens, result.latency_s)
+        """Usage of one LLMResult: a call with its tokens and cost, or a free cache hit."""
+        if result.cached:
+            return cls(cache_hits=1)
+        return cls(calls=1, prompt_tokens=result.prompt_tokens, completion_tokens=result.completion_tokens,
+                   latency_s=result.latency_s, cost_usd=result.cost_usd)
+
+    @classmethod
+    def of_rows(cls, rows: Any) -> Usage:
+        """The sum over a DataFrame of item records (their usage columns)."""
+        values = {}
+        for f in fields(cls):
+            kind = type(getattr(cls(), f.name))
+            values[f.name] = kind(rows[f.name].sum()) if f.name in rows and len(rows) else kind(0)
+        return cls(**values)
 
     def as_metadata(self) -> dict[str, int | float]:
         return {f"{USAGE_PREFIX}{f.name}": _round(getattr(self, f.name)) for f in fields(self)}
@@ -45,4 +59,4 @@ class Usage:
 
 
 def _round(value: int | float) -> int | float:
-    return round(value, 4) if isinstance(value, float) else value
+    return round(value, 6) if isinstance(value, float) else value

@@ -17,6 +17,7 @@ from mp_pipelines.execution.usage import Usage
 from mp_pipelines.factory.ops import (
     FANOUT_TAG,
     LLM_RESOURCE_KEY,
+    PROMPT_RESOURCE_KEYS,
     WORKFLOW_TAG,
     Node,
     call_scope,
@@ -24,6 +25,7 @@ from mp_pipelines.factory.ops import (
     materialization,
     retry_policy,
     run_is_stopping,
+    settle_writes,
     split_inputs,
     task_deadline,
     upstream_ins,
@@ -89,34 +91,55 @@ def _breadth_share(context: dg.OpExecutionContext, spec: WorkflowSpec, shards: i
 
 
 def build_shard_op(spec: WorkflowSpec, task: TaskSpec, upstream: list[str], pool: str | None = None) -> Node:
-    """The mapped step of a fan-out: one shard of items, run concurrently under breadth and limits."""
+    """The mapped step of a fan-out: one shard of items, run concurrently under breadth and limits.
+
+    Items that still fail after their retries fail the step (`on_item_failure: fail`) or are kept as
+    failed records for the collector to list (`skip`); items the budget stopped are always passed on.
+    """
+    policy, _ = spec.failure_policy(task)
 
     def compute(context: dg.OpExecutionContext, inputs: Mapping[str, Any]) -> Iterator[Any]:
         workflow_inputs, values = split_inputs(inputs)
         shard = values.pop("item")
         items = shard["items"]
-        base = build_context(spec, workflow_inputs, values)
-        scope = call_scope(context, spec, fanout=task.name, breadth=_breadth_share(context, spec, shard["shards"]))
-        llm = getattr(context.resources, LLM_RESOURCE_KEY)
-        coro = run_shard(llm, spec, task, base, items, is_table=shard["is_table"], scope=scope,
-                         deadline_of=lambda: task_deadline(task), log=context.log)
-        outcome = shared_loop().run(coro, should_stop=lambda: run_is_stopping(context))
+        breadth = _breadth_share(context, spec, shard["shards"])
+        outcome = _run_items(context, spec, task, workflow_inputs, values, items, shard["is_table"], breadth)
         frame = pd.DataFrame([record.as_row() for record in outcome])
         failed = [record for record in outcome if record.status == "failed"]
         usage = sum((record.usage for record in outcome), Usage())
         metadata = {**usage.as_metadata(), "items": len(outcome), "failed_items": len(failed),
+                    "stopped_items": sum(r.status == "stopped" for r in outcome),
                     "skipped_items": sum(r.status == "skipped" for r in outcome),
                     "http_attempts": int(sum(r.http_attempts for r in outcome))}
-        if failed:
+        if failed and policy == "fail":
             raise _shard_failure(task, items, failed, metadata)
         context.log.info(f"{task.name}[{items[0][0]}…{items[-1][0]}]: {len(outcome)} item(s), {usage.calls} call(s), "
-                         f"{usage.prompt_tokens}+{usage.completion_tokens} tokens")
+                         f"{usage.cache_hits} cache hit(s), {usage.prompt_tokens}+{usage.completion_tokens} tokens"
+                         + (f", {len(failed)} failed (skipped by on_item_failure)" if failed else ""))
         yield dg.Output(frame, metadata=metadata)
 
     return make_op(spec, task.name, compute, ins={"item": dg.In(dg.Any), **upstream_ins(upstream)},
                    description=task.description or None, retry_policy=retry_policy(task),
-                   required_resource_keys={LLM_RESOURCE_KEY}, pool=pool,
+                   required_resource_keys=PROMPT_RESOURCE_KEYS, pool=pool,
                    tags={WORKFLOW_TAG: spec.name, FANOUT_TAG: f"{spec.name}.{task.name}"})
+
+
+def _run_items(context: dg.OpExecutionContext, spec: WorkflowSpec, task: TaskSpec, workflow_inputs: Mapping[str, Any],
+               values: Mapping[str, Any], items: list[tuple[int, Any]], is_table: bool, breadth: int) -> list[ItemRecord]:
+    """Run items of the fan-out concurrently on the shared loop; their answers are stored before this returns."""
+    base = build_context(spec, workflow_inputs, values)
+    scope = call_scope(context, spec, task, fanout=task.name, breadth=breadth)
+    llm = getattr(context.resources, LLM_RESOURCE_KEY)
+    coro = run_shard(llm, spec, task, base, items, is_table=is_table, scope=scope,
+                     deadline_of=lambda: task_deadline(task), log=context.log)
+    outcome = shared_loop().run(coro, should_stop=lambda: run_is_stopping(context))
+    settle_writes(scope)
+    for record in outcome:
+        record.run_id = context.run_id
+        if record.status in ("failed", "stopped") and not is_table:
+            record.row = None
+            record.item = dict(items)[record.index]
+    return outcome
 
 
 def _shard_failure(task: TaskSpec, items: list[tuple[int, Any]], failed: list[ItemRecord],
@@ -124,32 +147,100 @@ def _shard_failure(task: TaskSpec, items: list[tuple[int, Any]], failed: list[It
     """A failed step: a one-item step may be retried by its RetryPolicy; a shard already retried its items."""
     first = failed[0]
     if len(items) == 1:
-        return dg.Failure(first.error or "failed", metadata={"error_kind": first.error_kind or ""},
+        extra = {"raw_output": dg.MetadataValue.text(preview(first.raw_output, 2000))} if first.raw_output else {}
+        return dg.Failure(first.error or "failed", metadata={**metadata, "error_kind": first.error_kind or "", **extra},
                           allow_retries=first.retryable)
-    listing = "; ".join(f"[{r.index}] {r.error}" for r in failed[:5]) + (" …" if len(failed) > 5 else "")
     return dg.Failure(f"task {task.name}: {len(failed)} of {len(items)} item(s) failed after "
-                      f"{first.attempts} attempt(s): {listing}", metadata={**metadata, "error_kind": first.error_kind or ""},
-                      allow_retries=False)
+                      f"{first.attempts} attempt(s): {_listing(failed)}",
+                      metadata={**metadata, "error_kind": first.error_kind or ""}, allow_retries=False)
 
 
-def build_collect_op(spec: WorkflowSpec, task: TaskSpec) -> Node:
-    """Gathers the fan-out's item records in input order into a list (or a DataFrame for tables)."""
+def _listing(failed: list[ItemRecord] | pd.DataFrame, limit: int = 5) -> str:
+    rows = failed.to_dict(orient="records") if isinstance(failed, pd.DataFrame) else [r.__dict__ for r in failed]
+    return "; ".join(f"[{r['index']}] {r['error']}" for r in rows[:limit]) + (" …" if len(rows) > limit else "")
+
+
+def failed_items(item_records: pd.DataFrame, limit: int = 100) -> list[dict[str, Any]]:
+    """The failed items of a fan-out for metadata and the run summary: index, item, error, attempts."""
+    failed = item_records[item_records["status"] == "failed"]
+    return [{"index": int(r["index"]), "item": preview(r["row"] if r["row"] is not None else r["item"], 200),
+             "error": r["error"], "error_kind": r["error_kind"], "attempts": int(r["attempts"]),
+             **({"raw_output": preview(r["raw_output"], 500)} if r["raw_output"] else {})}
+            for r in failed.head(limit).to_dict(orient="records")]
+
+
+def build_collect_op(spec: WorkflowSpec, task: TaskSpec, upstream: list[str]) -> Node:
+    """Gathers the fan-out's item records in input order into a list (or a DataFrame for tables).
+
+    It also finishes what an earlier attempt left: items the budget stopped, and, in a re-executed run,
+    items that failed in the parent run (`skip`), run here under this run's budget. Then it applies
+    the failure policy: with `skip`, failed items are listed and left out, and the task fails below
+    `min_success_ratio`; items still stopped by the budget fail the run after the partial result is
+    materialised.
+    """
+    policy, min_ratio = spec.failure_policy(task)
 
     def compute(context: dg.OpExecutionContext, inputs: Mapping[str, Any]) -> Iterator[Any]:
-        item_records = collected_records(inputs["records"])
-        value = collected_value(item_records)
-        usage = Usage(int(item_records["calls"].sum()), int(item_records["prompt_tokens"].sum()),
-                      int(item_records["completion_tokens"].sum()), float(item_records["latency_s"].sum()))
+        workflow_inputs, values = split_inputs(inputs)
+        item_records = collected_records(values.pop("records"))
+        item_records, new_usage = _finish_items(context, spec, task, workflow_inputs, values, item_records)
+        counts = item_records["status"].value_counts()
+        done, failed, stopped = (int(counts.get(k, 0)) for k in ("success", "failed", "stopped"))
+        value = collected_value(item_records[item_records["status"].isin(["success", "skipped"])])
         called = item_records[item_records["status"] == "success"]
-        metadata = {**usage.as_metadata(), "model": ", ".join(sorted(called["model"].dropna().unique())),
+        listing = failed_items(item_records)
+        failed_text = _listing(item_records[item_records["status"] == "failed"])
+        metadata = {**Usage.of_rows(item_records).as_metadata(),
+                    "model": ", ".join(sorted(called["model"].dropna().unique())),
                     "provider": ", ".join(sorted(called["provider"].dropna().unique())),
                     "items": len(item_records), "shards": len(inputs["records"]),
-                    "skipped_items": int((item_records["status"] == "skipped").sum())}
+                    "skipped_items": int(counts.get("skipped", 0)), "failed_items": failed, "stopped_items": stopped}
+        if listing:
+            metadata["failed"] = dg.MetadataValue.json(listing)
+        attempted = done + failed + stopped
+        if failed and policy == "fail":
+            raise dg.Failure(f"task {task.name}: {failed} item(s) failed: {failed_text}",
+                             metadata={**new_usage.as_metadata(), "error_kind": "item_failure"}, allow_retries=False)
+        if attempted and policy == "skip" and done / attempted < min_ratio:
+            raise dg.Failure(f"task {task.name}: {done} of {attempted} item(s) succeeded ({done / attempted:.0%}), below "
+                             f"its min_success_ratio of {min_ratio:.0%}; failed: {failed_text}",
+                             metadata={**new_usage.as_metadata(), "error_kind": "min_success_ratio"}, allow_retries=False)
+        if stopped:
+            reason = item_records[item_records["status"] == "stopped"]["error"].iloc[0]
+            yield materialization(context, spec, task.name, value, {**metadata, "complete": False})
+            raise dg.Failure(f"task {task.name}: {stopped} of {len(item_records)} item(s) not run: {reason}",
+                             metadata={**new_usage.as_metadata(), "error_kind": "budget", "completed_items": done},
+                             allow_retries=False)
+        if failed:
+            context.log.warning(f"{task.name}: {failed} of {attempted} item(s) failed and are left out "
+                                f"(on_item_failure: skip): {failed_text}")
         yield materialization(context, spec, task.name, value, metadata)
-        yield dg.Output(value, metadata={"items": len(item_records), "skipped_items": metadata["skipped_items"]})
+        out_meta = {**new_usage.as_metadata(), "items": len(item_records), "skipped_items": metadata["skipped_items"],
+                    "failed_items": failed}
+        if listing:
+            out_meta["failed"] = dg.MetadataValue.json(listing)
+        yield dg.Output(value, metadata=out_meta)
 
-    return make_op(spec, f"{task.name}__collect", compute, ins={"records": dg.In(dg.List[dg.Any])},
-                   description=f"Results of {task.name}, in input order.", tags={WORKFLOW_TAG: spec.name})
+    return make_op(spec, f"{task.name}__collect", compute, ins={"records": dg.In(dg.List[dg.Any]), **upstream_ins(upstream)},
+                   description=f"Results of {task.name}, in input order.", required_resource_keys=PROMPT_RESOURCE_KEYS,
+                   tags={WORKFLOW_TAG: spec.name})
+
+
+def _finish_items(context: dg.OpExecutionContext, spec: WorkflowSpec, task: TaskSpec, workflow_inputs: Mapping[str, Any],
+                  values: Mapping[str, Any], item_records: pd.DataFrame) -> tuple[pd.DataFrame, Usage]:
+    """Run again the items an earlier attempt left: budget-stopped ones, and a parent run's failed ones."""
+    redo = (item_records["status"] == "stopped") | (
+        (item_records["status"] == "failed") & (item_records["run_id"] != context.run_id))
+    if not redo.any():
+        return item_records, Usage()
+    todo = item_records[redo]
+    is_table = todo["row"].notna().any()
+    items = [(int(r["index"]), r["row"] if is_table else r["item"]) for r in todo.to_dict(orient="records")]
+    context.log.info(f"{task.name}: running {len(items)} item(s) an earlier attempt did not finish")
+    outcome = _run_items(context, spec, task, workflow_inputs, values, items, is_table, spec.breadth)
+    fresh = pd.DataFrame([record.as_row() for record in outcome])
+    merged = pd.concat([item_records[~redo], fresh], ignore_index=True)
+    return merged.sort_values("index", kind="stable").reset_index(drop=True), Usage.of_rows(fresh)
 
 
 def collected_records(frames: list[pd.DataFrame]) -> pd.DataFrame:

@@ -15,7 +15,7 @@ from mp_pipelines.execution.prompts import TemplateError, evaluate
 from mp_pipelines.execution.runner import build_context
 from mp_pipelines.execution.usage import Usage
 from mp_pipelines.factory.ops import (
-    LLM_RESOURCE_KEY,
+    PROMPT_RESOURCE_KEYS,
     WORKFLOW_TAG,
     Node,
     call_metadata,
@@ -93,7 +93,7 @@ def build_body_op(spec: WorkflowSpec, loop: LoopSpec, index: int, iteration: int
         ins["state"] = dg.In(dg.Any)
     return make_op(spec, body_op_name(task, iteration), compute, ins=ins, outs=outs,
                    description=f"{task.description or task.name} (loop {loop.name}, iteration {iteration}/{total})",
-                   retry_policy=retry_policy(task), required_resource_keys={LLM_RESOURCE_KEY}, pool=pool,
+                   retry_policy=retry_policy(task), required_resource_keys=PROMPT_RESOURCE_KEYS, pool=pool,
                    tags={WORKFLOW_TAG: spec.name, "mp_pipelines/loop": loop.name})
 
 

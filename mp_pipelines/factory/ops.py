@@ -6,7 +6,9 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping
 
 import dagster as dg
+from pydantic import Field
 
+from mp_pipelines.execution.cache import store_for
 from mp_pipelines.execution.calls import CallScope
 from mp_pipelines.execution.client import LLMError
 from mp_pipelines.execution.limits import LimitSettings
@@ -14,10 +16,12 @@ from mp_pipelines.execution.prompts import TemplateError
 from mp_pipelines.execution.runner import TaskRun, TaskTimeout, build_context, condition_holds, preview, run_task
 from mp_pipelines.execution.usage import Usage
 from mp_pipelines.spec.inputs import coerce_input, resolve_path
-from mp_pipelines.spec.models import InputSpec, TaskSpec, WorkflowSpec
+from mp_pipelines.spec.models import BudgetSpec, InputSpec, TaskSpec, WorkflowSpec
 
 INPUTS_OP = "inputs"
 LLM_RESOURCE_KEY = "llm"
+BUDGET_RESOURCE_KEY = "budget"
+PROMPT_RESOURCE_KEYS = {LLM_RESOURCE_KEY, BUDGET_RESOURCE_KEY}
 FANOUT_TAG = "mp_pipelines/fanout"
 WORKFLOW_TAG = "mp_pipelines/workflow"
 PROVIDER_TAG = "mp_pipelines/provider"
@@ -96,14 +100,51 @@ def llm_pool(provider: str, spec: WorkflowSpec, task: TaskSpec) -> str:
     return f"llm/{provider}/{spec.settings_for(task).model or 'default'}"
 
 
-def call_scope(context: dg.OpExecutionContext, spec: WorkflowSpec, *, fanout: str | None = None,
+class RunBudget(dg.ConfigurableResource):
+    """A run's budget. Unset fields fall back to the workflow's `budget:`; set one per run in the run config:
+    `resources: {budget: {config: {max_cost_usd: 0.5}}}` (or `mp-pipelines run --max-cost-usd 0.5`)."""
+
+    max_cost_usd: float | None = Field(default=None, gt=0, description="US dollars (price table).")
+    max_tokens: int | None = Field(default=None, ge=1, description="Prompt + completion tokens.")
+    max_calls: int | None = Field(default=None, ge=1, description="Calls sent to the model; cache hits are free.")
+
+    def over(self, spec: WorkflowSpec) -> BudgetSpec:
+        """This run's budget: the run config's fields over the workflow's."""
+        base = spec.budget.model_dump() if spec.budget else {}
+        mine = {k: v for k, v in self.model_dump().items() if k in BudgetSpec.model_fields and v is not None}
+        return BudgetSpec(**{**base, **mine})
+
+
+def run_spent(instance: dg.DagsterInstance, run_id: str) -> Usage:
+    """What a run's finished steps spent, from their output metadata."""
+    records = instance.get_records_for_run(run_id, of_type={dg.DagsterEventType.STEP_OUTPUT}, limit=1_000_000).records
+    return sum((Usage.from_metadata(r.event_log_entry.dagster_event.event_specific_data.metadata)
+                for r in records if r.event_log_entry.dagster_event is not None), Usage())
+
+
+def call_scope(context: dg.OpExecutionContext, spec: WorkflowSpec, task: TaskSpec, *, fanout: str | None = None,
                breadth: int | None = None) -> CallScope:
-    """The limits a call of this op runs under: the run's workflow `limits` over the resource's defaults."""
+    """Everything a call of this op runs under: the run's workflow `limits` over the resource's defaults, its
+    budget and what the run spent so far, the task's cache policy, and the run family for checkpoints."""
     llm = getattr(context.resources, LLM_RESOURCE_KEY)
     run_limits = None
     if spec.limits is not None:
         run_limits = llm.limit_settings().merged(LimitSettings(**spec.limits.model_dump()))
-    return CallScope(context.run_id, run_limits, fanout, breadth)
+    budget = getattr(context.resources, BUDGET_RESOURCE_KEY).over(spec)
+    spent = Usage()
+    if not budget.unlimited:
+        spent = run_spent(context.instance, context.run_id)
+    run = context.dagster_run
+    return CallScope(context.run_id, run_limits, fanout, breadth, budget=budget, spent_before=spent,
+                     store=store_for(context.instance), cache_policy=spec.cache_policy(task),
+                     root_run_id=run.root_run_id or run.run_id, resuming=run.parent_run_id is not None,
+                     workflow=spec.name, task=task.name)
+
+
+def settle_writes(scope: CallScope) -> None:
+    """Wait until the op's answers are stored, so a finished step implies a persisted cache/checkpoint."""
+    if scope.store is not None and not scope.store.flush():
+        dg.get_dagster_logger().warning(f"{scope.task}: LLM answers are still being written to {scope.store!r}")
 
 
 def run_is_stopping(context: dg.OpExecutionContext) -> bool:
@@ -116,20 +157,34 @@ def call_model(context: dg.OpExecutionContext, spec: WorkflowSpec, task: TaskSpe
                *, label: str, deadline: float | None) -> TaskRun:
     """Run one prompt, turning errors into Dagster failures that retry only when retrying can help."""
     llm = getattr(context.resources, LLM_RESOURCE_KEY)
+    scope = call_scope(context, spec, task)
     try:
         run = run_task(llm, spec, task, template_context, label=label, deadline=deadline,
-                       scope=call_scope(context, spec), should_stop=lambda: run_is_stopping(context))
+                       scope=scope, should_stop=lambda: run_is_stopping(context))
     except TemplateError as exc:
         raise dg.Failure(f"task {label}: template error: {exc}", allow_retries=False) from None
     except LLMError as exc:
-        raise dg.Failure(str(exc), metadata={"error_kind": exc.kind}, allow_retries=exc.retryable) from None
+        raise dg.Failure(str(exc), metadata=failure_metadata(exc), allow_retries=exc.retryable) from None
     except TaskTimeout as exc:
         raise dg.Failure(str(exc), metadata={"error_kind": "timeout"}) from None
-    context.log.info(
-        f"{label}: {run.model} ({run.provider}) answered in {run.usage.latency_s:.2f} s, "
-        f"{run.usage.prompt_tokens}+{run.usage.completion_tokens} tokens, {run.attempts} attempt(s)"
-    )
+    settle_writes(scope)
+    if run.usage.cache_hits:
+        context.log.info(f"{label}: answered from the response cache (no call made)")
+    else:
+        context.log.info(
+            f"{label}: {run.model} ({run.provider}) answered in {run.usage.latency_s:.2f} s, "
+            f"{run.usage.prompt_tokens}+{run.usage.completion_tokens} tokens, ${run.usage.cost_usd:.6f}, "
+            f"{run.attempts} attempt(s)"
+        )
     return run
+
+
+def failure_metadata(exc: LLMError) -> dict[str, Any]:
+    """Metadata of a failed call: its kind, what it spent, and the unusable answer if there was one."""
+    metadata: dict[str, Any] = {"error_kind": exc.kind, **getattr(exc, "usage", Usage()).as_metadata()}
+    if exc.result is not None:
+        metadata["raw_output"] = dg.MetadataValue.text(preview(exc.result.text, 2000))
+    return metadata
 
 
 def call_metadata(run: TaskRun) -> dict[str, Any]:
@@ -143,9 +198,9 @@ def materialization(context: dg.OpExecutionContext, spec: WorkflowSpec, name: st
     """The asset event `[workflow, name]` for a task result (every task asset event is made here)."""
     meta = {k: v for k, v in metadata.items() if not k.startswith("llm/")}
     usage = Usage.from_metadata(metadata)
-    meta.update({"calls": usage.calls, "prompt_tokens": usage.prompt_tokens,
+    meta.update({"calls": usage.calls, "cache_hits": usage.cache_hits, "prompt_tokens": usage.prompt_tokens,
                  "completion_tokens": usage.completion_tokens, "latency_s": round(usage.latency_s, 3),
-                 "preview": dg.MetadataValue.text(preview(value))})
+                 "cost_usd": round(usage.cost_usd, 6), "preview": dg.MetadataValue.text(preview(value))})
     return dg.AssetMaterialization(asset_key=asset_key(spec, name), metadata=meta,
                                    partition=context.partition_key if context.has_partition_key else None)
 
@@ -180,7 +235,7 @@ def build_task_op(spec: WorkflowSpec, task: TaskSpec, upstream: list[str], pool:
     return make_op(spec, task.name, compute, ins=upstream_ins(upstream),
                    outs={"result": dg.Out(dg.Any, is_required=task.when is None)},
                    description=task.description or None, retry_policy=retry_policy(task), pool=pool,
-                   required_resource_keys={LLM_RESOURCE_KEY}, tags={WORKFLOW_TAG: spec.name})
+                   required_resource_keys=PROMPT_RESOURCE_KEYS, tags={WORKFLOW_TAG: spec.name})
 
 
 def check_condition(task: TaskSpec, template_context: Mapping[str, Any], label: str) -> bool:

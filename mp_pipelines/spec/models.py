@@ -19,6 +19,9 @@ RESERVED_NAMES = frozenset({"inputs", "item", "item_index", "loop", "workflow", 
 
 InputType = Literal["string", "integer", "number", "boolean", "list", "table"]
 OutputKind = Literal["text", "json"]
+# read_write: answer from the cache when it can and store new answers; read / write: only one of the two.
+CachePolicy = Literal["read_write", "read", "write", "off"]
+ItemFailurePolicy = Literal["fail", "skip"]
 
 
 def check_name(value: str, what: str) -> str:
@@ -86,7 +89,30 @@ class LimitsSpec(_Strict):
     tokens_per_minute: float | None = Field(default=None, gt=0)
 
 
-class TaskSpec(ModelSettings):
+class BudgetSpec(_Strict):
+    """Most a run may spend; when one is reached no new call starts and the run fails saying which."""
+
+    max_cost_usd: float | None = Field(default=None, gt=0, description="US dollars, from the price table.")
+    max_tokens: int | None = Field(default=None, ge=1, description="Prompt + completion tokens.")
+    max_calls: int | None = Field(default=None, ge=1, description="Calls sent to the model (cache hits are free).")
+
+    @property
+    def unlimited(self) -> bool:
+        return self.max_cost_usd is None and self.max_tokens is None and self.max_calls is None
+
+
+class FailurePolicy(_Strict):
+    """What a fan-out does with items that still fail after their retries (workflow default, task override)."""
+
+    on_item_failure: ItemFailurePolicy | None = Field(
+        default=None, description="fail: the task fails (default); skip: failed items are listed and left out.")
+    min_success_ratio: float | None = Field(
+        default=None, ge=0.0, le=1.0, description="With skip: the task still fails below this share of successes.")
+    cache: CachePolicy | None = Field(
+        default=None, description="Response cache: read_write (default at temperature 0, else off), read, write, off.")
+
+
+class TaskSpec(ModelSettings, FailurePolicy):
     """One prompt task: one op of the generated job and one asset `[workflow, task]`."""
 
     name: str
@@ -104,6 +130,10 @@ class TaskSpec(ModelSettings):
         description="Items per Dagster step of a fan-out (default: one step per item up to 32 items, "
         "else enough items per step to keep 32 steps).",
     )
+    repair_attempts: int = Field(
+        default=2, ge=0, le=10,
+        description="For output: json, times an invalid answer is sent back with the validation error to fix.",
+    )
 
     @field_validator("name")
     @classmethod
@@ -112,8 +142,9 @@ class TaskSpec(ModelSettings):
 
     @model_validator(mode="after")
     def _schema_needs_json(self) -> TaskSpec:
-        if self.shard_size is not None and self.for_each is None:
-            raise ValueError("shard_size is set but the task has no for_each; it only applies to fan-outs")
+        for key in ("shard_size", "on_item_failure", "min_success_ratio"):
+            if getattr(self, key) is not None and self.for_each is None:
+                raise ValueError(f"{key} is set but the task has no for_each; it only applies to fan-outs")
         if self.output_schema is not None and self.output != "json":
             raise ValueError("output_schema is set but output is 'text'; set output: json")
         if self.output_schema is not None:
@@ -176,7 +207,7 @@ class ScheduleSpec(_Strict):
         return value
 
 
-class WorkflowSpec(_Strict):
+class WorkflowSpec(FailurePolicy):
     """A whole workflow: inputs, defaults, limits and the DAG of tasks."""
 
     name: str
@@ -187,6 +218,7 @@ class WorkflowSpec(_Strict):
     depth: int = Field(default=3, ge=1, le=100, description="Most iterations a loop may run.")
     max_items: int = Field(default=1000, ge=1, le=10_000_000, description="Largest fan-out allowed.")
     limits: LimitsSpec | None = None
+    budget: BudgetSpec | None = None
     schedule: ScheduleSpec | None = None
     tags: dict[str, str] = Field(default_factory=dict)
     tasks: list[Step] = Field(min_length=1)
@@ -227,6 +259,19 @@ class WorkflowSpec(_Strict):
         merged = self.defaults.model_dump()
         merged.update({k: v for k, v in task.model_dump(include=set(ModelSettings.model_fields)).items() if v is not None})
         return ModelSettings(**merged)
+
+    def cache_policy(self, task: TaskSpec) -> CachePolicy:
+        """The task's cache policy: its own, else the workflow's, else read_write at temperature 0 and off above."""
+        chosen = task.cache or self.cache
+        if chosen is not None:
+            return chosen
+        return "read_write" if self.settings_for(task).temperature == 0 else "off"
+
+    def failure_policy(self, task: TaskSpec) -> tuple[ItemFailurePolicy, float]:
+        """(on_item_failure, min_success_ratio) of a fan-out task, the workflow's filling the task's gaps."""
+        policy = task.on_item_failure or self.on_item_failure or "fail"
+        ratio = task.min_success_ratio if task.min_success_ratio is not None else self.min_success_ratio
+        return policy, ratio if ratio is not None else 0.0
 
     def to_yaml(self) -> str:
         """The spec as YAML that loads back to an equal spec."""

@@ -1,0 +1,272 @@
+"""Never pay twice: LLM answers stored in a database table, keyed by what was asked.
+
+One table, `mp_llm_responses`, in the instance's database (SQLite next to a local instance,
+PostgreSQL when the instance is on PostgreSQL, or `MP_CACHE_URL`), so answers survive restarts and
+are shared by runs and processes. A row belongs to a *scope*:
+
+- `""`, the shared cache: the key is a hash of endpoint, model, messages, parameters and output
+  schema, so any run asking the same thing gets the same answer (policy `read_write`, `read`, `write`);
+- a root run id, that run family's checkpoint: every answer a run gets is kept under its call's
+  label too, so re-executing the run (resume, "from failure" in the UI) re-uses answers of items
+  that completed before the failure even when the cache policy is `off`.
+
+Reads happen on a small thread pool so the shared event loop never waits on the database; writes
+are batched by one writer thread (one transaction per batch, flushed within `FLUSH_SECONDS`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+import os
+import queue
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import sqlalchemy as sa
+
+from mp_pipelines.execution.client import LLMRequest, LLMResult
+
+log = logging.getLogger(__name__)
+
+CACHE_URL_ENV = "MP_CACHE_URL"
+CACHE_FILE = "mp_llm_cache.sqlite"
+SHARED = ""  # scope of the shared cache
+FLUSH_SECONDS = 0.05
+_BATCH = 500
+
+_METADATA = sa.MetaData()
+RESPONSES = sa.Table(
+    "mp_llm_responses",
+    _METADATA,
+    sa.Column("scope", sa.String(64), primary_key=True),  # SHARED, or the root run id of a checkpoint
+    sa.Column("key", sa.String(64), primary_key=True),
+    sa.Column("workflow", sa.String(255), nullable=False, index=True),
+    sa.Column("task", sa.String(255), nullable=False),
+    sa.Column("model", sa.String(255), nullable=False),
+    sa.Column("answer", sa.Text, nullable=False),  # JSON of the LLMResult fields worth keeping
+    sa.Column("cost_usd", sa.Float, nullable=False, default=0.0),
+    sa.Column("created_at", sa.Float, nullable=False, index=True),
+    sa.Column("hits", sa.Integer, nullable=False, default=0),
+    sa.Column("last_hit_at", sa.Float, nullable=True),
+)
+
+
+def request_key(request: LLMRequest, endpoint: str) -> str:
+    """The content address of a request: what was asked, of which endpoint and model, for which output."""
+    content = {"endpoint": endpoint, "model": request.model, "messages": request.messages,
+               "temperature": request.temperature, "max_tokens": request.max_tokens,
+               "json": request.json_output, "schema": request.json_schema}
+    return hashlib.sha256(json.dumps(content, sort_keys=True, ensure_ascii=False, default=str).encode()).hexdigest()
+
+
+def checkpoint_key(key: str, label: str) -> str:
+    """A run family's key for one call: the same request for two items are two answers."""
+    return hashlib.sha256(f"{label}\0{key}".encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One answer to store."""
+
+    scope: str
+    key: str
+    workflow: str
+    task: str
+    result: LLMResult
+
+
+def _encode(result: LLMResult) -> str:
+    kept = {k: v for k, v in asdict(result).items() if k not in ("latency_s", "attempts", "cached", "cost_usd")}
+    return json.dumps(kept, ensure_ascii=False, default=str)
+
+
+def _decode(answer: str, cost_usd: float) -> LLMResult:
+    data = json.loads(answer)
+    return LLMResult(**data, latency_s=0.0, attempts=0, cost_usd=cost_usd, cached=True)
+
+
+class ResponseStore:
+    """The table behind one database URL: lookups, batched writes, statistics and clearing."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.engine = _engine(url)
+        _METADATA.create_all(self.engine, checkfirst=True)
+        self._readers = ThreadPoolExecutor(max_workers=4, thread_name_prefix="mp-cache-read")
+        self._queue: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
+        self._pending = 0
+        self._idle = threading.Condition()
+        self._writer = threading.Thread(target=self._write_loop, name="mp-cache-write", daemon=True)
+        self._writer.start()
+
+    def __repr__(self) -> str:
+        return f"ResponseStore({sa.engine.make_url(self.url).render_as_string(hide_password=True)!r})"
+
+    # -- reads --
+    def get(self, scope: str, key: str) -> LLMResult | None:
+        """The stored answer, or None; a hit is counted (by the writer, in its next batch)."""
+        with self.engine.connect() as conn:
+            row = conn.execute(sa.select(RESPONSES.c.answer, RESPONSES.c.cost_usd)
+                               .where(RESPONSES.c.scope == scope, RESPONSES.c.key == key)).first()
+        if row is None:
+            return None
+        self._enqueue("hit", (scope, key, time.time()))
+        return _decode(row.answer, row.cost_usd)
+
+    async def aget(self, scope: str, key: str) -> LLMResult | None:
+        """`get` from the event loop, on the store's reader threads."""
+        return await asyncio.get_running_loop().run_in_executor(self._readers, self.get, scope, key)
+
+    # -- writes --
+    def put(self, entry: Entry) -> None:
+        """Store an answer soon (the writer batches); an existing row for the same key is kept."""
+        self._enqueue("put", entry)
+
+    def flush(self, timeout: float = 30.0) -> bool:
+        """Wait until every queued write is in the database; False if that took longer than `timeout`."""
+        deadline = time.monotonic() + timeout
+        with self._idle:
+            while self._pending:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._idle.wait(left)
+        return True
+
+    def _enqueue(self, kind: str, item: Any) -> None:
+        with self._idle:
+            self._pending += 1
+        self._queue.put((kind, item))
+
+    def _write_loop(self) -> None:
+        while True:
+            batch = [self._queue.get()]
+            time.sleep(FLUSH_SECONDS)  # let a burst gather into one transaction
+            while len(batch) < _BATCH:
+                try:
+                    batch.append(self._queue.get_nowait())
+                except queue.Empty:
+                    break
+            try:
+                self._write(batch)
+            except Exception:  # a cache write must never fail a run; the answer was already used
+                log.exception("Could not write %d LLM cache row(s) to %r", len(batch), self)
+            with self._idle:
+                self._pending -= len(batch)
+                self._idle.notify_all()
+
+    def _write(self, batch: list[tuple[str, Any]]) -> None:
+        rows = {}
+        hits: dict[tuple[str, str], float] = {}
+        for kind, item in batch:
+            if kind == "put":
+                cost = item.result.cost_usd
+                rows[(item.scope, item.key)] = {
+                    "scope": item.scope, "key": item.key, "workflow": item.workflow, "task": item.task,
+                    "model": item.result.model, "answer": _encode(item.result), "cost_usd": cost,
+                    "created_at": time.time(), "hits": 0, "last_hit_at": None}
+            else:
+                scope, key, when = item
+                hits[(scope, key)] = when
+        with self.engine.begin() as conn:
+            if rows:
+                insert = _insert(self.engine)(RESPONSES).on_conflict_do_nothing(index_elements=["scope", "key"])
+                conn.execute(insert, list(rows.values()))
+            for (scope, key), when in hits.items():
+                conn.execute(RESPONSES.update().where(RESPONSES.c.scope == scope, RESPONSES.c.key == key)
+                             .values(hits=RESPONSES.c.hits + 1, last_hit_at=when))
+
+    # -- maintenance --
+    def stats(self) -> dict[str, Any]:
+        """Rows, hits and the dollars hits saved, overall and per workflow (shared cache and checkpoints apart)."""
+        c = RESPONSES.c
+        kind = sa.case((c.scope == SHARED, "cache"), else_="checkpoint")
+        query = (sa.select(c.workflow, kind.label("kind"), sa.func.count().label("entries"),
+                           sa.func.coalesce(sa.func.sum(c.hits), 0).label("hits"),
+                           sa.func.coalesce(sa.func.sum(c.hits * c.cost_usd), 0.0).label("saved_usd"),
+                           sa.func.min(c.created_at).label("oldest"), sa.func.max(c.created_at).label("newest"))
+                 .group_by(c.workflow, kind).order_by(c.workflow, kind))
+        self.flush()
+        with self.engine.connect() as conn:
+            groups = [dict(row._mapping) for row in conn.execute(query)]
+        total = {k: sum(g[k] for g in groups) for k in ("entries", "hits", "saved_usd")}
+        return {"url": repr(self), "groups": groups, **total}
+
+    def clear(self, workflow: str | None = None, older_than_days: float | None = None) -> int:
+        """Delete rows (of one workflow, older than some days, or all); returns how many."""
+        condition = sa.true()
+        if workflow is not None:
+            condition = sa.and_(condition, RESPONSES.c.workflow == workflow)
+        if older_than_days is not None:
+            condition = sa.and_(condition, RESPONSES.c.created_at < time.time() - older_than_days * 86_400)
+        self.flush()
+        with self.engine.begin() as conn:
+            return conn.execute(RESPONSES.delete().where(condition)).rowcount
+
+    def count(self, scope: str | None = None) -> int:
+        """Rows stored (in one scope when given)."""
+        query = sa.select(sa.func.count()).select_from(RESPONSES)
+        if scope is not None:
+            query = query.where(RESPONSES.c.scope == scope)
+        with self.engine.connect() as conn:
+            return int(conn.execute(query).scalar_one())
+
+
+def _engine(url: str) -> sa.engine.Engine:
+    if url.startswith("sqlite"):
+        engine = sa.create_engine(url, connect_args={"timeout": 30, "check_same_thread": False})
+
+        @sa.event.listens_for(engine, "connect")
+        def _wal(dbapi_connection: Any, _: Any) -> None:  # readers and the writer do not block each other
+            dbapi_connection.execute("PRAGMA journal_mode=WAL")
+            dbapi_connection.execute("PRAGMA synchronous=NORMAL")
+
+        return engine
+    return sa.create_engine(url, pool_size=4, max_overflow=4, pool_pre_ping=True)
+
+
+def _insert(engine: sa.engine.Engine) -> Any:
+    if engine.dialect.name == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert
+    else:
+        from sqlalchemy.dialects.sqlite import insert
+    return insert
+
+
+def cache_url(instance: Any) -> str | None:
+    """Where the cache lives for an instance: MP_CACHE_URL, the instance's PostgreSQL, or a SQLite file in
+    its folder; None for an ephemeral instance (nothing to persist next to)."""
+    if os.environ.get(CACHE_URL_ENV):
+        return os.environ[CACHE_URL_ENV]
+    postgres_url = getattr(getattr(instance, "run_storage", None), "postgres_url", None)
+    if postgres_url:
+        return postgres_url
+    if instance.is_ephemeral:
+        return None
+    return f"sqlite:///{Path(instance.root_directory) / CACHE_FILE}"
+
+
+_STORES: dict[tuple[str, int], ResponseStore] = {}
+_STORES_LOCK = threading.Lock()
+
+
+def store_for_url(url: str) -> ResponseStore:
+    """One store per database URL and process (a forked child builds its own engine and writer)."""
+    key = (url, os.getpid())
+    with _STORES_LOCK:
+        if key not in _STORES:
+            _STORES[key] = ResponseStore(url)
+        return _STORES[key]
+
+
+def store_for(instance: Any) -> ResponseStore | None:
+    """The store of an instance (see `cache_url`), or None when there is nowhere to keep answers."""
+    url = cache_url(instance)
+    return store_for_url(url) if url else None
