@@ -121,6 +121,15 @@ def parse_inputs(spec: WorkflowSpec, pairs: tuple[str, ...], input_file: str | N
     return checked
 
 
+def budget_options(command: Any) -> Any:
+    """--max-cost-usd, --max-tokens, --max-calls: this run's budget, over the workflow's `budget:`."""
+    for name, kind, text in (("--max-calls", click.IntRange(min=1), "calls"),
+                             ("--max-tokens", click.IntRange(min=1), "prompt + completion tokens"),
+                             ("--max-cost-usd", click.FloatRange(min=0, min_open=True), "US dollars")):
+        command = click.option(name, type=kind, default=None, help=f"Budget: most {text} this run may spend.")(command)
+    return command
+
+
 @main.command()
 @click.argument("workflow")
 @click.option("--input", "-i", "pairs", multiple=True, metavar="KEY=VALUE", help="A workflow input; repeatable.")
@@ -128,22 +137,94 @@ def parse_inputs(spec: WorkflowSpec, pairs: tuple[str, ...], input_file: str | N
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object with the results on stdout.")
 @click.option("--executor", type=click.Choice(["concurrent", "multiprocess", "in_process"]), default=None,
               help="Override the job's executor for this run.")
-def run(workflow: str, pairs: tuple[str, ...], input_file: str | None, as_json: bool, executor: str | None) -> None:
+@budget_options
+def run(workflow: str, pairs: tuple[str, ...], input_file: str | None, as_json: bool, executor: str | None,
+        **budget: Any) -> None:
     """Run WORKFLOW (a name or a YAML path) through Dagster and print each task's result."""
-    import logging
-
     from mp_pipelines.running import run_workflow
+
+    _quiet_dagster_logs()
+    spec, source = resolve_workflow(workflow)
+    inputs = parse_inputs(spec, pairs, input_file)
+    outcome = run_workflow(spec, inputs, source=source, executor=executor, progress=_echo_err, budget=budget)
+    _print_outcome(outcome, as_json)
+
+
+@main.command()
+@click.argument("run_id")
+@click.option("--force", is_flag=True, help="Resume a run still marked started whose process is gone (killed).")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object with the results on stdout.")
+@budget_options
+def resume(run_id: str, force: bool, as_json: bool, **budget: Any) -> None:
+    """Re-execute failed run RUN_ID from failure: only what failed runs again, and answers the run already
+    got (checkpointed per item) are not paid for twice."""
+    from mp_pipelines.running import ResumeError, resume_run
+
+    _quiet_dagster_logs()
+    try:
+        outcome = resume_run(run_id, force=force, budget=budget, progress=_echo_err)
+    except ResumeError as exc:
+        raise click.ClickException(str(exc)) from None
+    _print_outcome(outcome, as_json)
+
+
+def _quiet_dagster_logs() -> None:
+    import logging
 
     # Dagster's own engine logger prints every step event; the CLI prints its own progress instead.
     logging.getLogger("dagster").setLevel(logging.WARNING)
-    spec, source = resolve_workflow(workflow)
-    inputs = parse_inputs(spec, pairs, input_file)
-    outcome = run_workflow(spec, inputs, source=source, executor=executor, progress=_echo_err)
+
+
+def _print_outcome(outcome: Any, as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps(outcome.as_json(), ensure_ascii=False, default=str, indent=2))
     else:
         click.echo(outcome.as_text())
     sys.exit(0 if outcome.success else 1)
+
+
+@main.group()
+def cache() -> None:
+    """Inspect or clear the LLM response cache (and run checkpoints) of the local Dagster instance."""
+
+
+def _store() -> Any:
+    from mp_pipelines.execution.cache import store_for
+    from mp_pipelines.running import local_instance
+
+    instance = local_instance()
+    try:
+        store = store_for(instance)
+    finally:
+        instance.dispose()
+    if store is None:
+        raise click.ClickException("the Dagster instance is ephemeral: there is no response cache to use")
+    return store
+
+
+@cache.command("stats")
+@click.option("--json", "as_json", is_flag=True, help="Print the statistics as JSON.")
+def cache_stats(as_json: bool) -> None:
+    """Entries, hits and dollars saved, per workflow."""
+    stats = _store().stats()
+    if as_json:
+        click.echo(json.dumps(stats, default=str, indent=2))
+        return
+    click.echo(f"cache: {stats['url']}")
+    for group in stats["groups"]:
+        click.echo(f"  {group['workflow']:<24} {group['kind']:<10} {group['entries']:>7} entries "
+                   f"{group['hits']:>7} hits  ${group['saved_usd']:.4f} saved")
+    click.echo(f"total: {stats['entries']} entries, {stats['hits']} hits, ${stats['saved_usd']:.4f} saved")
+
+
+@cache.command("clear")
+@click.option("--workflow", help="Only entries written by this workflow.")
+@click.option("--older-than", "older_than", type=click.FloatRange(min=0), metavar="DAYS",
+              help="Only entries written more than DAYS days ago.")
+def cache_clear(workflow: str | None, older_than: float | None) -> None:
+    """Delete cached answers (all of them, one workflow's, or old ones)."""
+    removed = _store().clear(workflow=workflow, older_than_days=older_than)
+    click.echo(f"removed {removed} cache entr{'y' if removed == 1 else 'ies'}")
 
 
 @main.command("serve-model")

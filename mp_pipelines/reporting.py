@@ -29,7 +29,8 @@ class StepState:
     status: str = "not_run"  # running | success | failed | skipped | not_run | retrying
     has_output: bool = False
     error: str | None = None
-    usage: Usage = field(default_factory=Usage)
+    usage: Usage = field(default_factory=Usage)  # calls of its outputs, and of failed attempts that got answers
+    failed_items: list[dict[str, Any]] = field(default_factory=list)  # fan-out items left out (on_item_failure: skip)
 
 
 def step_states(instance: dg.DagsterInstance, run_id: str) -> dict[str, StepState]:
@@ -47,15 +48,33 @@ def step_states(instance: dg.DagsterInstance, run_id: str) -> dict[str, StepStat
             state.status = "retrying"
         elif kind == dg.DagsterEventType.STEP_OUTPUT:
             state.has_output = True
-            state.usage = state.usage + Usage.from_metadata(event.event_specific_data.metadata)
+            metadata = event.event_specific_data.metadata
+            state.usage = state.usage + Usage.from_metadata(metadata)
+            if "failed" in metadata:
+                state.failed_items = list(metadata["failed"].value)
         elif kind == dg.DagsterEventType.STEP_SUCCESS:
             state.status = "success"
         elif kind == dg.DagsterEventType.STEP_SKIPPED:
             state.status = "skipped"
         elif kind == dg.DagsterEventType.STEP_FAILURE:
             state.status = "failed"
-            error = event.step_failure_data.error
-            state.error = _error_text(error, event.step_failure_data.user_failure_data)
+            error, user_failure = event.step_failure_data.error, event.step_failure_data.user_failure_data
+            state.error = _error_text(error, user_failure)
+            if user_failure is not None:  # answers a failed attempt got were paid for
+                state.usage = state.usage + Usage.from_metadata(user_failure.metadata)
+    return states
+
+
+def family_step_states(instance: dg.DagsterInstance, run_id: str) -> dict[str, StepState]:
+    """Step states of a run and the runs it re-executes: a step keeps the state of the latest run that ran it."""
+    chain = []
+    run = instance.get_run_by_id(run_id)
+    while run is not None and len(chain) < 100:
+        chain.append(run.run_id)
+        run = instance.get_run_by_id(run.parent_run_id) if run.parent_run_id else None
+    states: dict[str, StepState] = {}
+    for ancestor in reversed(chain):
+        states.update(step_states(instance, ancestor))
     return states
 
 
@@ -118,6 +137,9 @@ def summarize_tasks(spec: WorkflowSpec, states: dict[str, StepState]) -> dict[st
             errors = [s.error for s in found if s.error]
             summary[name] = {"status": task_status(found, last_key_state=last), "error": errors[0] if errors else None,
                              "usage": usage}
+            failed_items = [item for s in found for item in s.failed_items]
+            if failed_items:
+                summary[name]["failed_items"] = failed_items
     return summary
 
 
@@ -133,10 +155,11 @@ def task_output(result: dg.ExecuteJobResult, spec: WorkflowSpec, name: str, stat
         loop = next(s for s in spec.tasks if isinstance(s, LoopSpec) and name in {t.name for t in s.tasks})
         return result.output_for_node(loop.name).get(name)
     if isinstance(step, TaskSpec) and step.for_each:
-        from mp_pipelines.factory.fanout import collected_records
-
         if not any(key.startswith(f"{name}[") for key in states):
             return []  # an empty fan-out ran no item step
-        return list(collected_records(list(result.output_for_node(name).values()))["output"])
+        from mp_pipelines.factory.fanout import ITEM_RECORDS
+
+        item_records = result.output_for_node(f"{name}__collect", ITEM_RECORDS)
+        return list(item_records[item_records["status"].isin(["success", "skipped"])]["output"])
     value = result.output_for_node(name)
     return records(value) if hasattr(value, "columns") else value

@@ -13,8 +13,8 @@ import dagster as dg
 
 from mp_pipelines.execution.runner import preview
 from mp_pipelines.execution.usage import Usage
-from mp_pipelines.factory.ops import INPUTS_OP
-from mp_pipelines.reporting import run_usage, step_states, summarize_tasks, task_output
+from mp_pipelines.factory.ops import BUDGET_RESOURCE_KEY, INPUTS_OP
+from mp_pipelines.reporting import family_step_states, run_usage, step_states, summarize_tasks, task_output
 from mp_pipelines.spec.graph import topological_order
 from mp_pipelines.spec.models import WorkflowSpec
 
@@ -49,37 +49,48 @@ class RunOutcome:
     def as_json(self) -> dict[str, Any]:
         tasks = {name: {k: v for k, v in task.items() if k != "usage"} for name, task in self.tasks.items()}
         return {"run_id": self.run_id, "status": self.status, "provider": self.provider, "tasks": tasks,
-                "usage": {"calls": self.usage.calls, "prompt_tokens": self.usage.prompt_tokens,
-                          "completion_tokens": self.usage.completion_tokens,
-                          "latency_s": round(self.usage.latency_s, 3)}}
+                "usage": self.usage.as_dict()}
 
     def as_text(self) -> str:
         lines = [f"run {self.run_id}: {self.status} (provider: {self.provider})"]
         for name, task in self.tasks.items():
             usage = task["usage"]
-            detail = f"{usage.calls} call(s), {usage.prompt_tokens}+{usage.completion_tokens} tokens"
-            lines.append(f"  {name:<20} {task['status']:<8} {detail}")
+            lines.append(f"  {name:<20} {task['status']:<8} {_usage_text(usage)}")
             if task.get("error"):
                 lines.append(f"      error: {task['error']}")
-        lines.append(f"usage: {self.usage.calls} call(s), {self.usage.prompt_tokens} prompt + "
-                     f"{self.usage.completion_tokens} completion tokens")
+            for item in task.get("failed_items", [])[:5]:
+                lines.append(f"      item {item['index']} failed after {item['attempts']} attempt(s): {item['error']}")
+        lines.append(f"usage: {_usage_text(self.usage)}")
         if self.final_task and self.final_task in self.tasks and self.success:
             lines += ["", f"{self.final_task}:", preview(self.tasks[self.final_task].get("output"), 20_000)]
         return "\n".join(lines)
 
 
-def run_config(inputs: dict[str, Any], executor: str | None = None) -> dict[str, Any]:
-    """Run config for a workflow run; Dagster's console logger is kept to warnings for a readable CLI."""
+def _usage_text(usage: Usage) -> str:
+    hits = f", {usage.cache_hits} cache hit(s)" if usage.cache_hits else ""
+    return (f"{usage.calls} call(s){hits}, {usage.prompt_tokens}+{usage.completion_tokens} tokens, "
+            f"${usage.cost_usd:.4f}")
+
+
+def run_config(inputs: dict[str, Any], executor: str | None = None,
+               budget: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Run config for a workflow run; Dagster's console logger is kept to warnings for a readable CLI.
+
+    `budget` ({max_cost_usd, max_tokens, max_calls}) overrides the workflow's `budget:` for this run.
+    """
     config: dict[str, Any] = {"ops": {INPUTS_OP: {"config": inputs}},
                               "loggers": {"console": {"config": {"log_level": "WARNING"}}}}
     if executor:
         config["execution"] = {"config": {executor: {}}}
+    budget = {k: v for k, v in (budget or {}).items() if v is not None}
+    if budget:
+        config["resources"] = {BUDGET_RESOURCE_KEY: {"config": budget}}
     return config
 
 
 def run_workflow(spec: WorkflowSpec, inputs: dict[str, Any], *, source: str | None = None,
                  executor: str | None = None, instance: dg.DagsterInstance | None = None,
-                 progress: Callable[[str], None] | None = None) -> RunOutcome:
+                 progress: Callable[[str], None] | None = None, budget: dict[str, Any] | None = None) -> RunOutcome:
     """Execute the workflow's job with its own executor and summarize the finished run."""
     from mp_pipelines.definitions import provider_name
 
@@ -93,7 +104,7 @@ def run_workflow(spec: WorkflowSpec, inputs: dict[str, Any], *, source: str | No
     if progress:
         watcher.start()
     try:
-        with dg.execute_job(job, instance=instance, run_config=run_config(inputs, executor),
+        with dg.execute_job(job, instance=instance, run_config=run_config(inputs, executor, budget),
                             tags={RUN_TOKEN_TAG: token}, raise_on_error=False) as result:
             done.set()
             if progress:
@@ -108,7 +119,8 @@ def run_workflow(spec: WorkflowSpec, inputs: dict[str, Any], *, source: str | No
 def summarize(result: dg.ExecuteJobResult, spec: WorkflowSpec, instance: dg.DagsterInstance,
               provider: str) -> RunOutcome:
     """RunOutcome of a finished job result."""
-    states = step_states(instance, result.run_id)
+    own = step_states(instance, result.run_id)
+    states = family_step_states(instance, result.run_id)  # a resumed run reuses its parents' finished steps
     tasks = summarize_tasks(spec, states)
     for name, task in tasks.items():
         task["output"] = None
@@ -121,7 +133,7 @@ def summarize(result: dg.ExecuteJobResult, spec: WorkflowSpec, instance: dg.Dags
     order = topological_order(spec)
     run = instance.get_run_by_id(result.run_id)
     status = run.status.value.lower() if run else ("success" if result.success else "failure")
-    return RunOutcome(result.run_id, status, result.success, tasks, run_usage(states), provider,
+    return RunOutcome(result.run_id, status, result.success, tasks, run_usage(own), provider,
                       final_task=order[-1] if order else None)
 
 
@@ -164,3 +176,68 @@ def _describe(event: dg.DagsterEvent) -> str:
     if kind == dg.DagsterEventType.STEP_UP_FOR_RETRY:
         return f"  ↻ {event.step_key} will retry"
     return f"  ✗ {event.step_key} failed"
+
+
+class ResumeError(RuntimeError):
+    """A run cannot be resumed; the message says why and what to do."""
+
+
+_UNFINISHED = (dg.DagsterRunStatus.STARTED, dg.DagsterRunStatus.STARTING, dg.DagsterRunStatus.NOT_STARTED,
+               dg.DagsterRunStatus.QUEUED, dg.DagsterRunStatus.CANCELING)
+
+
+def _job_args(run: dg.DagsterRun) -> tuple[str, str | None]:
+    """(workflow name, spec file) of a run, from the code pointer it was launched with."""
+    origin = run.job_code_origin
+    pointer = getattr(getattr(origin, "repository_origin", None), "code_pointer", None) if origin else None
+    args = tuple(getattr(pointer, "reconstructable_args", ()) or ())
+    if len(args) == 2 and args[0] == run.job_name:
+        return args[0], args[1]
+    return run.job_name, None
+
+
+def resume_run(run_id: str, *, instance: dg.DagsterInstance | None = None, force: bool = False,
+               budget: dict[str, Any] | None = None, progress: Callable[[str], None] | None = None) -> RunOutcome:
+    """Re-execute a failed run from failure: only failed and unfinished steps run again, and items whose answers
+    the run family already got (its checkpoint, or the cache) make no new call.
+
+    A run still marked as started whose process is gone (killed) needs `force`, which marks it failed first.
+    """
+    from mp_pipelines.definitions import _load, provider_name
+
+    own_instance = instance is None
+    instance = instance or local_instance()
+    try:
+        run = instance.get_run_by_id(run_id)
+        if run is None:
+            raise ResumeError(f"no run {run_id!r} in the Dagster instance at {instance.root_directory}")
+        if run.status in _UNFINISHED:
+            if not force:
+                raise ResumeError(f"run {run_id} is still {run.status.value}; if its process is gone (killed), "
+                                  "pass --force to mark it failed and resume it")
+            instance.report_run_failed(run, "marked failed by `mp-pipelines resume --force`: its process is gone")
+        elif run.status != dg.DagsterRunStatus.FAILURE:
+            raise ResumeError(f"run {run_id} ended {run.status.value}; only failed runs can be resumed")
+        name, source = _job_args(run)
+        loaded = _load(source)
+        if name not in loaded.specs:
+            raise ResumeError(f"run {run_id} ran workflow {name!r}, which is not loaded now")
+        spec = loaded.specs[name]
+        job = dg.build_reconstructable_job("mp_pipelines.definitions", "get_job", reconstructable_args=(name, source))
+        config = dict(run.run_config)
+        extra = {k: v for k, v in (budget or {}).items() if v is not None}
+        if extra:
+            resources = dict(config.get("resources") or {})
+            old = (resources.get(BUDGET_RESOURCE_KEY) or {}).get("config") or {}
+            resources[BUDGET_RESOURCE_KEY] = {"config": {**old, **extra}}
+            config["resources"] = resources
+        token = uuid.uuid4().hex
+        tags = {k: v for k, v in run.tags.items() if not k.startswith("dagster/")} | {RUN_TOKEN_TAG: token}
+        if progress:
+            progress(f"resuming run {run_id} of {name} from failure")
+        with dg.execute_job(job, instance=instance, run_config=config, tags=tags, raise_on_error=False,
+                            reexecution_options=dg.ReexecutionOptions.from_failure(run_id, instance)) as result:
+            return summarize(result, spec, instance, provider_name())
+    finally:
+        if own_instance:
+            instance.dispose()

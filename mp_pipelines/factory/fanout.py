@@ -33,6 +33,8 @@ from mp_pipelines.factory.ops import (
 from mp_pipelines.spec.inputs import load_table
 from mp_pipelines.spec.models import TaskSpec, WorkflowSpec
 
+ITEM_RECORDS = "item_records"  # the collector's second output: every item's record, in input order
+
 
 def build_items_op(spec: WorkflowSpec, task: TaskSpec, source_kind: str, source: str) -> Node:
     """The fan-out: one dynamic output per shard of (index, item) pairs."""
@@ -220,10 +222,13 @@ def build_collect_op(spec: WorkflowSpec, task: TaskSpec, upstream: list[str]) ->
         if listing:
             out_meta["failed"] = dg.MetadataValue.json(listing)
         yield dg.Output(value, metadata=out_meta)
+        yield dg.Output(item_records, ITEM_RECORDS)
 
+    outs = {"result": dg.Out(dg.Any), ITEM_RECORDS: dg.Out(dg.Any, description="One row per item: status, output, "
+                                                                                 "error, attempts, usage.")}
     return make_op(spec, f"{task.name}__collect", compute, ins={"records": dg.In(dg.List[dg.Any]), **upstream_ins(upstream)},
-                   description=f"Results of {task.name}, in input order.", required_resource_keys=PROMPT_RESOURCE_KEYS,
-                   tags={WORKFLOW_TAG: spec.name})
+                   outs=outs, description=f"Results of {task.name}, in input order.",
+                   required_resource_keys=PROMPT_RESOURCE_KEYS, tags={WORKFLOW_TAG: spec.name})
 
 
 def _finish_items(context: dg.OpExecutionContext, spec: WorkflowSpec, task: TaskSpec, workflow_inputs: Mapping[str, Any],
