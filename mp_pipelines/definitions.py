@@ -6,10 +6,12 @@ A workflow file with problems is reported and left out; the others still load.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
 import dagster as dg
 
@@ -19,6 +21,7 @@ from mp_pipelines.factory.ops import BUDGET_RESOURCE_KEY, LLM_RESOURCE_KEY, RunB
 from mp_pipelines.sensors.failures import build_failure_sensor
 from mp_pipelines.sensors.inbox import build_inbox_sensor
 from mp_pipelines.spec.loader import LoadResult, Problem, load_workflows
+from mp_pipelines.spec.models import WorkflowSpec
 
 logger = logging.getLogger("mp_pipelines")
 
@@ -72,18 +75,40 @@ def build_definitions(loaded: LoadResult) -> dg.Definitions:
                                                        sensors=[build_failure_sensor()]))
 
 
-@lru_cache(maxsize=None)
 def _load(source: str | None) -> LoadResult:
+    """The workflows of `source` (a spec file; None: the workflow folders), re-read when the file changed."""
+    stamp = None
+    if source:
+        try:
+            stat = Path(source).stat()
+            stamp = (stat.st_mtime_ns, stat.st_size)
+        except OSError:
+            pass
+    return _load_stamped(source, stamp)
+
+
+@lru_cache(maxsize=64)
+def _load_stamped(source: str | None, stamp: tuple[int, int] | None) -> LoadResult:
     return load_workflows([Path(source)] if source else None)
 
 
-def get_job(name: str, source: str | None = None) -> dg.JobDefinition:
-    """The job of workflow `name` (from `source`, a file, when given), for reconstruction in run workers."""
+def get_job(name: str, source: str | None = None, version: str | None = None) -> dg.JobDefinition:
+    """The job of workflow `name` (from `source`, a file, when given), for reconstruction in run workers.
+
+    `version` (a digest of the spec) only tells Dagster's caches of reconstructed jobs apart, so a process
+    that runs a workflow, edits it and runs it again builds the new job.
+    """
     loaded = _load(source)
     if name not in loaded.specs:
         known = ", ".join(sorted(loaded.specs)) or "none"
         raise KeyError(f"no workflow named {name!r} (loaded: {known})")
     return build_definitions(LoadResult({name: loaded.specs[name]}, loaded.sources, [])).resolve_job_def(name)
+
+
+def reconstructable_job(spec: WorkflowSpec, source: str | None) -> Any:
+    """A ReconstructableJob of the workflow, rebuilt by `get_job` in every process that runs its steps."""
+    version = hashlib.sha256(spec.to_yaml().encode()).hexdigest()[:16]
+    return dg.build_reconstructable_job(__name__, "get_job", reconstructable_args=(spec.name, source, version))
 
 
 defs = build_definitions(_load(None))

@@ -92,12 +92,11 @@ def run_workflow(spec: WorkflowSpec, inputs: dict[str, Any], *, source: str | No
                  executor: str | None = None, instance: dg.DagsterInstance | None = None,
                  progress: Callable[[str], None] | None = None, budget: dict[str, Any] | None = None) -> RunOutcome:
     """Execute the workflow's job with its own executor and summarize the finished run."""
-    from mp_pipelines.definitions import provider_name
+    from mp_pipelines.definitions import provider_name, reconstructable_job
 
     own_instance = instance is None
     instance = instance or local_instance()
-    job = dg.build_reconstructable_job("mp_pipelines.definitions", "get_job",
-                                       reconstructable_args=(spec.name, source))
+    job = reconstructable_job(spec, source)
     token = uuid.uuid4().hex
     done = threading.Event()
     watcher = threading.Thread(target=_watch, args=(instance, token, done, progress), daemon=True)
@@ -191,7 +190,7 @@ def _job_args(run: dg.DagsterRun) -> tuple[str, str | None]:
     origin = run.job_code_origin
     pointer = getattr(getattr(origin, "repository_origin", None), "code_pointer", None) if origin else None
     args = tuple(getattr(pointer, "reconstructable_args", ()) or ())
-    if len(args) == 2 and args[0] == run.job_name:
+    if len(args) >= 2 and args[0] == run.job_name:
         return args[0], args[1]
     return run.job_name, None
 
@@ -203,7 +202,7 @@ def resume_run(run_id: str, *, instance: dg.DagsterInstance | None = None, force
 
     A run still marked as started whose process is gone (killed) needs `force`, which marks it failed first.
     """
-    from mp_pipelines.definitions import _load, provider_name
+    from mp_pipelines.definitions import _load, provider_name, reconstructable_job
 
     own_instance = instance is None
     instance = instance or local_instance()
@@ -223,7 +222,7 @@ def resume_run(run_id: str, *, instance: dg.DagsterInstance | None = None, force
         if name not in loaded.specs:
             raise ResumeError(f"run {run_id} ran workflow {name!r}, which is not loaded now")
         spec = loaded.specs[name]
-        job = dg.build_reconstructable_job("mp_pipelines.definitions", "get_job", reconstructable_args=(name, source))
+        job = reconstructable_job(spec, source)
         config = dict(run.run_config)
         extra = {k: v for k, v in (budget or {}).items() if v is not None}
         if extra:

@@ -75,22 +75,25 @@ class LLMResult:
     latency_s: float  # seconds, retries included
     finish_reason: str | None
     attempts: int  # HTTP attempts made (1 = no retry)
+    cost_usd: float = 0.0  # set by the caller from the price table
+    cached: bool = False  # taken from the response cache: no call was made
 
 
 class LLMError(Exception):
     """A failed LLM call; `kind` classifies it and `retryable` says whether a step retry may help."""
 
     def __init__(self, message: str, *, kind: str, status_code: int | None = None, attempts: int = 0,
-                 result: LLMResult | None = None) -> None:
+                 result: LLMResult | None = None, detail: str | None = None) -> None:
         super().__init__(message)
         self.kind, self.status_code, self.attempts = kind, status_code, attempts
         self.retryable = kind in RETRYABLE_KINDS
-        # An answer that arrived but was unusable (invalid_output): its raw text and token usage still count.
-        self.result = result
+        # An answer that arrived but was unusable (invalid_output): its raw text and token usage still count,
+        # and `detail` says what is wrong with it in words fit to send back to the model.
+        self.result, self.detail = result, detail
 
     def __reduce__(self) -> tuple[Any, ...]:
         rebuild = functools.partial(LLMError, kind=self.kind, status_code=self.status_code, attempts=self.attempts,
-                                    result=self.result)
+                                    result=self.result, detail=self.detail)
         return rebuild, (str(self),)
 
     def __repr__(self) -> str:
@@ -182,6 +185,31 @@ def _connection_limits() -> Any:
 
     return type(DEFAULT_CONNECTION_LIMITS)(max_connections=DEFAULT_CONNECTION_LIMITS.max_connections,
                                            max_keepalive_connections=DEFAULT_CONNECTION_LIMITS.max_connections)
+
+
+def _tries(attempts: int) -> str:
+    """"after 1 attempt", "after 3 attempts"."""
+    return f"after {attempts} attempt{'s' if attempts != 1 else ''}"
+
+
+def _never_connected(exc: openai.APIConnectionError) -> bool:
+    """Whether the connection was never made (refused, unresolvable), rather than lost mid-answer.
+
+    By class name: the transport error is httpx's or httpx2's (openai 3.x), whose classes are unrelated.
+    """
+    cause = exc.__cause__
+    return cause is None or any(cls.__name__ == "ConnectError" for cls in type(cause).__mro__)
+
+
+def _transport_failure(exc: openai.APIConnectionError) -> str:
+    """E.g. "ReadError: [Errno 104] Connection reset by peer": the transport error, with the first message down
+    its chain (async transports wrap the OS error in message-less layers)."""
+    link: BaseException | None = exc.__cause__
+    for _ in range(10):
+        if link is None or str(link):
+            break
+        link = link.__cause__ or link.__context__
+    return f"{type(exc.__cause__).__name__}: {link or 'no detail'}"
 
 
 async def _abefore_send(request: httpx.Request) -> None:
@@ -298,7 +326,7 @@ class LLMClient:
         token, started = _CALL.set(call), time.monotonic()
         try:
             completion = self._sync_client().chat.completions.with_raw_response.create(**args).parse()
-        except openai.OpenAIError as exc:
+        except (openai.OpenAIError, json.JSONDecodeError) as exc:  # JSONDecodeError: a 200 body that is not JSON
             raise self._error(exc, request, call, budget) from None
         finally:
             _CALL.reset(token)
@@ -312,20 +340,29 @@ class LLMClient:
             create = (await self._async_client()).chat.completions.with_raw_response.create(**args)
             async with asyncio.timeout(budget):  # also bounds sleeps between retries; no extra task per call
                 completion = (await create).parse()
-        except (openai.OpenAIError, asyncio.TimeoutError) as exc:
+        except (openai.OpenAIError, asyncio.TimeoutError, json.JSONDecodeError) as exc:
             raise self._error(exc, request, call, budget) from None
         finally:
             _CALL.reset(token)
         return self._result(completion, request, call, time.monotonic() - started)
 
     def _result(self, completion: Any, request: LLMRequest, call: _Call, latency: float) -> LLMResult:
-        choice = completion.choices[0] if completion.choices else None
-        text = (choice.message.content if choice else None) or ""
+        if not hasattr(completion, "choices"):  # e.g. a proxy's HTML page: the SDK hands back the body as a string
+            excerpt = self._redact(" ".join(str(completion).split())[:200])
+            raise LLMError(f"{describe_call(request.label, call.base_url)} got HTTP 200 that is not a chat completion "
+                           f"({_tries(call.attempts)}); the body began {excerpt!r}: check OPENAI_BASE_URL.",
+                           kind="server_error", attempts=call.attempts)
+        if not completion.choices:  # never an empty answer: the endpoint sent none
+            raise LLMError(f"{describe_call(request.label, call.base_url)} got HTTP 200 with an empty `choices` list "
+                           f"({_tries(call.attempts)}): the endpoint returned no answer; retrying the call may help.",
+                           kind="server_error", attempts=call.attempts)
+        choice = completion.choices[0]
+        text = choice.message.content or ""
         usage = completion.usage
         result = LLMResult(text=text, parsed=None, model=completion.model or request.model, provider=self.provider_name,
                            prompt_tokens=usage.prompt_tokens if usage else 0,
                            completion_tokens=usage.completion_tokens if usage else 0, latency_s=latency,
-                           finish_reason=choice.finish_reason if choice else None, attempts=max(call.attempts, 1))
+                           finish_reason=choice.finish_reason, attempts=max(call.attempts, 1))
         if request.json_output or request.json_schema is not None:
             result = replace(result, parsed=self._validated(result, request))
         return result
@@ -338,7 +375,8 @@ class LLMClient:
             parsed = parse_json_answer(text)
         except ValueError as exc:
             raise LLMError(f"{where} returned an answer that is not valid JSON ({exc}); the answer began "
-                           f"{excerpt!r}.", kind="invalid_output", attempts=result.attempts, result=result) from None
+                           f"{excerpt!r}.", kind="invalid_output", attempts=result.attempts, result=result,
+                           detail=f"it is not valid JSON ({exc})") from None
         if request.json_schema is None:
             return parsed
         validator_cls = jsonschema.validators.validator_for(request.json_schema)
@@ -350,18 +388,28 @@ class LLMClient:
         if error is not None:
             raise LLMError(f"{where} returned JSON that does not match the schema ({error.message} at "
                            f"{error.json_path}); the answer began {excerpt!r}.", kind="invalid_output",
-                           attempts=result.attempts, result=result)
+                           attempts=result.attempts, result=result,
+                           detail=f"it does not match the JSON schema: {error.message} at {error.json_path}")
         return parsed
 
     def _error(self, exc: BaseException, request: LLMRequest, call: _Call, budget: float) -> LLMError:
         """Map an openai exception to an LLMError with one clear sentence (never the API key)."""
         n, status = call.attempts, getattr(exc, "status_code", None)
-        tries = f"after {n} attempt{'s' if n != 1 else ''}"
+        tries = _tries(n)
         if isinstance(exc, (openai.APITimeoutError, asyncio.TimeoutError)):
             kind = "timeout"
             what = f"got no answer within {budget:g} s ({tries}): raise the timeout or check that the endpoint responds"
-        elif isinstance(exc, openai.APIConnectionError):
+        elif isinstance(exc, openai.APIConnectionError) and _never_connected(exc):
             kind, what = "connection", f"could not connect ({tries}): check OPENAI_BASE_URL and that the server runs"
+        elif isinstance(exc, openai.APIConnectionError):
+            cause = self._redact(_transport_failure(exc))[:200]
+            kind = "connection"
+            what = f"lost the connection before the answer was complete ({cause}; {tries}): the endpoint or a proxy dropped it"
+        elif isinstance(exc, json.JSONDecodeError):
+            body = self._redact(" ".join(exc.doc.split()))[:120]
+            kind = "server_error"
+            what = (f"got HTTP 200 with a body that is not JSON ({exc.msg}; {tries}): the endpoint or a proxy is "
+                    f"misbehaving; the body began {body!r}")
         elif isinstance(exc, (openai.AuthenticationError, openai.PermissionDeniedError)):
             kind, what = "authentication", f"was refused with HTTP {status}: check OPENAI_API_KEY for this endpoint"
         elif isinstance(exc, openai.RateLimitError):

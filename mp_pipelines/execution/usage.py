@@ -59,4 +59,4 @@ class Usage:
 
 
 def _round(value: int | float) -> int | float:
-    return round(value, 6) if isinstance(value, float) else value
+    return round(value, 9) if isinstance(value, float) else value  # costs of single calls are ~1e-6 USD

@@ -111,6 +111,12 @@ class FailurePolicy(_Strict):
     cache: CachePolicy | None = Field(
         default=None, description="Response cache: read_write (default at temperature 0, else off), read, write, off.")
 
+    @field_validator("cache", mode="before")
+    @classmethod
+    def _yaml_off(cls, value: Any) -> Any:
+        # YAML 1.1 reads an unquoted `off` as false: take it as the policy the author wrote.
+        return "off" if value is False else value
+
 
 class TaskSpec(ModelSettings, FailurePolicy):
     """One prompt task: one op of the generated job and one asset `[workflow, task]`."""

@@ -1,0 +1,307 @@
+"""Cache, cost, budgets, JSON repair and failure policies, through real jobs against a loopback endpoint."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import dagster as dg
+import pytest
+import sqlalchemy as sa
+from click.testing import CliRunner
+
+from mp_pipelines.cli import main
+from mp_pipelines.execution.cache import RESPONSES, store_for
+from mp_pipelines.execution.pricing import DEFAULT_PRICES, PriceFileError, load_prices
+from mp_pipelines.execution.server import RunningServer
+from mp_pipelines.spec.loader import WorkflowValidationError, parse_workflow
+from mp_pipelines_tests.workflow_helpers import materializations, run_file, write_workflow
+
+CHAIN = """
+name: chain
+defaults: {{model: gpt-4o-mini, temperature: 0}}
+{extra}
+tasks:
+  - name: facts
+    prompt: "List facts about {{{{ 'owls' }}}}"
+  - name: summary
+    depends_on: [facts]
+    prompt: "{summary_prompt} {{{{ facts }}}}"
+  - name: title
+    depends_on: [summary]
+    prompt: "Title for {{{{ summary }}}}"
+  - name: aside
+    prompt: "An unrelated aside"
+"""
+
+
+def chain(summary_prompt: str = "Summarise:", extra: str = "") -> str:
+    return CHAIN.format(summary_prompt=summary_prompt, extra=extra)
+
+
+def user_prompts(server: RunningServer) -> list[str]:
+    """The last user message of every chat request the server received, in arrival order."""
+    return [r.body["messages"][-1]["content"] for r in server.requests if isinstance(r.body, dict)]
+
+
+def test_rerun_makes_no_calls_and_a_changed_prompt_recalls_only_its_task_and_dependents(
+        openai_env: RunningServer, instance: dg.DagsterInstance, tmp_path: Path) -> None:
+    first = run_file(write_workflow(tmp_path, chain()), {}, instance)
+    assert first.success and first.usage.calls == 4 and first.usage.cache_hits == 0
+    assert len(openai_env.requests) == 4
+
+    second = run_file(write_workflow(tmp_path, chain()), {}, instance)
+    assert second.success and second.usage.calls == 0 and second.usage.cache_hits == 4
+    assert len(openai_env.requests) == 4, "an unchanged workflow must not call the model again"
+    assert {n: t["output"] for n, t in second.tasks.items()} == {n: t["output"] for n, t in first.tasks.items()}
+    hits = {e.asset_key.path[-1]: e.metadata["cache_hits"].value for e in materializations(instance, second.run_id)}
+    assert hits == {"facts": 1, "summary": 1, "title": 1, "aside": 1}
+
+    third = run_file(write_workflow(tmp_path, chain("Condense:")), {}, instance)
+    assert third.success and third.usage.calls == 2 and third.usage.cache_hits == 2
+    new = user_prompts(openai_env)[4:]
+    assert len(new) == 2 and new[0].startswith("Condense:") and new[1].startswith("Title for")
+
+
+@pytest.mark.parametrize("policy, calls_on_rerun, rows", [("off", 4, 0), ("read", 4, 0), ("write", 4, 4)])
+def test_cache_policies(policy: str, calls_on_rerun: int, rows: int, openai_env: RunningServer,
+                        instance: dg.DagsterInstance, tmp_path: Path) -> None:
+    path = write_workflow(tmp_path, chain(extra=f"cache: {policy}"))
+    assert run_file(path, {}, instance).usage.calls == 4
+    again = run_file(path, {}, instance)
+    assert again.success and again.usage.calls == calls_on_rerun and again.usage.cache_hits == 4 - calls_on_rerun
+    store = store_for(instance)
+    assert store is not None and store.count("") == rows
+
+
+def test_temperature_above_zero_defaults_to_no_cache_and_a_task_can_opt_in(
+        openai_env: RunningServer, instance: dg.DagsterInstance, tmp_path: Path) -> None:
+    text = chain().replace("temperature: 0", "temperature: 0.7").replace(
+        '    prompt: "An unrelated aside"', '    prompt: "An unrelated aside"\n    cache: read_write')
+    path = write_workflow(tmp_path, text)
+    run_file(path, {}, instance)
+    again = run_file(path, {}, instance)
+    assert again.usage.calls == 3 and again.usage.cache_hits == 1
+    assert again.tasks["aside"]["usage"].cache_hits == 1
+
+
+def test_cache_cli_stats_and_clear(openai_env: RunningServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    cli = CliRunner()
+    for name in ("alpha", "beta"):
+        # Entries are content-addressed: each workflow asks different things, so neither reuses the other's.
+        text = chain().replace("name: chain", f"name: {name}").replace("owls", name)
+        text = text.replace("unrelated aside", f"aside on {name}")
+        path = write_workflow(tmp_path, text)
+        result = cli.invoke(main, ["run", str(path), "--json"])
+        assert result.exit_code == 0, result.output
+    rerun = cli.invoke(main, ["run", str(tmp_path / "alpha.yaml"), "--json"])
+    usage = json.loads(rerun.stdout)["usage"]
+    assert usage["calls"] == 0 and usage["cache_hits"] == 4 and usage["cost_usd"] == 0
+
+    stats = json.loads(cli.invoke(main, ["cache", "stats", "--json"]).stdout)
+    assert stats["entries"] == 8 and stats["hits"] == 4 and stats["saved_usd"] > 0
+    assert {(g["workflow"], g["entries"]) for g in stats["groups"]} == {("alpha", 4), ("beta", 4)}
+
+    store_url = stats["url"].split("'")[1]
+    with sa.create_engine(store_url).begin() as conn:  # age beta's rows by ten days
+        conn.execute(RESPONSES.update().where(RESPONSES.c.workflow == "beta")
+                     .values(created_at=time.time() - 10 * 86_400))
+    assert "removed 0 cache entries" in cli.invoke(main, ["cache", "clear", "--older-than", "30"]).output
+    assert "removed 4 cache entries" in cli.invoke(main, ["cache", "clear", "--older-than", "5"]).output
+    assert "removed 4 cache entries" in cli.invoke(main, ["cache", "clear", "--workflow", "alpha"]).output
+    assert json.loads(cli.invoke(main, ["cache", "stats", "--json"]).stdout)["entries"] == 0
+    bad = cli.invoke(main, ["cache", "clear", "--older-than", "-1"])
+    assert bad.exit_code == 2 and "--older-than" in bad.output
+
+
+def test_cache_lives_in_postgresql_when_the_instance_does(openai_env: RunningServer, pg_instance: dg.DagsterInstance,
+                                                          tmp_path: Path) -> None:
+    store = store_for(pg_instance)
+    assert store is not None and store.engine.dialect.name == "postgresql"
+    path = write_workflow(tmp_path, chain())
+    assert run_file(path, {}, pg_instance).usage.calls == 4
+    again = run_file(path, {}, pg_instance, executor="multiprocess")  # other processes read the same table
+    assert again.success and again.usage.calls == 0 and again.usage.cache_hits == 4
+    assert store.count("") == 4
+
+
+def test_cost_follows_the_price_table_and_a_price_file_overrides_it(
+        openai_env: RunningServer, instance: dg.DagsterInstance, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = write_workflow(tmp_path, chain(extra="cache: off"))
+    outcome = run_file(path, {}, instance)
+    price_in, price_out = DEFAULT_PRICES["gpt-4o-mini"]
+    usage = outcome.usage
+    expected = (usage.prompt_tokens * price_in + usage.completion_tokens * price_out) / 1e6
+    assert usage.cost_usd == pytest.approx(expected, rel=1e-3) and usage.cost_usd > 0
+    assert outcome.as_json()["usage"]["cost_usd"] == pytest.approx(expected, rel=1e-3)
+    costs = {e.asset_key.path[-1]: e.metadata["cost_usd"].value for e in materializations(instance, outcome.run_id)}
+    assert sum(costs.values()) == pytest.approx(expected, rel=1e-3)
+
+    prices = tmp_path / "prices.yaml"
+    prices.write_text("gpt-4o-mini: {input: 1000, output: 0}\n")
+    monkeypatch.setenv("MP_PRICES_FILE", str(prices))
+    pricier = run_file(path, {}, instance)  # read when a call is priced: no restart needed
+    assert pricier.usage.cost_usd == pytest.approx(pricier.usage.prompt_tokens * 1000 / 1e6)
+
+
+def test_price_table_matches_prefixes_and_rejects_bad_files(tmp_path: Path) -> None:
+    table = load_prices()
+    assert table.price_of("gpt-4o-mini-2024-07-18") == DEFAULT_PRICES["gpt-4o-mini"]
+    assert table.price_of("gpt-4o-2024-08-06") == DEFAULT_PRICES["gpt-4o"]
+    assert table.cost("house-llama", 1000, 1000) == 0.0
+    bad = tmp_path / "prices.yaml"
+    bad.write_text("my-model: {input: -1, output: 2}\n")
+    with pytest.raises(PriceFileError, match=r"prices.yaml: model 'my-model' field input must be a number ≥ 0"):
+        load_prices(bad)
+    bad.write_text("my-model: {in: 1}\n")
+    with pytest.raises(PriceFileError, match="needs exactly the keys input and output"):
+        load_prices(bad)
+
+
+FAN = """
+name: {name}
+breadth: {breadth}
+defaults: {{temperature: 0}}
+cache: off
+{extra}
+inputs:
+  words: {{type: list, default: {words}}}
+tasks:
+  - name: echo
+    for_each: inputs.words
+    prompt: "Echo {{{{ item }}}}"{task_extra}
+  - name: joined
+    depends_on: [echo]
+    prompt: "Join {{{{ echo | length }}}} answers"
+"""
+
+
+def fan(name: str, items: int, *, breadth: int = 4, extra: str = "", task_extra: str = "",
+        words: list | None = None) -> str:
+    words = words if words is not None else [f"w{i:03d}" for i in range(items)]
+    return FAN.format(name=name, breadth=breadth, extra=extra, task_extra=task_extra, words=json.dumps(words))
+
+
+def test_call_budget_stops_new_calls_keeps_results_and_says_which_budget(
+        openai_env: RunningServer, instance: dg.DagsterInstance, tmp_path: Path) -> None:
+    path = write_workflow(tmp_path, fan("budgeted", 40, breadth=4, extra="budget: {max_calls: 10}"))
+    outcome = run_file(path, {}, instance, executor=None)  # the default concurrent executor, 2 shards of 20
+    assert not outcome.success
+    assert len(openai_env.requests) == 10, "max_calls is exact: no call starts once 10 have started"
+    error = outcome.tasks["echo"]["error"]
+    assert "max_calls of 10 reached: 10 call(s) started" in error and "30 of 40 item(s) not run" in error
+    assert outcome.tasks["joined"]["status"] == "not_run"
+    (partial,) = [e for e in materializations(instance, outcome.run_id) if e.asset_key.path[-1] == "echo"]
+    assert partial.metadata["complete"].value is False and partial.metadata["stopped_items"].value == 30
+    assert partial.metadata["calls"].value == 10
+
+    # The run config overrides the workflow's budget; resuming with more budget runs only the 30 stopped items.
+    from mp_pipelines.running import resume_run
+
+    resumed = resume_run(outcome.run_id, instance=instance, budget={"max_calls": 100})
+    assert resumed.success, resumed.as_text()
+    assert len(openai_env.requests) == 10 + 30 + 1  # the 30 stopped items, then `joined`
+    echoed = [p.removeprefix("Echo ") for p in user_prompts(openai_env) if p.startswith("Echo")]
+    assert sorted(echoed) == [f"w{i:03d}" for i in range(40)], "every item called exactly once over both runs"
+    assert [r.split("Echo ")[-1][:4] for r in resumed.tasks["echo"]["output"]] == [f"w{i:03d}" for i in range(40)]
+
+
+def test_cost_budget_overshoot_is_bounded_by_calls_in_flight(
+        openai_env: RunningServer, instance: dg.DagsterInstance, tmp_path: Path) -> None:
+    path = write_workflow(tmp_path, fan("costly", 30, breadth=3, extra="budget: {max_cost_usd: 0.00005}"))
+    outcome = run_file(path, {}, instance, executor=None)
+    assert not outcome.success
+    assert "max_cost_usd of $0.0001 reached" in outcome.tasks["echo"]["error"]
+    calls = len(openai_env.requests)
+    per_call = outcome.usage.cost_usd / max(outcome.usage.calls, 1)
+    assert 0 < calls < 30
+    assert outcome.usage.cost_usd - 0.00005 <= 3 * per_call + 1e-12, "overshoot ≤ the calls in flight (breadth 3)"
+
+
+def test_budget_in_run_config_is_validated() -> None:
+    with pytest.raises(WorkflowValidationError, match=r"budget\.max_calls"):
+        parse_workflow({"name": "w", "budget": {"max_calls": 0}, "tasks": [{"name": "t", "prompt": "p"}]})
+    with pytest.raises(WorkflowValidationError, match=r"budget\.max_dollars"):
+        parse_workflow({"name": "w", "budget": {"max_dollars": 1}, "tasks": [{"name": "t", "prompt": "p"}]})
+
+
+SCHEMA_TASK = """
+name: typed
+cache: off
+tasks:
+  - name: person
+    prompt: "Describe a person as JSON"
+    output: json
+    output_schema:
+      type: object
+      required: [name, age]
+      properties: {name: {type: string}, age: {type: integer}}
+"""
+
+
+def test_invalid_json_is_sent_back_with_the_validation_error_and_repaired(
+        openai_env: RunningServer, instance: dg.DagsterInstance, tmp_path: Path) -> None:
+    openai_env.faults.add(content="Sure! Here it is: {name: Ada")
+    openai_env.faults.add(content='{"name": "Ada", "age": "thirty-six"}')
+    openai_env.faults.add(content='{"name": "Ada", "age": 36}')
+    outcome = run_file(write_workflow(tmp_path, SCHEMA_TASK), {}, instance)
+    assert outcome.success, outcome.as_text()
+    assert outcome.tasks["person"]["output"] == {"name": "Ada", "age": 36}
+    assert outcome.usage.calls == 3, "the two unusable answers were paid for and are counted"
+    first, second, third = (r.body for r in openai_env.requests)
+    assert first["response_format"]["type"] == "json_schema", "the endpoint's structured output is asked for"
+    assert second["messages"][-2] == {"role": "assistant", "content": "Sure! Here it is: {name: Ada"}
+    assert "not valid JSON" in second["messages"][-1]["content"]
+    assert "does not match the JSON schema: 'thirty-six' is not of type 'integer' at $.age" in third["messages"][-1]["content"]
+
+
+def test_an_answer_that_stays_invalid_fails_its_item_with_the_raw_answer(
+        openai_env: RunningServer, instance: dg.DagsterInstance, tmp_path: Path) -> None:
+    text = fan("stubborn", 3, breadth=1, extra="on_item_failure: skip",
+               task_extra="\n    output: json\n    repair_attempts: 1")
+    openai_env.faults.add(content="not json at all", times=2)  # the first item: its answer and its one repair
+    outcome = run_file(write_workflow(tmp_path, text), {}, instance, executor="in_process")
+    assert outcome.success, outcome.as_text()
+    (failed,) = outcome.tasks["echo"]["failed_items"]
+    assert failed["index"] == 0 and failed["error_kind"] == "invalid_output" and failed["attempts"] == 1
+    assert failed["raw_output"] == "not json at all" and "not valid JSON" in failed["error"]
+    assert len(outcome.tasks["echo"]["output"]) == 2
+
+
+def test_skip_policy_lists_failures_and_downstream_runs_on_successes(
+        openai_env: RunningServer, instance: dg.DagsterInstance, tmp_path: Path) -> None:
+    words = [{"t": f"w{i}"} if i % 4 else {"other": i} for i in range(12)]  # every 4th item lacks `t`
+    text = fan("lenient", 0, extra="on_item_failure: skip", words=words).replace("Echo {{ item }}", "Echo {{ item.t }}")
+    outcome = run_file(write_workflow(tmp_path, text), {}, instance, executor=None)
+    assert outcome.success, outcome.as_text()
+    failed = outcome.tasks["echo"]["failed_items"]
+    assert [f["index"] for f in failed] == [0, 4, 8] and all("'dict object' has no attribute 't'" in f["error"]
+                                                              for f in failed)
+    assert [o.split("Echo ")[-1][:2] for o in outcome.tasks["echo"]["output"]] == [
+        f"w{i}"[:2] for i in range(12) if i % 4]
+    assert "Join 9 answers" in user_prompts(openai_env)[-1], "downstream sees only the successes"
+    (event,) = [e for e in materializations(instance, outcome.run_id) if e.asset_key.path[-1] == "echo"]
+    assert event.metadata["failed_items"].value == 3
+    assert [f["index"] for f in event.metadata["failed"].value] == [0, 4, 8]
+
+    strict = write_workflow(tmp_path, text.replace("name: lenient", "name: strict").replace(
+        "on_item_failure: skip", "on_item_failure: skip\nmin_success_ratio: 0.8"))
+    below = run_file(strict, {}, instance)
+    assert not below.success
+    assert "9 of 12 item(s) succeeded (75%), below its min_success_ratio of 80%" in below.tasks["echo"]["error"]
+
+
+def test_fail_policy_still_fails_the_task(openai_env: RunningServer, instance: dg.DagsterInstance, tmp_path: Path) -> None:
+    words = [{"t": "a"}, {"other": 1}]
+    text = fan("strict_default", 0, words=words).replace("Echo {{ item }}", "Echo {{ item.t }}")
+    outcome = run_file(write_workflow(tmp_path, text), {}, instance)
+    assert not outcome.success and "'dict object' has no attribute 't'" in outcome.tasks["echo"]["error"]
+
+
+def test_failure_policy_fields_only_apply_to_fan_outs() -> None:
+    with pytest.raises(WorkflowValidationError, match="on_item_failure is set but the task has no for_each"):
+        parse_workflow({"name": "w", "tasks": [{"name": "t", "prompt": "p", "on_item_failure": "skip"}]})
+    with pytest.raises(WorkflowValidationError, match="min_success_ratio"):
+        parse_workflow({"name": "w", "min_success_ratio": 1.5, "tasks": [{"name": "t", "prompt": "p"}]})
