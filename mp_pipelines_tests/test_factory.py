@@ -50,8 +50,8 @@ def test_fan_out_is_a_dynamic_output_mapped_and_collected() -> None:
     assert items_op.output_defs[0].is_dynamic
     structure = job.graph.dependency_structure
     assert structure.is_dynamic_mapped("research")
-    # The collector also gets the shards' own inputs, to finish items an earlier attempt left (budget, resume).
-    assert upstream_nodes(job, "research__collect") == {"research", "plan", "inputs"}
+    # The collector also gets every shard's items and inputs, to finish what an earlier attempt left (budget, resume).
+    assert upstream_nodes(job, "research__collect") == {"research", "research__items", "plan", "inputs"}
     assert not structure.is_dynamic_mapped("research__collect")  # collected: back to one step
     assert job.graph.node_named("research").definition.tags["mp_pipelines/fanout"] == "research_report.research"
 

@@ -305,3 +305,60 @@ def test_failure_policy_fields_only_apply_to_fan_outs() -> None:
         parse_workflow({"name": "w", "tasks": [{"name": "t", "prompt": "p", "on_item_failure": "skip"}]})
     with pytest.raises(WorkflowValidationError, match="min_success_ratio"):
         parse_workflow({"name": "w", "min_success_ratio": 1.5, "tasks": [{"name": "t", "prompt": "p"}]})
+
+
+def test_resume_after_sigkill_mid_fan_out_calls_only_what_was_not_answered(
+        llm_server_factory, tmp_path: Path) -> None:
+    """Kill the run process (SIGKILL) mid-way through a 200-item fan-out, resume it, and check that every item
+    appears exactly once and that no answer the killed run had stored is paid for again."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from mp_pipelines.execution.cache import CACHE_FILE, ResponseStore
+    from mp_pipelines.execution.simulated import SimulatedModel
+    from mp_pipelines.running import resume_run
+
+    server = llm_server_factory(model=SimulatedModel(latency=0.25))
+    path = write_workflow(tmp_path, fan("killed", 200, breadth=6).replace("cache: off\n", ""))  # temperature 0 …
+    path.write_text(path.read_text().replace("defaults: {temperature: 0}", "defaults: {temperature: 0.9}"))  # … off
+    env = {**os.environ, "OPENAI_BASE_URL": server.base_url, "OPENAI_API_KEY": "sk-test-resume"}
+    env.pop("DAGSTER_HOME", None)
+    child = subprocess.Popen([sys.executable, "-m", "mp_pipelines.cli", "run", str(path), "--json"], cwd=tmp_path,
+                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    home = tmp_path / ".mp_pipelines" / "dagster_home"
+    deadline = time.monotonic() + 120
+    stored = 0
+    while stored < 60:
+        assert child.poll() is None, f"the run ended before it was killed: {child.stderr.read().decode()[-2000:]}"
+        assert time.monotonic() < deadline, "the run stored no 60 answers within 120 s"
+        time.sleep(0.05)
+        if (home / CACHE_FILE).exists():
+            stored = ResponseStore(f"sqlite:///{home / CACHE_FILE}").count()
+    os.killpg(child.pid, signal.SIGKILL)
+    child.wait()
+    time.sleep(0.5)  # requests the dead process had in flight reach the server's log
+    checkpointed = ResponseStore(f"sqlite:///{home / CACHE_FILE}").count()
+    assert 60 <= checkpointed < 200
+    before = len(server.requests)
+
+    with dg.DagsterInstance.local_temp(str(home), overrides={"telemetry": {"enabled": False}}) as instance:
+        (killed,) = instance.get_runs()
+        assert killed.status == dg.DagsterRunStatus.STARTED  # nobody could report its death
+        monkey_env = {"OPENAI_BASE_URL": server.base_url, "OPENAI_API_KEY": "sk-test-resume"}
+        with pytest.MonkeyPatch.context() as mp:
+            for key, value in monkey_env.items():
+                mp.setenv(key, value)
+            mp.chdir(tmp_path)
+            outcome = resume_run(killed.run_id, instance=instance, force=True)
+        assert outcome.success, outcome.as_text()
+        resumed = instance.get_run_by_id(outcome.run_id)
+        assert resumed.parent_run_id == killed.run_id
+        assert instance.get_run_by_id(killed.run_id).status == dg.DagsterRunStatus.FAILURE
+
+    after = [p for p in user_prompts(server)[before:] if p.startswith("Echo")]
+    assert len(after) == len(set(after)) == 200 - checkpointed, "only items without a stored answer were called"
+    assert outcome.usage.calls == len(after) + 1 and outcome.usage.cache_hits >= 1  # + `joined`
+    echoed = [o.split("Echo ")[-1][:4] for o in outcome.tasks["echo"]["output"]]
+    assert echoed == [f"w{i:03d}" for i in range(200)], "every item exactly once, in input order"

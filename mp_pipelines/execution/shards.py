@@ -48,14 +48,13 @@ class ItemRecord:
     provider: str | None = None
     row: Any = None  # the input row, for fan-outs over a table
     raw_output: str | None = None  # the last unusable answer of an item that failed with invalid_output
-    item: Any = None  # a failed or stopped list item itself, so a later attempt can run it again
     run_id: str = ""  # the run that produced this record (a re-executed run may carry its parent's)
 
     def as_row(self) -> dict[str, Any]:
         return {"index": self.index, "status": self.status, "output": self.output, "error": self.error,
                 "error_kind": self.error_kind, "attempts": self.attempts, "http_attempts": self.http_attempts,
                 **self.usage.as_dict(), "model": self.model, "provider": self.provider, "row": self.row,
-                "raw_output": self.raw_output, "item": self.item, "run_id": self.run_id}
+                "raw_output": self.raw_output, "run_id": self.run_id}
 
 
 def retry_delay(retries: RetrySpec, attempt: int, rand: Callable[[], float] = random.random) -> float:

@@ -138,9 +138,6 @@ def _run_items(context: dg.OpExecutionContext, spec: WorkflowSpec, task: TaskSpe
     settle_writes(scope)
     for record in outcome:
         record.run_id = context.run_id
-        if record.status in ("failed", "stopped") and not is_table:
-            record.row = None
-            record.item = dict(items)[record.index]
     return outcome
 
 
@@ -162,10 +159,10 @@ def _listing(failed: list[ItemRecord] | pd.DataFrame, limit: int = 5) -> str:
     return "; ".join(f"[{r['index']}] {r['error']}" for r in rows[:limit]) + (" …" if len(rows) > limit else "")
 
 
-def failed_items(item_records: pd.DataFrame, limit: int = 100) -> list[dict[str, Any]]:
+def failed_items(item_records: pd.DataFrame, items: Mapping[int, Any], limit: int = 100) -> list[dict[str, Any]]:
     """The failed items of a fan-out for metadata and the run summary: index, item, error, attempts."""
     failed = item_records[item_records["status"] == "failed"]
-    return [{"index": int(r["index"]), "item": preview(r["row"] if r["row"] is not None else r["item"], 200),
+    return [{"index": int(r["index"]), "item": preview(items.get(int(r["index"])), 200),
              "error": r["error"], "error_kind": r["error_kind"], "attempts": int(r["attempts"]),
              **({"raw_output": preview(r["raw_output"], 500)} if r["raw_output"] else {})}
             for r in failed.head(limit).to_dict(orient="records")]
@@ -174,8 +171,10 @@ def failed_items(item_records: pd.DataFrame, limit: int = 100) -> list[dict[str,
 def build_collect_op(spec: WorkflowSpec, task: TaskSpec, upstream: list[str]) -> Node:
     """Gathers the fan-out's item records in input order into a list (or a DataFrame for tables).
 
-    It also finishes what an earlier attempt left: items the budget stopped, and, in a re-executed run,
-    items that failed in the parent run (`skip`), run here under this run's budget. Then it applies
+    It also finishes what an earlier attempt left: items the budget stopped, items that failed in the
+    run this one re-executes (`skip`), and items whose steps never ran there (Dagster 1.13 does not
+    re-execute mapped steps that had not started when a run was killed): they run here, under this
+    run's budget, with the run family's stored answers. Then it applies
     the failure policy: with `skip`, failed items are listed and left out, and the task fails below
     `min_success_ratio`; items still stopped by the budget fail the run after the partial result is
     materialised.
@@ -185,12 +184,16 @@ def build_collect_op(spec: WorkflowSpec, task: TaskSpec, upstream: list[str]) ->
     def compute(context: dg.OpExecutionContext, inputs: Mapping[str, Any]) -> Iterator[Any]:
         workflow_inputs, values = split_inputs(inputs)
         item_records = collected_records(values.pop("records"))
-        item_records, new_usage = _finish_items(context, spec, task, workflow_inputs, values, item_records)
+        shards = values.pop("shards")
+        all_items = {index: item for shard in shards for index, item in shard["items"]}
+        is_table = bool(shards) and shards[0]["is_table"]
+        item_records, new_usage = _finish_items(context, spec, task, workflow_inputs, values, item_records,
+                                                all_items, is_table)
         counts = item_records["status"].value_counts()
         done, failed, stopped = (int(counts.get(k, 0)) for k in ("success", "failed", "stopped"))
         value = collected_value(item_records[item_records["status"].isin(["success", "skipped"])])
         called = item_records[item_records["status"] == "success"]
-        listing = failed_items(item_records)
+        listing = failed_items(item_records, all_items)
         failed_text = _listing(item_records[item_records["status"] == "failed"])
         metadata = {**Usage.of_rows(item_records).as_metadata(),
                     "model": ", ".join(sorted(called["model"].dropna().unique())),
@@ -226,23 +229,28 @@ def build_collect_op(spec: WorkflowSpec, task: TaskSpec, upstream: list[str]) ->
 
     outs = {"result": dg.Out(dg.Any), ITEM_RECORDS: dg.Out(dg.Any, description="One row per item: status, output, "
                                                                                  "error, attempts, usage.")}
-    return make_op(spec, f"{task.name}__collect", compute, ins={"records": dg.In(dg.List[dg.Any]), **upstream_ins(upstream)},
+    ins = {"records": dg.In(dg.List[dg.Any]), "shards": dg.In(dg.List[dg.Any]), **upstream_ins(upstream)}
+    return make_op(spec, f"{task.name}__collect", compute, ins=ins,
                    outs=outs, description=f"Results of {task.name}, in input order.",
                    required_resource_keys=PROMPT_RESOURCE_KEYS, tags={WORKFLOW_TAG: spec.name})
 
 
 def _finish_items(context: dg.OpExecutionContext, spec: WorkflowSpec, task: TaskSpec, workflow_inputs: Mapping[str, Any],
-                  values: Mapping[str, Any], item_records: pd.DataFrame) -> tuple[pd.DataFrame, Usage]:
-    """Run again the items an earlier attempt left: budget-stopped ones, and a parent run's failed ones."""
+                  values: Mapping[str, Any], item_records: pd.DataFrame, all_items: Mapping[int, Any],
+                  is_table: bool) -> tuple[pd.DataFrame, Usage]:
+    """Run the items an earlier attempt left: budget-stopped ones, a parent run's failed ones, and missing ones."""
     redo = (item_records["status"] == "stopped") | (
         (item_records["status"] == "failed") & (item_records["run_id"] != context.run_id))
-    if not redo.any():
+    missing = sorted(set(all_items) - set(item_records["index"]))
+    if missing:
+        context.log.warning(f"{task.name}: {len(missing)} item(s) have no result (their steps did not run in the run "
+                            "this one re-executes); running them here")
+    todo = sorted([int(i) for i in item_records[redo]["index"]] + missing)
+    if not todo:
         return item_records, Usage()
-    todo = item_records[redo]
-    is_table = todo["row"].notna().any()
-    items = [(int(r["index"]), r["row"] if is_table else r["item"]) for r in todo.to_dict(orient="records")]
-    context.log.info(f"{task.name}: running {len(items)} item(s) an earlier attempt did not finish")
-    outcome = _run_items(context, spec, task, workflow_inputs, values, items, is_table, spec.breadth)
+    context.log.info(f"{task.name}: running {len(todo)} item(s) an earlier attempt did not finish")
+    outcome = _run_items(context, spec, task, workflow_inputs, values, [(i, all_items[i]) for i in todo], is_table,
+                         spec.breadth)
     fresh = pd.DataFrame([record.as_row() for record in outcome])
     merged = pd.concat([item_records[~redo], fresh], ignore_index=True)
     return merged.sort_values("index", kind="stable").reset_index(drop=True), Usage.of_rows(fresh)

@@ -76,7 +76,7 @@ def _compose_task(spec: WorkflowSpec, task: TaskSpec, upstream: list[str], handl
     items = build_items_op(spec, task, "input" if kind == "input" else "step", name)(**items_kwargs)
     item_op = build_shard_op(spec, task, upstream, pool=llm_pool(provider, spec, task))
     mapped = items.map(lambda item: item_op(item=item, **kwargs))
-    return build_collect_op(spec, task, upstream)(records=mapped.collect(), **kwargs).result
+    return build_collect_op(spec, task, upstream)(records=mapped.collect(), shards=items.collect(), **kwargs).result
 
 
 def _compose_loop(spec: WorkflowSpec, loop: LoopSpec, handles: Handles, step_names: set[str], provider: str) -> Any:
