@@ -213,7 +213,7 @@ def test_cost_budget_overshoot_is_bounded_by_calls_in_flight(
     path = write_workflow(tmp_path, fan("costly", 30, breadth=3, extra="budget: {max_cost_usd: 0.00005}"))
     outcome = run_file(path, {}, instance, executor=None)
     assert not outcome.success
-    assert "max_cost_usd of $0.0001 reached" in outcome.tasks["echo"]["error"]
+    assert "max_cost_usd of $0.00005 reached: $0.0000" in outcome.tasks["echo"]["error"]
     calls = len(openai_env.requests)
     per_call = outcome.usage.cost_usd / max(outcome.usage.calls, 1)
     assert 0 < calls < 30

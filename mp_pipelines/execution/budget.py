@@ -16,6 +16,11 @@ from mp_pipelines.execution.usage import Usage
 from mp_pipelines.spec.models import BudgetSpec
 
 
+def usd(amount: float) -> str:
+    """Dollars to the micro-dollar, without trailing zeros: $0.00005, $0.000222, $2."""
+    return "$" + (f"{amount:,.6f}".rstrip("0").rstrip(".") or "0")
+
+
 class BudgetExceeded(LLMError):
     """A call was not started because the run's budget is spent (never retried)."""
 
@@ -44,7 +49,7 @@ class BudgetTracker:
         if b.max_tokens is not None and tokens >= b.max_tokens:
             return f"max_tokens of {b.max_tokens} reached: {tokens} token(s) spent in {s.calls} call(s)"
         if b.max_cost_usd is not None and s.cost_usd >= b.max_cost_usd:
-            return f"max_cost_usd of ${b.max_cost_usd:.4f} reached: ${s.cost_usd:.4f} spent in {s.calls} call(s)"
+            return f"max_cost_usd of {usd(b.max_cost_usd)} reached: {usd(s.cost_usd)} spent in {s.calls} call(s)"
         return None
 
     def admit(self, label: str) -> None:
