@@ -31,7 +31,7 @@ setup(
     ],
     extras_require={
         # playwright drives the Debian chromium package (never `playwright install`): test_ui_browser.py
-        "dev": ["pytest>=8", "pytest-timeout>=2.3", "ruff>=0.5", "playwright>=1.45"],
+        "dev": ["pytest>=8", "pytest-timeout>=2.3", "ruff>=0.5", "playwright>=1.45", "hypothesis>=6.100"],
     },
     entry_points={"console_scripts": ["mp-pipelines=mp_pipelines.cli:main"]},
 )

@@ -70,6 +70,12 @@ def _no_ambient_llm_env(monkeypatch: pytest.MonkeyPatch) -> None:
         "MP_MAX_IN_FLIGHT",
         "MP_REQUESTS_PER_MINUTE",
         "MP_TOKENS_PER_MINUTE",
+        "MP_CACHE_URL",
+        "MP_PRICES_FILE",
+        "MP_MAX_INPUT_CHARS",
+        "MP_MAX_TABLE_BYTES",
+        "MP_MAX_PROMPT_CHARS",
+        "MP_MAX_SPEC_BYTES",
         "DAGSTER_HOME",
     ):
         monkeypatch.delenv(name, raising=False)

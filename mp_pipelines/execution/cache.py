@@ -243,8 +243,11 @@ def _insert(engine: sa.engine.Engine) -> Any:
 def cache_url(instance: Any) -> str | None:
     """Where the cache lives for an instance: MP_CACHE_URL, the instance's PostgreSQL, or a SQLite file in
     its folder; None for an ephemeral instance (nothing to persist next to)."""
-    if os.environ.get(CACHE_URL_ENV):
-        return os.environ[CACHE_URL_ENV]
+    configured = os.environ.get(CACHE_URL_ENV, "").strip()
+    if configured.lower() in ("none", "off"):
+        return None  # no cache and no checkpoints: every call is made, a resumed run calls everything again
+    if configured:
+        return configured
     postgres_url = getattr(getattr(instance, "run_storage", None), "postgres_url", None)
     if postgres_url:
         return postgres_url

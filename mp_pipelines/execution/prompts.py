@@ -1,7 +1,9 @@
 """Prompt templates: sandboxed Jinja2 rendering and static analysis of what a template refers to.
 
 Inputs are data: they are passed as values, never re-rendered, so an input holding `{{ ... }}`
-stays literal text, and the sandbox refuses access to Python internals.
+stays literal text. Templates may not name `__` attributes (`__class__`, `__globals__`, ...): parsing
+refuses them, so a spec that tries is invalid, and the sandbox refuses any other unsafe attribute
+when rendering. A rendered prompt longer than MP_MAX_PROMPT_CHARS is an error, never sent.
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ from typing import Any
 
 from jinja2 import StrictUndefined, TemplateSyntaxError, nodes
 from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+from mp_pipelines.spec.size_limits import MAX_PROMPT_CHARS
 
 
 class TemplateError(ValueError):
@@ -44,11 +48,27 @@ class TemplateRefs:
 
 
 def parse(source: str) -> nodes.Template:
-    """Parse a template, raising TemplateError with the line and reason on bad syntax."""
+    """Parse a template, raising TemplateError with the line and reason on bad syntax or a `__` attribute."""
     try:
-        return _ENV.parse(source)
+        tree = _ENV.parse(source)
     except TemplateSyntaxError as exc:
         raise TemplateError(f"Jinja syntax error on line {exc.lineno}: {exc.message}") from None
+    refuse_internals(tree)
+    return tree
+
+
+def refuse_internals(tree: nodes.Template) -> None:
+    """TemplateError when the template reads an attribute starting with `__` (by `.name`, `["name"]` or `|attr`)."""
+    for node in tree.find_all((nodes.Getattr, nodes.Getitem, nodes.Filter)):
+        if isinstance(node, nodes.Getattr):
+            key = node.attr
+        elif isinstance(node, nodes.Getitem):
+            key = getattr(node.arg, "value", None)
+        else:
+            key = node.args[0].value if node.name == "attr" and node.args and isinstance(node.args[0], nodes.Const) else None
+        if isinstance(key, str) and key.startswith("__"):
+            raise TemplateError(f"line {node.lineno}: {key!r} is a Python internal, which templates may not read; "
+                                "read inputs.<name>, task outputs, item and loop by name")
 
 
 def references(source: str, *, expression: bool = False) -> TemplateRefs:
@@ -81,22 +101,28 @@ def as_template(expression: str) -> str:
 @lru_cache(maxsize=1024)
 def _compiled(source: str) -> Any:
     # A fan-out renders one template thousands of times; compiling it once saves ~0.4 ms a call.
-    return _ENV.from_string(source)
+    return _ENV.from_string(parse(source))
 
 
 @lru_cache(maxsize=1024)
 def _compiled_expression(text: str) -> Any:
+    refuse_internals(_ENV.parse(as_template(text)))
     return _ENV.compile_expression(text, undefined_to_none=False)
 
 
 def render(source: str, context: dict[str, Any]) -> str:
-    """Render a template with `context`; undefined names and sandbox violations raise TemplateError."""
+    """Render a template with `context`; undefined names, sandbox violations and a too-long result raise TemplateError."""
     try:
-        return _compiled(source).render(context)
-    except TemplateSyntaxError as exc:
-        raise TemplateError(f"Jinja syntax error on line {exc.lineno}: {exc.message}") from None
+        text = _compiled(source).render(context)
+    except TemplateError:
+        raise
     except Exception as exc:  # UndefinedError, SecurityError, errors inside filters
         raise TemplateError(f"{type(exc).__name__}: {exc}") from None
+    try:
+        MAX_PROMPT_CHARS.check(len(text), "rendered prompt")
+    except ValueError as exc:  # too long, or MP_MAX_PROMPT_CHARS is no number
+        raise TemplateError(str(exc)) from None
+    return text
 
 
 def evaluate(expression: str, context: dict[str, Any]) -> bool:
@@ -106,4 +132,5 @@ def evaluate(expression: str, context: dict[str, Any]) -> bool:
     except TemplateSyntaxError as exc:
         raise TemplateError(f"Jinja syntax error in condition {expression!r}: {exc.message}") from None
     except Exception as exc:
-        raise TemplateError(f"condition {expression!r} failed: {type(exc).__name__}: {exc}") from None
+        reason = str(exc) if isinstance(exc, TemplateError) else f"{type(exc).__name__}: {exc}"
+        raise TemplateError(f"condition {expression!r} failed: {reason}") from None

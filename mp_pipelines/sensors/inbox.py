@@ -201,12 +201,15 @@ def _skip(scan: InboxScan, name: str, signature: str, reason: str,
 
 
 def table_checker(spec: WorkflowSpec, input_name: str) -> Callable[[Path], str | None]:
-    """Why a file is no good as the workflow's table input (malformed, empty, too long), or None."""
+    """Why a file is no good as the workflow's table input (malformed, empty, too large), or None."""
     from mp_pipelines.spec.inputs import load_table
+    from mp_pipelines.spec.size_limits import SizeLimitError
 
     def check(path: Path) -> str | None:
         try:
             frame = load_table(path, name=input_name, max_rows=spec.max_items)
+        except SizeLimitError as exc:
+            return f"too large: {exc}"
         except ValueError as exc:
             return f"malformed: {exc}"
         if len(frame) == 0:

@@ -6,19 +6,36 @@ import json
 from pathlib import Path
 from typing import Any
 
+from mp_pipelines.spec.size_limits import MAX_INPUT_CHARS, MAX_TABLE_BYTES, SizeLimitError
+
 TABLE_SUFFIXES = (".csv", ".jsonl", ".ndjson", ".json", ".parquet", ".pq")
 _TRUE = {"true", "yes", "1", "on"}
 _FALSE = {"false", "no", "0", "off"}
 
 
-def coerce_input(kind: str, value: Any, name: str) -> Any:
-    """Convert `value` to the input type `kind`, raising ValueError that names input `name`."""
+def coerce_input(kind: str, value: Any, name: str, *, check_size: bool = True) -> Any:
+    """Convert `value` to the input type `kind`, raising ValueError that names input `name`.
+
+    A value longer than MP_MAX_INPUT_CHARS is refused first (SizeLimitError), before any parsing. Values
+    written in a spec file (defaults, schedule inputs) pass `check_size=False`: the file's own size limit
+    bounds them, and lowering the input limit must not make a workflow disappear.
+    """
+    if check_size:
+        check_input_size(value, name)
     coerce = _COERCERS[kind]
     article = "an" if kind[0] in "aeiou" else "a"
     try:
         return coerce(value)
-    except (TypeError, ValueError) as exc:
+    except (TypeError, ValueError, RecursionError) as exc:  # RecursionError: a JSON list nested thousands deep
         raise ValueError(f"input {name!r} expects {article} {kind}: {exc}") from None
+
+
+def check_input_size(value: Any, name: str) -> None:
+    """SizeLimitError when a string, or a list or object as JSON, is longer than MP_MAX_INPUT_CHARS characters."""
+    if isinstance(value, str):
+        MAX_INPUT_CHARS.check(len(value), f"input {name!r}")
+    elif isinstance(value, (list, dict)):
+        MAX_INPUT_CHARS.check(len(json.dumps(value, ensure_ascii=False, default=str)), f"input {name!r} as JSON")
 
 
 def _string(value: Any) -> str:
@@ -94,6 +111,8 @@ def load_table(path: str | Path, *, name: str = "table", max_rows: int | None = 
     """Read a CSV, JSONL or Parquet file (or a folder of text files) into a DataFrame.
 
     Errors name the input and the file. A folder gives one row per .txt/.md file: `name`, `path`, `text`.
+    A file (or a folder's text files together) larger than MP_MAX_TABLE_BYTES is refused before it is read,
+    and a table with more than `max_rows` rows (the workflow's max_items) after; both raise SizeLimitError.
     """
     import pandas as pd
 
@@ -102,6 +121,7 @@ def load_table(path: str | Path, *, name: str = "table", max_rows: int | None = 
         return _text_folder(file, name=name, max_rows=max_rows)
     if not file.is_file():
         raise FileNotFoundError(f"input {name!r}: table file {str(file)!r} does not exist")
+    MAX_TABLE_BYTES.check(file.stat().st_size, f"input {name!r}: table file {str(file)!r}")
     suffix = file.suffix.lower()
     try:
         if suffix == ".csv":
@@ -118,9 +138,13 @@ def load_table(path: str | Path, *, name: str = "table", max_rows: int | None = 
         raise ValueError(f"input {name!r}: cannot read table {str(file)!r}: {exc}") from None
     except Exception as exc:  # pandas raises parser-specific errors (ParserError, ArrowInvalid)
         raise ValueError(f"input {name!r}: cannot read table {str(file)!r}: {type(exc).__name__}: {exc}") from None
-    if max_rows is not None and len(frame) > max_rows:
-        raise ValueError(f"input {name!r}: table {str(file)!r} has {len(frame)} rows, more than the limit {max_rows}")
+    _check_rows(len(frame), max_rows, f"input {name!r}: table {str(file)!r} has {len(frame):,} rows")
     return frame
+
+
+def _check_rows(rows: int, max_rows: int | None, what: str) -> None:
+    if max_rows is not None and rows > max_rows:
+        raise SizeLimitError(f"{what}, more than the limit {max_rows:,} (the workflow's max_items)")
 
 
 TEXT_SUFFIXES = (".txt", ".md", ".markdown", ".rst")
@@ -132,8 +156,9 @@ def _text_folder(folder: Path, *, name: str, max_rows: int | None):
     files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in TEXT_SUFFIXES)
     if not files:
         raise ValueError(f"input {name!r}: folder {str(folder)!r} holds no {', '.join(TEXT_SUFFIXES)} files")
-    if max_rows is not None and len(files) > max_rows:
-        raise ValueError(f"input {name!r}: folder {str(folder)!r} has {len(files)} files, more than the limit {max_rows}")
+    _check_rows(len(files), max_rows, f"input {name!r}: folder {str(folder)!r} has {len(files):,} files")
+    MAX_TABLE_BYTES.check(sum(file.stat().st_size for file in files),
+                          f"input {name!r}: the text files of folder {str(folder)!r} together")
     rows = []
     for file in files:
         try:

@@ -1,6 +1,9 @@
 """Workflow YAML → WorkflowSpec, with every problem reported at once as file, field path and reason.
 
 A bad file never stops the others: `load_workflows` collects problems per file and loads the rest.
+Loading only ever raises WorkflowValidationError: YAML is read with a SafeLoader (no Python tags), files
+larger than MP_MAX_SPEC_BYTES are not read, and data nested too deeply, referring to itself or blown
+up by YAML aliases is refused before it is validated.
 """
 
 from __future__ import annotations
@@ -20,6 +23,8 @@ from pydantic_core import ErrorDetails
 
 import mp_pipelines
 from mp_pipelines.spec.models import WorkflowSpec
+from mp_pipelines.spec.size_limits import MAX_SPEC_BYTES
+from mp_pipelines.spec.yaml_guard import MAX_DEPTH, UniqueKeyLoader, shape_problem
 
 SHIPPED_WORKFLOWS_DIR = Path(mp_pipelines.__file__).parent / "workflows"
 WORKFLOW_SUFFIXES = (".yaml", ".yml")
@@ -119,13 +124,13 @@ def _format_loc(loc: tuple[str | int, ...], data: Any) -> tuple[str, type[BaseMo
         if part == "[key]":  # Pydantic's marker for a bad mapping key
             text += " (name)"
             continue
-        if isinstance(part, int):
+        if isinstance(part, int) and not isinstance(node, dict):
             node = node[part] if isinstance(node, list) and -len(node) <= part < len(node) else None
             name = node.get("name") if isinstance(node, dict) else None
             text += f"[{part}]" + (f" ({name})" if isinstance(name, str) and name else "")
-        else:
+        else:  # a mapping key; Pydantic gives a boolean or number key as an int or a string
             node = node.get(part) if isinstance(node, dict) else None
-            text += (f".{part}" if text else part) if part.isidentifier() else f"[{part!r}]"
+            text += (f".{part}" if text else part) if isinstance(part, str) and part.isidentifier() else f"[{part!r}]"
     return text, owner
 
 
@@ -139,6 +144,8 @@ def _message(error: ErrorDetails, owner: type[BaseModel] | None) -> str:
         return f"unknown key {key!r}" + (hint or allowed)
     if kind == "missing":
         return f"missing required key {key!r}"
+    if kind == "invalid_key":
+        return f"key {value!r} is not text; keys must be text, so put it in quotes"
     message = error["msg"].removeprefix("Value error, ").removeprefix("Assertion failed, ")
     message = message[:1].lower() + message[1:]
     if kind.endswith("_type") or kind in ("literal_error", "enum") or kind.startswith(("greater", "less")):
@@ -151,7 +158,12 @@ def pydantic_problems(exc: ValidationError, data: Any, source: str | None) -> li
     """One Problem per Pydantic error, with union tags dropped from the path."""
     problems = []
     for error in exc.errors(include_url=False):
-        path, owner = _format_loc(tuple(error["loc"]), data)
+        loc = tuple(error["loc"])
+        if error["type"] == "invalid_key":  # Pydantic's loc holds the key as text or int: show it as written
+            path, owner = _format_loc(loc[:-1], data)
+            path += f"[{error.get('input')!r}]"
+        else:
+            path, owner = _format_loc(loc, data)
         problems.append(Problem(source, path, _message(error, owner)))
     return problems
 
@@ -168,6 +180,9 @@ def parse_workflow(data: Any, source: str | None = None) -> WorkflowSpec:
         raise WorkflowValidationError(
             [Problem(source, "", f"a workflow must be a mapping with name and tasks, but this is {kind}")], source
         )
+    shape = shape_problem(data)
+    if shape:
+        raise WorkflowValidationError([Problem(source, "", shape)], source)
     try:
         spec = WorkflowSpec.model_validate(data)
     except ValidationError as exc:
@@ -178,31 +193,19 @@ def parse_workflow(data: Any, source: str | None = None) -> WorkflowSpec:
     return spec
 
 
-class _UniqueKeyLoader(yaml.SafeLoader):
-    """yaml.safe_load, except that a key repeated in one mapping is an error instead of a silent overwrite."""
-
-    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
-        seen: set[Any] = set()
-        for key_node, _ in node.value:
-            key = self.construct_object(key_node, deep=deep)
-            if isinstance(key, typing.Hashable) and key in seen:
-                raise yaml.constructor.ConstructorError(
-                    None, None, f"key {key!r} appears twice in one mapping", key_node.start_mark
-                )
-            seen.add(key)
-        return super().construct_mapping(node, deep=deep)
-
-
 def read_yaml(path: str | Path) -> Any:
     """The data of a YAML file; WorkflowValidationError naming the file, line and column on failure."""
     source = str(path)
     try:
+        MAX_SPEC_BYTES.check(Path(path).stat().st_size, "the workflow file")
         text = Path(path).read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         reason = "does not exist" if isinstance(exc, FileNotFoundError) else f"cannot be read ({exc})"
         raise WorkflowValidationError([Problem(source, "", f"workflow file {reason}")], source) from None
+    except ValueError as exc:  # larger than MP_MAX_SPEC_BYTES, or that variable is no number
+        raise WorkflowValidationError([Problem(source, "", str(exc))], source) from None
     try:
-        data = yaml.load(text, Loader=_UniqueKeyLoader)  # a SafeLoader subclass: as safe as yaml.safe_load
+        data = yaml.load(text, Loader=UniqueKeyLoader)  # a SafeLoader subclass: as safe as yaml.safe_load
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -210,6 +213,9 @@ def read_yaml(path: str | Path) -> Any:
         raise WorkflowValidationError([Problem(source, where, f"invalid YAML: {reason}")], source) from None
     except yaml.YAMLError as exc:
         raise WorkflowValidationError([Problem(source, "", f"invalid YAML: {exc}")], source) from None
+    except RecursionError:  # PyYAML builds nested collections recursively
+        message = f"mappings and lists are nested too deeply to read (the limit is {MAX_DEPTH} levels)"
+        raise WorkflowValidationError([Problem(source, "", message)], source) from None
     if data is None:
         raise WorkflowValidationError([Problem(source, "", "the file is empty; a workflow needs name and tasks")])
     return data

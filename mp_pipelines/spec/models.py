@@ -57,7 +57,7 @@ class InputSpec(_Strict):
             from mp_pipelines.spec.inputs import coerce_input  # local: inputs imports this module
 
             try:
-                coerce_input(self.type, self.default, "default")
+                coerce_input(self.type, self.default, "default", check_size=False)
             except ValueError as exc:
                 raise ValueError(str(exc).replace("input 'default' expects", "default must be", 1)) from None
         return self

@@ -259,7 +259,7 @@ class _Checker:
                 self.add(path, f"unknown input {name!r}; declared inputs: {_known(inputs)}{suggest(name, inputs)}")
                 continue
             try:
-                coerce_input(inputs[name].type, value, name)
+                coerce_input(inputs[name].type, value, name, check_size=False)
             except ValueError as exc:
                 self.add(path, str(exc))
         if schedule.enabled:
