@@ -32,12 +32,13 @@ tasks:
 """
 
 
-@pytest.mark.parametrize("items, expected", [(1, 1), (32, 1), (33, 2), (100, 4), (10_000, 313)])
-def test_default_shard_size_keeps_steps_few(items: int, expected: int) -> None:
+@pytest.mark.parametrize("items, breadth, expected", [(1, 8, 1), (32, 8, 1), (33, 1, 4), (33, 8, 32), (100, 1, 4), (100, 8, 32),
+                                                      (1000, 100, 400), (10_000, 8, 313), (10_000, 200, 800)])
+def test_default_shard_size_keeps_steps_few(items: int, breadth: int, expected: int) -> None:
     task = TaskSpec(name="t", prompt="p", for_each="inputs.x")
-    assert shard_size(task, items) == expected
+    assert shard_size(task, items, breadth) == expected
     assert -(-items // expected) <= MAX_STEPS_PER_FANOUT
-    assert shard_size(TaskSpec(name="t", prompt="p", for_each="inputs.x", shard_size=7), items) == 7
+    assert shard_size(TaskSpec(name="t", prompt="p", for_each="inputs.x", shard_size=7), items, breadth) == 7
 
 
 def test_retry_delay_follows_dagsters_formula_and_is_capped() -> None:
@@ -55,10 +56,11 @@ def test_large_fan_out_runs_in_few_steps_in_input_order(instance: dg.DagsterInst
     assert len(results) == 100
     assert all(f"Echo w{i:03d}" in r for i, r in enumerate(results))
     mapped = [key for key in step_states(instance, outcome.run_id) if key.startswith("echo[")]
-    assert len(mapped) == 25 and "echo[0_3]" in mapped and "echo[96_99]" in mapped
+    # 100 items at breadth 8: shards of 4 × breadth = 32 items
+    assert sorted(mapped) == ["echo[0_31]", "echo[32_63]", "echo[64_95]", "echo[96_99]"]
     assert outcome.usage.calls == 100
     (event,) = [e for e in materializations(instance, outcome.run_id) if e.asset_key.path[-1] == "echo"]
-    assert event.metadata["items"].value == 100 and event.metadata["shards"].value == 25
+    assert event.metadata["items"].value == 100 and event.metadata["shards"].value == 4
     assert event.metadata["calls"].value == 100
 
 

@@ -22,13 +22,21 @@ from mp_pipelines.spec.models import RetrySpec, TaskSpec, WorkflowSpec
 
 MAX_RETRY_DELAY = 3600.0  # seconds
 MAX_STEPS_PER_FANOUT = 32  # default: small fan-outs keep one step per item, larger ones ≤ this many shards
+WAVES_PER_SHARD = 4  # default shards hold at least this many times the fan-out's breadth
 
 
-def shard_size(task: TaskSpec, items: int) -> int:
-    """Items per Dagster step: the task's `shard_size`, else 1 up to 32 items, else enough for 32 steps."""
+def shard_size(task: TaskSpec, items: int, breadth: int = 1) -> int:
+    """Items per Dagster step: the task's `shard_size`; else one item per step up to 32 items; else shards of
+    at least four waves of the fan-out's breadth, and never more than 32 steps.
+
+    A step costs about a dozen event writes and a thread that competes for the GIL with the shared loop
+    doing the calls; steps beyond those that keep `breadth` calls in flight add cost, not concurrency.
+    """
     if task.shard_size is not None:
         return task.shard_size
-    return 1 if items <= MAX_STEPS_PER_FANOUT else math.ceil(items / MAX_STEPS_PER_FANOUT)
+    if items <= MAX_STEPS_PER_FANOUT:
+        return 1
+    return max(math.ceil(items / MAX_STEPS_PER_FANOUT), min(items, WAVES_PER_SHARD * breadth))
 
 
 @dataclass

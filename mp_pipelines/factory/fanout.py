@@ -48,7 +48,7 @@ def build_items_op(spec: WorkflowSpec, task: TaskSpec, source_kind: str, source:
                 f"workflow's max_items ({spec.max_items}); raise max_items or split the input",
                 allow_retries=False,
             )
-        size = shard_size(task, len(items))
+        size = shard_size(task, len(items), spec.breadth)
         shards = [list(enumerate(items))[start:start + size] for start in range(0, len(items), size)]
         context.log.info(f"{task.name}: {len(items)} item(s) in {len(shards)} step(s) of ≤{size}, "
                          f"at most {spec.breadth} call(s) in flight")
