@@ -62,6 +62,8 @@ def step_states(instance: dg.DagsterInstance, run_id: str) -> dict[str, StepStat
             state.error = _error_text(error, user_failure)
             if user_failure is not None:  # answers a failed attempt got were paid for
                 state.usage = state.usage + Usage.from_metadata(user_failure.metadata)
+                if "failed" in user_failure.metadata:
+                    state.failed_items = list(user_failure.metadata["failed"].value)
     return states
 
 

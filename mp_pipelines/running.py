@@ -13,7 +13,7 @@ import dagster as dg
 
 from mp_pipelines.execution.runner import preview
 from mp_pipelines.execution.usage import Usage
-from mp_pipelines.factory.ops import BUDGET_RESOURCE_KEY, INPUTS_OP
+from mp_pipelines.factory.ops import BUDGET_RESOURCE_KEY, INPUTS_OP, RESUME_RETRY_TAG
 from mp_pipelines.reporting import family_step_states, run_usage, step_states, summarize_tasks, task_output
 from mp_pipelines.spec.graph import topological_order
 from mp_pipelines.spec.models import WorkflowSpec
@@ -121,19 +121,26 @@ def summarize(result: dg.ExecuteJobResult, spec: WorkflowSpec, instance: dg.Dags
     own = step_states(instance, result.run_id)
     states = family_step_states(instance, result.run_id)  # a resumed run reuses its parents' finished steps
     tasks = summarize_tasks(spec, states)
+    run = instance.get_run_by_id(result.run_id)
     for name, task in tasks.items():
         task["output"] = None
         if task["status"] == "success":
             try:
                 task["output"] = task_output(result, spec, name, states)
             except Exception as exc:  # an output the IO manager cannot load is reported, not fatal
-                task["output"] = None
-                task["error"] = f"output could not be loaded: {exc}"
+                if run is not None and run.parent_run_id and not _ran_here(spec, name, own):
+                    task["output_in_run"] = run.parent_run_id  # finished before the resume: its output is there
+                else:
+                    task["error"] = f"output could not be loaded: {exc}"
     order = topological_order(spec)
-    run = instance.get_run_by_id(result.run_id)
     status = run.status.value.lower() if run else ("success" if result.success else "failure")
     return RunOutcome(result.run_id, status, result.success, tasks, run_usage(own), provider,
                       final_task=order[-1] if order else None)
+
+
+def _ran_here(spec: WorkflowSpec, name: str, own: dict[str, Any]) -> bool:
+    """Whether any step of task `name` ran in the run whose step states are `own`."""
+    return any(key == name or key.startswith((f"{name}[", f"{name}__")) for key in own)
 
 
 def _watch(instance: dg.DagsterInstance, token: str, done: threading.Event,
@@ -231,7 +238,8 @@ def resume_run(run_id: str, *, instance: dg.DagsterInstance | None = None, force
             resources[BUDGET_RESOURCE_KEY] = {"config": {**old, **extra}}
             config["resources"] = resources
         token = uuid.uuid4().hex
-        tags = {k: v for k, v in run.tags.items() if not k.startswith("dagster/")} | {RUN_TOKEN_TAG: token}
+        tags = {k: v for k, v in run.tags.items() if not k.startswith("dagster/")}
+        tags |= {RUN_TOKEN_TAG: token, RESUME_RETRY_TAG: "true"}  # as Dagster's own from-failure re-execution
         if progress:
             progress(f"resuming run {run_id} of {name} from failure")
         with dg.execute_job(job, instance=instance, run_config=config, tags=tags, raise_on_error=False,

@@ -150,6 +150,8 @@ def test_price_table_matches_prefixes_and_rejects_bad_files(tmp_path: Path) -> N
     table = load_prices()
     assert table.price_of("gpt-4o-mini-2024-07-18") == DEFAULT_PRICES["gpt-4o-mini"]
     assert table.price_of("gpt-4o-2024-08-06") == DEFAULT_PRICES["gpt-4o"]
+    assert table.price_of("gpt-4.1-mini-latest") == DEFAULT_PRICES["gpt-4.1-mini"]
+    assert table.price_of("o1-pro") is None and table.price_of("gpt-5-pro") is None, "other models, other prices"
     assert table.cost("house-llama", 1000, 1000) == 0.0
     bad = tmp_path / "prices.yaml"
     bad.write_text("my-model: {input: -1, output: 2}\n")
@@ -218,6 +220,44 @@ def test_cost_budget_overshoot_is_bounded_by_calls_in_flight(
     per_call = outcome.usage.cost_usd / max(outcome.usage.calls, 1)
     assert 0 < calls < 30
     assert outcome.usage.cost_usd - 0.00005 <= 3 * per_call + 1e-12, "overshoot ≤ the calls in flight (breadth 3)"
+
+
+def test_call_budget_is_shared_by_step_processes(llm_server_factory, monkeypatch: pytest.MonkeyPatch,
+                                                 instance: dg.DagsterInstance, tmp_path: Path) -> None:
+    """Two shards in two processes (multiprocess executor) draw on one account in the instance's database."""
+    from mp_pipelines.definitions import reconstructable_job
+    from mp_pipelines.execution.simulated import SimulatedModel
+    from mp_pipelines.running import run_config
+    from mp_pipelines.spec.loader import load_workflow_file
+
+    server = llm_server_factory(model=SimulatedModel(latency=0.2))
+    monkeypatch.setenv("OPENAI_BASE_URL", server.base_url)
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-test-budget")
+    path = write_workflow(tmp_path, fan("spread_budget", 40, breadth=8, extra="budget: {max_calls: 10}",
+                                        task_extra="\n    shard_size: 20"))
+    config = run_config({}, None)
+    # spawn, not forkserver: a forkserver started by an earlier test keeps that test's environment
+    config["execution"] = {"config": {"multiprocess": {"start_method": "spawn"}}}
+    with dg.execute_job(reconstructable_job(load_workflow_file(path), str(path)), instance=instance,
+                        run_config=config) as result:
+        assert not result.success
+    assert len(server.requests) == 10, "max_calls holds across processes"
+
+
+def test_re_executing_all_steps_asks_the_model_again(openai_env: RunningServer, instance: dg.DagsterInstance,
+                                                    tmp_path: Path) -> None:
+    """Only a from-failure re-execution (a resume) takes its family's stored answers; a full one samples anew."""
+    from mp_pipelines.definitions import reconstructable_job
+    from mp_pipelines.spec.loader import load_workflow_file
+
+    path = write_workflow(tmp_path, chain().replace("temperature: 0", "temperature: 0.9"))  # cache off
+    first = run_file(path, {}, instance)
+    job = reconstructable_job(load_workflow_file(path), str(path))
+    options = dg.ReexecutionOptions(parent_run_id=first.run_id, step_selection=["*title", "aside"])  # every step
+    with dg.execute_job(job, instance=instance, reexecution_options=options,
+                        run_config=instance.get_run_by_id(first.run_id).run_config) as result:
+        assert result.success
+    assert len(openai_env.requests) == 8
 
 
 def test_budget_in_run_config_is_validated() -> None:

@@ -1,15 +1,19 @@
 """Run budgets: once a run has spent its calls, tokens or dollars, no new call starts.
 
-A `BudgetTracker` per run and process lives on the shared event loop (see calls.py), so every shard
-and step of the process sees one account. It starts from what the run's finished steps already
-spent (read from the event log by the op, for executors with one process per step), admits a call
-only while every limit is unreached, and settles each call's usage when it ends. Calls already in
-flight when a limit is reached finish and count: the overshoot is bounded by the calls in flight.
+The run's account lives in the response store's database (`mp_run_spend`), so every process of the
+run (the multiprocess executor's step processes included) draws on one account: a call is admitted
+by one atomic conditional UPDATE (calls < max_calls and tokens < max_tokens and cost < max_cost),
+and its tokens and cost are added when it ends. Calls already in flight when a limit is reached
+finish and count: `max_calls` is exact, and the tokens/cost overshoot is bounded by the calls in
+flight. Without a store (an ephemeral instance) the account is kept in this process only.
+
+A re-executed run (resume) has its own account: it may spend its budget again.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from mp_pipelines.execution.client import LLMError
 from mp_pipelines.execution.usage import Usage
@@ -27,40 +31,50 @@ class BudgetExceeded(LLMError):
     def __init__(self, message: str) -> None:
         super().__init__(message, kind="budget")
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        return BudgetExceeded, (str(self),)
+
+
+def reached(budget: BudgetSpec, calls: int, tokens: int, cost_usd: float) -> str | None:
+    """Which limit is reached, as a sentence with the limit and the amount spent; None while within budget."""
+    if budget.max_calls is not None and calls >= budget.max_calls:
+        return f"max_calls of {budget.max_calls} reached: {calls} call(s) started"
+    if budget.max_tokens is not None and tokens >= budget.max_tokens:
+        return f"max_tokens of {budget.max_tokens} reached: {tokens} token(s) spent"
+    if budget.max_cost_usd is not None and cost_usd >= budget.max_cost_usd:
+        return f"max_cost_usd of {usd(budget.max_cost_usd)} reached: {usd(cost_usd)} spent"
+    return None
+
 
 @dataclass
 class BudgetTracker:
-    """One run's spend in this process against its budget."""
+    """One run's account against its budget: in the store when there is one, else in this process."""
 
     run_id: str
     budget: BudgetSpec
-    spent: Usage = field(default_factory=Usage)
-    started: int = 0  # calls admitted so far (in flight or finished), for max_calls
+    store: Any = None  # a ResponseStore, or None
+    spent: Usage = field(default_factory=Usage)  # this process's view (the whole account without a store)
+    started: int = 0  # calls admitted in this process
 
-    def __post_init__(self) -> None:
-        self.started = max(self.started, self.spent.calls)
-
-    def reached(self) -> str | None:
-        """Which limit is reached, as a sentence with the limit and the amount spent; None while within budget."""
-        b, s = self.budget, self.spent
-        if b.max_calls is not None and self.started >= b.max_calls:
-            return f"max_calls of {b.max_calls} reached: {self.started} call(s) started"
-        tokens = s.prompt_tokens + s.completion_tokens
-        if b.max_tokens is not None and tokens >= b.max_tokens:
-            return f"max_tokens of {b.max_tokens} reached: {tokens} token(s) spent in {s.calls} call(s)"
-        if b.max_cost_usd is not None and s.cost_usd >= b.max_cost_usd:
-            return f"max_cost_usd of {usd(b.max_cost_usd)} reached: {usd(s.cost_usd)} spent in {s.calls} call(s)"
-        return None
-
-    def admit(self, label: str) -> None:
+    async def admit(self, label: str) -> None:
         """Count a call about to start, or raise BudgetExceeded when a limit is reached."""
-        reason = self.reached()
+        b = self.budget
+        if self.store is not None:
+            admitted, calls, tokens, cost = await self.store.arun(
+                self.store.reserve_call, self.run_id, b.max_calls, b.max_tokens, b.max_cost_usd)
+        else:
+            calls, tokens, cost = self.started, self.spent.prompt_tokens + self.spent.completion_tokens, self.spent.cost_usd
+            admitted = reached(b, calls, tokens, cost) is None
+        reason = None if admitted else (reached(b, calls, tokens, cost) or "a limit was reached")
         if reason is not None:
             raise BudgetExceeded(f"budget of run {self.run_id}: {reason}; call {label or '(unlabelled)'} was not "
                                  "started (raise the budget in the workflow's `budget:` or the run config's "
                                  "resources.budget)")
         self.started += 1
 
-    def settle(self, usage: Usage) -> None:
-        """Add a finished call's usage (tokens and cost of a failed call that got an answer count too)."""
+    async def settle(self, usage: Usage) -> None:
+        """Add a finished call's usage (a failed call that got an answer costs its tokens too)."""
         self.spent = self.spent + usage
+        if self.store is not None:
+            await self.store.arun(self.store.add_spend, self.run_id, usage.prompt_tokens + usage.completion_tokens,
+                                  usage.cost_usd)

@@ -58,6 +58,14 @@ RESPONSES = sa.Table(
 )
 
 
+RUN_SPEND = sa.Table(
+    "mp_run_spend",  # every run's spend against its budget, shared by all the run's processes
+    _METADATA,
+    sa.Column("run_id", sa.String(64), primary_key=True),
+    sa.Column("calls", sa.Integer, nullable=False),  # calls started (admitted), for max_calls
+    sa.Column("tokens", sa.Integer, nullable=False),  # prompt + completion tokens of finished calls
+    sa.Column("cost_usd", sa.Float, nullable=False),
+)
 _COLUMNS = tuple(column.name for column in RESPONSES.columns)
 
 
@@ -103,10 +111,13 @@ class ResponseStore:
     def __init__(self, url: str) -> None:
         self.url = url
         self.engine = _engine(url)
-        marks = ", ".join(["?" if self.engine.dialect.paramstyle == "qmark" else "%s"] * len(_COLUMNS))
-        self._insert_sql = (f"INSERT INTO {RESPONSES.name} ({', '.join(_COLUMNS)}) VALUES ({marks}) "
-                            "ON CONFLICT (scope, key) DO NOTHING")
-        _METADATA.create_all(self.engine, checkfirst=True)
+        mark = "?" if self.engine.dialect.paramstyle == "qmark" else "%s"
+        self._insert_sql = (f"INSERT INTO {RESPONSES.name} ({', '.join(_COLUMNS)}) "
+                            f"VALUES ({', '.join([mark] * len(_COLUMNS))}) ON CONFLICT (scope, key) DO NOTHING")
+        self._open_account_sql = (f"INSERT INTO {RUN_SPEND.name} (run_id, calls, tokens, cost_usd) "
+                                  f"VALUES ({mark}, 0, 0, 0) ON CONFLICT (run_id) DO NOTHING")
+        _create_tables(self.engine)
+        self.write_failures = 0  # batches the writer could not store (flush() reports them)
         self._readers = ThreadPoolExecutor(max_workers=4, thread_name_prefix="mp-cache-read")
         self._queue: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
         self._pending = 0
@@ -129,8 +140,12 @@ class ResponseStore:
         return _decode(row.answer, row.cost_usd)
 
     async def aget(self, scope: str, key: str) -> LLMResult | None:
-        """`get` from the event loop, on the store's reader threads."""
-        return await asyncio.get_running_loop().run_in_executor(self._readers, self.get, scope, key)
+        """`get` from the event loop, on the store's threads; a store that fails to answer is a miss (logged)."""
+        try:
+            return await self.arun(self.get, scope, key)
+        except Exception as exc:  # noqa: BLE001 - the cache must never fail a call it could only have saved
+            log.warning("LLM cache lookup in %r failed, calling the model instead: %s", self, exc)
+            return None
 
     # -- writes --
     def put(self, entry: Entry) -> None:
@@ -138,15 +153,16 @@ class ResponseStore:
         self._enqueue("put", entry)
 
     def flush(self, timeout: float = 30.0) -> bool:
-        """Wait until every queued write is in the database; False if that took longer than `timeout`."""
+        """Wait until every queued write is done; False if that took longer than `timeout` or a write failed."""
         deadline = time.monotonic() + timeout
+        failures = self.write_failures
         with self._idle:
             while self._pending:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     return False
                 self._idle.wait(left)
-        return True
+        return self.write_failures == failures
 
     def _enqueue(self, kind: str, item: Any) -> None:
         with self._idle:
@@ -165,6 +181,7 @@ class ResponseStore:
             try:
                 self._write(batch)
             except Exception:  # a cache write must never fail a run; the answer was already used
+                self.write_failures += 1
                 log.exception("Could not write %d LLM cache row(s) to %r", len(batch), self)
             with self._idle:
                 self._pending -= len(batch)
@@ -189,6 +206,35 @@ class ResponseStore:
             for (scope, key), when in hits.items():
                 conn.execute(RESPONSES.update().where(RESPONSES.c.scope == scope, RESPONSES.c.key == key)
                              .values(hits=RESPONSES.c.hits + 1, last_hit_at=when))
+
+    # -- run budgets --
+    def reserve_call(self, run_id: str, max_calls: int | None, max_tokens: int | None,
+                     max_cost_usd: float | None) -> tuple[bool, int, int, float]:
+        """Count one more call for the run if every limit is still unreached, atomically across processes.
+
+        Returns (admitted, calls started, tokens, cost) as the database holds them after the attempt.
+        """
+        c = RUN_SPEND.c
+        within = [c.run_id == run_id]
+        for column, limit in ((c.calls, max_calls), (c.tokens, max_tokens), (c.cost_usd, max_cost_usd)):
+            if limit is not None:
+                within.append(column < limit)
+        with self.engine.begin() as conn:
+            conn.exec_driver_sql(self._open_account_sql, (run_id,))
+            admitted = conn.execute(RUN_SPEND.update().where(*within).values(calls=c.calls + 1)).rowcount == 1
+            row = conn.execute(sa.select(c.calls, c.tokens, c.cost_usd).where(c.run_id == run_id)).one()
+        return admitted, int(row.calls), int(row.tokens), float(row.cost_usd)
+
+    def add_spend(self, run_id: str, tokens: int, cost_usd: float) -> None:
+        """Add a finished call's tokens and cost to the run's account."""
+        if tokens or cost_usd:
+            with self.engine.begin() as conn:
+                conn.execute(RUN_SPEND.update().where(RUN_SPEND.c.run_id == run_id).values(
+                    tokens=RUN_SPEND.c.tokens + tokens, cost_usd=RUN_SPEND.c.cost_usd + cost_usd))
+
+    async def arun(self, fn: Any, *args: Any) -> Any:
+        """`fn(*args)` on the store's threads, from the event loop."""
+        return await asyncio.get_running_loop().run_in_executor(self._readers, fn, *args)
 
     # -- maintenance --
     def stats(self) -> dict[str, Any]:
@@ -224,6 +270,16 @@ class ResponseStore:
             query = query.where(RESPONSES.c.scope == scope)
         with self.engine.connect() as conn:
             return int(conn.execute(query).scalar_one())
+
+
+def _create_tables(engine: sa.engine.Engine) -> None:
+    """Create the tables once; another process creating them at the same moment is fine."""
+    try:
+        _METADATA.create_all(engine, checkfirst=True)
+    except sa.exc.DatabaseError:  # lost a creation race ("already exists"): check they are there now
+        missing = set(_METADATA.tables) - set(sa.inspect(engine).get_table_names())
+        if missing:
+            raise
 
 
 def _engine(url: str) -> sa.engine.Engine:
@@ -269,6 +325,14 @@ def store_for_url(url: str) -> ResponseStore:
 
 
 def store_for(instance: Any) -> ResponseStore | None:
-    """The store of an instance (see `cache_url`), or None when there is nowhere to keep answers."""
+    """The store of an instance (see `cache_url`), or None when there is nowhere to keep answers or the
+    database cannot be reached (logged: runs go on without cache, checkpoints and a shared budget account)."""
     url = cache_url(instance)
-    return store_for_url(url) if url else None
+    if not url:
+        return None
+    try:
+        return store_for_url(url)
+    except Exception as exc:  # noqa: BLE001
+        log.warning("LLM response store at %s is unavailable, running without it: %s",
+                    sa.engine.make_url(url).render_as_string(hide_password=True), exc)
+        return None

@@ -31,7 +31,6 @@ class CallScope:
     fanout: str | None = None  # task name of the fan-out the call is part of
     breadth: int | None = None  # most calls of that fan-out in flight at once, in this process
     budget: BudgetSpec | None = None  # the run's budget (workflow `budget:` or run config)
-    spent_before: Usage = Usage()  # what the run's finished steps spent before this process's first call
     store: ResponseStore | None = None  # the instance's response store (cache and checkpoints)
     cache_policy: str = "off"  # read_write | read | write | off, for this task
     root_run_id: str = ""  # the run family: a re-executed run reads its family's checkpoint
@@ -61,7 +60,7 @@ async def acall(llm: Any, request: LLMRequest, scope: CallScope) -> LLMResult:
         limiters.append(REGISTRY.limiter(("run", scope.run_id, endpoint, model), scope.run_limits))
     budget = None
     if scope.budget is not None and not scope.budget.unlimited:
-        budget = REGISTRY.budget(scope.run_id, scope.budget, scope.spent_before)
+        budget = REGISTRY.budget(scope.run_id, scope.budget, scope.store)
     tokens = estimate_tokens(request)
 
     def observe(status: int, headers: Mapping[str, str]) -> None:
@@ -74,15 +73,15 @@ async def acall(llm: Any, request: LLMRequest, scope: CallScope) -> LLMResult:
         for limiter in limiters:
             await stack.enter_async_context(limiter.slot(tokens))
         if budget is not None:
-            budget.admit(request.label)  # checked after the wait for a slot: queued calls stop too
+            await budget.admit(request.label)  # checked after the wait for a slot: queued calls stop too
         try:
             result = priced(await llm.acomplete(request, on_response=observe))
         except LLMError as exc:
             if exc.result is not None:  # an answer that was unusable still cost its tokens
                 exc.result = priced(exc.result)
             if budget is not None:
-                budget.settle(Usage.of_result(exc.result) if exc.result is not None else Usage())
+                await budget.settle(Usage.of_result(exc.result) if exc.result is not None else Usage())
             raise
         if budget is not None:
-            budget.settle(Usage.of_result(result))
+            await budget.settle(Usage.of_result(result))
         return result

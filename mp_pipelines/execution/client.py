@@ -94,7 +94,7 @@ class LLMError(Exception):
     def __reduce__(self) -> tuple[Any, ...]:
         rebuild = functools.partial(LLMError, kind=self.kind, status_code=self.status_code, attempts=self.attempts,
                                     result=self.result, detail=self.detail)
-        return rebuild, (str(self),)
+        return rebuild, (str(self),), {"usage": getattr(self, "usage", None)}
 
     def __repr__(self) -> str:
         return f"LLMError(kind={self.kind!r}, retryable={self.retryable}, message={str(self)!r})"
@@ -370,7 +370,7 @@ class LLMClient:
     def _validated(self, result: LLMResult, request: LLMRequest) -> Any:
         """Decode the answer and check it against the request's schema; raises LLMError(invalid_output)."""
         text = result.text
-        where, excerpt = describe_call(request.label, self.base_url), " ".join(text.split())[:200]
+        where, excerpt = describe_call(request.label, self.base_url), self._redact(" ".join(text.split())[:200])
         try:
             parsed = parse_json_answer(text)
         except ValueError as exc:

@@ -143,14 +143,14 @@ class LimiterRegistry:
         self._semaphores: dict[tuple[str, ...], asyncio.Semaphore] = {}
         self._budgets: dict[tuple[str, ...], Any] = {}
 
-    def budget(self, run_id: str, budget: Any, spent_before: Any) -> Any:
-        """The run's BudgetTracker in this process, started from what its finished steps spent."""
+    def budget(self, run_id: str, budget: Any, store: Any) -> Any:
+        """The run's BudgetTracker in this process (its account is in `store` when there is one)."""
         from mp_pipelines.execution.budget import BudgetTracker
 
         key = ("budget", run_id)
         found = self._budgets.get(key)
-        if found is None or found.budget != budget:
-            found = self._budgets[key] = BudgetTracker(run_id, budget, spent_before)
+        if found is None or found.budget != budget or found.store is not store:
+            found = self._budgets[key] = BudgetTracker(run_id, budget, store)
         return found
 
     def limiter(self, key: tuple[str, ...], settings: LimitSettings) -> CallLimiter:

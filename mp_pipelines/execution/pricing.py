@@ -7,15 +7,16 @@ replaces prices, e.g.
     gpt-4o-mini: {input: 0.15, output: 0.60}
     my-local-llama: {input: 0, output: 0}
 
-A model is priced by its longest listed prefix, so dated snapshots (`gpt-4o-2024-08-06`) take their
-family's price. A model the table does not list costs 0 and is logged once, so spend is never
-silently invented.
+A dated or preview snapshot of a listed model (`gpt-4o-2024-08-06`, `gpt-4.1-mini-latest`,
+`o1-preview`) takes that model's price; any other name (`o1-pro`, `gpt-5-pro`: different prices) is
+unlisted. An unlisted model costs 0 and is logged once, so spend is never silently invented.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import re
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -26,6 +27,7 @@ import yaml
 log = logging.getLogger(__name__)
 
 PRICES_ENV = "MP_PRICES_FILE"
+_SNAPSHOT = re.compile(r"(.+?)-(?:\d{4}-\d{2}-\d{2}|\d{4}|latest|preview(?:-\d{4}-\d{2}-\d{2})?)")
 
 # USD per 1M tokens: (input, output).
 DEFAULT_PRICES: dict[str, tuple[float, float]] = {
@@ -59,11 +61,11 @@ class PriceTable:
     prices: Mapping[str, tuple[float, float]]
 
     def price_of(self, model: str) -> tuple[float, float] | None:
-        """The model's price, by exact name or longest listed prefix; None when unlisted."""
+        """The model's price, by exact name or as a snapshot of a listed name; None when unlisted."""
         if model in self.prices:
             return self.prices[model]
-        matches = [name for name in self.prices if model.startswith(name)]
-        return self.prices[max(matches, key=len)] if matches else None
+        found = _SNAPSHOT.fullmatch(model)
+        return self.prices.get(found.group(1)) if found else None
 
     def cost(self, model: str, prompt_tokens: int, completion_tokens: int) -> float:
         """US dollars for one call (0 for an unlisted model, logged once per model)."""

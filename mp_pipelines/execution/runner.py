@@ -138,7 +138,8 @@ async def _stored_answer(scope: CallScope, key: str, label: str) -> Answer | Non
     found = None
     if scope.resuming:
         found = await scope.store.aget(scope.root_run_id, checkpoint_key(key, label))
-    if found is None and (scope.resuming or scope.cache_policy in ("read_write", "read")):
+    # On resume the shared cache also holds the family's answers when the policy wrote them there (`write`).
+    if found is None and (scope.cache_policy in ("read_write", "read") or (scope.resuming and scope.cache_policy == "write")):
         found = await scope.store.aget(SHARED, key)
     return None if found is None else Answer(found, Usage(cache_hits=1))
 

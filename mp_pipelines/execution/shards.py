@@ -132,7 +132,11 @@ async def run_shard(llm: Any, spec: WorkflowSpec, task: TaskSpec, base_context: 
                     deadline_of: Callable[[], float | None], log: Any) -> list[ItemRecord]:
     """Every item of a shard concurrently (the scope's breadth and limits decide how many calls fly)."""
     retries = task.retries if len(items) > 1 else None
-    return list(await asyncio.gather(*(
-        run_item(llm, spec, task, base_context, index, item, scope=scope, label=f"{task.name}[{index}]",
-                 deadline_of=deadline_of, retries=retries, row=item if is_table else None, log=log)
-        for index, item in items)))
+    # A TaskGroup, not gather: should one item raise unexpectedly, the others are cancelled rather than left
+    # making paid calls for a step that has already failed.
+    async with asyncio.TaskGroup() as group:
+        tasks = [group.create_task(run_item(llm, spec, task, base_context, index, item, scope=scope,
+                                            label=f"{task.name}[{index}]", deadline_of=deadline_of, retries=retries,
+                                            row=item if is_table else None, log=log))
+                 for index, item in items]
+    return [t.result() for t in tasks]

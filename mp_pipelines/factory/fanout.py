@@ -168,7 +168,7 @@ def failed_items(item_records: pd.DataFrame, items: Mapping[int, Any], limit: in
             for r in failed.head(limit).to_dict(orient="records")]
 
 
-def build_collect_op(spec: WorkflowSpec, task: TaskSpec, upstream: list[str]) -> Node:
+def build_collect_op(spec: WorkflowSpec, task: TaskSpec, upstream: list[str], pool: str | None = None) -> Node:
     """Gathers the fan-out's item records in input order into a list (or a DataFrame for tables).
 
     It also finishes what an earlier attempt left: items the budget stopped, items that failed in the
@@ -195,7 +195,8 @@ def build_collect_op(spec: WorkflowSpec, task: TaskSpec, upstream: list[str]) ->
         called = item_records[item_records["status"] == "success"]
         listing = failed_items(item_records, all_items)
         failed_text = _listing(item_records[item_records["status"] == "failed"])
-        metadata = {**Usage.of_rows(item_records).as_metadata(),
+        # This run's spend only: in a resumed run the parent's items were paid for (and reported) there.
+        metadata = {**Usage.of_rows(item_records[item_records["run_id"] == context.run_id]).as_metadata(),
                     "model": ", ".join(sorted(called["model"].dropna().unique())),
                     "provider": ", ".join(sorted(called["provider"].dropna().unique())),
                     "items": len(item_records), "shards": len(inputs["records"]),
@@ -203,35 +204,33 @@ def build_collect_op(spec: WorkflowSpec, task: TaskSpec, upstream: list[str]) ->
         if listing:
             metadata["failed"] = dg.MetadataValue.json(listing)
         attempted = done + failed + stopped
+        step_meta = {**new_usage.as_metadata(), **({"failed": dg.MetadataValue.json(listing)} if listing else {})}
         if failed and policy == "fail":
             raise dg.Failure(f"task {task.name}: {failed} item(s) failed: {failed_text}",
-                             metadata={**new_usage.as_metadata(), "error_kind": "item_failure"}, allow_retries=False)
+                             metadata={**step_meta, "error_kind": "item_failure"}, allow_retries=False)
         if attempted and policy == "skip" and done / attempted < min_ratio:
             raise dg.Failure(f"task {task.name}: {done} of {attempted} item(s) succeeded ({done / attempted:.0%}), below "
                              f"its min_success_ratio of {min_ratio:.0%}; failed: {failed_text}",
-                             metadata={**new_usage.as_metadata(), "error_kind": "min_success_ratio"}, allow_retries=False)
+                             metadata={**step_meta, "error_kind": "min_success_ratio"}, allow_retries=False)
         if stopped:
             reason = item_records[item_records["status"] == "stopped"]["error"].iloc[0]
             yield materialization(context, spec, task.name, value, {**metadata, "complete": False})
             raise dg.Failure(f"task {task.name}: {stopped} of {len(item_records)} item(s) not run: {reason}",
-                             metadata={**new_usage.as_metadata(), "error_kind": "budget", "completed_items": done},
+                             metadata={**step_meta, "error_kind": "budget", "completed_items": done},
                              allow_retries=False)
         if failed:
             context.log.warning(f"{task.name}: {failed} of {attempted} item(s) failed and are left out "
                                 f"(on_item_failure: skip): {failed_text}")
         yield materialization(context, spec, task.name, value, metadata)
-        out_meta = {**new_usage.as_metadata(), "items": len(item_records), "skipped_items": metadata["skipped_items"],
-                    "failed_items": failed}
-        if listing:
-            out_meta["failed"] = dg.MetadataValue.json(listing)
-        yield dg.Output(value, metadata=out_meta)
+        yield dg.Output(value, metadata={**step_meta, "items": len(item_records),
+                                         "skipped_items": metadata["skipped_items"], "failed_items": failed})
         yield dg.Output(item_records, ITEM_RECORDS)
 
     outs = {"result": dg.Out(dg.Any), ITEM_RECORDS: dg.Out(dg.Any, description="One row per item: status, output, "
                                                                                  "error, attempts, usage.")}
     ins = {"records": dg.In(dg.List[dg.Any]), "shards": dg.In(dg.List[dg.Any]), **upstream_ins(upstream)}
     return make_op(spec, f"{task.name}__collect", compute, ins=ins,
-                   outs=outs, description=f"Results of {task.name}, in input order.",
+                   outs=outs, description=f"Results of {task.name}, in input order.", pool=pool,
                    required_resource_keys=PROMPT_RESOURCE_KEYS, tags={WORKFLOW_TAG: spec.name})
 
 

@@ -74,9 +74,11 @@ def _compose_task(spec: WorkflowSpec, task: TaskSpec, upstream: list[str], handl
     kind, name = source
     items_kwargs = {INPUTS_OP: handles[INPUTS_OP]} if kind == "input" else {INPUTS_OP: handles[INPUTS_OP], name: handles[name]}
     items = build_items_op(spec, task, "input" if kind == "input" else "step", name)(**items_kwargs)
-    item_op = build_shard_op(spec, task, upstream, pool=llm_pool(provider, spec, task))
+    pool = llm_pool(provider, spec, task)  # the collector may call the model too (items a failed run left)
+    item_op = build_shard_op(spec, task, upstream, pool=pool)
     mapped = items.map(lambda item: item_op(item=item, **kwargs))
-    return build_collect_op(spec, task, upstream)(records=mapped.collect(), shards=items.collect(), **kwargs).result
+    collect = build_collect_op(spec, task, upstream, pool=pool)
+    return collect(records=mapped.collect(), shards=items.collect(), **kwargs).result
 
 
 def _compose_loop(spec: WorkflowSpec, loop: LoopSpec, handles: Handles, step_names: set[str], provider: str) -> Any:

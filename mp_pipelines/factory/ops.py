@@ -12,12 +12,14 @@ from mp_pipelines.execution.cache import store_for
 from mp_pipelines.execution.calls import CallScope
 from mp_pipelines.execution.client import LLMError
 from mp_pipelines.execution.limits import LimitSettings
+from mp_pipelines.execution.pricing import current_prices
 from mp_pipelines.execution.prompts import TemplateError
 from mp_pipelines.execution.runner import TaskRun, TaskTimeout, build_context, condition_holds, preview, run_task
 from mp_pipelines.execution.usage import Usage
 from mp_pipelines.spec.inputs import coerce_input, resolve_path
 from mp_pipelines.spec.models import BudgetSpec, InputSpec, TaskSpec, WorkflowSpec
 
+RESUME_RETRY_TAG = "dagster/is_resume_retry"  # set by Dagster on from-failure re-executions (dagster 1.13.27)
 INPUTS_OP = "inputs"
 LLM_RESOURCE_KEY = "llm"
 BUDGET_RESOURCE_KEY = "budget"
@@ -115,30 +117,26 @@ class RunBudget(dg.ConfigurableResource):
         return BudgetSpec(**{**base, **mine})
 
 
-def run_spent(instance: dg.DagsterInstance, run_id: str) -> Usage:
-    """What a run's finished steps spent, from their output metadata."""
-    records = instance.get_records_for_run(run_id, of_type={dg.DagsterEventType.STEP_OUTPUT}, limit=1_000_000).records
-    return sum((Usage.from_metadata(r.event_log_entry.dagster_event.event_specific_data.metadata)
-                for r in records if r.event_log_entry.dagster_event is not None), Usage())
-
-
 def call_scope(context: dg.OpExecutionContext, spec: WorkflowSpec, task: TaskSpec, *, fanout: str | None = None,
                breadth: int | None = None) -> CallScope:
     """Everything a call of this op runs under: the run's workflow `limits` over the resource's defaults, its
-    budget and what the run spent so far, the task's cache policy, and the run family for checkpoints."""
+    budget, the task's cache policy, and the run family for checkpoints."""
     llm = getattr(context.resources, LLM_RESOURCE_KEY)
     run_limits = None
     if spec.limits is not None:
         run_limits = llm.limit_settings().merged(LimitSettings(**spec.limits.model_dump()))
     budget = getattr(context.resources, BUDGET_RESOURCE_KEY).over(spec)
-    spent = Usage()
-    if not budget.unlimited:
-        spent = run_spent(context.instance, context.run_id)
+    current_prices()  # a bad MP_PRICES_FILE fails the step here, before any call is paid for
     run = context.dagster_run
-    return CallScope(context.run_id, run_limits, fanout, breadth, budget=budget, spent_before=spent,
-                     store=store_for(context.instance), cache_policy=spec.cache_policy(task),
-                     root_run_id=run.root_run_id or run.run_id, resuming=run.parent_run_id is not None,
-                     workflow=spec.name, task=task.name)
+    return CallScope(context.run_id, run_limits, fanout, breadth, budget=budget, store=store_for(context.instance),
+                     cache_policy=spec.cache_policy(task), root_run_id=run.root_run_id or run.run_id,
+                     resuming=is_resume(run), workflow=spec.name, task=task.name)
+
+
+def is_resume(run: dg.DagsterRun) -> bool:
+    """Whether the run re-executes a failed one from failure (UI, run retries, `mp-pipelines resume`): only then do
+    calls take the answers its run family already got. Re-executing all steps asks the model again."""
+    return run.parent_run_id is not None and run.tags.get(RESUME_RETRY_TAG) == "true"
 
 
 def settle_writes(scope: CallScope) -> None:
