@@ -230,23 +230,33 @@ def assert_overlapping_runs_shared_the_pool(instance: dg.DagsterInstance, run_id
 
 
 
-def test_pool_limits_ops_across_two_simultaneous_run_workers(pg_instance: dg.DagsterInstance, tmp_path: Path) -> None:
-    """Two run-worker processes sharing a pool, on PostgreSQL.
+def test_pool_limits_ops_across_two_simultaneous_run_workers(tmp_path: Path) -> None:
+    """Two run-worker processes sharing a pool, on PostgreSQL with the pooled storage of deploy/dagster.yaml.
 
     Not on SQLite: there Dagster 1.13.27's slot claim (SELECT, then UPDATE, in pysqlite's autocommit-until-write
-    mode) can hand one slot to two processes that claim at the same instant, whatever the executor.
+    mode) can hand one slot to two processes that claim at the same instant, whatever the executor. Stock
+    dagster-postgres can too, under load (its SELECT … FOR UPDATE runs in AUTOCOMMIT, so the lock is gone
+    before the UPDATE; seen as 3 steps in a pool of 2); `mp_pipelines.storage` claims with one UPDATE.
     """
-    pg_instance.event_log_storage.set_concurrency_slots(POOL, 2)
-    counter = tmp_path / "counter"
-    config = pool_config(tmp_path, counter)
-    tags = [str(uuid.uuid4()) for _ in range(2)]
-    children = [start_child_run(pg_instance, "pool_job", config, {"test/case": tag}) for tag in tags]
-    for child in children:
-        out, err = child.communicate(timeout=120)
-        assert child.returncode == 0, err[-3000:]
-        assert json.loads(out.strip().splitlines()[-1])["success"]
-    run_ids = [run.run_id for tag in tags if (run := run_tagged(pg_instance, tag))]
-    assert_overlapping_runs_shared_the_pool(pg_instance, run_ids, counter)
+    from mp_pipelines_tests.postgres import postgres_storage_config, temporary_database
+
+    with temporary_database() as dbname:
+        storage = {"custom": {"module": "mp_pipelines.storage", "class": "PooledPostgresStorage",
+                              "config": postgres_storage_config(dbname)["postgres"]}}
+        (tmp_path / "home").mkdir()
+        with dg.DagsterInstance.local_temp(str(tmp_path / "home"),
+                                           overrides={"storage": storage, "telemetry": {"enabled": False}}) as pg_instance:
+            pg_instance.event_log_storage.set_concurrency_slots(POOL, 2)
+            counter = tmp_path / "counter"
+            config = pool_config(tmp_path, counter)
+            tags = [str(uuid.uuid4()) for _ in range(2)]
+            children = [start_child_run(pg_instance, "pool_job", config, {"test/case": tag}) for tag in tags]
+            for child in children:
+                out, err = child.communicate(timeout=120)
+                assert child.returncode == 0, err[-3000:]
+                assert json.loads(out.strip().splitlines()[-1])["success"]
+            run_ids = [run.run_id for tag in tags if (run := run_tagged(pg_instance, tag))]
+            assert_overlapping_runs_shared_the_pool(pg_instance, run_ids, counter)
 
 
 @pytest.mark.parametrize("canceling", [True, False], ids=["terminate", "bare-interrupt"])

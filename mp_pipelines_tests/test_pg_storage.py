@@ -352,3 +352,26 @@ def test_a_dropped_pooled_connection_is_replaced_on_checkout(pg_db: str, tmp_pat
             admin.close()
         assert instance.get_runs() == []  # no error reaches the caller
         assert _backend_pid(engine) != dropped
+
+
+def test_a_pool_slot_is_never_claimed_twice(pg_db: str, tmp_path: Path) -> None:
+    """Twenty steps claim a pool of two at the same instant (threads, each on its own pooled connection)."""
+    with open_instance(tmp_path / "home", unified_storage(pg_db, pool_size=20, max_overflow=0)) as instance:
+        storage = instance.event_log_storage
+        storage.set_concurrency_slots("race", 2)
+        start = threading.Barrier(20)
+        claimed: list[str] = []
+
+        def claim(step: int) -> None:
+            start.wait()
+            status = storage.claim_concurrency_slot("race", "run-1", f"step_{step}")
+            if status.is_claimed:
+                claimed.append(f"step_{step}")
+
+        threads = [threading.Thread(target=claim, args=(i,)) for i in range(20)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        info = storage.get_concurrency_info("race")
+        assert len(claimed) == info.active_slot_count == 2
