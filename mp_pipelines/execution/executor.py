@@ -24,6 +24,8 @@ behave as they do there. Private APIs used (re-check them whenever the Dagster p
 - dagster._utils.error.serializable_error_info_from_exc_info
 - dagster._core.definitions.executor_definition.IN_PROC_CONFIG, MULTI_PROC_CONFIG,
   multiple_process_executor_requirements (for `selectable_executor`)
+- the order of a step's events: STEP_OUTPUT, then HANDLED_OUTPUT once the IO manager stored it
+  (`_StoredOutputs` feeds outputs to ActiveExecution only then)
 
 Threads, not asyncio: ops, resources, IO managers and hooks are synchronous code. An asyncio executor
 must re-implement Dagster's step pipeline as coroutines (the community `dagster-async-executor` 0.0.x
@@ -35,6 +37,7 @@ import queue
 import sys
 import threading
 import time
+from collections import deque
 from collections.abc import Iterator
 from contextlib import ExitStack
 from functools import partial
@@ -179,6 +182,34 @@ class _Threads:
             active.handle_event(failure)
 
 
+class _StoredOutputs:
+    """Passes a step's outputs to ActiveExecution only once its IO manager has stored them.
+
+    Dagster (1.13.27) emits STEP_OUTPUT before `handle_output` writes the value and HANDLED_OUTPUT after;
+    ActiveExecution marks the output available on STEP_OUTPUT, so with `require_upstream_step_success:
+    false` a consumer thread could start and find no stored value. Outputs are held until their
+    HANDLED_OUTPUT (or the step's success); a step that fails first never makes them available.
+    """
+
+    def __init__(self) -> None:
+        self._pending: dict[str, deque[DagsterEvent]] = {}
+
+    def feed(self, event: DagsterEvent) -> list[DagsterEvent]:
+        """The events to hand to ActiveExecution now, in order."""
+        key = event.step_key or ""
+        if event.is_successful_output:
+            self._pending.setdefault(key, deque()).append(event)
+            return []
+        if event.is_handled_output:
+            waiting = self._pending.get(key)
+            return [waiting.popleft(), event] if waiting else [event]
+        if event.is_step_success:
+            return [*self._pending.pop(key, ()), event]
+        if event.is_step_failure or event.is_step_up_for_retry:
+            self._pending.pop(key, None)
+        return [event]
+
+
 def _capture_run_logs(stack: ExitStack, job_context: PlanExecutionContext, plan: ExecutionPlan) -> Iterator[DagsterEvent]:
     """Capture stdout/stderr once for the whole run, as the in-process executor does."""
     # Capture redirects the process's file descriptors, so it cannot be split per step while steps overlap.
@@ -207,6 +238,7 @@ def _orchestrate(
 ) -> Iterator[DagsterEvent]:
     """Launch ready steps on threads; yield their events in arrival order and feed each to ActiveExecution."""
     threads = _Threads()
+    stored = _StoredOutputs()
     with ExitStack() as stack:
         pools = stack.enter_context(InstanceConcurrencyContext(job_context.instance, job_context.dagster_run))
         active = stack.enter_context(ActiveExecution(
@@ -234,7 +266,8 @@ def _orchestrate(
                 for worker, event, error in threads.messages(min(_POLL_SECONDS, due) if due > 0 else _POLL_SECONDS):
                     if event is not None:
                         yield event
-                        active.handle_event(event)
+                        for ready in stored.feed(event):
+                            active.handle_event(ready)
                         if _is_terminal(event):
                             threads.settle(worker)
                         continue
