@@ -67,17 +67,18 @@ def step_states(instance: dg.DagsterInstance, run_id: str) -> dict[str, StepStat
     return states
 
 
-def family_step_states(instance: dg.DagsterInstance, run_id: str) -> dict[str, StepState]:
-    """Step states of a run and the runs it re-executes: a step keeps the state of the latest run that ran it."""
-    chain = []
+def family_step_states(instance: dg.DagsterInstance, run_id: str, own: dict[str, StepState]) -> dict[str, StepState]:
+    """Step states of a run (`own`, already read) and the runs it re-executes: a step keeps the state of the
+    latest run that ran it."""
+    ancestors = []
     run = instance.get_run_by_id(run_id)
-    while run is not None and len(chain) < 100:
-        chain.append(run.run_id)
-        run = instance.get_run_by_id(run.parent_run_id) if run.parent_run_id else None
+    while run is not None and run.parent_run_id and len(ancestors) < 100:
+        ancestors.append(run.parent_run_id)
+        run = instance.get_run_by_id(run.parent_run_id)
     states: dict[str, StepState] = {}
-    for ancestor in reversed(chain):
+    for ancestor in reversed(ancestors):
         states.update(step_states(instance, ancestor))
-    return states
+    return {**states, **own}
 
 
 def _error_text(error: Any, user_failure: Any) -> str:

@@ -82,10 +82,18 @@ def run_config(inputs: dict[str, Any], executor: str | None = None,
                               "loggers": {"console": {"config": {"log_level": "WARNING"}}}}
     if executor:
         config["execution"] = {"config": {executor: {}}}
-    budget = {k: v for k, v in (budget or {}).items() if v is not None}
-    if budget:
-        config["resources"] = {BUDGET_RESOURCE_KEY: {"config": budget}}
-    return config
+    return with_budget(config, budget)
+
+
+def with_budget(config: dict[str, Any], budget: dict[str, Any] | None) -> dict[str, Any]:
+    """`config` with the given budget fields (None: unset) over those it has in `resources.budget.config`."""
+    given = {k: v for k, v in (budget or {}).items() if v is not None}
+    if not given:
+        return config
+    resources = dict(config.get("resources") or {})
+    current = (resources.get(BUDGET_RESOURCE_KEY) or {}).get("config") or {}
+    resources[BUDGET_RESOURCE_KEY] = {"config": {**current, **given}}
+    return {**config, "resources": resources}
 
 
 def run_workflow(spec: WorkflowSpec, inputs: dict[str, Any], *, source: str | None = None,
@@ -119,7 +127,7 @@ def summarize(result: dg.ExecuteJobResult, spec: WorkflowSpec, instance: dg.Dags
               provider: str) -> RunOutcome:
     """RunOutcome of a finished job result."""
     own = step_states(instance, result.run_id)
-    states = family_step_states(instance, result.run_id)  # a resumed run reuses its parents' finished steps
+    states = family_step_states(instance, result.run_id, own)  # a resumed run reuses its parents' finished steps
     tasks = summarize_tasks(spec, states)
     run = instance.get_run_by_id(result.run_id)
     for name, task in tasks.items():
@@ -230,13 +238,7 @@ def resume_run(run_id: str, *, instance: dg.DagsterInstance | None = None, force
             raise ResumeError(f"run {run_id} ran workflow {name!r}, which is not loaded now")
         spec = loaded.specs[name]
         job = reconstructable_job(spec, source)
-        config = dict(run.run_config)
-        extra = {k: v for k, v in (budget or {}).items() if v is not None}
-        if extra:
-            resources = dict(config.get("resources") or {})
-            old = (resources.get(BUDGET_RESOURCE_KEY) or {}).get("config") or {}
-            resources[BUDGET_RESOURCE_KEY] = {"config": {**old, **extra}}
-            config["resources"] = resources
+        config = with_budget(dict(run.run_config), budget)
         token = uuid.uuid4().hex
         tags = {k: v for k, v in run.tags.items() if not k.startswith("dagster/")}
         tags |= {RUN_TOKEN_TAG: token, RESUME_RETRY_TAG: "true"}  # as Dagster's own from-failure re-execution

@@ -201,8 +201,6 @@ def run_task(llm: Any, spec: WorkflowSpec, task: TaskSpec, context: Mapping[str,
 
 def preview(value: Any, limit: int = PREVIEW_CHARS) -> str:
     """A short text preview of an output for metadata and the CLI."""
-    import json
-
     if hasattr(value, "head") and hasattr(value, "columns"):
         text = value.head(10).to_string()
     elif isinstance(value, str):

@@ -110,19 +110,10 @@ class FaultScript:
         self._queue: deque[Fault] = deque()
         self._lock = threading.Lock()
 
-    def add(
-        self,
-        kind: str = SCRIPTED,
-        *,
-        status: int | None = None,
-        headers: dict[str, str] | None = None,
-        delay: float = 0.0,
-        content: str | None = None,
-        body: dict[str, Any] | None = None,
-        times: int = 1,
-    ) -> FaultScript:
-        """Queue a reaction `times` times; returns self so calls chain."""
-        fault = make_fault(kind, status=status, headers=headers, delay=delay, content=content, body=body)
+    def add(self, kind: str = SCRIPTED, *, times: int = 1, **fields: Any) -> FaultScript:
+        """Queue a reaction `times` times (`fields`: make_fault's status, headers, delay, content, body);
+        returns self so calls chain."""
+        fault = make_fault(kind, **fields)
         with self._lock:
             self._queue.extend([fault] * times)
         return self

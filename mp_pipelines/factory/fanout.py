@@ -150,12 +150,12 @@ def _shard_failure(task: TaskSpec, items: list[tuple[int, Any]], failed: list[It
         return dg.Failure(first.error or "failed", metadata={**metadata, "error_kind": first.error_kind or "", **extra},
                           allow_retries=first.retryable)
     return dg.Failure(f"task {task.name}: {len(failed)} of {len(items)} item(s) failed after "
-                      f"{first.attempts} attempt(s): {_listing(failed)}",
+                      f"{first.attempts} attempt(s): {_listing([r.as_row() for r in failed])}",
                       metadata={**metadata, "error_kind": first.error_kind or ""}, allow_retries=False)
 
 
-def _listing(failed: list[ItemRecord] | pd.DataFrame, limit: int = 5) -> str:
-    rows = failed.to_dict(orient="records") if isinstance(failed, pd.DataFrame) else [r.__dict__ for r in failed]
+def _listing(rows: list[dict[str, Any]], limit: int = 5) -> str:
+    """"[3] error; [7] error …": the first failed items of item-record rows."""
     return "; ".join(f"[{r['index']}] {r['error']}" for r in rows[:limit]) + (" …" if len(rows) > limit else "")
 
 
@@ -194,7 +194,7 @@ def build_collect_op(spec: WorkflowSpec, task: TaskSpec, upstream: list[str], po
         value = collected_value(item_records[item_records["status"].isin(["success", "skipped"])])
         called = item_records[item_records["status"] == "success"]
         listing = failed_items(item_records, all_items)
-        failed_text = _listing(item_records[item_records["status"] == "failed"])
+        failed_text = _listing(item_records[item_records["status"] == "failed"].to_dict(orient="records"))
         # This run's spend only: in a resumed run the parent's items were paid for (and reported) there.
         metadata = {**Usage.of_rows(item_records[item_records["run_id"] == context.run_id]).as_metadata(),
                     "model": ", ".join(sorted(called["model"].dropna().unique())),

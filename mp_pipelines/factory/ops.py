@@ -19,7 +19,9 @@ from mp_pipelines.execution.usage import Usage
 from mp_pipelines.spec.inputs import coerce_input, resolve_path
 from mp_pipelines.spec.models import BudgetSpec, InputSpec, TaskSpec, WorkflowSpec
 
-RESUME_RETRY_TAG = "dagster/is_resume_retry"  # set by Dagster on from-failure re-executions (dagster 1.13.27)
+# The tag Dagster puts on from-failure re-executions (read back as DagsterRun.is_resume_retry);
+# `mp-pipelines resume` sets it too.
+RESUME_RETRY_TAG = "dagster/is_resume_retry"
 INPUTS_OP = "inputs"
 LLM_RESOURCE_KEY = "llm"
 BUDGET_RESOURCE_KEY = "budget"
@@ -136,7 +138,7 @@ def call_scope(context: dg.OpExecutionContext, spec: WorkflowSpec, task: TaskSpe
 def is_resume(run: dg.DagsterRun) -> bool:
     """Whether the run re-executes a failed one from failure (UI, run retries, `mp-pipelines resume`): only then do
     calls take the answers its run family already got. Re-executing all steps asks the model again."""
-    return run.parent_run_id is not None and run.tags.get(RESUME_RETRY_TAG) == "true"
+    return run.parent_run_id is not None and run.is_resume_retry
 
 
 def settle_writes(scope: CallScope) -> None:
