@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import re
 import time
 from pathlib import Path
+from typing import Any
 
 import dagster as dg
 import pytest
@@ -12,7 +15,7 @@ import sqlalchemy as sa
 from click.testing import CliRunner
 
 from mp_pipelines.cli import main
-from mp_pipelines.execution.cache import RESPONSES, store_for
+from mp_pipelines.execution.cache import RESPONSES, ResponseStore, store_for
 from mp_pipelines.execution.pricing import DEFAULT_PRICES, PriceFileError, load_prices
 from mp_pipelines.execution.server import RunningServer
 from mp_pipelines.spec.loader import WorkflowValidationError, parse_workflow
@@ -125,6 +128,39 @@ def test_cache_lives_in_postgresql_when_the_instance_does(openai_env: RunningSer
     again = run_file(path, {}, pg_instance, executor="multiprocess")  # other processes read the same table
     assert again.success and again.usage.calls == 0 and again.usage.cache_hits == 4
     assert store.count("") == 4
+
+
+def _open_store_and_count(url: str, start: Any) -> str | None:
+    start.wait()
+    try:
+        return None if ResponseStore(url).count() == 0 else "not empty"
+    except Exception as exc:  # noqa: BLE001 - reported to the test
+        return repr(exc)
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_processes_opening_a_new_store_at_once_all_get_it(backend: str, tmp_path: Path) -> None:
+    """Every step of a first run opens the store at about the same moment. Creating the tables raced ("already
+    exists", and SQLite's immediate "database is locked" while another connection switched the file to WAL), and
+    a step that lost the race ran without checkpoints, so a resumed run found neither its answers nor its calls.
+    8 processes must all open it: 20 fresh SQLite files (about one in four failed before), 4 fresh PostgreSQL
+    databases."""
+    import multiprocessing
+
+    from mp_pipelines_tests.postgres import PG, temporary_database
+
+    fork = multiprocessing.get_context("fork")
+    for round_ in range(20 if backend == "sqlite" else 4):
+        with contextlib.ExitStack() as stack:
+            if backend == "sqlite":
+                url = f"sqlite:///{tmp_path / f'store{round_}.sqlite'}"
+            else:
+                name = stack.enter_context(temporary_database())
+                url = f"postgresql://{PG['user']}:{PG['password']}@{PG['host']}:{PG['port']}/{name}"
+            with fork.Manager() as manager, fork.Pool(8) as pool:
+                start = manager.Barrier(8)
+                problems = pool.starmap(_open_store_and_count, [(url, start)] * 8)
+            assert problems == [None] * 8
 
 
 def test_cost_follows_the_price_table_and_a_price_file_overrides_it(
@@ -356,7 +392,7 @@ def test_resume_after_sigkill_mid_fan_out_calls_only_what_was_not_answered(
     import subprocess
     import sys
 
-    from mp_pipelines.execution.cache import CACHE_FILE, ResponseStore
+    from mp_pipelines.execution.cache import CACHE_FILE
     from mp_pipelines.execution.simulated import SimulatedModel
     from mp_pipelines.running import resume_run
 
@@ -379,8 +415,12 @@ def test_resume_after_sigkill_mid_fan_out_calls_only_what_was_not_answered(
     os.killpg(child.pid, signal.SIGKILL)
     child.wait()
     time.sleep(0.5)  # requests the dead process had in flight reach the server's log
-    checkpointed = ResponseStore(f"sqlite:///{home / CACHE_FILE}").count()
-    assert 60 <= checkpointed < 200
+    store = ResponseStore(f"sqlite:///{home / CACHE_FILE}")
+    with store.engine.connect() as conn:
+        answers = [row.answer for row in conn.execute(sa.text("SELECT answer FROM mp_llm_responses"))]
+    kept = {re.search(r"Echo (w\d{3})", answer).group(1) for answer in answers}
+    checkpointed = len(answers)
+    assert 60 <= checkpointed < 200 and len(kept) == checkpointed
     before = len(server.requests)
 
     with dg.DagsterInstance.local_temp(str(home), overrides={"telemetry": {"enabled": False}}) as instance:
@@ -395,10 +435,18 @@ def test_resume_after_sigkill_mid_fan_out_calls_only_what_was_not_answered(
         assert outcome.success, outcome.as_text()
         resumed = instance.get_run_by_id(outcome.run_id)
         assert resumed.parent_run_id == killed.run_id
+        steps = {run: sorted({(e.step_key, e.dagster_event_type.value) for e in instance.all_logs(run)
+                                      if e.is_dagster_event and e.step_key and e.dagster_event_type.value in
+                                      ("STEP_START", "STEP_SUCCESS", "STEP_FAILURE")})
+                         for run in (killed.run_id, resumed.run_id)}
         assert instance.get_run_by_id(killed.run_id).status == dg.DagsterRunStatus.FAILURE
 
     after = [p for p in user_prompts(server)[before:] if p.startswith("Echo")]
-    assert len(after) == len(set(after)) == 200 - checkpointed, "only items without a stored answer were called"
+    called = {p.removeprefix("Echo ") for p in after}
+    neither = sorted({f"w{i:03d}" for i in range(200)} - called - kept)
+    assert len(after) == len(set(after)) == 200 - checkpointed, (
+        f"only items without a stored answer were called; neither called nor stored: {neither}; "
+        f"called though stored: {sorted(called & kept)}; {steps}")
     assert outcome.usage.calls == len(after) + 1 and outcome.usage.cache_hits >= 1  # + `joined`
     echoed = [o.split("Echo ")[-1][:4] for o in outcome.tasks["echo"]["output"]]
     assert echoed == [f"w{i:03d}" for i in range(200)], "every item exactly once, in input order"

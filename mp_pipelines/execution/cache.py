@@ -22,6 +22,7 @@ import json
 import logging
 import os
 import queue
+import sqlite3
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -40,6 +41,8 @@ CACHE_FILE = "mp_llm_cache.sqlite"
 SHARED = ""  # scope of the shared cache
 FLUSH_SECONDS = 0.05
 _BATCH = 500
+_WRITE_ATTEMPTS = 3  # a batch that fails this often is dropped (logged; flush() reports it)
+_SETUP_ATTEMPTS = 8  # creating tables / switching to WAL while other processes do the same: ~6 s of retries
 
 _METADATA = sa.MetaData()
 RESPONSES = sa.Table(
@@ -178,14 +181,27 @@ class ResponseStore:
                     batch.append(self._queue.get_nowait())
                 except queue.Empty:
                     break
-            try:
-                self._write(batch)
-            except Exception:  # a cache write must never fail a run; the answer was already used
-                self.write_failures += 1
-                log.exception("Could not write %d LLM cache row(s) to %r", len(batch), self)
+            for attempt in range(_WRITE_ATTEMPTS):
+                try:
+                    self._write(batch)
+                    break
+                except sa.exc.OperationalError as exc:  # locked, connection lost: likely to pass
+                    if attempt < _WRITE_ATTEMPTS - 1:
+                        log.warning("Writing %d LLM cache row(s) to %r failed, trying again: %s", len(batch), self,
+                                    exc.orig)
+                        time.sleep(0.2 * 2 ** attempt)
+                        continue
+                    self._lost(batch)
+                except Exception:  # noqa: BLE001 - a cache write must never fail a run; the answer was used
+                    self._lost(batch)
+                    break
             with self._idle:
                 self._pending -= len(batch)
                 self._idle.notify_all()
+
+    def _lost(self, batch: list[tuple[str, Any]]) -> None:
+        self.write_failures += 1
+        log.exception("Could not write %d LLM cache row(s) to %r", len(batch), self)
 
     def _write(self, batch: list[tuple[str, Any]]) -> None:
         rows = {}
@@ -273,13 +289,22 @@ class ResponseStore:
 
 
 def _create_tables(engine: sa.engine.Engine) -> None:
-    """Create the tables once; another process creating them at the same moment is fine."""
-    try:
-        _METADATA.create_all(engine, checkfirst=True)
-    except sa.exc.DatabaseError:  # lost a creation race ("already exists"): check they are there now
-        missing = set(_METADATA.tables) - set(sa.inspect(engine).get_table_names())
-        if missing:
-            raise
+    """Create the tables and indexes if they are missing. Processes opening a new store at the same moment race
+    here (every shard step of a first run does): IF NOT EXISTS covers most of it, and a lost race (SQLite's
+    immediate "database is locked" while another connection switches the file to WAL, PostgreSQL's duplicate
+    catalog row) is tried again."""
+    for attempt in range(_SETUP_ATTEMPTS):
+        try:
+            with engine.begin() as conn:
+                for table in _METADATA.sorted_tables:
+                    conn.execute(sa.schema.CreateTable(table, if_not_exists=True))
+                    for index in table.indexes:
+                        conn.execute(sa.schema.CreateIndex(index, if_not_exists=True))
+            return
+        except sa.exc.DatabaseError:
+            if attempt == _SETUP_ATTEMPTS - 1:
+                raise
+            time.sleep(0.05 * 2 ** min(attempt, 5))
 
 
 def _engine(url: str) -> sa.engine.Engine:
@@ -288,7 +313,17 @@ def _engine(url: str) -> sa.engine.Engine:
 
         @sa.event.listens_for(engine, "connect")
         def _wal(dbapi_connection: Any, _: Any) -> None:  # readers and the writer do not block each other
-            dbapi_connection.execute("PRAGMA journal_mode=WAL")
+            # WAL is a property of the file: switch once. The switch needs an exclusive lock and SQLite answers
+            # "database is locked" at once (no busy wait) while another connection holds one, so try a few times.
+            for attempt in range(_SETUP_ATTEMPTS):
+                try:
+                    if dbapi_connection.execute("PRAGMA journal_mode").fetchone()[0].lower() != "wal":
+                        dbapi_connection.execute("PRAGMA journal_mode=WAL")
+                    break
+                except sqlite3.OperationalError:
+                    if attempt == _SETUP_ATTEMPTS - 1:
+                        raise
+                    time.sleep(0.05 * 2 ** min(attempt, 5))
             dbapi_connection.execute("PRAGMA synchronous=NORMAL")
 
         return engine
