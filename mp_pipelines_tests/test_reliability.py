@@ -7,7 +7,6 @@ import json
 import re
 import time
 from pathlib import Path
-from typing import Any
 
 import dagster as dg
 import pytest
@@ -130,14 +129,6 @@ def test_cache_lives_in_postgresql_when_the_instance_does(openai_env: RunningSer
     assert store.count("") == 4
 
 
-def _open_store_and_count(url: str, start: Any) -> str | None:
-    start.wait()
-    try:
-        return None if ResponseStore(url).count() == 0 else "not empty"
-    except Exception as exc:  # noqa: BLE001 - reported to the test
-        return repr(exc)
-
-
 @pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
 def test_processes_opening_a_new_store_at_once_all_get_it(backend: str, tmp_path: Path) -> None:
     """Every step of a first run opens the store at about the same moment. Creating the tables raced ("already
@@ -148,19 +139,19 @@ def test_processes_opening_a_new_store_at_once_all_get_it(backend: str, tmp_path
     import multiprocessing
 
     from mp_pipelines_tests.postgres import PG, temporary_database
+    from mp_pipelines_tests.store_opening import open_store_and_count
 
-    fork = multiprocessing.get_context("fork")
-    for round_ in range(20 if backend == "sqlite" else 4):
-        with contextlib.ExitStack() as stack:
-            if backend == "sqlite":
-                url = f"sqlite:///{tmp_path / f'store{round_}.sqlite'}"
-            else:
-                name = stack.enter_context(temporary_database())
-                url = f"postgresql://{PG['user']}:{PG['password']}@{PG['host']}:{PG['port']}/{name}"
-            with fork.Manager() as manager, fork.Pool(8) as pool:
-                start = manager.Barrier(8)
-                problems = pool.starmap(_open_store_and_count, [(url, start)] * 8)
-            assert problems == [None] * 8
+    spawn = multiprocessing.get_context("spawn")
+    with spawn.Manager() as manager, spawn.Pool(8) as pool:
+        start = manager.Barrier(8)  # each of the 8 workers holds one task until all 8 have one
+        for round_ in range(20 if backend == "sqlite" else 4):
+            with contextlib.ExitStack() as stack:
+                if backend == "sqlite":
+                    url = f"sqlite:///{tmp_path / f'store{round_}.sqlite'}"
+                else:
+                    name = stack.enter_context(temporary_database())
+                    url = f"postgresql://{PG['user']}:{PG['password']}@{PG['host']}:{PG['port']}/{name}"
+                assert pool.starmap(open_store_and_count, [(url, start)] * 8, chunksize=1) == [None] * 8
 
 
 def test_cost_follows_the_price_table_and_a_price_file_overrides_it(
