@@ -226,6 +226,35 @@ def test_async_calls_overlap(client_for: MakeClient, llm_server: RunningServer) 
     assert max(arrivals) - min(arrivals) < 0.3  # all six were in flight together
 
 
+def test_calls_share_one_connection_pool_until_many_are_in_flight(client_for: MakeClient,
+                                                                   llm_server: RunningServer) -> None:
+    """One HTTP pool costs CPU per call in proportion to its connections, so a loop opens another lane (client
+    and pool) only when every lane has LANE_CALLS calls in flight; calls one after another reuse one connection."""
+    from mp_pipelines.execution.client import LANE_CALLS
+
+    client = client_for(llm_server)
+    in_flight = 3 * LANE_CALLS
+
+    async def calls() -> int:
+        try:
+            for i in range(4):
+                await client.acomplete(ask(f"one after another {i}"))
+            llm_server.faults.add(delay=0.5, times=in_flight)
+            answers = await asyncio.gather(*(client.acomplete(ask(f"together {i}")) for i in range(in_flight)))
+            assert all(f"together {i}" in a.text for i, a in enumerate(answers))
+            lanes = client._async[asyncio.get_running_loop()][0]
+            assert lanes.busy == [0] * len(lanes.busy), "every lane got its calls back"
+            return len(lanes.clients)
+        finally:
+            await client.aclose()
+
+    assert asyncio.run(calls()) == 3
+    sequential, together = llm_server.requests[:4], llm_server.requests[4:]
+    assert len({r.peer for r in sequential}) == 1, "calls one after another reuse the first lane's connection"
+    assert llm_server.in_flight.peak == in_flight, "lanes do not limit how many calls fly"
+    assert len({r.peer for r in together}) == in_flight
+
+
 def test_async_client_survives_successive_event_loops(client_for: MakeClient, llm_server: RunningServer) -> None:
     client = client_for(llm_server)
     first = asyncio.run(client.acomplete(ask("first loop")))  # left open on purpose: its loop is gone

@@ -154,6 +154,48 @@ def test_processes_opening_a_new_store_at_once_all_get_it(backend: str, tmp_path
                 assert pool.starmap(open_store_and_count, [(url, start)] * 8, chunksize=1) == [None] * 8
 
 
+def test_lookups_asked_together_are_one_database_round_trip(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A fan-out's items look up their answers in the same loop turn: they reach the database as one batch
+    (no thread hop and query per item), each gets its own answer or None, and a failing database is a miss."""
+    import asyncio
+
+    from mp_pipelines.execution.cache import Entry
+    from mp_pipelines.execution.client import LLMResult
+
+    store = ResponseStore(f"sqlite:///{tmp_path / 'lookups.sqlite'}")
+    for scope, key in (("", "k1"), ("", "k7"), ("run-1", "k1")):
+        result = LLMResult(text=f"{scope or 'shared'}/{key}", parsed=None, model="gpt-4o-mini", provider="openai",
+                           prompt_tokens=3, completion_tokens=2, latency_s=0.1, finish_reason="stop", attempts=1)
+        store.put(Entry(scope, key, "wf", "t", result))
+    assert store.flush()
+    batches: list[int] = []
+    get_many = store.get_many
+
+    def counted(wanted: list) -> dict:
+        batches.append(len(wanted))
+        return get_many(wanted)
+
+    store.get_many = counted  # type: ignore[method-assign]
+    wanted = [("", f"k{i}") for i in range(40)] + [("run-1", f"k{i}") for i in range(10)]
+
+    async def look_up_all() -> list:
+        return await asyncio.gather(*(store.aget(scope, key) for scope, key in wanted))
+
+    found = asyncio.run(look_up_all())
+    assert batches == [50]
+    texts = {pair: answer.text for pair, answer in zip(wanted, found) if answer is not None}
+    assert texts == {("", "k1"): "shared/k1", ("", "k7"): "shared/k7", ("run-1", "k1"): "run-1/k1"}
+    assert all(answer.cached and answer.cost_usd >= 0 for answer in found if answer is not None)
+    assert store.stats()["hits"] == 3
+
+    def broken(wanted: list) -> dict:
+        raise sa.exc.OperationalError("SELECT", {}, Exception("disk I/O error"))
+
+    store.get_many = broken  # type: ignore[method-assign]
+    assert asyncio.run(look_up_all()) == [None] * 50
+    assert "LLM cache lookup" in caplog.text and "disk I/O error" in caplog.text
+
+
 def test_cost_follows_the_price_table_and_a_price_file_overrides_it(
         openai_env: RunningServer, instance: dg.DagsterInstance, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     path = write_workflow(tmp_path, chain(extra="cache: off"))

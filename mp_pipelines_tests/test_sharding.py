@@ -166,3 +166,20 @@ def test_breadth_is_exact_across_concurrent_shards(llm_server_factory, monkeypat
     assert len(server.requests) == 60
     shard_steps = [key for key in step_states(instance, outcome.run_id) if key.startswith("echo[")]
     assert len(shard_steps) == 10
+
+
+@pytest.mark.parametrize(("preset", "expected"), [(None, 10_000), (500, 500)])
+def test_the_shared_loop_calms_the_garbage_collector_once(preset: int | None, expected: int) -> None:
+    """Full collections of a run worker's heap stalled the loop (~0.2 s each): starting the loop freezes what
+    the process holds and collects the young generation less often, unless someone chose a threshold."""
+    import subprocess
+    import sys
+
+    code = ("import gc\n"
+            f"{'gc.set_threshold(%d)' % preset if preset else ''}\n"
+            "from mp_pipelines.execution.aio import shared_loop\n"
+            "before = gc.get_freeze_count()\n"
+            "shared_loop(); shared_loop()\n"
+            "print(gc.get_threshold()[0], gc.get_freeze_count() > before)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
+    assert out.stdout.split() == [str(expected), "True"]

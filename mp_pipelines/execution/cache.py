@@ -41,6 +41,7 @@ CACHE_FILE = "mp_llm_cache.sqlite"
 SHARED = ""  # scope of the shared cache
 FLUSH_SECONDS = 0.05
 _BATCH = 500
+_LOOKUP_CHUNK = 500  # keys per lookup query (SQLite allows 32,766 parameters)
 _WRITE_ATTEMPTS = 3  # a batch that fails this often is dropped (logged; flush() reports it)
 _SETUP_ATTEMPTS = 8  # creating tables / switching to WAL while other processes do the same: ~6 s of retries
 
@@ -122,6 +123,7 @@ class ResponseStore:
         _create_tables(self.engine)
         self.write_failures = 0  # batches the writer could not store (flush() reports them)
         self._readers = ThreadPoolExecutor(max_workers=4, thread_name_prefix="mp-cache-read")
+        self._lookups: dict[asyncio.AbstractEventLoop, list[tuple[str, str, asyncio.Future]]] = {}
         self._queue: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
         self._pending = 0
         self._idle = threading.Condition()
@@ -134,21 +136,54 @@ class ResponseStore:
     # -- reads --
     def get(self, scope: str, key: str) -> LLMResult | None:
         """The stored answer, or None; a hit is counted (by the writer, in its next batch)."""
+        return self.get_many([(scope, key)]).get((scope, key))
+
+    def get_many(self, wanted: list[tuple[str, str]]) -> dict[tuple[str, str], LLMResult]:
+        """The stored answers among (scope, key) pairs, in a few queries; hits are counted like `get`'s."""
+        by_scope: dict[str, list[str]] = {}
+        for scope, key in wanted:
+            by_scope.setdefault(scope, []).append(key)
+        found: dict[tuple[str, str], LLMResult] = {}
         with self.engine.connect() as conn:
-            row = conn.execute(sa.select(RESPONSES.c.answer, RESPONSES.c.cost_usd)
-                               .where(RESPONSES.c.scope == scope, RESPONSES.c.key == key)).first()
-        if row is None:
-            return None
-        self._enqueue("hit", (scope, key, time.time()))
-        return _decode(row.answer, row.cost_usd)
+            for scope, keys in by_scope.items():
+                for start in range(0, len(keys), _LOOKUP_CHUNK):
+                    rows = conn.execute(sa.select(RESPONSES.c.key, RESPONSES.c.answer, RESPONSES.c.cost_usd).where(
+                        RESPONSES.c.scope == scope, RESPONSES.c.key.in_(keys[start:start + _LOOKUP_CHUNK])))
+                    for row in rows:
+                        found[(scope, row.key)] = _decode(row.answer, row.cost_usd)
+        now = time.time()
+        for scope, key in found:
+            self._enqueue("hit", (scope, key, now))
+        return found
 
     async def aget(self, scope: str, key: str) -> LLMResult | None:
-        """`get` from the event loop, on the store's threads; a store that fails to answer is a miss (logged)."""
-        try:
-            return await self.arun(self.get, scope, key)
-        except Exception as exc:  # noqa: BLE001 - the cache must never fail a call it could only have saved
-            log.warning("LLM cache lookup in %r failed, calling the model instead: %s", self, exc)
-            return None
+        """`get` from the event loop; a store that fails to answer is a miss (logged).
+
+        The lookups a loop asks for in one turn go to the store's threads as one `get_many`: a fan-out's
+        items all look up at once, and one query per few hundred keys beats a thread hop and a query each."""
+        loop = asyncio.get_running_loop()
+        answer = loop.create_future()
+        waiting = self._lookups.setdefault(loop, [])
+        waiting.append((scope, key, answer))
+        if len(waiting) == 1:
+            loop.call_soon(self._look_up, loop)
+        return await answer
+
+    def _look_up(self, loop: asyncio.AbstractEventLoop) -> None:
+        waiting = self._lookups.pop(loop, [])
+        done = self._readers.submit(self.get_many, [(scope, key) for scope, key, _ in waiting])
+
+        def answer(_: Any) -> None:
+            try:
+                found = done.result()
+            except Exception as exc:  # noqa: BLE001 - the cache must never fail a call it could only have saved
+                log.warning("LLM cache lookup in %r failed, calling the model instead: %s", self, exc)
+                found = {}
+            for scope, key, future in waiting:
+                if not future.done():  # a caller may have been cancelled meanwhile
+                    future.set_result(found.get((scope, key)))
+
+        done.add_done_callback(lambda _: loop.call_soon_threadsafe(answer, None))
 
     # -- writes --
     def put(self, entry: Entry) -> None:

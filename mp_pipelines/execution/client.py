@@ -13,9 +13,13 @@ backoff sleep the client takes before the hook can stop it. The same hooks count
 `LLMResult.attempts` is what went over the wire. The simulated provider is an httpx transport under
 the same openai client, so it takes exactly this path.
 
-Async calls use one AsyncOpenAI per running event loop (connections cannot cross loops), so
-`acomplete` works from successive `asyncio.run` calls; a loop's client is closed by `aclose()` or
-when `asyncio.run` shuts that loop down.
+Async calls use AsyncOpenAI clients of the running event loop (connections cannot cross loops), so
+`acomplete` works from successive `asyncio.run` calls; a loop's clients are closed by `aclose()` or
+when `asyncio.run` shuts that loop down. A loop spreads its calls over "lanes", one client and
+connection pool each, opening another lane only when every lane has `LANE_CALLS` calls in flight:
+the HTTP pool scans all its connections and probes each idle socket twice per request, so one pool
+of 200 connections cost ~1.5 ms of CPU per call here, lanes of 16 a third of that
+(docs/performance.md).
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ import json
 import logging
 import os
 import re
+import sys
 import threading
 import time
 from collections.abc import AsyncGenerator, Callable, Mapping
@@ -220,12 +225,43 @@ async def _aafter_send(response: httpx.Response) -> None:
     _after_send(response)
 
 
-async def _close_with_loop(client: openai.AsyncOpenAI) -> AsyncGenerator[None, None]:
-    """Parked async generator: the loop's shutdown_asyncgens() closes the client before the loop closes."""
+LANE_CALLS = 16  # calls in flight per lane before another lane (client and connection pool) opens
+MAX_LANES = 32
+
+
+class _Lanes:
+    """One event loop's clients, each with its own connection pool; a call takes the least busy one."""
+
+    def __init__(self, make: Callable[[], openai.AsyncOpenAI]) -> None:
+        self._make = make
+        self.clients: list[openai.AsyncOpenAI] = []
+        self.busy: list[int] = []  # calls in flight per lane
+
+    def take(self) -> int:
+        """A lane for one call (give it back with `release`); opens a lane when all are busy enough."""
+        busy = self.busy
+        lane = min(range(len(busy)), key=busy.__getitem__) if busy else -1
+        if lane < 0 or (busy[lane] >= LANE_CALLS and len(busy) < MAX_LANES):
+            self.clients.append(self._make())
+            busy.append(0)
+            lane = len(busy) - 1
+        busy[lane] += 1
+        return lane
+
+    def release(self, lane: int) -> None:
+        self.busy[lane] -= 1
+
+    async def aclose(self) -> None:
+        for client in self.clients:
+            await client.close()
+
+
+async def _close_with_loop(lanes: _Lanes) -> AsyncGenerator[None, None]:
+    """Parked async generator: the loop's shutdown_asyncgens() closes the clients before the loop closes."""
     try:
         yield
     finally:
-        await client.close()
+        await lanes.aclose()
 
 
 class LLMClient:
@@ -246,9 +282,10 @@ class LLMClient:
         self._api_key = api_key
         self.base_url = (base_url or os.environ.get("OPENAI_BASE_URL") or DEFAULT_BASE_URL).rstrip("/")
         self._secret: str | None = None  # the key actually sent; redacted from every message
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()  # _sync_client builds its arguments under it
         self._sync: openai.OpenAI | None = None
-        self._async: dict[asyncio.AbstractEventLoop, tuple[openai.AsyncOpenAI, AsyncGenerator[None, None]]] = {}
+        self._async: dict[asyncio.AbstractEventLoop, tuple[_Lanes, AsyncGenerator[None, None]]] = {}
+        self._ssl_context: Any = None  # built once (~20 ms) and shared by every client of this LLMClient
 
     def __repr__(self) -> str:
         return f"LLMClient(provider={self.provider_name!r}, base_url={public_url(self.base_url)!r})"
@@ -267,8 +304,9 @@ class LLMClient:
         transport = SimulatedTransport(self._simulated) if self.provider_name == "simulated" else None
         # The SDK's own default client class (httpx, or httpx2 from openai 3.x) keeps its tuned pool and defaults.
         factory = openai.DefaultAsyncHttpxClient if asynchronous else openai.DefaultHttpxClient
+        tls = {} if transport is not None else {"verify": self._tls_context(factory)}
         http = factory(transport=transport, timeout=self.timeout, event_hooks=hooks, trust_env=transport is None,
-                       limits=_connection_limits())
+                       limits=_connection_limits(), **tls)
         return {"api_key": key, "base_url": self.base_url, "max_retries": self.max_retries, "timeout": self.timeout,
                 "http_client": http}
 
@@ -278,20 +316,29 @@ class LLMClient:
                 self._sync = openai.OpenAI(**self._client_args(asynchronous=False))
             return self._sync
 
-    async def _async_client(self) -> openai.AsyncOpenAI:
-        """The running event loop's own async client."""
+    def _tls_context(self, factory: type) -> Any:
+        """The TLS context the SDK's HTTP client would build for itself (CA bundle, SSL_CERT_FILE), made once."""
+        with self._lock:
+            if self._ssl_context is None:
+                http_module = sys.modules[factory.__mro__[1].__module__.split(".")[0]]  # httpx, or httpx2
+                create = getattr(http_module, "create_ssl_context", None)
+                self._ssl_context = create(trust_env=True) if create is not None else True
+            return self._ssl_context
+
+    async def _async_lanes(self) -> _Lanes:
+        """The running event loop's own clients."""
         loop = asyncio.get_running_loop()
         with self._lock:
             for stale in [other for other in self._async if other.is_closed()]:
                 del self._async[stale]  # connections of a finished loop can be neither used nor awaited
             fresh = loop not in self._async
             if fresh:
-                client = openai.AsyncOpenAI(**self._client_args(asynchronous=True))
-                self._async[loop] = (client, _close_with_loop(client))
-            client, closer = self._async[loop]
+                lanes = _Lanes(lambda: openai.AsyncOpenAI(**self._client_args(asynchronous=True)))
+                self._async[loop] = (lanes, _close_with_loop(lanes))
+            lanes, closer = self._async[loop]
         if fresh:
             await closer.__anext__()  # parks the closer; asyncio.run's shutdown_asyncgens() finishes it
-        return client
+        return lanes
 
     def _create_args(self, request: LLMRequest, budget: float) -> dict[str, Any]:
         """Arguments of chat.completions.create for a request."""
@@ -335,15 +382,18 @@ class LLMClient:
     async def acomplete(self, request: LLMRequest, on_response: ResponseObserver | None = None) -> LLMResult:
         """Send one request on the running event loop; raises LLMError. `on_response` sees every HTTP response."""
         call, budget, args = self._start(request, on_response)
+        lanes = await self._async_lanes()
+        lane = lanes.take()
         token, started = _CALL.set(call), time.monotonic()
         try:
-            create = (await self._async_client()).chat.completions.with_raw_response.create(**args)
+            create = lanes.clients[lane].chat.completions.with_raw_response.create(**args)
             async with asyncio.timeout(budget):  # also bounds sleeps between retries; no extra task per call
                 completion = (await create).parse()
         except (openai.OpenAIError, asyncio.TimeoutError, json.JSONDecodeError) as exc:
             raise self._error(exc, request, call, budget) from None
         finally:
             _CALL.reset(token)
+            lanes.release(lane)
         return self._result(completion, request, call, time.monotonic() - started)
 
     def _result(self, completion: Any, request: LLMRequest, call: _Call, latency: float) -> LLMResult:

@@ -145,6 +145,7 @@ class ReceivedRequest:
     body: Any  # decoded JSON body (None if it was not JSON)
     headers: dict[str, str]
     fault: str | None = None  # kind of the scripted or random reaction it got; None: the model answered
+    peer: str = ""  # the client's "host:port": one per connection
 
 
 def _error_body(status: int, message: str | None = None) -> dict[str, Any]:
@@ -294,11 +295,12 @@ def build_app(
         except ValueError:
             body = None
         headers = {k: v for k, v in request.headers.items() if k.lower() != "authorization"}
+        peer = f"{request.client.host}:{request.client.port}" if request.client else ""
         if api_key is not None and request.headers.get("authorization") != f"Bearer {api_key}":
-            received.append(ReceivedRequest(time.time(), body, headers))
+            received.append(ReceivedRequest(time.time(), body, headers, peer=peer))
             return JSONResponse(_error_body(401), status_code=401)
         fault = script.pop()
-        received.append(ReceivedRequest(time.time(), body, headers, fault.kind if fault else None))
+        received.append(ReceivedRequest(time.time(), body, headers, fault.kind if fault else None, peer))
         if fault is None:
             status, answer_headers, payload = model.respond(body)
             if status == 200 and model.latency:
