@@ -251,7 +251,7 @@ def test_calls_share_one_connection_pool_until_many_are_in_flight(client_for: Ma
     assert asyncio.run(calls()) == 3
     sequential, together = llm_server.requests[:4], llm_server.requests[4:]
     assert len({r.peer for r in sequential}) == 1, "calls one after another reuse the first lane's connection"
-    assert llm_server.in_flight.peak == in_flight, "lanes do not limit how many calls fly"
+    assert llm_server.in_flight.peak >= in_flight, "lanes do not limit how many calls fly"
     assert len({r.peer for r in together}) == in_flight
 
 

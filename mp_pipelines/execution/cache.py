@@ -17,6 +17,7 @@ are batched by one writer thread (one transaction per batch, flushed within `FLU
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import logging
@@ -183,7 +184,11 @@ class ResponseStore:
                 if not future.done():  # a caller may have been cancelled meanwhile
                     future.set_result(found.get((scope, key)))
 
-        done.add_done_callback(lambda _: loop.call_soon_threadsafe(answer, None))
+        def back_on_the_loop(_: Any) -> None:
+            with contextlib.suppress(RuntimeError):  # the loop closed meanwhile: nobody waits any more
+                loop.call_soon_threadsafe(answer, None)
+
+        done.add_done_callback(back_on_the_loop)
 
     # -- writes --
     def put(self, entry: Entry) -> None:
