@@ -88,6 +88,42 @@ def test_temperature_above_zero_defaults_to_no_cache_and_a_task_can_opt_in(
     assert again.tasks["aside"]["usage"].cache_hits == 1
 
 
+def test_identical_calls_in_flight_are_paid_once(openai_env: RunningServer, instance: dg.DagsterInstance,
+                                                 tmp_path: Path) -> None:
+    """The same prompt twice in a fan-out at temperature 0: the second waits for the first's answer (counted
+    as a cache hit) instead of paying again; with `cache: off` every item is called."""
+    words = ["alpha", "beta", "alpha", "alpha", "gamma", "beta"]
+    openai_env.faults.add(delay=0.5, times=3)  # the first calls are still in flight when their twins start
+    spec = fan("twins", 6, breadth=6, words=words, task_extra="\n    shard_size: 6").replace("cache: off\n", "")
+    outcome = run_file(write_workflow(tmp_path, spec), {}, instance, executor=None)  # one shard: all at once
+    assert outcome.success, outcome.as_text()
+    echoed = [p for p in user_prompts(openai_env) if p.startswith("Echo")]
+    assert sorted(echoed) == ["Echo alpha", "Echo beta", "Echo gamma"]
+    assert [o.split("Echo ")[-1].split()[0].strip(".:") for o in outcome.tasks["echo"]["output"]] == words
+    assert outcome.usage.calls == 3 + 1 and outcome.usage.cache_hits == 3  # + `joined`
+
+    openai_env.reset()
+    (tmp_path / "off").mkdir()
+    spec = fan("twins_off", 6, breadth=6, words=words, task_extra="\n    shard_size: 6")
+    off = run_file(write_workflow(tmp_path / "off", spec), {}, instance, executor=None)
+    assert off.success and sorted(p for p in user_prompts(openai_env) if p.startswith("Echo")) == sorted(
+        f"Echo {w}" for w in words)
+
+
+def test_a_twin_whose_first_call_fails_makes_its_own(openai_env: RunningServer, instance: dg.DagsterInstance,
+                                                     tmp_path: Path) -> None:
+    """A failed call's error is its own: the identical call that waited for it asks the model itself."""
+    spec = fan("twins_fail", 2, breadth=2, words=["alpha", "alpha"], extra="on_item_failure: skip",
+               task_extra="\n    shard_size: 2").replace("cache: off\n", "")
+    openai_env.faults.add(status=400, delay=0.5)  # a bad request is not retried by the client
+    outcome = run_file(write_workflow(tmp_path, spec), {}, instance, executor=None)
+    assert outcome.success, outcome.as_text()
+    assert [p for p in user_prompts(openai_env) if p.startswith("Echo")] == ["Echo alpha", "Echo alpha"]
+    (failed,) = outcome.tasks["echo"]["failed_items"]
+    assert failed["error_kind"] == "bad_request"
+    assert len(outcome.tasks["echo"]["output"]) == 1 and "alpha" in outcome.tasks["echo"]["output"][0]
+
+
 def test_cache_cli_stats_and_clear(openai_env: RunningServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
     cli = CliRunner()

@@ -111,21 +111,33 @@ async def arun_task(llm: Any, spec: WorkflowSpec, task: TaskSpec, context: Mappi
     left = remaining_time(deadline, label)
     timeout = llm.timeout if left is None else min(llm.timeout, left)
     request = build_request(spec, task, context, default_model=llm.default_model, timeout=timeout, label=label)
-    key = request_key(request, llm.endpoint_key()) if scope.store is not None else ""
+    shareable = scope.cache_policy == "read_write"  # an identical call in flight may answer this one too
+    key = request_key(request, llm.endpoint_key()) if scope.store is not None or shareable else ""
     answer = await _stored_answer(scope, key, label)
+    if answer is None and shareable:
+        answer = await _answer_of_identical_call(key)
     if answer is None:
+        leading = _lead(key) if shareable else None
         try:
             if left is None:
                 answer = await _answer(llm, task, request, scope)
             else:
                 answer = await asyncio.wait_for(_answer(llm, task, request, scope), left)
         except asyncio.TimeoutError:
+            _followers_on_their_own(key, leading)
             raise TaskTimeout(f"task {label} exceeded its timeout of {task.timeout:g} s waiting for the model") from None
         except LLMError as exc:
+            _followers_on_their_own(key, leading)
             if exc.kind == "timeout" and deadline is not None and time.monotonic() >= deadline:
                 raise TaskTimeout(f"task {label} exceeded its timeout of {task.timeout:g} s: {exc}") from None
             raise
+        except BaseException:
+            _followers_on_their_own(key, leading)
+            raise
         _remember(scope, key, label, answer)
+        if leading is not None:
+            _IDENTICAL.pop(key, None)
+            leading.set_result(answer.result)
     result = answer.result
     output = result.parsed if request.json_output else result.text
     return TaskRun(output, answer.usage, result.model, result.provider, result.finish_reason, result.attempts)
@@ -142,6 +154,42 @@ async def _stored_answer(scope: CallScope, key: str, label: str) -> Answer | Non
     if found is None and (scope.cache_policy in ("read_write", "read") or (scope.resuming and scope.cache_policy == "write")):
         found = await scope.store.aget(SHARED, key)
     return None if found is None else Answer(found, Usage(cache_hits=1))
+
+
+# Calls that may share their answer (cache policy read_write), by request key, while they are in flight on the
+# shared loop: an identical request (the same item twice in a fan-out, two runs asking the same) waits for the
+# first one's answer instead of paying for it again, as a cache hit would.
+_IDENTICAL: dict[str, asyncio.Future[LLMResult]] = {}
+
+
+async def _answer_of_identical_call(key: str) -> Answer | None:
+    """The answer of an identical call in flight, once it arrives; None if there is none or it failed."""
+    leader = _IDENTICAL.get(key)
+    if leader is None:
+        return None
+    try:
+        result = await asyncio.shield(leader)
+    except asyncio.CancelledError:
+        if not leader.cancelled():
+            raise  # this task itself is being cancelled
+        return None
+    except Exception:  # noqa: BLE001 - the leader's failure is its own: this call is made anew
+        return None
+    return Answer(replace(result, latency_s=0.0, attempts=0, cached=True), Usage(cache_hits=1))
+
+
+def _lead(key: str) -> asyncio.Future[LLMResult]:
+    """Register this call as the one identical requests wait for."""
+    leader = _IDENTICAL[key] = asyncio.get_running_loop().create_future()
+    return leader
+
+
+def _followers_on_their_own(key: str, leader: asyncio.Future[LLMResult] | None) -> None:
+    """The leading call failed or was cancelled: whoever waited for it makes its own call."""
+    if leader is not None:
+        if _IDENTICAL.get(key) is leader:
+            del _IDENTICAL[key]
+        leader.cancel()
 
 
 def _remember(scope: CallScope, key: str, label: str, answer: Answer) -> None:
