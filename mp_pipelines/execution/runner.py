@@ -136,7 +136,8 @@ async def arun_task(llm: Any, spec: WorkflowSpec, task: TaskSpec, context: Mappi
             raise
         _remember(scope, key, label, answer)
         if leading is not None:
-            _IDENTICAL.pop(key, None)
+            if _IDENTICAL.get(key) is leading:
+                del _IDENTICAL[key]
             leading.set_result(answer.result)
     result = answer.result
     output = result.parsed if request.json_output else result.text
@@ -165,8 +166,8 @@ _IDENTICAL: dict[str, asyncio.Future[LLMResult]] = {}
 async def _answer_of_identical_call(key: str) -> Answer | None:
     """The answer of an identical call in flight, once it arrives; None if there is none or it failed."""
     leader = _IDENTICAL.get(key)
-    if leader is None:
-        return None
+    if leader is None or leader.get_loop() is not asyncio.get_running_loop():
+        return None  # (calls on another event loop, e.g. a test's own, cannot wait for this one's future)
     try:
         result = await asyncio.shield(leader)
     except asyncio.CancelledError:
