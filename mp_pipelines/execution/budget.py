@@ -62,10 +62,10 @@ class BudgetTracker:
         if self.store is not None:
             admitted, calls, tokens, cost = await self.store.arun(
                 self.store.reserve_call, self.run_id, b.max_calls, b.max_tokens, b.max_cost_usd)
+            reason = None if admitted else (reached(b, calls, tokens, cost) or "a limit was reached")
         else:
-            calls, tokens, cost = self.started, self.spent.prompt_tokens + self.spent.completion_tokens, self.spent.cost_usd
-            admitted = reached(b, calls, tokens, cost) is None
-        reason = None if admitted else (reached(b, calls, tokens, cost) or "a limit was reached")
+            reason = reached(b, self.started, self.spent.prompt_tokens + self.spent.completion_tokens,
+                             self.spent.cost_usd)
         if reason is not None:
             raise BudgetExceeded(f"budget of run {self.run_id}: {reason}; call {label or '(unlabelled)'} was not "
                                  "started (raise the budget in the workflow's `budget:` or the run config's "

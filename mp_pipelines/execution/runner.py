@@ -119,29 +119,31 @@ async def arun_task(llm: Any, spec: WorkflowSpec, task: TaskSpec, context: Mappi
     if answer is None:
         leading = _lead(key) if shareable else None
         try:
-            if left is None:
-                answer = await _answer(llm, task, request, scope)
-            else:
-                answer = await asyncio.wait_for(_answer(llm, task, request, scope), left)
-        except asyncio.TimeoutError:
-            _followers_on_their_own(key, leading)
-            raise TaskTimeout(f"task {label} exceeded its timeout of {task.timeout:g} s waiting for the model") from None
-        except LLMError as exc:
-            _followers_on_their_own(key, leading)
-            if exc.kind == "timeout" and deadline is not None and time.monotonic() >= deadline:
-                raise TaskTimeout(f"task {label} exceeded its timeout of {task.timeout:g} s: {exc}") from None
-            raise
+            answer = await _model_answer(llm, task, request, scope, left=left, deadline=deadline, label=label)
         except BaseException:
             _followers_on_their_own(key, leading)
             raise
         _remember(scope, key, label, answer)
         if leading is not None:
-            if _IDENTICAL.get(key) is leading:
-                del _IDENTICAL[key]
-            leading.set_result(answer.result)
+            _answered(key, leading, answer.result)
     result = answer.result
     output = result.parsed if request.json_output else result.text
     return TaskRun(output, answer.usage, result.model, result.provider, result.finish_reason, result.attempts)
+
+
+async def _model_answer(llm: Any, task: TaskSpec, request: LLMRequest, scope: CallScope, *, left: float | None,
+                        deadline: float | None, label: str) -> Answer:
+    """The model's answer within the task's time left; TaskTimeout once the task's deadline has passed."""
+    try:
+        if left is None:
+            return await _answer(llm, task, request, scope)
+        return await asyncio.wait_for(_answer(llm, task, request, scope), left)
+    except asyncio.TimeoutError:
+        raise TaskTimeout(f"task {label} exceeded its timeout of {task.timeout:g} s waiting for the model") from None
+    except LLMError as exc:
+        if exc.kind == "timeout" and deadline is not None and time.monotonic() >= deadline:
+            raise TaskTimeout(f"task {label} exceeded its timeout of {task.timeout:g} s: {exc}") from None
+        raise
 
 
 async def _stored_answer(scope: CallScope, key: str, label: str) -> Answer | None:
@@ -183,6 +185,13 @@ def _lead(key: str) -> asyncio.Future[LLMResult]:
     """Register this call as the one identical requests wait for."""
     leader = _IDENTICAL[key] = asyncio.get_running_loop().create_future()
     return leader
+
+
+def _answered(key: str, leader: asyncio.Future[LLMResult], result: LLMResult) -> None:
+    """The leading call got its answer: hand it to whoever waited."""
+    if _IDENTICAL.get(key) is leader:
+        del _IDENTICAL[key]
+    leader.set_result(result)
 
 
 def _followers_on_their_own(key: str, leader: asyncio.Future[LLMResult] | None) -> None:
