@@ -15,7 +15,7 @@ from typing import Any
 
 import dagster as dg
 
-from mp_pipelines.execution.llm import LLMResource
+from mp_pipelines.llm.resource import LLMResource
 from mp_pipelines.factory import build_workflow_definitions
 from mp_pipelines.factory.ops import BUDGET_RESOURCE_KEY, LLM_RESOURCE_KEY, RunBudget
 from mp_pipelines.sensors.failures import build_failure_sensor

@@ -14,7 +14,7 @@ from typing import Any
 
 import dagster as dg
 
-from mp_pipelines.execution.executor import concurrent_executor
+from mp_pipelines.dagster_ext.executor import concurrent_executor
 
 POOL = "mp_test_pool"
 

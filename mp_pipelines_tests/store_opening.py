@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from mp_pipelines.execution.cache import ResponseStore
+from mp_pipelines.calls.store import ResponseStore
 
 
 def open_store_and_count(url: str, start: Any) -> str | None:

@@ -11,7 +11,7 @@ import dagster as dg
 import pytest
 
 from mp_pipelines import definitions
-from mp_pipelines.execution.llm import LLMResource
+from mp_pipelines.llm.resource import LLMResource
 from mp_pipelines.spec.loader import load_workflows
 
 REPO = Path(__file__).resolve().parents[1]

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from mp_pipelines.execution.limits import CallLimiter, LimiterRegistry, LimitSettings, retry_after_seconds
+from mp_pipelines.calls.limits import CallLimiter, LimiterRegistry, LimitSettings, retry_after_seconds
 
 
 async def _hold(limiter: CallLimiter, seconds: float) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dagster as dg
 
-from mp_pipelines.running import run_workflow
+from mp_pipelines.cli.running import run_workflow
 from mp_pipelines.spec.loader import load_workflows
 from mp_pipelines_tests.workflow_helpers import materializations
 

@@ -13,10 +13,10 @@ import pytest
 import sqlalchemy as sa
 from click.testing import CliRunner
 
-from mp_pipelines.cli import main
-from mp_pipelines.execution.cache import RESPONSES, ResponseStore, store_for
-from mp_pipelines.execution.pricing import DEFAULT_PRICES, PriceFileError, load_prices
-from mp_pipelines.execution.server import RunningServer
+from mp_pipelines.cli.main import main
+from mp_pipelines.calls.store import RESPONSES, ResponseStore, store_for
+from mp_pipelines.calls.pricing import DEFAULT_PRICES, PriceFileError, load_prices
+from mp_pipelines.llm.serve import RunningServer
 from mp_pipelines.spec.loader import WorkflowValidationError, parse_workflow
 from mp_pipelines_tests.workflow_helpers import materializations, run_file, write_workflow
 
@@ -195,8 +195,8 @@ def test_lookups_asked_together_are_one_database_round_trip(tmp_path: Path, capl
     (no thread hop and query per item), each gets its own answer or None, and a failing database is a miss."""
     import asyncio
 
-    from mp_pipelines.execution.cache import Entry
-    from mp_pipelines.execution.client import LLMResult
+    from mp_pipelines.calls.store import Entry
+    from mp_pipelines.llm.client import LLMResult
 
     store = ResponseStore(f"sqlite:///{tmp_path / 'lookups.sqlite'}")
     for scope, key in (("", "k1"), ("", "k7"), ("run-1", "k1")):
@@ -305,7 +305,7 @@ def test_call_budget_stops_new_calls_keeps_results_and_says_which_budget(
     assert partial.metadata["calls"].value == 10
 
     # The run config overrides the workflow's budget; resuming with more budget runs only the 30 stopped items.
-    from mp_pipelines.running import resume_run
+    from mp_pipelines.cli.running import resume_run
 
     resumed = resume_run(outcome.run_id, instance=instance, budget={"max_calls": 100})
     assert resumed.success, resumed.as_text()
@@ -331,8 +331,8 @@ def test_call_budget_is_shared_by_step_processes(llm_server_factory, monkeypatch
                                                  instance: dg.DagsterInstance, tmp_path: Path) -> None:
     """Two shards in two processes (multiprocess executor) draw on one account in the instance's database."""
     from mp_pipelines.definitions import reconstructable_job
-    from mp_pipelines.execution.simulated import SimulatedModel
-    from mp_pipelines.running import run_config
+    from mp_pipelines.llm.simulated import SimulatedModel
+    from mp_pipelines.cli.running import run_config
     from mp_pipelines.spec.loader import load_workflow_file
 
     server = llm_server_factory(model=SimulatedModel(latency=0.2))
@@ -461,16 +461,16 @@ def test_resume_after_sigkill_mid_fan_out_calls_only_what_was_not_answered(
     import subprocess
     import sys
 
-    from mp_pipelines.execution.cache import CACHE_FILE
-    from mp_pipelines.execution.simulated import SimulatedModel
-    from mp_pipelines.running import resume_run
+    from mp_pipelines.calls.store import CACHE_FILE
+    from mp_pipelines.llm.simulated import SimulatedModel
+    from mp_pipelines.cli.running import resume_run
 
     server = llm_server_factory(model=SimulatedModel(latency=0.25))
     path = write_workflow(tmp_path, fan("killed", 200, breadth=6).replace("cache: off\n", ""))  # temperature 0 …
     path.write_text(path.read_text().replace("defaults: {temperature: 0}", "defaults: {temperature: 0.9}"))  # … off
     env = {**os.environ, "OPENAI_BASE_URL": server.base_url, "OPENAI_API_KEY": "sk-test-resume"}
     env.pop("DAGSTER_HOME", None)
-    child = subprocess.Popen([sys.executable, "-m", "mp_pipelines.cli", "run", str(path), "--json"], cwd=tmp_path,
+    child = subprocess.Popen([sys.executable, "-m", "mp_pipelines.cli.main", "run", str(path), "--json"], cwd=tmp_path,
                              env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
     home = tmp_path / ".mp_pipelines" / "dagster_home"
     deadline = time.monotonic() + 120

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner, Result
 
-from mp_pipelines.cli import main
-from mp_pipelines.remote import Endpoint, RemoteError
+from mp_pipelines.cli.main import main
+from mp_pipelines.cli.remote import Endpoint, RemoteError
 from mp_pipelines_tests.postgres import temporary_database
 from mp_pipelines_tests.services import (
     LOCATION,

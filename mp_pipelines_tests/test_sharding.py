@@ -7,11 +7,11 @@ from pathlib import Path
 import dagster as dg
 import pytest
 
-from mp_pipelines.execution.server import RunningServer
-from mp_pipelines.execution.shards import MAX_STEPS_PER_FANOUT, retry_delay, shard_size
-from mp_pipelines.execution.simulated import SimulatedModel
-from mp_pipelines.reporting import step_states
-from mp_pipelines.running import run_config
+from mp_pipelines.llm.serve import RunningServer
+from mp_pipelines.tasks.shards import MAX_STEPS_PER_FANOUT, retry_delay, shard_size
+from mp_pipelines.llm.simulated import SimulatedModel
+from mp_pipelines.cli.reporting import step_states
+from mp_pipelines.cli.running import run_config
 from mp_pipelines.spec.models import RetrySpec, TaskSpec
 from mp_pipelines_tests.workflow_helpers import materializations, run_file, write_workflow
 
@@ -177,7 +177,7 @@ def test_the_shared_loop_calms_the_garbage_collector_once(preset: int | None, ex
 
     code = ("import gc\n"
             f"{'gc.set_threshold(%d)' % preset if preset else ''}\n"
-            "from mp_pipelines.execution.aio import shared_loop\n"
+            "from mp_pipelines.calls.loop import shared_loop\n"
             "before = gc.get_freeze_count()\n"
             "shared_loop(); shared_loop()\n"
             "print(gc.get_threshold()[0], gc.get_freeze_count() > before)\n")

@@ -14,9 +14,9 @@ import jsonschema
 import pytest
 from pydantic import BaseModel
 
-from mp_pipelines.execution.client import LLMClient, LLMError, LLMRequest
-from mp_pipelines.execution.llm import LLMResource
-from mp_pipelines.execution.simulated import SimulatedModel, SimulatedTransport
+from mp_pipelines.llm.client import LLMClient, LLMError, LLMRequest
+from mp_pipelines.llm.resource import LLMResource
+from mp_pipelines.llm.simulated import SimulatedModel, SimulatedTransport
 
 
 def body(prompt: str, **extra: Any) -> dict[str, Any]:

@@ -9,7 +9,7 @@ import dagster as dg
 import pandas as pd
 import pytest
 
-from mp_pipelines.running import run_config, run_workflow
+from mp_pipelines.cli.running import run_config, run_workflow
 from mp_pipelines.spec.loader import SHIPPED_WORKFLOWS_DIR, load_workflows
 from mp_pipelines_tests.workflow_helpers import materializations
 

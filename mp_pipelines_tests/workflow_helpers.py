@@ -9,7 +9,7 @@ from typing import Any
 import dagster as dg
 import yaml
 
-from mp_pipelines.running import RunOutcome, run_workflow
+from mp_pipelines.cli.running import RunOutcome, run_workflow
 from mp_pipelines.spec.loader import load_workflow_file
 
 

@@ -10,10 +10,10 @@ from typing import Any, Iterator, Mapping
 import dagster as dg
 import pandas as pd
 
-from mp_pipelines.execution.aio import shared_loop
-from mp_pipelines.execution.runner import build_context, preview, records
-from mp_pipelines.execution.shards import ItemRecord, run_shard, shard_size
-from mp_pipelines.execution.usage import Usage
+from mp_pipelines.calls.loop import shared_loop
+from mp_pipelines.tasks.runner import build_context, preview, records
+from mp_pipelines.tasks.shards import ItemRecord, run_shard, shard_size
+from mp_pipelines.calls.usage import Usage
 from mp_pipelines.factory.ops import (
     FANOUT_TAG,
     LLM_RESOURCE_KEY,

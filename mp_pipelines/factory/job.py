@@ -7,7 +7,7 @@ from typing import Any
 
 import dagster as dg
 
-from mp_pipelines.execution.executor import selectable_executor
+from mp_pipelines.dagster_ext.executor import selectable_executor
 from mp_pipelines.factory.fanout import build_collect_op, build_items_op, build_shard_op
 from mp_pipelines.factory.loops import build_body_op, build_loop_result_op, iterations
 from mp_pipelines.factory.ops import (
@@ -19,7 +19,7 @@ from mp_pipelines.factory.ops import (
     build_task_op,
     llm_pool,
 )
-from mp_pipelines.sensors.partitions import inbox_partitioned_config, inbox_partitions_def
+from mp_pipelines.factory.partitions import inbox_partitioned_config, inbox_partitions_def
 from mp_pipelines.spec.graph import body_dependencies, for_each_source, step_dependencies, topological_order
 from mp_pipelines.spec.models import LoopSpec, TaskSpec, WorkflowSpec
 

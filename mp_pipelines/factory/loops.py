@@ -11,9 +11,9 @@ from typing import Any, Iterator, Mapping
 
 import dagster as dg
 
-from mp_pipelines.execution.prompts import TemplateError, evaluate
-from mp_pipelines.execution.runner import build_context
-from mp_pipelines.execution.usage import Usage
+from mp_pipelines.spec.templates import TemplateError, evaluate
+from mp_pipelines.tasks.runner import build_context
+from mp_pipelines.calls.usage import Usage
 from mp_pipelines.factory.ops import (
     PROMPT_RESOURCE_KEYS,
     WORKFLOW_TAG,

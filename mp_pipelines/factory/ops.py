@@ -8,14 +8,14 @@ from typing import Any, Callable, Iterator, Mapping
 import dagster as dg
 from pydantic import Field
 
-from mp_pipelines.execution.cache import store_for
-from mp_pipelines.execution.calls import CallScope
-from mp_pipelines.execution.client import LLMError
-from mp_pipelines.execution.limits import LimitSettings
-from mp_pipelines.execution.pricing import current_prices
-from mp_pipelines.execution.prompts import TemplateError
-from mp_pipelines.execution.runner import TaskRun, TaskTimeout, build_context, condition_holds, preview, run_task
-from mp_pipelines.execution.usage import Usage
+from mp_pipelines.calls.store import store_for
+from mp_pipelines.calls.path import CallScope
+from mp_pipelines.llm.client import LLMError
+from mp_pipelines.calls.limits import LimitSettings
+from mp_pipelines.calls.pricing import current_prices
+from mp_pipelines.spec.templates import TemplateError
+from mp_pipelines.tasks.runner import TaskRun, TaskTimeout, build_context, condition_holds, preview, run_task
+from mp_pipelines.calls.usage import Usage
 from mp_pipelines.spec.inputs import coerce_input, resolve_path
 from mp_pipelines.spec.models import BudgetSpec, InputSpec, TaskSpec, WorkflowSpec
 

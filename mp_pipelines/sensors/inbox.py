@@ -23,7 +23,7 @@ from typing import Any
 
 import dagster as dg
 
-from mp_pipelines.sensors.partitions import (
+from mp_pipelines.factory.partitions import (
     inbox_folder,
     inbox_input,
     inbox_partitions_def,

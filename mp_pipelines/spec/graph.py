@@ -13,7 +13,7 @@ from typing import Literal
 
 from jinja2 import nodes
 
-from mp_pipelines.execution.prompts import TemplateError, as_template, make_environment, parse, references
+from mp_pipelines.spec.templates import TemplateError, as_template, make_environment, parse, references
 from mp_pipelines.spec.models import LoopSpec, TaskSpec, WorkflowSpec
 
 # Names Jinja itself defines (range, dict, lipsum, ...): not references to the context.

@@ -8,7 +8,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from mp_pipelines.execution.prompts import TemplateError
+from mp_pipelines.spec.templates import TemplateError
 from mp_pipelines.spec import graph
 from mp_pipelines.spec.inputs import coerce_input
 from mp_pipelines.spec.loader import Problem, suggest

@@ -13,7 +13,7 @@ Enable it in dagster.yaml (see docs/performance.md, "PostgreSQL per-step cost"):
 or per storage with `run_storage:` / `event_log_storage:` / `schedule_storage:` and the classes below.
 """
 
-from mp_pipelines.storage.postgres import (
+from mp_pipelines.dagster_ext.postgres import (
     PooledPostgresEventLogStorage,
     PooledPostgresRunStorage,
     PooledPostgresScheduleStorage,

@@ -12,12 +12,12 @@ import time
 from dataclasses import dataclass, replace
 from typing import Any, Callable, Mapping
 
-from mp_pipelines.execution.aio import shared_loop
-from mp_pipelines.execution.cache import SHARED, Entry, checkpoint_key, request_key
-from mp_pipelines.execution.calls import CallScope, acall
-from mp_pipelines.execution.client import LLMError, LLMRequest, LLMResult
-from mp_pipelines.execution.prompts import evaluate, render
-from mp_pipelines.execution.usage import Usage
+from mp_pipelines.calls.loop import shared_loop
+from mp_pipelines.calls.store import SHARED, Entry, checkpoint_key, request_key
+from mp_pipelines.calls.path import CallScope, acall
+from mp_pipelines.llm.client import LLMError, LLMRequest, LLMResult
+from mp_pipelines.spec.templates import evaluate, render
+from mp_pipelines.calls.usage import Usage
 from mp_pipelines.spec.models import TaskSpec, WorkflowSpec
 
 PREVIEW_CHARS = 500

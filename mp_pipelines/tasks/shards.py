@@ -13,11 +13,11 @@ import random
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
-from mp_pipelines.execution.calls import CallScope
-from mp_pipelines.execution.client import LLMError
-from mp_pipelines.execution.prompts import TemplateError, evaluate
-from mp_pipelines.execution.runner import TaskTimeout, arun_task
-from mp_pipelines.execution.usage import Usage
+from mp_pipelines.calls.path import CallScope
+from mp_pipelines.llm.client import LLMError
+from mp_pipelines.spec.templates import TemplateError, evaluate
+from mp_pipelines.tasks.runner import TaskTimeout, arun_task
+from mp_pipelines.calls.usage import Usage
 from mp_pipelines.spec.models import RetrySpec, TaskSpec, WorkflowSpec
 
 MAX_RETRY_DELAY = 3600.0  # seconds

@@ -15,8 +15,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from mp_pipelines.execution.client import LLMError
-from mp_pipelines.execution.usage import Usage
+from mp_pipelines.llm.client import LLMError
+from mp_pipelines.calls.usage import Usage
 from mp_pipelines.spec.models import BudgetSpec
 
 

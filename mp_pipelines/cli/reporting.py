@@ -7,8 +7,8 @@ from typing import Any
 
 import dagster as dg
 
-from mp_pipelines.execution.runner import records
-from mp_pipelines.execution.usage import Usage
+from mp_pipelines.tasks.runner import records
+from mp_pipelines.calls.usage import Usage
 from mp_pipelines.factory.loops import body_op_name, iterations
 from mp_pipelines.spec.models import LoopSpec, TaskSpec, WorkflowSpec
 

@@ -32,7 +32,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from mp_pipelines.execution.simulated import SimulatedModel
+from mp_pipelines.llm.simulated import SimulatedModel
 
 _REASONS = {
     400: "Bad request.",

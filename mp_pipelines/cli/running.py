@@ -11,10 +11,10 @@ from typing import Any, Callable
 
 import dagster as dg
 
-from mp_pipelines.execution.runner import preview
-from mp_pipelines.execution.usage import Usage
+from mp_pipelines.tasks.runner import preview
+from mp_pipelines.calls.usage import Usage
 from mp_pipelines.factory.ops import BUDGET_RESOURCE_KEY, INPUTS_OP, RESUME_RETRY_TAG
-from mp_pipelines.reporting import family_step_states, run_usage, step_states, summarize_tasks, task_output
+from mp_pipelines.cli.reporting import family_step_states, run_usage, step_states, summarize_tasks, task_output
 from mp_pipelines.spec.graph import topological_order
 from mp_pipelines.spec.models import WorkflowSpec
 

@@ -9,7 +9,7 @@ from typing import Any
 
 import click
 
-from mp_pipelines.remote import register_remote_commands
+from mp_pipelines.cli.remote import register_remote_commands
 from mp_pipelines.spec.loader import LoadResult, WorkflowValidationError, load_workflow_file, load_workflows
 from mp_pipelines.spec.models import WorkflowSpec
 
@@ -77,7 +77,7 @@ def validate(paths: tuple[str, ...]) -> None:
 @click.argument("workflow")
 def show(workflow: str) -> None:
     """Print a workflow's DAG: inputs, steps in run order and what each depends on."""
-    from mp_pipelines.show import render_workflow
+    from mp_pipelines.cli.show import render_workflow
 
     spec, _ = resolve_workflow(workflow)
     click.echo(render_workflow(spec))
@@ -141,7 +141,7 @@ def budget_options(command: Any) -> Any:
 def run(workflow: str, pairs: tuple[str, ...], input_file: str | None, as_json: bool, executor: str | None,
         **budget: Any) -> None:
     """Run WORKFLOW (a name or a YAML path) through Dagster and print each task's result."""
-    from mp_pipelines.running import run_workflow
+    from mp_pipelines.cli.running import run_workflow
 
     _quiet_dagster_logs()
     spec, source = resolve_workflow(workflow)
@@ -158,7 +158,7 @@ def run(workflow: str, pairs: tuple[str, ...], input_file: str | None, as_json: 
 def resume(run_id: str, force: bool, as_json: bool, **budget: Any) -> None:
     """Re-execute failed run RUN_ID from failure: only what failed runs again, and answers the run already
     got (checkpointed per item) are not paid for twice."""
-    from mp_pipelines.running import ResumeError, resume_run
+    from mp_pipelines.cli.running import ResumeError, resume_run
 
     _quiet_dagster_logs()
     try:
@@ -189,8 +189,8 @@ def cache() -> None:
 
 
 def _store() -> Any:
-    from mp_pipelines.execution.cache import store_for
-    from mp_pipelines.running import local_instance
+    from mp_pipelines.calls.store import store_for
+    from mp_pipelines.cli.running import local_instance
 
     instance = local_instance()
     try:
@@ -234,7 +234,7 @@ def cache_clear(workflow: str | None, older_than: float | None) -> None:
 @click.option("--failure-rate", default=0.0, show_default=True, type=float, help="Share of 500/429 answers.")
 def serve_model(host: str, port: int, latency: float, failure_rate: float) -> None:
     """Serve the simulated model as an OpenAI-compatible HTTP endpoint (for OPENAI_BASE_URL)."""
-    from mp_pipelines.execution.server import serve
+    from mp_pipelines.llm.serve import serve
 
     _echo_err(f"simulated OpenAI-compatible endpoint on http://{host}:{port}/v1 (Ctrl-C to stop)")
     serve(host, port, latency, failure_rate)

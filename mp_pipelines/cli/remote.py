@@ -110,7 +110,7 @@ def parse_remote_inputs(workflow: str, pairs: tuple[str, ...], input_file: str |
     """
     import yaml
 
-    from mp_pipelines.cli import parse_inputs
+    from mp_pipelines.cli.main import parse_inputs
     from mp_pipelines.spec.loader import load_workflows
 
     spec = load_workflows().specs.get(workflow)

@@ -145,7 +145,7 @@ class LimiterRegistry:
 
     def budget(self, run_id: str, budget: Any, store: Any) -> Any:
         """The run's BudgetTracker in this process (its account is in `store` when there is one)."""
-        from mp_pipelines.execution.budget import BudgetTracker
+        from mp_pipelines.calls.budget import BudgetTracker
 
         key = ("budget", run_id)
         found = self._budgets.get(key)

@@ -42,7 +42,7 @@ import httpx
 import jsonschema
 import openai
 
-from mp_pipelines.execution.simulated import SimulatedModel, SimulatedTransport
+from mp_pipelines.llm.simulated import SimulatedModel, SimulatedTransport
 
 log = logging.getLogger(__name__)
 

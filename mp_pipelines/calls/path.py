@@ -11,11 +11,11 @@ from contextlib import AsyncExitStack
 from dataclasses import dataclass, replace
 from typing import Any, Mapping
 
-from mp_pipelines.execution.cache import ResponseStore
-from mp_pipelines.execution.client import LLMError, LLMRequest, LLMResult
-from mp_pipelines.execution.limits import LimiterRegistry, LimitSettings
-from mp_pipelines.execution.pricing import current_prices
-from mp_pipelines.execution.usage import Usage
+from mp_pipelines.calls.store import ResponseStore
+from mp_pipelines.llm.client import LLMError, LLMRequest, LLMResult
+from mp_pipelines.calls.limits import LimiterRegistry, LimitSettings
+from mp_pipelines.calls.pricing import current_prices
+from mp_pipelines.calls.usage import Usage
 from mp_pipelines.spec.models import BudgetSpec
 
 REGISTRY = LimiterRegistry()  # process-wide, used only from the shared loop's thread

@@ -15,8 +15,8 @@ from typing import Literal
 import dagster as dg
 from pydantic import Field, PrivateAttr
 
-from mp_pipelines.execution.client import LLMClient, LLMRequest, LLMResult, ResponseObserver, resolve_provider
-from mp_pipelines.execution.limits import LimitSettings
+from mp_pipelines.llm.client import LLMClient, LLMRequest, LLMResult, ResponseObserver, resolve_provider
+from mp_pipelines.calls.limits import LimitSettings
 
 _BUILD_LOCK = threading.Lock()  # guards lazy client creation when the resource is used outside a run
 
