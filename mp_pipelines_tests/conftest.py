@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from mp_pipelines.llm.serve import RunningServer, run_server
+from mp_pipelines_tests.fault_server import RunningServer, run_server
 
 
 @pytest.fixture(scope="session")

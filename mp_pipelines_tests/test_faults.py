@@ -14,7 +14,7 @@ import openai
 import pytest
 
 from mp_pipelines.llm.client import LLMClient, LLMError, LLMRequest
-from mp_pipelines.llm.serve import RANDOM_FAULT_KINDS, FaultScript, RunningServer, make_fault
+from mp_pipelines_tests.fault_server import RANDOM_FAULT_KINDS, FaultScript, RunningServer, make_fault
 from mp_pipelines_tests.workflow_helpers import run_file, write_workflow
 
 FAKE_KEY = "sk-test-FAKEKEY-0123456789abcdef"

@@ -15,7 +15,7 @@ import pytest
 
 from mp_pipelines.llm.client import LLMClient, LLMError, LLMRequest
 from mp_pipelines.llm.resource import LLMResource
-from mp_pipelines.llm.serve import RunningServer
+from mp_pipelines_tests.fault_server import RunningServer
 
 FAKE_KEY = "sk-test-FAKEKEY-0123456789abcdef"
 SCHEMA = {

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import dagster as dg
 
-from mp_pipelines.llm.serve import RunningServer
 from mp_pipelines.cli.reporting import step_states
+from mp_pipelines_tests.fault_server import RunningServer
 from mp_pipelines_tests.workflow_helpers import materializations, run_file, write_workflow
 
 LOOP = """

@@ -13,11 +13,11 @@ import pytest
 import sqlalchemy as sa
 from click.testing import CliRunner
 
-from mp_pipelines.cli.main import main
-from mp_pipelines.calls.store import RESPONSES, ResponseStore, store_for
 from mp_pipelines.calls.pricing import DEFAULT_PRICES, PriceFileError, load_prices
-from mp_pipelines.llm.serve import RunningServer
+from mp_pipelines.calls.store import RESPONSES, ResponseStore, store_for
+from mp_pipelines.cli.main import main
 from mp_pipelines.spec.loader import WorkflowValidationError, parse_workflow
+from mp_pipelines_tests.fault_server import RunningServer
 from mp_pipelines_tests.workflow_helpers import materializations, run_file, write_workflow
 
 CHAIN = """

@@ -16,13 +16,13 @@ from click.testing import CliRunner
 from dagster._serdes import serialize_value  # dagster 1.13.27: the form events and runs are stored in
 
 from mp_pipelines.cli.main import main
-from mp_pipelines.spec.templates import TemplateError, evaluate, render
-from mp_pipelines.llm.serve import RunningServer
 from mp_pipelines.cli.running import local_instance
 from mp_pipelines.sensors.inbox import scan_inbox, table_checker
 from mp_pipelines.spec.inputs import coerce_input, load_table
 from mp_pipelines.spec.loader import WorkflowValidationError, load_workflow_file, load_workflows, parse_workflow
 from mp_pipelines.spec.size_limits import MAX_INPUT_CHARS, MAX_PROMPT_CHARS, MAX_SPEC_BYTES, MAX_TABLE_BYTES, SizeLimitError
+from mp_pipelines.spec.templates import TemplateError, evaluate, render
+from mp_pipelines_tests.fault_server import RunningServer
 from mp_pipelines_tests.workflow_helpers import materializations, run_file, write_workflow
 
 SECRET = "sk-test-SECRET-canary-1234567890"

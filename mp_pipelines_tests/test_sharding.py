@@ -7,12 +7,12 @@ from pathlib import Path
 import dagster as dg
 import pytest
 
-from mp_pipelines.llm.serve import RunningServer
-from mp_pipelines.tasks.shards import MAX_STEPS_PER_FANOUT, retry_delay, shard_size
-from mp_pipelines.llm.simulated import SimulatedModel
 from mp_pipelines.cli.reporting import step_states
 from mp_pipelines.cli.running import run_config
+from mp_pipelines.llm.simulated import SimulatedModel
 from mp_pipelines.spec.models import RetrySpec, TaskSpec
+from mp_pipelines.tasks.shards import MAX_STEPS_PER_FANOUT, retry_delay, shard_size
+from mp_pipelines_tests.fault_server import RunningServer
 from mp_pipelines_tests.workflow_helpers import materializations, run_file, write_workflow
 
 
