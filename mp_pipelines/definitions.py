@@ -1,58 +1,32 @@
 """The code location: load every workflow spec, build its definitions, add the LLM resource.
 
-`dagster dev` (via workspace.yaml) and `dagster definitions validate` load `defs` from here.
-A workflow file with problems is reported and left out; the others still load.
+`dagster dev` (via workspace.yaml) and `dagster definitions validate` load `defs` from here. Importing
+this module builds nothing: `defs` is loaded when Dagster asks for it, and a run worker or step process
+rebuilds only the job it runs (`get_job`). A workflow file with problems is reported and left out; the
+others still load.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
-import os
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
 import dagster as dg
 
-from mp_pipelines.llm.resource import LLMResource
 from mp_pipelines.factory import build_workflow_definitions
-from mp_pipelines.factory.ops import BUDGET_RESOURCE_KEY, LLM_RESOURCE_KEY, RunBudget
+from mp_pipelines.factory.names import BUDGET_RESOURCE_KEY, LLM_RESOURCE_KEY
+from mp_pipelines.factory.resources import RunBudget
+from mp_pipelines.llm.provider import provider_from_env
+from mp_pipelines.llm.resource import build_llm_resource
 from mp_pipelines.sensors.failures import build_failure_sensor
 from mp_pipelines.sensors.inbox import build_inbox_sensor
 from mp_pipelines.spec.loader import LoadResult, Problem, load_workflows
 from mp_pipelines.spec.models import WorkflowSpec
 
 logger = logging.getLogger("mp_pipelines")
-
-
-def build_llm_resource() -> LLMResource:
-    """The LLM resource from the environment; with no key and no base URL it is the simulated model."""
-    settings: dict[str, object] = {}
-    if os.environ.get("OPENAI_API_KEY"):
-        settings["api_key"] = dg.EnvVar("OPENAI_API_KEY")
-    if os.environ.get("OPENAI_BASE_URL"):
-        settings["base_url"] = dg.EnvVar("OPENAI_BASE_URL")
-    if os.environ.get("MP_LLM_PROVIDER"):
-        settings["provider"] = os.environ["MP_LLM_PROVIDER"]
-    if os.environ.get("MP_DEFAULT_MODEL"):
-        settings["default_model"] = os.environ["MP_DEFAULT_MODEL"]
-    for field, variable, kind in (("simulated_latency", "MP_SIMULATED_LATENCY", float),
-                                  ("simulated_failure_rate", "MP_SIMULATED_FAILURE_RATE", float),
-                                  ("max_in_flight", "MP_MAX_IN_FLIGHT", int),
-                                  ("requests_per_minute", "MP_REQUESTS_PER_MINUTE", float),
-                                  ("tokens_per_minute", "MP_TOKENS_PER_MINUTE", float)):
-        if os.environ.get(variable):
-            settings[field] = kind(os.environ[variable])
-    return LLMResource(**settings)
-
-
-def provider_name() -> str:
-    """Which provider runs will use, from the same environment the resource reads."""
-    chosen = os.environ.get("MP_LLM_PROVIDER", "auto")
-    if chosen != "auto":
-        return chosen
-    return "openai" if os.environ.get("OPENAI_API_KEY") or os.environ.get("OPENAI_BASE_URL") else "simulated"
 
 
 def build_definitions(loaded: LoadResult) -> dg.Definitions:
@@ -62,7 +36,7 @@ def build_definitions(loaded: LoadResult) -> dg.Definitions:
     for name, spec in loaded.specs.items():
         try:
             source = loaded.sources.get(name)
-            parts.append(build_workflow_definitions(spec, provider=provider_name(),
+            parts.append(build_workflow_definitions(spec, provider=provider_from_env(),
                                                     base_dir=Path(source).parent if source else None))
             inbox_sensor = build_inbox_sensor(spec)  # workflows with a table input start runs from files
             parts.append(dg.Definitions(sensors=[inbox_sensor] if inbox_sensor else []))
@@ -75,7 +49,7 @@ def build_definitions(loaded: LoadResult) -> dg.Definitions:
                                                        sensors=[build_failure_sensor()]))
 
 
-def _load(source: str | None) -> LoadResult:
+def load_specs(source: str | None = None) -> LoadResult:
     """The workflows of `source` (a spec file; None: the workflow folders), re-read when the file changed."""
     stamp = None
     if source:
@@ -98,7 +72,7 @@ def get_job(name: str, source: str | None = None, version: str | None = None) ->
     `version` (a digest of the spec) only tells Dagster's caches of reconstructed jobs apart, so a process
     that runs a workflow, edits it and runs it again builds the new job.
     """
-    loaded = _load(source)
+    loaded = load_specs(source)
     if name not in loaded.specs:
         known = ", ".join(sorted(loaded.specs)) or "none"
         raise KeyError(f"no workflow named {name!r} (loaded: {known})")
@@ -111,4 +85,8 @@ def reconstructable_job(spec: WorkflowSpec, source: str | None) -> Any:
     return dg.build_reconstructable_job(__name__, "get_job", reconstructable_args=(spec.name, source, version))
 
 
-defs = build_definitions(_load(None))
+
+@dg.definitions
+def defs() -> dg.Definitions:
+    """Every workflow of the workflow folders, with the shared resources and sensors."""
+    return build_definitions(load_specs())

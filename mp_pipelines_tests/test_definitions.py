@@ -11,7 +11,8 @@ import dagster as dg
 import pytest
 
 from mp_pipelines import definitions
-from mp_pipelines.llm.resource import LLMResource
+from mp_pipelines.llm.provider import provider_from_env
+from mp_pipelines.llm.resource import LLMResource, build_llm_resource
 from mp_pipelines.spec.loader import load_workflows
 
 REPO = Path(__file__).resolve().parents[1]
@@ -19,7 +20,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 def test_defs_have_a_job_and_assets_for_every_shipped_workflow() -> None:
     specs = load_workflows().specs
-    defs = definitions.defs
+    defs = definitions.defs()
     for name, spec in specs.items():
         assert defs.resolve_job_def(name).name == name
         keys = {key for key in defs.resolve_asset_graph().get_all_asset_keys() if key.path[0] == name}
@@ -29,23 +30,23 @@ def test_defs_have_a_job_and_assets_for_every_shipped_workflow() -> None:
 
 
 def test_llm_resource_defaults_to_the_simulated_model() -> None:
-    resource = definitions.build_llm_resource()
+    resource = build_llm_resource()
     assert isinstance(resource, LLMResource)
     assert resource.provider_name == "simulated"
-    assert definitions.provider_name() == "simulated"
+    assert provider_from_env() == "simulated"
 
 
 def test_llm_resource_reads_process_limits_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("MP_MAX_IN_FLIGHT", "12")
     monkeypatch.setenv("MP_REQUESTS_PER_MINUTE", "600")
-    settings = definitions.build_llm_resource().limit_settings()
+    settings = build_llm_resource().limit_settings()
     assert (settings.max_in_flight, settings.requests_per_minute, settings.tokens_per_minute) == (12, 600.0, None)
 
 
 def test_llm_resource_reads_the_endpoint_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("OPENAI_API_KEY", "sk-from-env")
     monkeypatch.setenv("OPENAI_BASE_URL", "http://127.0.0.1:9/v1")
-    assert definitions.provider_name() == "openai"
+    assert provider_from_env() == "openai"
     job = definitions.build_definitions(load_workflows()).resolve_job_def("research_report")
     resource = job.resource_defs["llm"]
     assert "sk-from-env" not in repr(resource)  # an EnvVar, resolved only at run time

@@ -5,7 +5,8 @@ from __future__ import annotations
 import dagster as dg
 import pytest
 
-from mp_pipelines.definitions import build_definitions, defs
+from mp_pipelines.definitions import build_definitions
+from mp_pipelines.definitions import defs as load_defs
 from mp_pipelines.factory.job import build_job
 from mp_pipelines.factory.schedules import build_schedule
 from mp_pipelines.spec.builder import WorkflowBuilder
@@ -20,17 +21,17 @@ def upstream_nodes(job: dg.JobDefinition, node: str) -> set[str]:
 
 def test_every_shipped_workflow_has_a_job_and_assets() -> None:
     for name in SHIPPED:
-        job = defs.resolve_job_def(name)
+        job = load_defs().resolve_job_def(name)
         assert job.tags["mp_pipelines/workflow"] == name
         assert job.tags["mp_pipelines/provider"] == "simulated"
-    keys = defs.resolve_asset_graph().get_all_asset_keys()
+    keys = load_defs().resolve_asset_graph().get_all_asset_keys()
     assert dg.AssetKey(["research_report", "research"]) in keys
     assert dg.AssetKey(["classify_tickets", "classify"]) in keys
     assert dg.AssetKey(["summarize_documents", "overview"]) in keys
 
 
 def test_research_report_graph_mirrors_the_workflow() -> None:
-    job = defs.resolve_job_def("research_report")
+    job = load_defs().resolve_job_def("research_report")
     nodes = {node.name for node in job.graph.nodes}
     assert {"inputs", "plan", "research__items", "research", "research__collect", "draft", "refine", "report"} <= nodes
     # the loop is unrolled: depth 3 → three critique/revise pairs
@@ -45,7 +46,7 @@ def test_research_report_graph_mirrors_the_workflow() -> None:
 
 
 def test_fan_out_is_a_dynamic_output_mapped_and_collected() -> None:
-    job = defs.resolve_job_def("research_report")
+    job = load_defs().resolve_job_def("research_report")
     items_op = job.graph.node_named("research__items").definition
     assert items_op.output_defs[0].is_dynamic
     structure = job.graph.dependency_structure
@@ -57,7 +58,7 @@ def test_fan_out_is_a_dynamic_output_mapped_and_collected() -> None:
 
 
 def test_retries_become_retry_policies() -> None:
-    job = defs.resolve_job_def("research_report")
+    job = load_defs().resolve_job_def("research_report")
     policy = job.graph.node_named("research").definition.retry_policy
     assert policy == dg.RetryPolicy(max_retries=3, delay=1, backoff=dg.Backoff.EXPONENTIAL, jitter=dg.Jitter.PLUS_MINUS)
     assert job.graph.node_named("plan").definition.retry_policy.max_retries == 2
@@ -65,7 +66,7 @@ def test_retries_become_retry_policies() -> None:
 
 
 def test_inputs_are_typed_run_config_with_defaults() -> None:
-    job = defs.resolve_job_def("research_report")
+    job = load_defs().resolve_job_def("research_report")
     with pytest.raises(dg.DagsterInvalidConfigError, match="topic"):
         dg.validate_run_config(job, {"ops": {"inputs": {"config": {}}}})
     with pytest.raises(dg.DagsterInvalidConfigError, match="max_questions"):
@@ -87,7 +88,7 @@ def test_inputs_are_typed_run_config_with_defaults() -> None:
 
 
 def test_asset_lineage_mirrors_the_dag() -> None:
-    graph = defs.resolve_asset_graph()
+    graph = load_defs().resolve_asset_graph()
 
     def parents(*path: str) -> set[tuple[str, ...]]:
         return {tuple(key.path) for key in graph.get(dg.AssetKey(list(path))).parent_keys}
@@ -103,13 +104,13 @@ def test_asset_lineage_mirrors_the_dag() -> None:
 
 
 def test_schedule_becomes_a_stopped_schedule_with_its_inputs() -> None:
-    schedule = defs.resolve_schedule_def("research_report_schedule")
+    schedule = load_defs().resolve_schedule_def("research_report_schedule")
     assert schedule.cron_schedule == "0 6 * * 1"
     assert schedule.default_status == dg.DefaultScheduleStatus.STOPPED
     with dg.build_schedule_context(scheduled_execution_time=None) as context:
         (request,) = schedule.evaluate_tick(context).run_requests
     assert request.run_config["ops"]["inputs"]["config"] == {"topic": "the state of open-source LLM serving"}
-    job = defs.resolve_job_def("research_report")
+    job = load_defs().resolve_job_def("research_report")
     dg.validate_run_config(job, request.run_config)  # the scheduled config is complete
 
 

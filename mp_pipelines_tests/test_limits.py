@@ -7,7 +7,10 @@ import time
 
 import pytest
 
-from mp_pipelines.calls.limits import CallLimiter, LimiterRegistry, LimitSettings, retry_after_seconds
+from mp_pipelines.calls.limits import CallLimiter, LimiterRegistry, pause_after
+from mp_pipelines.calls.run import RunCalls
+from mp_pipelines.llm.types import LimitSettings
+from mp_pipelines.spec.models import BudgetSpec
 
 
 async def _hold(limiter: CallLimiter, seconds: float) -> None:
@@ -81,7 +84,7 @@ def test_429_without_a_cap_starts_adapting_from_what_was_in_flight() -> None:
     ({}, None), ({"retry-after": "99999"}, 60.0),
 ])
 def test_retry_after_parsing(headers: dict[str, str], expected: float | None) -> None:
-    assert retry_after_seconds(headers) == expected
+    assert pause_after(headers) == expected
 
 
 def test_registry_shares_limiters_and_semaphores_by_key() -> None:
@@ -95,8 +98,25 @@ def test_registry_shares_limiters_and_semaphores_by_key() -> None:
         assert registry.semaphore(("fanout", "run1", "t"), 2) is first
 
     asyncio.run(main())
-    registry.forget(("fanout", "run1"))
-    assert registry._semaphores == {}
+    registry.clear()
+    assert registry._semaphores == {} and len(registry) == 0
+
+
+def test_run_state_is_the_runs_own_and_empty_once_closed() -> None:
+    """Two runs in one process never share a fan-out semaphore or limiter, and a closed run holds nothing."""
+    first, second = RunCalls("run1"), RunCalls("run2")
+
+    async def main() -> None:
+        assert first.semaphore(("fanout", "t"), 2) is first.semaphore(("fanout", "t"), 2)
+        assert first.semaphore(("fanout", "t"), 2) is not second.semaphore(("fanout", "t"), 2)
+        assert first.limiter(("e", "m"), LimitSettings(max_in_flight=1)) is not second.limiter(("e", "m"),
+                                                                                                LimitSettings(1))
+        first.budget(BudgetSpec(max_calls=3), None)
+
+    asyncio.run(main())
+    assert first.entries == 3
+    first.close()
+    assert first.entries == 0 and second.entries == 2
 
 
 def test_settings_merge_prefers_the_workflow_values() -> None:

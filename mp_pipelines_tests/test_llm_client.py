@@ -13,7 +13,8 @@ from typing import Any
 import httpx
 import pytest
 
-from mp_pipelines.llm.client import LLMClient, LLMError, LLMRequest
+from mp_pipelines.llm.client import LLMClient
+from mp_pipelines.llm.types import LLMError, LLMRequest
 from mp_pipelines.llm.resource import LLMResource
 from mp_pipelines_tests.fault_server import RunningServer
 

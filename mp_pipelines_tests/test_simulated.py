@@ -14,7 +14,8 @@ import jsonschema
 import pytest
 from pydantic import BaseModel
 
-from mp_pipelines.llm.client import LLMClient, LLMError, LLMRequest
+from mp_pipelines.llm.client import LLMClient
+from mp_pipelines.llm.types import LLMError, LLMRequest
 from mp_pipelines.llm.resource import LLMResource
 from mp_pipelines.llm.simulated import SimulatedModel, SimulatedTransport
 

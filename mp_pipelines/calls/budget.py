@@ -1,4 +1,4 @@
-"""Run budgets: once a run has spent its calls, tokens or dollars, no new call starts.
+"""Stage: run budgets. Once a run has spent its calls, tokens or dollars, no new call starts.
 
 The run's account lives in the response store's database (`mp_run_spend`), so every process of the
 run (the multiprocess executor's step processes included) draws on one account: a call is admitted
@@ -15,8 +15,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from mp_pipelines.llm.client import LLMError
+from mp_pipelines.calls.call import Answer, Call, Proceed
 from mp_pipelines.calls.usage import Usage
+from mp_pipelines.llm.types import LLMError
 from mp_pipelines.spec.models import BudgetSpec
 
 
@@ -78,3 +79,21 @@ class BudgetTracker:
         if self.store is not None:
             await self.store.arun(self.store.add_spend, self.run_id, usage.prompt_tokens + usage.completion_tokens,
                                   usage.cost_usd)
+
+
+class BudgetAdmission:
+    """A call starts only when the run's budget admits it; what it spent (a failed answer too) is charged."""
+
+    async def __call__(self, call: Call, proceed: Proceed) -> Answer:
+        scope = call.scope
+        if scope.budget is None or scope.budget.unlimited:
+            return await proceed(call)
+        account = scope.run.budget(scope.budget, scope.store)
+        await account.admit(call.request.label)  # after the wait for a limiter slot: queued calls stop too
+        try:
+            answer = await proceed(call)
+        except LLMError as exc:  # an answer that was unusable still cost its tokens
+            await account.settle(Usage.of_result(exc.result) if exc.result is not None else Usage())
+            raise
+        await account.settle(answer.usage)
+        return answer

@@ -1,4 +1,4 @@
-"""Shared limits on LLM calls: in-flight cap, requests and tokens per minute, adaptive after HTTP 429.
+"""Stage: limits on LLM calls — in-flight cap, requests and tokens per minute, adaptive after HTTP 429.
 
 A `CallLimiter` guards one model at one scope (a process, or one run); every call of that scope
 takes a slot first. Rates use `aiolimiter`'s leaky bucket. A 429 pauses new calls for its
@@ -13,49 +13,24 @@ import asyncio
 import math
 import time
 from collections.abc import AsyncIterator, Mapping
-from contextlib import asynccontextmanager
-from dataclasses import dataclass
-from typing import Any
+from contextlib import AsyncExitStack, asynccontextmanager
+from dataclasses import replace
 
 from aiolimiter import AsyncLimiter
 
+from mp_pipelines.calls.call import Answer, Call, Proceed
+from mp_pipelines.llm.headers import retry_after_seconds
+from mp_pipelines.llm.types import LimitSettings, LLMRequest
+
 DEFAULT_PAUSE_SECONDS = 1.0  # after a 429 without Retry-After
 MAX_PAUSE_SECONDS = 60.0
+_DEFAULT_COMPLETION_TOKENS = 256
 
 
-@dataclass(frozen=True)
-class LimitSettings:
-    """Caps for one model; None means no cap."""
-
-    max_in_flight: int | None = None
-    requests_per_minute: float | None = None
-    tokens_per_minute: float | None = None
-
-    def merged(self, other: LimitSettings | None) -> LimitSettings:
-        """Field-wise: `other`'s values where set, else ours."""
-        if other is None:
-            return self
-        return LimitSettings(*(o if o is not None else s for s, o in zip(self.astuple(), other.astuple())))
-
-    def astuple(self) -> tuple[int | float | None, ...]:
-        return (self.max_in_flight, self.requests_per_minute, self.tokens_per_minute)
-
-    @property
-    def unlimited(self) -> bool:
-        return all(value is None for value in self.astuple())
-
-
-def retry_after_seconds(headers: Mapping[str, str]) -> float | None:
-    """Seconds a throttled response asks to wait (`retry-after-ms` or `retry-after` in seconds)."""
-    for name, scale in (("retry-after-ms", 0.001), ("retry-after", 1.0)):
-        value = headers.get(name)
-        if value is None:
-            continue
-        try:
-            return min(max(float(value) * scale, 0.0), MAX_PAUSE_SECONDS)
-        except ValueError:
-            return None
-    return None
+def pause_after(headers: Mapping[str, str]) -> float | None:
+    """Seconds to pause new calls after a throttled response: its Retry-After, at most MAX_PAUSE_SECONDS."""
+    wait = retry_after_seconds(headers)
+    return None if wait is None else min(wait, MAX_PAUSE_SECONDS)
 
 
 class CallLimiter:
@@ -103,7 +78,7 @@ class CallLimiter:
         """Adapt to one HTTP response of a call made in a slot (called on the loop's thread)."""
         if status == 429:
             self.throttled += 1
-            wait = retry_after_seconds(headers)
+            wait = pause_after(headers)
             self._paused_until = max(self._paused_until, time.monotonic() + (DEFAULT_PAUSE_SECONDS if wait is None else wait))
             if self.allowed is not None:
                 self.allowed = max(1, self.allowed // 2)
@@ -136,38 +111,60 @@ async def _wait(condition: asyncio.Condition, seconds: float) -> None:
 
 
 class LimiterRegistry:
-    """Limiters by key, created on first use; lives on the process's shared event loop."""
+    """Limiters and semaphores by key, created on first use; used only from the shared loop's thread."""
 
     def __init__(self) -> None:
         self._limiters: dict[tuple[str, ...], CallLimiter] = {}
         self._semaphores: dict[tuple[str, ...], asyncio.Semaphore] = {}
-        self._budgets: dict[tuple[str, ...], Any] = {}
-
-    def budget(self, run_id: str, budget: Any, store: Any) -> Any:
-        """The run's BudgetTracker in this process (its account is in `store` when there is one)."""
-        from mp_pipelines.calls.budget import BudgetTracker
-
-        key = ("budget", run_id)
-        found = self._budgets.get(key)
-        if found is None or found.budget != budget or found.store is not store:
-            found = self._budgets[key] = BudgetTracker(run_id, budget, store)
-        return found
 
     def limiter(self, key: tuple[str, ...], settings: LimitSettings) -> CallLimiter:
+        """The limiter of `key`; a new one when the settings changed."""
         found = self._limiters.get(key)
         if found is None or found.settings != settings:
             found = self._limiters[key] = CallLimiter(settings)
         return found
 
     def semaphore(self, key: tuple[str, ...], size: int) -> asyncio.Semaphore:
-        """A semaphore shared by every caller with `key` (e.g. all shards of one fan-out in one run)."""
+        """A semaphore shared by every caller with `key` (e.g. all shards of one fan-out)."""
         found = self._semaphores.get(key)
         if found is None:
             found = self._semaphores[key] = asyncio.Semaphore(size)
         return found
 
-    def forget(self, prefix: tuple[str, ...]) -> None:
-        """Drop the limiters and semaphores whose key starts with `prefix` (e.g. a finished run)."""
-        for table in (self._limiters, self._semaphores, self._budgets):
-            for key in [k for k in table if k[: len(prefix)] == prefix]:
-                del table[key]
+    def __len__(self) -> int:
+        return len(self._limiters) + len(self._semaphores)
+
+    def clear(self) -> None:
+        self._limiters.clear()
+        self._semaphores.clear()
+
+
+# The process's own caps, one limiter per endpoint and model (LLMResource max_in_flight, requests_per_minute,
+# tokens_per_minute): they outlive runs, like the connection pool, and always exist so that a 429 slows every
+# caller of the process down. A run's workflow `limits` are the run's own (`RunCalls`).
+PROCESS_LIMITERS = LimiterRegistry()
+
+
+def estimate_tokens(request: LLMRequest) -> int:
+    """Tokens a call may use, for the tokens-per-minute limit: prompt ≈ chars/4, plus the completion cap."""
+    prompt = sum(len(str(m.get("content", ""))) for m in request.messages) // 4 + 1
+    return prompt + (request.max_tokens or _DEFAULT_COMPLETION_TOKENS)
+
+
+class RateLimits:
+    """A call takes a slot of the process's limiter for its model, and of the run's when the workflow has
+    `limits`; both see the call's HTTP responses to adapt to 429s."""
+
+    async def __call__(self, call: Call, proceed: Proceed) -> Answer:
+        model = call.request.model or call.model.default_model
+        endpoint = call.model.endpoint_key()
+        limiters = [PROCESS_LIMITERS.limiter((endpoint, model), call.model.limit_settings())]
+        run_limits = call.scope.run_limits
+        if run_limits is not None and not run_limits.unlimited:
+            limiters.append(call.scope.run.limiter((endpoint, model), run_limits))
+        tokens = estimate_tokens(call.request)
+        async with AsyncExitStack() as stack:
+            for limiter in limiters:
+                await stack.enter_async_context(limiter.slot(tokens))
+            observers = (*call.observers, *(limiter.observe for limiter in limiters))
+            return await proceed(replace(call, observers=observers))

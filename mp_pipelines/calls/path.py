@@ -1,87 +1,65 @@
-"""Every model call of a run goes through here: budget, breadth semaphore, per-model limiters, the async client.
+"""The one path every model call takes: its stages, read top to bottom in the order they act.
 
-Calls run on the process's shared event loop (`aio.shared_loop()`), so limiters, semaphores and run
-budgets are shared by all shards and steps of the process; the registry is only touched on that loop.
-Each answer is priced here (`pricing.py`) and settled against the run's budget, invalid answers too.
+A task's request enters at the top; each stage may answer it, hold it back, or pass it on; the last
+one asks the model. Adding a concern (telemetry, batch submission, a fallback model) is one module
+with one `Stage` class and one line in `STAGES`. Calls run on the process's shared event loop
+(`loop.shared_loop()`), so every stage's waiting happens there and costs no thread.
 """
 
 from __future__ import annotations
 
-from contextlib import AsyncExitStack
-from dataclasses import dataclass, replace
-from typing import Any, Mapping
+import functools
+from collections.abc import Sequence
 
-from mp_pipelines.calls.store import ResponseStore
-from mp_pipelines.llm.client import LLMError, LLMRequest, LLMResult
-from mp_pipelines.calls.limits import LimiterRegistry, LimitSettings
-from mp_pipelines.calls.pricing import current_prices
-from mp_pipelines.calls.usage import Usage
-from mp_pipelines.spec.models import BudgetSpec
+from mp_pipelines.calls.breadth import Breadth
+from mp_pipelines.calls.budget import BudgetAdmission
+from mp_pipelines.calls.cache import ResponseCache
+from mp_pipelines.calls.call import Answer, Call, CallScope, Proceed, Stage
+from mp_pipelines.calls.deadline import Deadline
+from mp_pipelines.calls.identical import IdenticalCalls
+from mp_pipelines.calls.limits import RateLimits
+from mp_pipelines.calls.model import ModelCall
+from mp_pipelines.calls.pricing import Pricing
+from mp_pipelines.calls.repair import Repair
+from mp_pipelines.calls.store import request_key
+from mp_pipelines.llm.types import ChatModel, LLMRequest
 
-REGISTRY = LimiterRegistry()  # process-wide, used only from the shared loop's thread
-_DEFAULT_COMPLETION_TOKENS = 256
-
-
-@dataclass(frozen=True)
-class CallScope:
-    """Where a call belongs: its run, the run's limits and budget, its fan-out, and its cache."""
-
-    run_id: str
-    run_limits: LimitSettings | None = None  # the workflow's `limits` (over the resource's defaults)
-    fanout: str | None = None  # task name of the fan-out the call is part of
-    breadth: int | None = None  # most calls of that fan-out in flight at once, in this process
-    budget: BudgetSpec | None = None  # the run's budget (workflow `budget:` or run config)
-    store: ResponseStore | None = None  # the instance's response store (cache and checkpoints)
-    cache_policy: str = "off"  # read_write | read | write | off, for this task
-    root_run_id: str = ""  # the run family: a re-executed run reads its family's checkpoint
-    resuming: bool = False  # this run re-executes an earlier one
-    workflow: str = ""
-    task: str = ""
+STAGES: tuple[Stage, ...] = (
+    ResponseCache(),  # a stored answer (run family's checkpoint, shared cache) ends the call; new answers are kept
+    IdenticalCalls(),  # an identical request in flight answers this one too
+    Deadline(),  # the task's timeout bounds everything below
+    Repair(),  # an answer that is not the JSON asked for goes back to the model with what is wrong
+    Breadth(),  # the fan-out's calls in flight
+    RateLimits(),  # the process's and the run's limits for the model, adaptive after HTTP 429
+    BudgetAdmission(),  # the run's budget admits the call, and is charged for it
+    Pricing(),  # usage and cost of what came back
+    ModelCall(),  # the endpoint
+)
 
 
-def estimate_tokens(request: LLMRequest) -> int:
-    """Tokens a call may use, for the tokens-per-minute budget: prompt ≈ chars/4, plus the completion cap."""
-    prompt = sum(len(str(m.get("content", ""))) for m in request.messages) // 4 + 1
-    return prompt + (request.max_tokens or _DEFAULT_COMPLETION_TOKENS)
+async def _no_answer(call: Call) -> Answer:
+    raise AssertionError("the call path's last stage must answer")
 
 
-def priced(result: LLMResult) -> LLMResult:
-    """The result with its cost from the price table."""
-    return replace(result, cost_usd=current_prices().cost(result.model, result.prompt_tokens, result.completion_tokens))
+class CallPath:
+    """Stages chained so that each one's `proceed` is the next one."""
+
+    def __init__(self, stages: Sequence[Stage]) -> None:
+        self.stages = tuple(stages)
+        proceed: Proceed = _no_answer
+        for stage in reversed(self.stages):
+            proceed = functools.partial(stage, proceed=proceed)
+        self._first = proceed
+
+    async def __call__(self, call: Call) -> Answer:
+        return await self._first(call)
 
 
-async def acall(llm: Any, request: LLMRequest, scope: CallScope) -> LLMResult:
-    """One call under the run's budget, the fan-out's breadth, and the process's and run's limits for its model."""
-    model = request.model or llm.default_model
-    endpoint = llm.endpoint_key()
-    # The process limiter always exists, even uncapped, so that a 429 slows every caller down.
-    limiters = [REGISTRY.limiter(("process", endpoint, model), llm.limit_settings())]
-    if scope.run_limits is not None and not scope.run_limits.unlimited:
-        limiters.append(REGISTRY.limiter(("run", scope.run_id, endpoint, model), scope.run_limits))
-    budget = None
-    if scope.budget is not None and not scope.budget.unlimited:
-        budget = REGISTRY.budget(scope.run_id, scope.budget, scope.store)
-    tokens = estimate_tokens(request)
+CALL_PATH = CallPath(STAGES)
 
-    def observe(status: int, headers: Mapping[str, str]) -> None:
-        for limiter in limiters:
-            limiter.observe(status, headers)
 
-    async with AsyncExitStack() as stack:
-        if scope.fanout is not None and scope.breadth is not None:
-            await stack.enter_async_context(REGISTRY.semaphore(("fanout", scope.run_id, scope.fanout), scope.breadth))
-        for limiter in limiters:
-            await stack.enter_async_context(limiter.slot(tokens))
-        if budget is not None:
-            await budget.admit(request.label)  # checked after the wait for a slot: queued calls stop too
-        try:
-            result = priced(await llm.acomplete(request, on_response=observe))
-        except LLMError as exc:
-            if exc.result is not None:  # an answer that was unusable still cost its tokens
-                exc.result = priced(exc.result)
-            if budget is not None:
-                await budget.settle(Usage.of_result(exc.result) if exc.result is not None else Usage())
-            raise
-        if budget is not None:
-            await budget.settle(Usage.of_result(result))
-        return result
+async def answer(model: ChatModel, request: LLMRequest, scope: CallScope, *, deadline: float | None = None) -> Answer:
+    """The answer to one task request, through every stage of the call path."""
+    stored_or_shared = scope.store is not None or scope.cache_policy == "read_write"
+    key = request_key(request, model.endpoint_key()) if stored_or_shared else ""
+    return await CALL_PATH(Call(model, request, scope, key=key, deadline=deadline))

@@ -1,4 +1,4 @@
-"""What a call costs: a price table per model, the shipped defaults overridable by a YAML file.
+"""Stage: what a call costs, from a price table per model (the shipped defaults, overridable by a YAML file).
 
 Prices are US dollars per million tokens. The shipped table holds OpenAI's list prices for common
 models (standard tier, as published in 2025); a file named by `MP_PRICES_FILE` adds models or
@@ -17,12 +17,16 @@ from __future__ import annotations
 import logging
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Mapping
 
 import yaml
+
+from mp_pipelines.calls.call import Answer, Call, Proceed
+from mp_pipelines.calls.usage import Usage
+from mp_pipelines.llm.types import LLMError, LLMResult
 
 log = logging.getLogger(__name__)
 
@@ -122,3 +126,22 @@ def current_prices() -> PriceTable:
     if path not in _TABLES:
         _TABLES[path] = load_prices(path)
     return _TABLES[path]
+
+
+class Pricing:
+    """The answer's cost from the price table, and its usage (an unusable answer's too: it was paid for)."""
+
+    async def __call__(self, call: Call, proceed: Proceed) -> Answer:
+        try:
+            answer = await proceed(call)
+        except LLMError as exc:
+            if exc.result is not None:
+                exc.result = priced(exc.result)
+            raise
+        result = priced(answer.result)
+        return Answer(result, Usage.of_result(result))
+
+
+def priced(result: LLMResult) -> LLMResult:
+    """The result with its cost from the price table."""
+    return replace(result, cost_usd=current_prices().cost(result.model, result.prompt_tokens, result.completion_tokens))

@@ -33,7 +33,7 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from mp_pipelines.llm.client import LLMRequest, LLMResult
+from mp_pipelines.llm.types import LLMRequest, LLMResult
 
 log = logging.getLogger(__name__)
 

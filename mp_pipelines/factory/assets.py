@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import dagster as dg
 
-from mp_pipelines.factory.ops import WORKFLOW_TAG, asset_key
+from mp_pipelines.factory.names import WORKFLOW_TAG
+from mp_pipelines.factory.ops import asset_key
 from mp_pipelines.factory.partitions import inbox_partitions_def
 from mp_pipelines.spec.graph import body_dependencies, step_dependencies
 from mp_pipelines.spec.models import LoopSpec, TaskSpec, WorkflowSpec

@@ -1,6 +1,6 @@
-"""Breadth: a for_each task as `task__items` → mapped shard steps `task[k]` → `task__collect`.
+"""Breadth: a for_each task as `task__items` → mapped shard steps `task[k]` → `task__collect` (names.py).
 
-Small fan-outs keep one step per item; larger ones group items into shards (see execution/shards.py)
+Small fan-outs keep one step per item; larger ones group items into shards (see tasks/shards.py)
 so the number of Dagster steps, and their event-log cost, stays small. Every step outputs a
 DataFrame of item records; the collector orders them by input index.
 """
@@ -11,14 +11,19 @@ import dagster as dg
 import pandas as pd
 
 from mp_pipelines.calls.loop import shared_loop
-from mp_pipelines.tasks.runner import build_context, preview, records
-from mp_pipelines.tasks.shards import ItemRecord, run_shard, shard_size
 from mp_pipelines.calls.usage import Usage
-from mp_pipelines.factory.ops import (
+from mp_pipelines.factory.names import (
     FANOUT_TAG,
+    ITEM_RECORDS,
     LLM_RESOURCE_KEY,
     PROMPT_RESOURCE_KEYS,
     WORKFLOW_TAG,
+    collect_step,
+    executor_kind,
+    items_step,
+    shard_mapping_key,
+)
+from mp_pipelines.factory.ops import (
     Node,
     call_scope,
     make_op,
@@ -32,8 +37,8 @@ from mp_pipelines.factory.ops import (
 )
 from mp_pipelines.spec.inputs import load_table
 from mp_pipelines.spec.models import TaskSpec, WorkflowSpec
-
-ITEM_RECORDS = "item_records"  # the collector's second output: every item's record, in input order
+from mp_pipelines.tasks.runner import build_context, preview, records
+from mp_pipelines.tasks.shards import ItemRecord, run_shard, shard_size
 
 
 def build_items_op(spec: WorkflowSpec, task: TaskSpec, source_kind: str, source: str) -> Node:
@@ -54,12 +59,12 @@ def build_items_op(spec: WorkflowSpec, task: TaskSpec, source_kind: str, source:
                          f"at most {spec.breadth} call(s) in flight")
         for shard in shards:
             first, last = shard[0][0], shard[-1][0]
-            key = str(first) if size == 1 else f"{first}_{last}"
+            key = shard_mapping_key(first, last, size)
             yield dg.DynamicOutput({"items": shard, "is_table": is_table, "shards": len(shards)},
                                    mapping_key=key, output_name="items")
 
     ins = upstream_ins([] if source_kind == "input" else [source])
-    return make_op(spec, f"{task.name}__items", compute, ins=ins, outs={"items": dg.DynamicOut(dg.Any)},
+    return make_op(spec, items_step(task.name), compute, ins=ins, outs={"items": dg.DynamicOut(dg.Any)},
                    description=f"Items that {task.name} fans out over.", tags={WORKFLOW_TAG: spec.name})
 
 
@@ -86,8 +91,7 @@ def _items(spec: WorkflowSpec, task: TaskSpec, source_kind: str, source: str, wo
 def _breadth_share(context: dg.OpExecutionContext, spec: WorkflowSpec, shards: int) -> int:
     """Calls this step may have in flight: the whole breadth when shards share one process (the default
     executors); a fair share of it when each step is its own process (multiprocess)."""
-    execution = context.run_config.get("execution") or {}
-    if "multiprocess" not in str(execution):
+    if executor_kind(context.run_config) != "multiprocess":
         return spec.breadth
     return max(1, spec.breadth // max(1, min(shards, spec.breadth)))
 
@@ -229,7 +233,7 @@ def build_collect_op(spec: WorkflowSpec, task: TaskSpec, upstream: list[str], po
     outs = {"result": dg.Out(dg.Any), ITEM_RECORDS: dg.Out(dg.Any, description="One row per item: status, output, "
                                                                                  "error, attempts, usage.")}
     ins = {"records": dg.In(dg.List[dg.Any]), "shards": dg.In(dg.List[dg.Any]), **upstream_ins(upstream)}
-    return make_op(spec, f"{task.name}__collect", compute, ins=ins,
+    return make_op(spec, collect_step(task.name), compute, ins=ins,
                    outs=outs, description=f"Results of {task.name}, in input order.", pool=pool,
                    required_resource_keys=PROMPT_RESOURCE_KEYS, tags={WORKFLOW_TAG: spec.name})
 

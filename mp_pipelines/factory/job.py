@@ -9,18 +9,17 @@ import dagster as dg
 
 from mp_pipelines.dagster_ext.executor import selectable_executor
 from mp_pipelines.factory.fanout import build_collect_op, build_items_op, build_shard_op
-from mp_pipelines.factory.loops import build_body_op, build_loop_result_op, iterations
-from mp_pipelines.factory.ops import (
-    FANOUT_TAG,
-    INPUTS_OP,
-    PROVIDER_TAG,
-    WORKFLOW_TAG,
-    build_inputs_op,
-    build_task_op,
-    llm_pool,
-)
+from mp_pipelines.factory.loops import build_body_op, build_loop_result_op
+from mp_pipelines.factory.names import FANOUT_TAG, INPUTS_OP, PROVIDER_TAG, WORKFLOW_TAG
+from mp_pipelines.factory.ops import build_inputs_op, build_task_op, llm_pool
 from mp_pipelines.factory.partitions import inbox_partitioned_config, inbox_partitions_def
-from mp_pipelines.spec.graph import body_dependencies, for_each_source, step_dependencies, topological_order
+from mp_pipelines.spec.graph import (
+    body_dependencies,
+    for_each_source,
+    loop_iterations,
+    step_dependencies,
+    topological_order,
+)
 from mp_pipelines.spec.models import LoopSpec, TaskSpec, WorkflowSpec
 
 Handles = dict[str, Any]  # step name → the composition handle carrying its value
@@ -85,7 +84,7 @@ def _compose_loop(spec: WorkflowSpec, loop: LoopSpec, handles: Handles, step_nam
     body = body_dependencies(loop, step_names)
     state = None
     finished = []
-    for iteration in range(1, iterations(spec, loop) + 1):
+    for iteration in range(1, loop_iterations(spec, loop) + 1):
         for index, task in enumerate(loop.tasks):
             external = body[task.name][0]
             op = build_body_op(spec, loop, index, iteration, external, pool=llm_pool(provider, spec, task))

@@ -11,12 +11,9 @@ from typing import Any, Iterator, Mapping
 
 import dagster as dg
 
-from mp_pipelines.spec.templates import TemplateError, evaluate
-from mp_pipelines.tasks.runner import build_context
 from mp_pipelines.calls.usage import Usage
+from mp_pipelines.factory.names import LOOP_TAG, PROMPT_RESOURCE_KEYS, WORKFLOW_TAG, body_step
 from mp_pipelines.factory.ops import (
-    PROMPT_RESOURCE_KEYS,
-    WORKFLOW_TAG,
     Node,
     call_metadata,
     call_model,
@@ -28,17 +25,10 @@ from mp_pipelines.factory.ops import (
     task_deadline,
     upstream_ins,
 )
-from mp_pipelines.spec.graph import until_gate
-from mp_pipelines.spec.models import LoopSpec, TaskSpec, WorkflowSpec
-
-
-def iterations(spec: WorkflowSpec, loop: LoopSpec) -> int:
-    """How many times the loop may run: its max_iterations, never more than the workflow depth."""
-    return min(loop.loop.max_iterations or spec.depth, spec.depth)
-
-
-def body_op_name(task: TaskSpec, iteration: int) -> str:
-    return f"{task.name}__{iteration}"
+from mp_pipelines.spec.graph import loop_iterations, until_gate
+from mp_pipelines.spec.models import LoopSpec, WorkflowSpec
+from mp_pipelines.spec.templates import TemplateError, evaluate
+from mp_pipelines.tasks.runner import build_context
 
 
 def _start_iteration(state: Mapping[str, Any] | None, iteration: int) -> dict[str, Any]:
@@ -54,7 +44,7 @@ def build_body_op(spec: WorkflowSpec, loop: LoopSpec, index: int, iteration: int
                   external: list[str], pool: str | None = None) -> Node:
     """The op of body task `index` in iteration `iteration`."""
     task = loop.tasks[index]
-    total = iterations(spec, loop)
+    total = loop_iterations(spec, loop)
     final = iteration == total and index == len(loop.tasks) - 1
     checks_until = index == until_gate(loop) and loop.loop.until is not None
     outs = {}
@@ -91,10 +81,10 @@ def build_body_op(spec: WorkflowSpec, loop: LoopSpec, index: int, iteration: int
     ins = upstream_ins(external)
     if iteration > 1 or index > 0:
         ins["state"] = dg.In(dg.Any)
-    return make_op(spec, body_op_name(task, iteration), compute, ins=ins, outs=outs,
+    return make_op(spec, body_step(task.name, iteration), compute, ins=ins, outs=outs,
                    description=f"{task.description or task.name} (loop {loop.name}, iteration {iteration}/{total})",
                    retry_policy=retry_policy(task), required_resource_keys=PROMPT_RESOURCE_KEYS, pool=pool,
-                   tags={WORKFLOW_TAG: spec.name, "mp_pipelines/loop": loop.name})
+                   tags={WORKFLOW_TAG: spec.name, LOOP_TAG: loop.name})
 
 
 def _until(loop: LoopSpec, template_context: Mapping[str, Any], label: str) -> bool:

@@ -6,29 +6,24 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping
 
 import dagster as dg
-from pydantic import Field
 
-from mp_pipelines.calls.store import store_for
-from mp_pipelines.calls.path import CallScope
-from mp_pipelines.llm.client import LLMError
-from mp_pipelines.calls.limits import LimitSettings
+from mp_pipelines.calls.call import CallScope
+from mp_pipelines.calls.deadline import TaskTimeout
 from mp_pipelines.calls.pricing import current_prices
-from mp_pipelines.spec.templates import TemplateError
-from mp_pipelines.tasks.runner import TaskRun, TaskTimeout, build_context, condition_holds, preview, run_task
+from mp_pipelines.calls.store import store_for
 from mp_pipelines.calls.usage import Usage
+from mp_pipelines.factory.names import (
+    BUDGET_RESOURCE_KEY,
+    INPUTS_OP,
+    LLM_RESOURCE_KEY,
+    PROMPT_RESOURCE_KEYS,
+    WORKFLOW_TAG,
+)
+from mp_pipelines.llm.types import LimitSettings, LLMError
 from mp_pipelines.spec.inputs import coerce_input, resolve_path
-from mp_pipelines.spec.models import BudgetSpec, InputSpec, TaskSpec, WorkflowSpec
-
-# The tag Dagster puts on from-failure re-executions (read back as DagsterRun.is_resume_retry);
-# `mp-pipelines resume` sets it too.
-RESUME_RETRY_TAG = "dagster/is_resume_retry"
-INPUTS_OP = "inputs"
-LLM_RESOURCE_KEY = "llm"
-BUDGET_RESOURCE_KEY = "budget"
-PROMPT_RESOURCE_KEYS = {LLM_RESOURCE_KEY, BUDGET_RESOURCE_KEY}
-FANOUT_TAG = "mp_pipelines/fanout"
-WORKFLOW_TAG = "mp_pipelines/workflow"
-PROVIDER_TAG = "mp_pipelines/provider"
+from mp_pipelines.spec.models import InputSpec, TaskSpec, WorkflowSpec
+from mp_pipelines.spec.templates import TemplateError
+from mp_pipelines.tasks.runner import TaskRun, build_context, condition_holds, preview, run_task
 
 _CONFIG_TYPES = {
     "string": dg.String,
@@ -104,21 +99,6 @@ def llm_pool(provider: str, spec: WorkflowSpec, task: TaskSpec) -> str:
     return f"llm/{provider}/{spec.settings_for(task).model or 'default'}"
 
 
-class RunBudget(dg.ConfigurableResource):
-    """A run's budget. Unset fields fall back to the workflow's `budget:`; set one per run in the run config:
-    `resources: {budget: {config: {max_cost_usd: 0.5}}}` (or `mp-pipelines run --max-cost-usd 0.5`)."""
-
-    max_cost_usd: float | None = Field(default=None, gt=0, description="US dollars (price table).")
-    max_tokens: int | None = Field(default=None, ge=1, description="Prompt + completion tokens.")
-    max_calls: int | None = Field(default=None, ge=1, description="Calls sent to the model; cache hits are free.")
-
-    def over(self, spec: WorkflowSpec) -> BudgetSpec:
-        """This run's budget: the run config's fields over the workflow's."""
-        base = spec.budget.model_dump() if spec.budget else {}
-        mine = {k: v for k, v in self.model_dump().items() if k in BudgetSpec.model_fields and v is not None}
-        return BudgetSpec(**{**base, **mine})
-
-
 def call_scope(context: dg.OpExecutionContext, spec: WorkflowSpec, task: TaskSpec, *, fanout: str | None = None,
                breadth: int | None = None) -> CallScope:
     """Everything a call of this op runs under: the run's workflow `limits` over the resource's defaults, its
@@ -127,12 +107,13 @@ def call_scope(context: dg.OpExecutionContext, spec: WorkflowSpec, task: TaskSpe
     run_limits = None
     if spec.limits is not None:
         run_limits = llm.limit_settings().merged(LimitSettings(**spec.limits.model_dump()))
-    budget = getattr(context.resources, BUDGET_RESOURCE_KEY).over(spec)
+    budget = getattr(context.resources, BUDGET_RESOURCE_KEY)
     current_prices()  # a bad MP_PRICES_FILE fails the step here, before any call is paid for
     run = context.dagster_run
-    return CallScope(context.run_id, run_limits, fanout, breadth, budget=budget, store=store_for(context.instance),
-                     cache_policy=spec.cache_policy(task), root_run_id=run.root_run_id or run.run_id,
-                     resuming=is_resume(run), workflow=spec.name, task=task.name)
+    return CallScope(budget.run_calls(context.run_id), run_limits, fanout, breadth, budget=budget.over(spec),
+                     store=store_for(context.instance), cache_policy=spec.cache_policy(task),
+                     root_run_id=run.root_run_id or run.run_id, resuming=is_resume(run), workflow=spec.name,
+                     task=task.name, repair_attempts=task.repair_attempts, task_timeout=task.timeout)
 
 
 def is_resume(run: dg.DagsterRun) -> bool:

@@ -1,7 +1,7 @@
 """Inbox batches as dynamic partitions: which workflows take them, the partitions and a batch's run config.
 
 A file `MP_INBOX_DIR/<workflow>/<name>` is partition `<name>` of the workflow's job and assets, so one
-batch can be re-run from the UI. Kept free of factory imports: the factory imports this module.
+batch can be re-run from the UI. The inbox sensor reads the same names.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from typing import Any
 
 import dagster as dg
 
+from mp_pipelines.factory.names import INPUTS_OP
 from mp_pipelines.spec.models import WorkflowSpec
 
 INBOX_ENV = "MP_INBOX_DIR"
@@ -49,10 +50,6 @@ def inbox_partitions_def(spec: WorkflowSpec) -> dg.DynamicPartitionsDefinition |
 
 def inbox_run_config(spec: WorkflowSpec, path: Path | str) -> dict[str, Any]:
     """Run config of one batch: the file as the table input, defaults for the other inputs."""
-    from mp_pipelines.factory.ops import (
-        INPUTS_OP,  # local: the factory imports this module
-    )
-
     name = inbox_input(spec)
     if name is None:
         raise ValueError(f"workflow {spec.name!r} takes no inbox batches: it needs exactly one table input "

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dagster as dg
 
-from mp_pipelines.factory.ops import INPUTS_OP
+from mp_pipelines.factory.names import INPUTS_OP
 from mp_pipelines.spec.models import WorkflowSpec
 
 

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
-import functools
 import json
 import logging
 import os
@@ -42,78 +41,16 @@ import httpx
 import jsonschema
 import openai
 
+from mp_pipelines.llm.headers import retry_after_seconds
+from mp_pipelines.llm.provider import resolve_provider
 from mp_pipelines.llm.simulated import SimulatedModel, SimulatedTransport
+from mp_pipelines.llm.types import LLMError, LLMRequest, LLMResult, ResponseObserver
 
 log = logging.getLogger(__name__)
 
 SIMULATED_BASE_URL = "http://simulated.local/v1"
 DEFAULT_BASE_URL = "https://api.openai.com/v1"
 STRUCTURED_OUTPUT_MODES = ("json_schema", "json_object", "none")
-ResponseObserver = Callable[[int, Mapping[str, str]], None]  # (HTTP status, headers) of every attempt
-RETRYABLE_KINDS = frozenset({"rate_limit", "timeout", "server_error", "connection", "invalid_output"})
-
-
-@dataclass(frozen=True)
-class LLMRequest:
-    """One chat call: messages, model and the output contract."""
-
-    messages: list[dict[str, str]]
-    model: str
-    temperature: float | None = None
-    max_tokens: int | None = None
-    json_output: bool = False  # the task wants JSON
-    json_schema: dict | None = None  # JSON schema the answer must satisfy (implies json_output)
-    timeout: float | None = None  # seconds for this call, client retries included (None: client default)
-    label: str = ""  # e.g. "research[3]", for log and error messages
-
-
-@dataclass(frozen=True)
-class LLMResult:
-    """The answer of one call and what it cost."""
-
-    text: str
-    parsed: Any  # decoded and validated JSON when json_output, else None
-    model: str  # model the endpoint reports
-    provider: str  # "openai" or "simulated"
-    prompt_tokens: int
-    completion_tokens: int
-    latency_s: float  # seconds, retries included
-    finish_reason: str | None
-    attempts: int  # HTTP attempts made (1 = no retry)
-    cost_usd: float = 0.0  # set by the caller from the price table
-    cached: bool = False  # taken from the response cache: no call was made
-
-
-class LLMError(Exception):
-    """A failed LLM call; `kind` classifies it and `retryable` says whether a step retry may help."""
-
-    def __init__(self, message: str, *, kind: str, status_code: int | None = None, attempts: int = 0,
-                 result: LLMResult | None = None, detail: str | None = None) -> None:
-        super().__init__(message)
-        self.kind, self.status_code, self.attempts = kind, status_code, attempts
-        self.retryable = kind in RETRYABLE_KINDS
-        # An answer that arrived but was unusable (invalid_output): its raw text and token usage still count,
-        # and `detail` says what is wrong with it in words fit to send back to the model.
-        self.result, self.detail = result, detail
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        rebuild = functools.partial(LLMError, kind=self.kind, status_code=self.status_code, attempts=self.attempts,
-                                    result=self.result, detail=self.detail)
-        return rebuild, (str(self),), {"usage": getattr(self, "usage", None)}
-
-    def __repr__(self) -> str:
-        return f"LLMError(kind={self.kind!r}, retryable={self.retryable}, message={str(self)!r})"
-
-
-def resolve_provider(provider: str, api_key: str | None, base_url: str | None) -> str:
-    """The provider "auto" stands for: openai when an API key or base URL is given, else simulated."""
-    if provider == "auto":
-        return "openai" if (api_key or base_url) else "simulated"
-    if provider not in ("openai", "simulated"):
-        raise ValueError(f"LLM provider {provider!r} is unknown; use 'auto', 'openai' or 'simulated'.")
-    return provider
-
-
 def public_url(url: str) -> str:
     """A URL without user:password, fit for messages."""
     return re.sub(r"//[^/@]*@", "//", url)
@@ -173,23 +110,16 @@ def _after_send(response: httpx.Response) -> None:
     call.last_status = response.status_code
     if call.on_response is not None:
         call.on_response(response.status_code, response.headers)
-    for name, scale in (("retry-after-ms", 0.001), ("retry-after", 1.0)):
-        try:
-            wait = float(response.headers[name]) * scale
-        except (KeyError, ValueError):
-            continue
-        if response.status_code >= 400 and wait >= call.deadline - time.monotonic():
-            response.headers["x-should-retry"] = "false"  # honoured by the openai client's retry decision
-        break
+    wait = retry_after_seconds(response.headers)
+    if wait is not None and response.status_code >= 400 and wait >= call.deadline - time.monotonic():
+        response.headers["x-should-retry"] = "false"  # honoured by the openai client's retry decision
 
 
 def _connection_limits() -> Any:
     """The SDK's pool limits, but keep every connection alive: with more calls in flight than kept-alive
     connections, each answer closes one and the next call opens a new one (a connect per call)."""
-    from openai._constants import DEFAULT_CONNECTION_LIMITS  # openai's own defaults (max 1000 connections)
-
-    return type(DEFAULT_CONNECTION_LIMITS)(max_connections=DEFAULT_CONNECTION_LIMITS.max_connections,
-                                           max_keepalive_connections=DEFAULT_CONNECTION_LIMITS.max_connections)
+    limits = openai.DEFAULT_CONNECTION_LIMITS  # openai's own defaults (max 1000 connections)
+    return type(limits)(max_connections=limits.max_connections, max_keepalive_connections=limits.max_connections)
 
 
 def _tries(attempts: int) -> str:

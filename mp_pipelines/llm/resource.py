@@ -8,6 +8,7 @@ retries happen inside the client (`max_retries`); step-level retries belong to t
 
 from __future__ import annotations
 
+import os
 import threading
 from dataclasses import replace
 from typing import Literal
@@ -15,8 +16,9 @@ from typing import Literal
 import dagster as dg
 from pydantic import Field, PrivateAttr
 
-from mp_pipelines.llm.client import LLMClient, LLMRequest, LLMResult, ResponseObserver, resolve_provider
-from mp_pipelines.calls.limits import LimitSettings
+from mp_pipelines.llm.client import LLMClient
+from mp_pipelines.llm.provider import resolve_provider
+from mp_pipelines.llm.types import LimitSettings, LLMRequest, LLMResult, ResponseObserver
 
 _BUILD_LOCK = threading.Lock()  # guards lazy client creation when the resource is used outside a run
 
@@ -120,3 +122,24 @@ class LLMResource(dg.ConfigurableResource):
     def endpoint_key(self) -> str:
         """Which endpoint calls go to, for keying per-model limiters (never contains the key)."""
         return f"{self.provider_name}:{self.get_client().base_url}"
+
+
+def build_llm_resource() -> LLMResource:
+    """The LLM resource from the environment; with no key and no base URL it is the simulated model."""
+    settings: dict[str, object] = {}
+    if os.environ.get("OPENAI_API_KEY"):
+        settings["api_key"] = dg.EnvVar("OPENAI_API_KEY")
+    if os.environ.get("OPENAI_BASE_URL"):
+        settings["base_url"] = dg.EnvVar("OPENAI_BASE_URL")
+    if os.environ.get("MP_LLM_PROVIDER"):
+        settings["provider"] = os.environ["MP_LLM_PROVIDER"]
+    if os.environ.get("MP_DEFAULT_MODEL"):
+        settings["default_model"] = os.environ["MP_DEFAULT_MODEL"]
+    for field, variable, kind in (("simulated_latency", "MP_SIMULATED_LATENCY", float),
+                                  ("simulated_failure_rate", "MP_SIMULATED_FAILURE_RATE", float),
+                                  ("max_in_flight", "MP_MAX_IN_FLIGHT", int),
+                                  ("requests_per_minute", "MP_REQUESTS_PER_MINUTE", float),
+                                  ("tokens_per_minute", "MP_TOKENS_PER_MINUTE", float)):
+        if os.environ.get(variable):
+            settings[field] = kind(os.environ[variable])
+    return LLMResource(**settings)

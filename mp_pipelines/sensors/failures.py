@@ -10,24 +10,17 @@ from __future__ import annotations
 
 import json
 import os
-import re
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import dagster as dg
 
-from mp_pipelines.factory.ops import WORKFLOW_TAG
-from mp_pipelines.spec.models import RESERVED_SEPARATOR
+from mp_pipelines.factory.names import WORKFLOW_TAG, task_of_step
 
 FAILURE_LOG_ENV = "MP_FAILURE_LOG"
 FAILURE_SENSOR_NAME = "mp_pipelines_run_failure_sensor"
 _ERROR_CHARS = 2000
-
-
-def task_of_step(step_key: str) -> str:
-    """The task behind a step key: `research[3]`, `research__items`, `critique__2` → `research`/`critique`."""
-    return re.split(r"\[|" + re.escape(RESERVED_SEPARATOR), step_key, maxsplit=1)[0]
 
 
 def _error_text(event: dg.DagsterEvent) -> str:

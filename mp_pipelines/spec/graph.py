@@ -13,8 +13,8 @@ from typing import Literal
 
 from jinja2 import nodes
 
-from mp_pipelines.spec.templates import TemplateError, as_template, make_environment, parse, references
 from mp_pipelines.spec.models import LoopSpec, TaskSpec, WorkflowSpec
+from mp_pipelines.spec.templates import TemplateError, as_template, make_environment, parse, references
 
 # Names Jinja itself defines (range, dict, lipsum, ...): not references to the context.
 JINJA_GLOBALS = frozenset(make_environment().globals)
@@ -111,6 +111,11 @@ def for_each_source(task: TaskSpec) -> tuple[Literal["input", "step"], str] | No
 def step_names(spec: WorkflowSpec) -> list[str]:
     """Names of the top-level steps, in file order."""
     return [step.name for step in spec.tasks]
+
+
+def loop_iterations(spec: WorkflowSpec, loop: LoopSpec) -> int:
+    """How many times a loop may run: its max_iterations, never more than the workflow's depth."""
+    return min(loop.loop.max_iterations or spec.depth, spec.depth)
 
 
 def until_gate(loop: LoopSpec) -> int:

@@ -13,12 +13,13 @@ import random
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
-from mp_pipelines.calls.path import CallScope
-from mp_pipelines.llm.client import LLMError
-from mp_pipelines.spec.templates import TemplateError, evaluate
-from mp_pipelines.tasks.runner import TaskTimeout, arun_task
+from mp_pipelines.calls.call import CallScope
+from mp_pipelines.calls.deadline import TaskTimeout
 from mp_pipelines.calls.usage import Usage
+from mp_pipelines.llm.types import ChatModel, LLMError
 from mp_pipelines.spec.models import RetrySpec, TaskSpec, WorkflowSpec
+from mp_pipelines.spec.templates import TemplateError, evaluate
+from mp_pipelines.tasks.runner import arun_task
 
 MAX_RETRY_DELAY = 3600.0  # seconds
 MAX_STEPS_PER_FANOUT = 32  # default: small fan-outs keep one step per item, larger ones ≤ this many shards
@@ -76,7 +77,7 @@ def retry_delay(retries: RetrySpec, attempt: int, rand: Callable[[], float] = ra
     return min(max(delay, 0.0), MAX_RETRY_DELAY)
 
 
-async def run_item(llm: Any, spec: WorkflowSpec, task: TaskSpec, base_context: Mapping[str, Any], index: int,
+async def run_item(model: ChatModel, spec: WorkflowSpec, task: TaskSpec, base_context: Mapping[str, Any], index: int,
                    item: Any, *, scope: CallScope, label: str, deadline_of: Callable[[], float | None],
                    retries: RetrySpec | None, row: Any, log: logging.Logger | Any) -> ItemRecord:
     """One item: its `when`, then its call with up to `retries.max_retries` retries; never raises for item errors."""
@@ -93,7 +94,7 @@ async def run_item(llm: Any, spec: WorkflowSpec, task: TaskSpec, base_context: M
     for attempt in range(1, max_attempts + 1):
         record.attempts = attempt
         try:
-            run = await arun_task(llm, spec, task, context, label=label, scope=scope, deadline=deadline_of())
+            run = await arun_task(model, spec, task, context, label=label, scope=scope, deadline=deadline_of())
         except TemplateError as exc:
             record.error, record.error_kind, record.retryable = f"template error: {exc}", "template", False
             return record
@@ -127,7 +128,7 @@ def _record_failure(record: ItemRecord, exc: LLMError | TaskTimeout) -> None:
         record.raw_output = result.text
 
 
-async def run_shard(llm: Any, spec: WorkflowSpec, task: TaskSpec, base_context: Mapping[str, Any],
+async def run_shard(model: ChatModel, spec: WorkflowSpec, task: TaskSpec, base_context: Mapping[str, Any],
                     items: list[tuple[int, Any]], *, is_table: bool, scope: CallScope,
                     deadline_of: Callable[[], float | None], log: Any) -> list[ItemRecord]:
     """Every item of a shard concurrently (the scope's breadth and limits decide how many calls fly)."""
@@ -135,7 +136,7 @@ async def run_shard(llm: Any, spec: WorkflowSpec, task: TaskSpec, base_context: 
     # A TaskGroup, not gather: should one item raise unexpectedly, the others are cancelled rather than left
     # making paid calls for a step that has already failed.
     async with asyncio.TaskGroup() as group:
-        tasks = [group.create_task(run_item(llm, spec, task, base_context, index, item, scope=scope,
+        tasks = [group.create_task(run_item(model, spec, task, base_context, index, item, scope=scope,
                                             label=f"{task.name}[{index}]", deadline_of=deadline_of, retries=retries,
                                             row=item if is_table else None, log=log))
                  for index, item in items]

@@ -1,0 +1,51 @@
+"""Resources of the generated jobs besides the LLM itself (that one is `llm.resource.LLMResource`)."""
+
+from __future__ import annotations
+
+import threading
+
+import dagster as dg
+from pydantic import Field, PrivateAttr
+
+from mp_pipelines.calls.run import RunCalls
+from mp_pipelines.spec.models import BudgetSpec, WorkflowSpec
+
+_RUN_CALLS_LOCK = threading.Lock()  # a resource is copied by Dagster: a lock must not be one of its attributes
+
+
+class RunBudget(dg.ConfigurableResource):
+    """A run's budget. Unset fields fall back to the workflow's `budget:`; set one per run in the run config:
+    `resources: {budget: {config: {max_cost_usd: 0.5}}}` (or `mp-pipelines run --max-cost-usd 0.5`).
+
+    It also owns the run's call-path state in this process (`RunCalls`: the run's limiters, fan-out
+    semaphores, budget account, identical calls in flight), made at set-up and dropped at teardown.
+    """
+
+    max_cost_usd: float | None = Field(default=None, gt=0, description="US dollars (price table).")
+    max_tokens: int | None = Field(default=None, ge=1, description="Prompt + completion tokens.")
+    max_calls: int | None = Field(default=None, ge=1, description="Calls sent to the model; cache hits are free.")
+
+    _calls: RunCalls | None = PrivateAttr(default=None)
+
+    def over(self, spec: WorkflowSpec) -> BudgetSpec:
+        """This run's budget: the run config's fields over the workflow's."""
+        base = spec.budget.model_dump() if spec.budget else {}
+        mine = {k: v for k, v in self.model_dump().items() if k in BudgetSpec.model_fields and v is not None}
+        return BudgetSpec(**{**base, **mine})
+
+    def setup_for_execution(self, context: dg.InitResourceContext) -> None:
+        """Open the run's call-path state."""
+        self._calls = RunCalls(context.run_id or "")
+
+    def teardown_after_execution(self, context: dg.InitResourceContext) -> None:
+        """Drop the run's call-path state: the run's steps in this process are done."""
+        calls, self._calls = self._calls, None
+        if calls is not None:
+            calls.close()
+
+    def run_calls(self, run_id: str) -> RunCalls:
+        """The run's call-path state (made on first use when the resource runs outside Dagster's set-up)."""
+        with _RUN_CALLS_LOCK:
+            if self._calls is None or self._calls.run_id != run_id:
+                self._calls = RunCalls(run_id)
+            return self._calls
