@@ -8,11 +8,11 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from mp_pipelines.spec.templates import TemplateError
 from mp_pipelines.spec import graph
 from mp_pipelines.spec.inputs import coerce_input
-from mp_pipelines.spec.loader import Problem, suggest
 from mp_pipelines.spec.models import LoopSpec, TaskSpec, WorkflowSpec
+from mp_pipelines.spec.problems import Problem, suggest
+from mp_pipelines.spec.templates import TemplateError
 
 FAN_OUT_INPUT_TYPES = ("list", "table")
 
