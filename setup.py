@@ -8,8 +8,10 @@ setup(
     packages=find_packages(exclude=["mp_pipelines_tests", "mp_pipelines_tests.*"]),
     package_data={"mp_pipelines": ["workflows/*.yaml", "workflows/data/*", "workflows/data/*/*"]},
     install_requires=[
-        # dagster, dagster-webserver and dagster-postgres move together: pip finds no dagster-postgres
-        # for dagster 1.13.28 and silently falls back to a years-old one (see docs/DESIGN facts).
+        # dagster, dagster-webserver, dagster-graphql and dagster-postgres move together (dagster-postgres
+        # 0.29.N goes with dagster 1.13.N): with an unpinned dagster, pip can pick a dagster for which no
+        # matching dagster-postgres is published yet and silently fall back to a years-old dagster-postgres.
+        # mp_pipelines/dagster_ext/compat.py names the Dagster internals used with this version.
         "dagster==1.13.27",
         "dagster-webserver==1.13.27",
         "dagster-postgres==0.29.27",
@@ -25,13 +27,17 @@ setup(
         "jsonschema>=4.20",
         "pyyaml>=6",
         "click>=8.1",
+        "croniter>=2.0",  # schedule cron strings are checked without Dagster (spec/ imports no Dagster)
         "aiolimiter>=1.1",
         "starlette>=0.37",
         "uvicorn>=0.29",
     ],
     extras_require={
         # playwright drives the Debian chromium package (never `playwright install`): test_ui_browser.py
-        "dev": ["pytest>=8", "pytest-timeout>=2.3", "ruff>=0.5", "playwright>=1.45", "hypothesis>=6.100"],
+        "dev": [
+            "pytest>=8", "pytest-timeout>=2.3", "ruff>=0.5", "playwright>=1.45", "hypothesis>=6.100",
+            "import-linter>=2.1",  # `lint-imports`: the layer contracts in .importlinter
+        ],
     },
     entry_points={"console_scripts": ["mp-pipelines=mp_pipelines.cli:main"]},
 )

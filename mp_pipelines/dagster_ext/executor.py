@@ -1,31 +1,15 @@
 """`concurrent_executor`: run the ready steps of a run at once, on threads of the run worker process.
 
-Written against Dagster 1.13.27; the one module of mp_pipelines allowed to touch Dagster internals.
-The orchestration loop follows `dagster/_core/executor/multiprocess.py` (one thread feeds ActiveExecution,
-polls for interrupts, reports interrupted steps); each step runs through the in-process executor's own
-path (`dagster/_core/execution/plan/execute_plan.py`), so retries, IO managers, hooks and step contexts
-behave as they do there. Private APIs used (re-check them whenever the Dagster pin moves):
-
-- dagster._core.executor.base.Executor
-- dagster._core.execution.api.ExecuteRunWithPlanIterable
-- dagster._core.execution.context_creation_job.PlanExecutionContextManager
-- dagster._core.execution.context.system.PlanExecutionContext, PlanOrchestrationContext, StepExecutionContext
-- dagster._core.execution.plan.active.ActiveExecution
-- dagster._core.execution.plan.instance_concurrency_context.InstanceConcurrencyContext
-- dagster._core.execution.plan.execute_plan.dagster_event_sequence_for_step, _trigger_hook
-- dagster._core.execution.plan.objects.ErrorSource, step_failure_event_from_exc_info
-- dagster._core.execution.plan.plan.ExecutionPlan
-- dagster._core.execution.compute_logs.create_compute_log_file_key
-- dagster._core.events.DagsterEvent (engine_event, capture_logs), EngineEventData
-- dagster._core.errors.DagsterExecutionInterruptedError
-- dagster._core.execution.retries.RetryMode, get_retries_config
-- dagster._core.execution.step_dependency_config.StepDependencyConfig, get_step_dependency_config_field
-- dagster._core.execution.tags.get_tag_concurrency_limits_config
-- dagster._utils.error.serializable_error_info_from_exc_info
-- dagster._core.definitions.executor_definition.IN_PROC_CONFIG, MULTI_PROC_CONFIG,
-  multiple_process_executor_requirements (for `selectable_executor`)
-- the order of a step's events: STEP_OUTPUT, then HANDLED_OUTPUT once the IO manager stored it
-  (`_StoredOutputs` feeds outputs to ActiveExecution only then)
+Written against Dagster 1.13.27 (`compat.DAGSTER_VERSION`); with `postgres.py`, the only module of
+mp_pipelines allowed to touch Dagster internals. The orchestration loop follows
+`dagster/_core/executor/multiprocess.py` (one thread feeds ActiveExecution, polls for interrupts, reports
+interrupted steps); each step runs through the in-process executor's own path
+(`dagster/_core/execution/plan/execute_plan.py`), so retries, IO managers, hooks and step contexts behave
+as they do there. The private names used (imports, the ActiveExecution / DagsterEvent members called, the
+Executor members overridden) are listed in `compat.py` and checked by mp_pipelines_tests/test_architecture.py;
+re-check them, and this module, whenever the Dagster pin moves. One behaviour it relies on is not a name:
+the order of a step's events, STEP_OUTPUT then HANDLED_OUTPUT once the IO manager stored it
+(`_StoredOutputs` feeds outputs to ActiveExecution only then).
 
 Threads, not asyncio: ops, resources, IO managers and hooks are synchronous code. An asyncio executor
 must re-implement Dagster's step pipeline as coroutines (the community `dagster-async-executor` 0.0.x

@@ -1,8 +1,10 @@
 """dagster-postgres storages with pooled connections.
 
-Written against **dagster-postgres 0.29.27** (dagster 1.13.27, SQLAlchemy 2.0.x). Re-read this module
-when either is upgraded: it is, with `execution/executor.py`, the only place allowed to lean on
-Dagster / dagster-postgres internals.
+Written against **dagster-postgres 0.29.27** (dagster 1.13.27, SQLAlchemy 2.0.x): `compat.py` names the
+versions and lists every Dagster / dagster-postgres internal used here (imports, overridden methods,
+private attributes), and mp_pipelines_tests/test_architecture.py checks that they all still exist. Re-read
+this module when either is upgraded: it is, with `dagster_ext/executor.py`, the only place allowed to lean
+on Dagster / dagster-postgres internals.
 
 Why: every dagster-postgres storage builds its SQLAlchemy engine with `NullPool`, so each read or
 write (`create_pg_connection(self._engine)`) opens a new PostgreSQL connection (TCP/socket, backend
@@ -11,7 +13,7 @@ These classes keep dagster-postgres' behaviour, SQL and schema handling and chan
 engine behind `_connect()` / `connect()` is a `QueuePool` engine, shared by the run, event log and
 schedule storages of one process that point at the same database with the same pool settings.
 
-Internal surface used (keep it this small):
+Internal surface used (keep it this small; the full list, checked by the tests, is in `compat.py`):
 
 * the `_engine` attribute of `PostgresEventLogStorage`, `PostgresRunStorage` and
   `PostgresScheduleStorage`: every connection they open comes from it. It is replaced after
@@ -29,10 +31,12 @@ Internal surface used (keep it this small):
   and `ConcurrencySlotsTable`: replaced by one atomic UPDATE (the stock SELECT … FOR UPDATE then UPDATE
   runs on an AUTOCOMMIT connection, so its lock does not cover the UPDATE and two processes can share a
   slot).
-* `dagster_postgres.utils`: `create_pg_engine`, `pg_url_from_config`,
-  `get_token_provider_from_config`, `retry_pg_connection_fn`, `set_pg_statement_timeout`;
-  `dagster._core.storage.config.pg_config` (the config schema we extend);
-  `dagster._serdes.ConfigurableClass(Data)` and `dagster._core.storage.base_storage.DagsterStorage`.
+* `dagster_postgres.utils` helpers, `dagster._core.storage.config.pg_config` (the config schema we
+  extend), `dagster._serdes.ConfigurableClass(Data)` and `dagster._core.storage.base_storage.DagsterStorage`.
+
+Each overriding class is decorated with `compat.checked_overrides`: if Dagster renamed or removed a method
+overridden here (which would leave the override silently unused), importing this module fails with
+`DagsterCompatError`, naming the method and the Dagster versions.
 
 Process safety: a pooled connection must never be used by two processes. Dagster's multiprocess executor
 spawns (or forkservers) its step processes, and those rebuild the instance, hence new engines; for plain
@@ -81,11 +85,11 @@ from dagster_postgres.utils import (
 )
 from sqlalchemy import event, exc
 
+from mp_pipelines.dagster_ext.compat import WRITTEN_AGAINST as WRITTEN_AGAINST  # the pinned versions
+from mp_pipelines.dagster_ext.compat import checked_overrides
+
 if TYPE_CHECKING:
     from dagster_postgres.auth import PgTokenProvider
-
-WRITTEN_AGAINST = {"dagster": "1.13.27", "dagster-postgres": "0.29.27"}
-
 
 # --------------------------------------------------------------------------------------------------
 # Pool settings and the per-process engine registry
@@ -330,6 +334,7 @@ class _PooledMixin:
         )
 
 
+@checked_overrides
 class PooledPostgresEventLogStorage(_PooledMixin, PostgresEventLogStorage):
     """`PostgresEventLogStorage` on a connection pool (carries the ~13 event writes of every step)."""
 
@@ -370,12 +375,14 @@ class PooledPostgresEventLogStorage(_PooledMixin, PostgresEventLogStorage):
         return found
 
 
+@checked_overrides
 class PooledPostgresRunStorage(_PooledMixin, PostgresRunStorage):
     """`PostgresRunStorage` on a connection pool."""
 
     _stock = PostgresRunStorage
 
 
+@checked_overrides
 class PooledPostgresScheduleStorage(_PooledMixin, PostgresScheduleStorage):
     """`PostgresScheduleStorage` on a connection pool."""
 

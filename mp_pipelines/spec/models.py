@@ -6,22 +6,55 @@ references) live in `spec/validate.py`, so a file's every problem can be reporte
 
 from __future__ import annotations
 
+import keyword
 import re
 from typing import Annotated, Any, Literal, Union
 
+from croniter import croniter
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, field_validator, model_validator
+
+from mp_pipelines.spec.inputs import coerce_input
 
 IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 # Generated op names join a task name and a suffix with "__", so user names may not contain it.
 RESERVED_SEPARATOR = "__"
 # Names a template can use besides inputs and tasks.
 RESERVED_NAMES = frozenset({"inputs", "item", "item_index", "loop", "workflow", "previous"})
+# Names Dagster refuses for an op, asset or job besides Python keywords (`DISALLOWED_NAMES` of Dagster
+# 1.13.27, compared in test_architecture.py); tasks, loops and workflows become ops, assets and jobs.
+DAGSTER_RESERVED_NAMES = frozenset({
+    "arg_dict", "bool", "conf", "config", "context", "dict", "float", "input", "input_arg_dict", "int", "meta",
+    "output", "output_arg_dict", "str", "type",
+})
 
 InputType = Literal["string", "integer", "number", "boolean", "list", "table"]
 OutputKind = Literal["text", "json"]
 # read_write: answer from the cache when it can and store new answers; read / write: only one of the two.
 CachePolicy = Literal["read_write", "read", "write", "off"]
 ItemFailurePolicy = Literal["fail", "skip"]
+
+
+def is_valid_cron(value: str) -> bool:
+    """True if Dagster accepts `value` as a schedule's cron string (what `is_valid_cron_string` of Dagster
+    1.13.27 accepts, checked with the croniter package instead of Dagster's vendored copy of it).
+
+    Five fields (no seconds, no year) or a nickname (`@daily`, `@hourly`, ...); names (`mon-fri`, `jan`),
+    lists, ranges, steps, `L` and `#` as croniter reads them; not the 30th or 31st of February alone; not
+    `W` (nearest weekday) in the day of month, which newer croniter releases read and Dagster's does not.
+    """
+    try:
+        if not croniter.is_valid(value):
+            return False
+        fields, *_ = croniter.expand(value)
+    except Exception:  # noqa: BLE001 - croniter raises several types on odd input; all mean "not valid"
+        return False
+    if len(fields) != 5:
+        return False
+    days, months = fields[2], fields[3]
+    if len(months) == 1 and months[0] == 2 and len(days) == 1 and days[0] in (30, 31):
+        return False
+    words = value.split()
+    return len(words) != 5 or "w" not in words[2].lower()
 
 
 def check_name(value: str, what: str) -> str:
@@ -32,6 +65,10 @@ def check_name(value: str, what: str) -> str:
         raise ValueError(f"{what} name {value!r} contains '__', which is reserved for generated op names")
     if value in RESERVED_NAMES:
         raise ValueError(f"{what} name {value!r} is reserved for templates ({', '.join(sorted(RESERVED_NAMES))})")
+    # Input names are run config fields, not Dagster names: only the other names are refused here.
+    if what != "input" and (keyword.iskeyword(value) or value in DAGSTER_RESERVED_NAMES):
+        reason = "a Python keyword" if keyword.iskeyword(value) else "reserved by Dagster"
+        raise ValueError(f"{what} name {value!r} is {reason}; Dagster cannot name an op, asset or job with it")
     return value
 
 
@@ -54,8 +91,6 @@ class InputSpec(_Strict):
     @model_validator(mode="after")
     def _default_matches_type(self) -> InputSpec:
         if self.default is not None:
-            from mp_pipelines.spec.inputs import coerce_input  # local: inputs imports this module
-
             try:
                 coerce_input(self.type, self.default, "default", check_size=False)
             except ValueError as exc:
@@ -206,9 +241,7 @@ class ScheduleSpec(_Strict):
     @field_validator("cron")
     @classmethod
     def _cron(cls, value: str) -> str:
-        from dagster._utils.schedules import is_valid_cron_string  # dagster 1.13.27
-
-        if not is_valid_cron_string(value):
+        if not is_valid_cron(value):
             raise ValueError(f"{value!r} is not a valid cron string (five fields, e.g. '0 6 * * *')")
         return value
 

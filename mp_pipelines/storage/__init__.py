@@ -11,6 +11,10 @@ Enable it in dagster.yaml (see docs/performance.md, "PostgreSQL per-step cost"):
           pool_size: 5
 
 or per storage with `run_storage:` / `event_log_storage:` / `schedule_storage:` and the classes below.
+
+This module only re-exports them: they live in `mp_pipelines.dagster_ext.postgres`, with the other code
+that relies on Dagster internals. Keep the names below importable from here (deploy/dagster.yaml and
+users' instance configs name `mp_pipelines.storage`).
 """
 
 from mp_pipelines.dagster_ext.postgres import (
