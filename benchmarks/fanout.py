@@ -100,7 +100,7 @@ def _dagster(variant: str, n: int, concurrency: int, storage: str, dbname: str |
     """Run the generated job; returns the number of Dagster steps it ran."""
     import dagster as dg
 
-    from mp_pipelines.cli.running import run_config
+    from mp_pipelines.cli.config import run_config
 
     with tempfile.TemporaryDirectory() as tmp:
         spec_path = Path(tmp) / "bench_fanout.yaml"

@@ -14,8 +14,8 @@ import httpx
 import pytest
 
 from mp_pipelines.llm.client import LLMClient
-from mp_pipelines.llm.types import LLMError, LLMRequest
 from mp_pipelines.llm.resource import LLMResource
+from mp_pipelines.llm.types import LLMError, LLMRequest
 from mp_pipelines_tests.fault_server import RunningServer
 
 FAKE_KEY = "sk-test-FAKEKEY-0123456789abcdef"

@@ -14,8 +14,9 @@ import pandas as pd
 import pytest
 
 from mp_pipelines import definitions
-from mp_pipelines.factory.schedules import build_schedule
 from mp_pipelines.cli.running import run_workflow
+from mp_pipelines.factory.partitions import inbox_input, inbox_partitions_def
+from mp_pipelines.factory.schedules import build_schedule
 from mp_pipelines.sensors.failures import (
     FAILURE_SENSOR_NAME,
     build_failure_sensor,
@@ -29,7 +30,6 @@ from mp_pipelines.sensors.inbox import (
     inbox_sensor_name,
     parse_cursor,
 )
-from mp_pipelines.factory.partitions import inbox_input, inbox_partitions_def
 from mp_pipelines.spec.loader import SHIPPED_WORKFLOWS_DIR, load_workflows
 from mp_pipelines_tests.workflow_helpers import materializations, write_workflow
 

@@ -15,9 +15,9 @@ import pytest
 from pydantic import BaseModel
 
 from mp_pipelines.llm.client import LLMClient
-from mp_pipelines.llm.types import LLMError, LLMRequest
 from mp_pipelines.llm.resource import LLMResource
 from mp_pipelines.llm.simulated import SimulatedModel, SimulatedTransport
+from mp_pipelines.llm.types import LLMError, LLMRequest
 
 
 def body(prompt: str, **extra: Any) -> dict[str, Any]:

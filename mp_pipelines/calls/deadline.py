@@ -1,4 +1,8 @@
-"""Stage: a task's `timeout` bounds its whole answer, waits for limits, retries and repairs included."""
+"""Stage: a task's `timeout` bounds getting its answer from the model: waits for a slot, retries and repairs.
+
+A task whose deadline has passed makes no call at all (`remaining_time`, checked when its request is built);
+a stored answer or an identical call's answer costs no time worth bounding.
+"""
 
 from __future__ import annotations
 

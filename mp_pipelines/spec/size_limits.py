@@ -2,7 +2,7 @@
 
 Each limit has a default and an environment variable that raises or lowers it. The variable is read
 each time the limit is checked, so a long-running code location or a test picks up a change at once.
-(Rate and concurrency limits of LLM calls are another matter: see `execution/limits.py`.)
+(Rate and concurrency limits of LLM calls are another matter: see `calls/limits.py`.)
 """
 
 from __future__ import annotations
