@@ -47,6 +47,22 @@ def user_prompts(server: RunningServer) -> list[str]:
     return [r.body["messages"][-1]["content"] for r in server.requests if isinstance(r.body, dict)]
 
 
+def settled_request_count(server: RunningServer, quiet: float = 0.1, timeout: float = 30.0) -> int:
+    """The length of the server's request log once it has settled: no chat request in flight and no new entry for
+    `quiet` s (a request is logged when the server starts answering it, and in flight until it has answered)."""
+    deadline = time.monotonic() + timeout
+    count, since = len(server.requests), time.monotonic()
+    while True:
+        now = time.monotonic()
+        if server.in_flight.current or len(server.requests) != count:
+            count, since = len(server.requests), now
+        elif now - since >= quiet:
+            return count
+        assert now < deadline, (f"the server's request log did not settle within {timeout:g} s: "
+                                f"{server.in_flight.current} request(s) in flight, {len(server.requests)} logged")
+        time.sleep(0.01)
+
+
 def test_rerun_makes_no_calls_and_a_changed_prompt_recalls_only_its_task_and_dependents(
         openai_env: RunningServer, instance: dg.DagsterInstance, tmp_path: Path) -> None:
     first = run_file(write_workflow(tmp_path, chain()), {}, instance)
@@ -483,14 +499,14 @@ def test_resume_after_sigkill_mid_fan_out_calls_only_what_was_not_answered(
             stored = ResponseStore(f"sqlite:///{home / CACHE_FILE}").count()
     os.killpg(child.pid, signal.SIGKILL)
     child.wait()
-    time.sleep(0.5)  # requests the dead process had in flight reach the server's log
+    before = settled_request_count(server)  # the requests the dead process had in flight are in the log by now
     store = ResponseStore(f"sqlite:///{home / CACHE_FILE}")
     with store.engine.connect() as conn:
         answers = [row.answer for row in conn.execute(sa.text("SELECT answer FROM mp_llm_responses"))]
     kept = {re.search(r"Echo (w\d{3})", answer).group(1) for answer in answers}
     checkpointed = len(answers)
     assert 60 <= checkpointed < 200 and len(kept) == checkpointed
-    before = len(server.requests)
+    assert len(server.requests) == before, "a request of the killed run reached the server after its log had settled"
 
     with dg.DagsterInstance.local_temp(str(home), overrides={"telemetry": {"enabled": False}}) as instance:
         (killed,) = instance.get_runs()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import dagster as dg
@@ -14,7 +15,14 @@ from mp_pipelines.spec.loader import SHIPPED_WORKFLOWS_DIR, load_workflows
 from mp_pipelines_tests.workflow_helpers import materializations
 
 SPECS = load_workflows().specs
-TICKETS = pd.read_csv(SHIPPED_WORKFLOWS_DIR / "data" / "tickets.csv")
+# Rows of the shipped tickets.csv whose simulated labels were checked (see data/tickets/README.md): the simulated
+# model draws each enum value from an RNG seeded by the request, so a ticket's urgency follows from its subject and
+# body alone. One file has urgent tickets (101 and 104), the other none, so each path of `escalate` runs every time.
+PINNED_TICKETS = Path(__file__).parent / "data" / "tickets"
+SOME_URGENT = PINNED_TICKETS / "some_urgent.csv"
+NONE_URGENT = PINNED_TICKETS / "none_urgent.csv"
+PINNED = ("the simulated labels of the pinned tickets changed (did the prompt, the request or the simulated model "
+          "change?): pick rows again as data/tickets/README.md says")
 
 
 def test_research_report_runs_end_to_end(instance: dg.DagsterInstance) -> None:
@@ -65,34 +73,77 @@ def test_same_inputs_give_the_same_results_on_every_executor(instance: dg.Dagste
     assert outputs["in_process"] == outputs[None] == outputs["multiprocess"]
 
 
-def test_classify_tickets_gives_a_dataframe_with_one_row_per_ticket(instance: dg.DagsterInstance) -> None:
+@dataclass
+class ClassifyRun:
+    """What a run of the shipped classify_tickets job left: the label frame and what `escalate` did."""
+
+    run_id: str
+    frame: object
+    escalate_succeeded: bool  # the op ran; with `when` false it succeeds without an output
+    escalate_outputs: int  # STEP_OUTPUT events of `escalate`: 1 when it wrote a note, 0 when skipped
+    escalated: str | None  # the note
+    assets: set[tuple[str, ...]]  # asset keys the run materialised
+
+
+def run_classify_job(instance: dg.DagsterInstance, tickets: Path) -> ClassifyRun:
+    """Run the shipped classify_tickets job (through mp_pipelines.definitions) on the table `tickets`."""
     job = dg.build_reconstructable_job("mp_pipelines.definitions", "get_job", reconstructable_args=("classify_tickets", None))
-    with dg.execute_job(job, instance=instance, run_config=run_config({}, "in_process")) as result:
+    with dg.execute_job(job, instance=instance, run_config=run_config({"tickets": str(tickets)}, "in_process")) as result:
         assert result.success
-        frame = result.output_for_node("classify__collect")
-        escalated = result.output_for_node("escalate") if result.is_node_success("escalate") else None
+        outputs = [e for e in result.events_for_node("escalate") if e.event_type_value == "STEP_OUTPUT"]
+        return ClassifyRun(result.run_id, result.output_for_node("classify__collect"),
+                           result.is_node_success("escalate"), len(outputs),
+                           result.output_for_node("escalate") if outputs else None,
+                           {tuple(e.asset_key.path) for e in materializations(instance, result.run_id)})
+
+
+def assert_one_label_row_per_ticket(frame: object, tickets: Path) -> None:
     assert isinstance(frame, pd.DataFrame)
-    assert list(frame["id"]) == list(TICKETS["id"])  # one row per input row, in order
+    assert list(frame["id"]) == list(pd.read_csv(tickets)["id"])  # one row per input row, in order
     assert {"subject", "body", "category", "urgency", "summary", "item_status"} <= set(frame.columns)
     assert set(frame["category"]) <= {"billing", "bug", "feature_request", "account", "other"}
     assert set(frame["urgency"]) <= {"low", "medium", "high"}
     assert (frame["item_status"] == "success").all()
-    urgent = frame[frame["urgency"] == "high"]
-    events = {tuple(e.asset_key.path) for e in materializations(instance, result.run_id)}
-    if len(urgent):  # the escalation runs exactly when some ticket is urgent
-        assert ("classify_tickets", "escalate") in events and "[simulated]" in escalated
-    else:
-        assert ("classify_tickets", "escalate") not in events
 
 
-def test_classify_tickets_summary_via_run_workflow(instance: dg.DagsterInstance) -> None:
-    outcome = run_workflow(SPECS["classify_tickets"], {}, executor="in_process", instance=instance)
+def test_classify_tickets_gives_a_dataframe_with_one_row_per_ticket(instance: dg.DagsterInstance) -> None:
+    """Some ticket is urgent: the escalation runs, and its note is an asset."""
+    run = run_classify_job(instance, SOME_URGENT)
+    frame = run.frame
+    assert_one_label_row_per_ticket(frame, SOME_URGENT)
+    assert list(frame.loc[frame["urgency"] == "high", "id"]) == [101, 104], PINNED
+    assert run.escalate_succeeded and run.escalate_outputs == 1
+    assert ("classify_tickets", "escalate") in run.assets and "[simulated]" in run.escalated
+
+
+def test_classify_tickets_without_an_urgent_ticket_skips_the_escalation(instance: dg.DagsterInstance) -> None:
+    """No ticket is urgent: `escalate` decides its `when` is false, calls no model and materialises nothing."""
+    run = run_classify_job(instance, NONE_URGENT)
+    frame = run.frame
+    assert_one_label_row_per_ticket(frame, NONE_URGENT)
+    assert set(frame["urgency"]) <= {"low", "medium"}, PINNED
+    assert ("classify_tickets", "classify") in run.assets
+    assert run.escalate_succeeded and run.escalate_outputs == 0 and run.escalated is None
+    assert ("classify_tickets", "escalate") not in run.assets
+    logs = [e.user_message for e in instance.all_logs(run.run_id) if e.step_key == "escalate"]
+    assert any("escalate: skipped because `when:" in message for message in logs), logs
+
+
+@pytest.mark.parametrize(("tickets", "urgent", "escalate"), [
+    (SOME_URGENT, [True, False, False, True], "success"),
+    (NONE_URGENT, [False, False, False, False], "skipped"),
+], ids=["some_urgent", "none_urgent"])
+def test_classify_tickets_summary_via_run_workflow(instance: dg.DagsterInstance, tickets: Path,
+                                                   urgent: list[bool], escalate: str) -> None:
+    outcome = run_workflow(SPECS["classify_tickets"], {"tickets": str(tickets)}, executor="in_process",
+                           instance=instance)
     assert outcome.success
     labels = outcome.tasks["classify"]["output"]
-    assert len(labels) == len(TICKETS)
+    assert len(labels) == len(pd.read_csv(tickets))
     assert all(set(label) == {"category", "urgency", "summary"} for label in labels)
-    any_urgent = any(label["urgency"] == "high" for label in labels)
-    assert outcome.tasks["escalate"]["status"] == ("success" if any_urgent else "skipped")
+    assert [label["urgency"] == "high" for label in labels] == urgent, PINNED
+    assert outcome.tasks["escalate"]["status"] == escalate
+    assert outcome.usage.calls == len(labels) + (escalate == "success")  # the skipped escalation calls no model
 
 
 def test_summarize_documents_over_the_shipped_folder(instance: dg.DagsterInstance) -> None:
@@ -144,7 +195,8 @@ def test_fan_out_results_keep_input_order_under_concurrency(instance: dg.Dagster
     path = write_workflow(tmp_path, {"name": "ordered", "breadth": 4,
                                      "inputs": {"words": {"type": "list", "default": words}},
                                      "tasks": [{"name": "echo", "for_each": "inputs.words", "prompt": "Echo {{ item }}"}]})
-    outcome = run_file(path, {}, instance, executor=None)  # multiprocess: items finish in any order
+    # executor=None: the job's own, concurrent executor, where items finish in any order
+    outcome = run_file(path, {}, instance, executor=None)
     assert outcome.success, outcome.as_text()
     results = outcome.tasks["echo"]["output"]
     assert [f"Echo {w}" in r for w, r in zip(words, results)] == [True] * 12
