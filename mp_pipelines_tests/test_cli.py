@@ -161,3 +161,81 @@ def test_readme_command_runs_with_the_jobs_own_executor(tmp_path: Path) -> None:
     assert payload["status"] == "success"
     assert len(payload["tasks"]["research"]["output"]) == 2
     assert "STEP_WORKER_STARTED" not in completed.stderr  # Dagster's engine chatter stays out of the progress
+
+
+# Invokes one command in a fresh interpreter and prints which heavy libraries it loaded, and from where.
+_IMPORT_PROBE = """
+import sys, traceback
+HEAVY = ("dagster", "openai", "pandas")
+first = {}
+class Spy:
+    def find_spec(self, name, path=None, target=None):
+        top = name.split(".")[0]
+        if top in HEAVY and top not in first:
+            frames = [f"{f.filename}:{f.lineno}" for f in traceback.extract_stack() if "mp_pipelines" in f.filename]
+            first[top] = frames[-1] if frames else "?"
+        return None
+sys.meta_path.insert(0, Spy())
+from mp_pipelines.cli.main import main
+try:
+    main(sys.argv[1:], standalone_mode=False)
+except SystemExit:
+    pass
+print({top: first.get(top, "?") for top in HEAVY if top in sys.modules})
+"""
+
+
+@pytest.mark.parametrize("command", [["list"], ["validate"], ["show", "research_report"]])
+def test_quick_commands_import_neither_dagster_nor_openai_nor_pandas(tmp_path: Path, command: list[str]) -> None:
+    env = {k: v for k, v in os.environ.items() if k not in ("MP_WORKFLOWS_PATH", "DAGSTER_HOME")}
+    completed = subprocess.run([sys.executable, "-c", _IMPORT_PROBE, *command], cwd=tmp_path, env=env,
+                               capture_output=True, text=True, timeout=120)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    assert completed.stdout.strip().splitlines()[-1] == "{}", completed.stdout  # heavy library → where it came in
+
+
+def test_input_errors_name_the_option(runner: CliRunner, tmp_path: Path) -> None:
+    not_an_object = tmp_path / "list.json"
+    not_an_object.write_text("[1, 2]")
+    broken = tmp_path / "broken.json"
+    broken.write_text("{topic")
+    for args, message in ((["--input-file", str(not_an_object)], "must hold a JSON object of input name → value"),
+                          (["--input-file", str(broken)], f"cannot read {broken}")):
+        result = runner.invoke(main, ["run", "research_report", *args])
+        assert result.exit_code == 2 and message in result.output and "--input-file" in result.output
+    result = runner.invoke(main, ["run", "research_report", "-i", "topic=x", "--executor", "threads"])
+    assert result.exit_code == 2 and "'threads' is not one of 'concurrent', 'multiprocess', 'in_process'" in result.output
+    assert not (tmp_path / ".mp_pipelines").exists()  # nothing ran
+
+
+def test_key_value_pairs_and_untyped_inputs() -> None:
+    import click
+
+    from mp_pipelines.cli.args import parse_pairs, parse_untyped_inputs
+
+    assert parse_pairs(["a=1", " b =x=y", "a=2", "c="], "--tag") == {"a": "2", "b": "x=y", "c": ""}
+    for bad in ("novalue", "=x", " =x"):
+        with pytest.raises(click.BadParameter, match="is not key=value") as caught:
+            parse_pairs([bad], "--tag")
+        assert caught.value.param_hint == "--tag"
+    assert parse_untyped_inputs(["n=3", "flag=true", "text=hello world", "empty=", "list=[1, 2]"], None) == {
+        "n": 3, "flag": True, "text": "hello world", "empty": "", "list": [1, 2]}
+
+
+def test_run_config_for_local_and_remote_runs() -> None:
+    from mp_pipelines.cli.config import run_config, with_budget
+    from mp_pipelines.factory.names import BUDGET_RESOURCE_KEY, EXECUTORS, INPUTS_OP
+
+    local = run_config({"topic": "x"}, "multiprocess", {"max_calls": 5, "max_tokens": None})
+    assert local == {"ops": {INPUTS_OP: {"config": {"topic": "x"}}},
+                     "loggers": {"console": {"config": {"log_level": "WARNING"}}},
+                     "execution": {"config": {"multiprocess": {}}},
+                     "resources": {BUDGET_RESOURCE_KEY: {"config": {"max_calls": 5}}}}
+    assert run_config({}, None, console_log_level=None) == {"ops": {INPUTS_OP: {"config": {}}}}
+    for executor in EXECUTORS:
+        assert run_config({}, executor)["execution"] == {"config": {executor: {}}}
+    with pytest.raises(ValueError, match="unknown executor 'threads'"):
+        run_config({}, "threads")
+    merged = with_budget({"resources": {BUDGET_RESOURCE_KEY: {"config": {"max_calls": 5, "max_cost_usd": 1.0}}}},
+                         {"max_calls": 2, "max_tokens": None})
+    assert merged["resources"][BUDGET_RESOURCE_KEY]["config"] == {"max_calls": 2, "max_cost_usd": 1.0}

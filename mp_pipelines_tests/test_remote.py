@@ -7,6 +7,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import click
 import pytest
 from click.testing import CliRunner, Result
 
@@ -149,3 +150,27 @@ def test_a_new_workflow_file_appears_after_a_reload(server: Server, cli: CliRunn
     result = invoke(cli, "reload", "--url", services.url)
     assert result.exit_code == 0 and f"reloaded code location {LOCATION}" in result.stdout
     assert "added_later" not in services.job_names()
+
+
+def test_launch_arguments_are_checked_before_any_request(cli: CliRunner, tmp_path: Path) -> None:
+    url = f"http://127.0.0.1:{free_port()}"  # nothing listens: a request would fail with "cannot reach"
+    result = invoke(cli, "launch", "research_report", "--url", url, "-i", "topic=x", "--tag", "team")
+    assert result.exit_code == 2 and "'team' is not key=value" in result.output and "--tag" in result.output
+    result = invoke(cli, "launch", "research_report", "--url", url, "-i", "topic=x", "--executor", "threads")
+    assert result.exit_code == 2 and "'threads' is not one of" in result.output
+    listed = tmp_path / "inputs.json"
+    listed.write_text("[1]")
+    result = invoke(cli, "launch", "not_here", "--url", url, "--input-file", str(listed))
+    assert result.exit_code == 2 and "must hold a JSON object" in result.output
+
+
+def test_remote_inputs_are_typed_by_the_local_spec_else_read_as_yaml(tmp_path: Path) -> None:
+    from mp_pipelines.cli.args import parse_remote_inputs
+
+    inputs = tmp_path / "inputs.json"
+    inputs.write_text(json.dumps({"topic": "tides", "extra": {"a": 1}}))
+    assert parse_remote_inputs("research_report", ["topic=x", "max_questions=2"], None)["max_questions"] == 2
+    with pytest.raises(click.BadParameter, match="unknown input\\(s\\) extra"):
+        parse_remote_inputs("research_report", [], str(inputs))
+    assert parse_remote_inputs("only_on_the_server", ["rounds=3", "topic=sea"], str(inputs)) == {
+        "topic": "sea", "extra": {"a": 1}, "rounds": 3}

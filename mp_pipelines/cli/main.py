@@ -5,20 +5,27 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
-from mp_pipelines.cli.remote import register_remote_commands
+from mp_pipelines.cli import remote
+from mp_pipelines.cli.args import budget_options, executor_option, input_options, parse_inputs
 from mp_pipelines.spec.loader import LoadResult, WorkflowValidationError, load_workflow_file, load_workflows
 from mp_pipelines.spec.models import WorkflowSpec
 
+if TYPE_CHECKING:
+    from mp_pipelines.calls.store import ResponseStore
+    from mp_pipelines.cli.running import RunOutcome
+
 
 def _echo_err(message: str) -> None:
+    """Progress and warnings go to stderr, leaving stdout to results."""
     click.echo(message, err=True)
 
 
 def _load(paths: tuple[str, ...] = ()) -> LoadResult:
+    """The workflows of `paths`, or of every workflow folder when none are given."""
     return load_workflows([Path(p) for p in paths] if paths else None)
 
 
@@ -83,60 +90,11 @@ def show(workflow: str) -> None:
     click.echo(render_workflow(spec))
 
 
-def parse_inputs(spec: WorkflowSpec, pairs: tuple[str, ...], input_file: str | None) -> dict[str, Any]:
-    """Inputs from `--input-file` then `--input key=value`, checked against the spec."""
-    from mp_pipelines.spec.inputs import coerce_input
-
-    values: dict[str, Any] = {}
-    if input_file:
-        try:
-            data = json.loads(Path(input_file).read_text())
-        except (OSError, json.JSONDecodeError) as exc:
-            raise click.BadParameter(f"cannot read {input_file}: {exc}", param_hint="--input-file") from None
-        if not isinstance(data, dict):
-            raise click.BadParameter(f"{input_file} must hold a JSON object of input name → value",
-                                     param_hint="--input-file")
-        values.update(data)
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key.strip():
-            raise click.BadParameter(f"{pair!r} is not key=value", param_hint="--input")
-        values[key.strip()] = value
-    problems = []
-    unknown = sorted(set(values) - set(spec.inputs))
-    if unknown:
-        known = ", ".join(spec.inputs) or "none"
-        problems.append(f"unknown input(s) {', '.join(unknown)} for {spec.name}; its inputs: {known}")
-    checked = {}
-    for name, input_spec in spec.inputs.items():
-        if name in values:
-            try:
-                checked[name] = coerce_input(input_spec.type, values[name], name)
-            except ValueError as exc:
-                problems.append(str(exc))
-        elif input_spec.required:
-            problems.append(f"input {name!r} of {spec.name} is required ({input_spec.type}): pass --input {name}=...")
-    if problems:
-        raise click.BadParameter("; ".join(problems), param_hint="--input")
-    return checked
-
-
-def budget_options(command: Any) -> Any:
-    """--max-cost-usd, --max-tokens, --max-calls: this run's budget, over the workflow's `budget:`."""
-    for name, kind, text in (("--max-calls", click.IntRange(min=1), "calls"),
-                             ("--max-tokens", click.IntRange(min=1), "prompt + completion tokens"),
-                             ("--max-cost-usd", click.FloatRange(min=0, min_open=True), "US dollars")):
-        command = click.option(name, type=kind, default=None, help=f"Budget: most {text} this run may spend.")(command)
-    return command
-
-
 @main.command()
 @click.argument("workflow")
-@click.option("--input", "-i", "pairs", multiple=True, metavar="KEY=VALUE", help="A workflow input; repeatable.")
-@click.option("--input-file", type=click.Path(exists=True, dir_okay=False), help="JSON object of inputs.")
+@input_options
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object with the results on stdout.")
-@click.option("--executor", type=click.Choice(["concurrent", "multiprocess", "in_process"]), default=None,
-              help="Override the job's executor for this run.")
+@executor_option
 @budget_options
 def run(workflow: str, pairs: tuple[str, ...], input_file: str | None, as_json: bool, executor: str | None,
         **budget: Any) -> None:
@@ -156,8 +114,7 @@ def run(workflow: str, pairs: tuple[str, ...], input_file: str | None, as_json: 
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object with the results on stdout.")
 @budget_options
 def resume(run_id: str, force: bool, as_json: bool, **budget: Any) -> None:
-    """Re-execute failed run RUN_ID from failure: only what failed runs again, and answers the run already
-    got (checkpointed per item) are not paid for twice."""
+    """Re-execute failed run RUN_ID from failure: only what failed runs again, and answers it got are not paid twice."""
     from mp_pipelines.cli.running import ResumeError, resume_run
 
     _quiet_dagster_logs()
@@ -169,13 +126,15 @@ def resume(run_id: str, force: bool, as_json: bool, **budget: Any) -> None:
 
 
 def _quiet_dagster_logs() -> None:
+    """Keep Dagster's engine logger to warnings."""
     import logging
 
     # Dagster's own engine logger prints every step event; the CLI prints its own progress instead.
     logging.getLogger("dagster").setLevel(logging.WARNING)
 
 
-def _print_outcome(outcome: Any, as_json: bool) -> None:
+def _print_outcome(outcome: RunOutcome, as_json: bool) -> None:
+    """Print a finished run (JSON or text) and exit 0 only if it succeeded."""
     if as_json:
         click.echo(json.dumps(outcome.as_json(), ensure_ascii=False, default=str, indent=2))
     else:
@@ -188,7 +147,8 @@ def cache() -> None:
     """Inspect or clear the LLM response cache (and run checkpoints) of the local Dagster instance."""
 
 
-def _store() -> Any:
+def _store() -> ResponseStore:
+    """The response cache of the local instance; ClickException when the instance has none."""
     from mp_pipelines.calls.store import store_for
     from mp_pipelines.cli.running import local_instance
 
@@ -240,7 +200,8 @@ def serve_model(host: str, port: int, latency: float, failure_rate: float) -> No
     serve(host, port, latency, failure_rate)
 
 
-register_remote_commands(main)  # launch, status, cancel, reload: runs on a Dagster webserver over GraphQL
+for _command in remote.COMMANDS:  # launch, status, cancel, reload: runs on a Dagster webserver over GraphQL
+    main.add_command(_command)
 
 if __name__ == "__main__":
     main()

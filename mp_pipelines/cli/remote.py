@@ -1,7 +1,7 @@
 """Remote operations over a running Dagster webserver's GraphQL API: launch, status, cancel, reload.
 
-They replace the old REST service's execute/status/cancel endpoints (docs/api.md maps all of them)
-and use dagster-graphql's `DagsterGraphQLClient`. Errors are one sentence naming the URL or run.
+They use dagster-graphql's `DagsterGraphQLClient` (docs/api.md maps REST-style calls onto them).
+Errors are one sentence naming the URL or run.
 """
 
 from __future__ import annotations
@@ -9,10 +9,15 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 import click
+
+from mp_pipelines.cli.args import executor_option, input_options, parse_pairs, parse_remote_inputs
+
+if TYPE_CHECKING:
+    from dagster_graphql import DagsterGraphQLClient
 
 URL_ENV = "MP_DAGSTER_URL"
 DEFAULT_URL = "http://127.0.0.1:3000"
@@ -36,6 +41,7 @@ class Endpoint:
 
     @classmethod
     def parse(cls, url: str) -> Endpoint:
+        """The endpoint of `url` (`host:port` means http); RemoteError when it is not an http(s) URL."""
         text = url.strip().rstrip("/")
         parts = urlsplit(text if "://" in text else f"http://{text}")
         if parts.scheme not in ("http", "https") or not parts.hostname:
@@ -49,7 +55,7 @@ class Endpoint:
         return cls(f"{parts.scheme}://{parts.netloc}{prefix}", parts.hostname, port, parts.scheme == "https", prefix)
 
 
-def client_for(url: str):
+def client_for(url: str) -> DagsterGraphQLClient:
     """A DagsterGraphQLClient for the webserver at `url`."""
     from dagster_graphql import DagsterGraphQLClient
 
@@ -94,6 +100,7 @@ def _explain(exc: Exception, url: str, run_id: str | None = None, job: str | Non
 
 
 def _call(url: str, action: str, **kwargs: Any) -> Any:
+    """`action` of the GraphQL client with `kwargs`; its errors become one RemoteError sentence."""
     from dagster_graphql import DagsterGraphQLClientError
 
     client = client_for(url)
@@ -103,43 +110,14 @@ def _call(url: str, action: str, **kwargs: Any) -> Any:
         raise _explain(exc, Endpoint.parse(url).url, kwargs.get("run_id"), kwargs.get("job_name")) from None
 
 
-def parse_remote_inputs(workflow: str, pairs: tuple[str, ...], input_file: str | None) -> dict[str, Any]:
-    """Inputs for a remote run: checked and typed against the local spec when this machine has it.
-
-    Otherwise each value is read as a YAML scalar (`3` → 3, `true` → True) and the server checks it.
-    """
-    import yaml
-
-    from mp_pipelines.cli.main import parse_inputs
-    from mp_pipelines.spec.loader import load_workflows
-
-    spec = load_workflows().specs.get(workflow)
-    if spec is not None:
-        return parse_inputs(spec, pairs, input_file)
-    values: dict[str, Any] = {}
-    if input_file:
-        with open(input_file, encoding="utf-8") as handle:
-            values.update(json.load(handle))
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key.strip():
-            raise click.BadParameter(f"{pair!r} is not key=value", param_hint="--input")
-        try:
-            values[key.strip()] = yaml.safe_load(value) if value.strip() else value
-        except yaml.YAMLError:
-            values[key.strip()] = value
-    return values
-
-
 def launch_run(url: str, workflow: str, inputs: dict[str, Any], *, tags: dict[str, str] | None = None,
                executor: str | None = None) -> str:
     """Submit a run of `workflow` (its job) with `inputs`; returns the run id."""
-    from mp_pipelines.factory.ops import INPUTS_OP
+    from mp_pipelines.cli.config import run_config
 
-    run_config: dict[str, Any] = {"ops": {INPUTS_OP: {"config": inputs}}}
-    if executor:
-        run_config["execution"] = {"config": {executor: {}}}
-    return _call(url, "submit_job_execution", job_name=workflow, run_config=run_config, tags=tags or None)
+    # The server's own console log level applies: only the local CLI quiets Dagster's console logger.
+    config = run_config(inputs, executor, console_log_level=None)
+    return _call(url, "submit_job_execution", job_name=workflow, run_config=config, tags=tags or None)
 
 
 def run_status(url: str, run_id: str) -> str:
@@ -200,61 +178,57 @@ _url_option = click.option("--url", envvar=URL_ENV, default=DEFAULT_URL, show_de
                            help=f"The Dagster webserver (or set {URL_ENV}).")
 
 
-def register_remote_commands(main: click.Group) -> None:
-    """Add `launch`, `status`, `cancel` and `reload` to the `mp-pipelines` command group."""
+@click.command("launch")
+@click.argument("workflow")
+@_url_option
+@input_options
+@click.option("--tag", "tag_pairs", multiple=True, metavar="KEY=VALUE", help="A run tag; repeatable.")
+@executor_option
+@click.option("--wait", "wait_seconds", type=float, default=None, metavar="SECONDS",
+              help="Wait up to SECONDS for the run to finish; exit 1 unless it succeeds.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object: run_id, status, url.")
+def launch_command(workflow: str, url: str, pairs: tuple[str, ...], input_file: str | None,
+                   tag_pairs: tuple[str, ...], executor: str | None, wait_seconds: float | None, as_json: bool) -> None:
+    """Launch WORKFLOW on a running Dagster webserver (queued for the daemon) and print the run id."""
+    inputs = parse_remote_inputs(workflow, pairs, input_file)
+    tags = parse_pairs(tag_pairs, "--tag")
+    run_id = launch_run(url, workflow, inputs, tags=tags, executor=executor)
+    status = wait_for_run(url, run_id, wait_seconds) if wait_seconds is not None else run_status(url, run_id)
+    run_url = f"{Endpoint.parse(url).url}/runs/{run_id}"
+    if as_json:
+        click.echo(json.dumps({"run_id": run_id, "status": status, "url": run_url}))
+    else:
+        click.echo(f"run {run_id}: {status}\n{run_url}")
+    if wait_seconds is not None and status != "SUCCESS":
+        raise SystemExit(1)
 
-    @main.command()
-    @click.argument("workflow")
-    @_url_option
-    @click.option("--input", "-i", "pairs", multiple=True, metavar="KEY=VALUE", help="A workflow input; repeatable.")
-    @click.option("--input-file", type=click.Path(exists=True, dir_okay=False), help="JSON object of inputs.")
-    @click.option("--tag", "tag_pairs", multiple=True, metavar="KEY=VALUE", help="A run tag; repeatable.")
-    @click.option("--executor", type=click.Choice(["concurrent", "multiprocess", "in_process"]), default=None,
-                  help="Override the job's executor for this run.")
-    @click.option("--wait", "wait_seconds", type=float, default=None, metavar="SECONDS",
-                  help="Wait up to SECONDS for the run to finish; exit 1 unless it succeeds.")
-    @click.option("--json", "as_json", is_flag=True, help="Print one JSON object: run_id, status, url.")
-    def launch(workflow: str, url: str, pairs: tuple[str, ...], input_file: str | None, tag_pairs: tuple[str, ...],
-               executor: str | None, wait_seconds: float | None, as_json: bool) -> None:
-        """Launch WORKFLOW on a running Dagster webserver (queued for the daemon) and print the run id."""
-        inputs = parse_remote_inputs(workflow, pairs, input_file)
-        tags = {}
-        for pair in tag_pairs:
-            key, sep, value = pair.partition("=")
-            if not sep or not key.strip():
-                raise click.BadParameter(f"{pair!r} is not key=value", param_hint="--tag")
-            tags[key.strip()] = value
-        run_id = launch_run(url, workflow, inputs, tags=tags, executor=executor)
-        status = wait_for_run(url, run_id, wait_seconds) if wait_seconds is not None else run_status(url, run_id)
-        run_url = f"{Endpoint.parse(url).url}/runs/{run_id}"
-        if as_json:
-            click.echo(json.dumps({"run_id": run_id, "status": status, "url": run_url}))
-        else:
-            click.echo(f"run {run_id}: {status}\n{run_url}")
-        if wait_seconds is not None and status != "SUCCESS":
-            raise SystemExit(1)
 
-    @main.command()
-    @click.argument("run_id")
-    @_url_option
-    @click.option("--json", "as_json", is_flag=True, help="Print one JSON object: run_id, status.")
-    def status(run_id: str, url: str, as_json: bool) -> None:
-        """Print the status of run RUN_ID on a Dagster webserver."""
-        value = run_status(url, run_id)
-        click.echo(json.dumps({"run_id": run_id, "status": value}) if as_json else f"run {run_id}: {value}")
+@click.command("status")
+@click.argument("run_id")
+@_url_option
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object: run_id, status.")
+def status_command(run_id: str, url: str, as_json: bool) -> None:
+    """Print the status of run RUN_ID on a Dagster webserver."""
+    value = run_status(url, run_id)
+    click.echo(json.dumps({"run_id": run_id, "status": value}) if as_json else f"run {run_id}: {value}")
 
-    @main.command()
-    @click.argument("run_id")
-    @_url_option
-    def cancel(run_id: str, url: str) -> None:
-        """Cancel (terminate) queued or running run RUN_ID on a Dagster webserver."""
-        cancel_run(url, run_id)
-        click.echo(f"run {run_id}: cancel requested ({run_status(url, run_id)})")
 
-    @main.command()
-    @_url_option
-    @click.option("--location", default=None, help="Code location to reload (default: the only one).")
-    def reload(url: str, location: str | None) -> None:
-        """Reload the webserver's code location so added, changed or removed workflow files show."""
-        name = reload_location(url, location)
-        click.echo(f"reloaded code location {name} on {Endpoint.parse(url).url}")
+@click.command("cancel")
+@click.argument("run_id")
+@_url_option
+def cancel_command(run_id: str, url: str) -> None:
+    """Cancel (terminate) queued or running run RUN_ID on a Dagster webserver."""
+    cancel_run(url, run_id)
+    click.echo(f"run {run_id}: cancel requested ({run_status(url, run_id)})")
+
+
+@click.command("reload")
+@_url_option
+@click.option("--location", default=None, help="Code location to reload (default: the only one).")
+def reload_command(url: str, location: str | None) -> None:
+    """Reload the webserver's code location so added, changed or removed workflow files show."""
+    name = reload_location(url, location)
+    click.echo(f"reloaded code location {name} on {Endpoint.parse(url).url}")
+
+
+COMMANDS = (launch_command, status_command, cancel_command, reload_command)

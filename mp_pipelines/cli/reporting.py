@@ -7,10 +7,11 @@ from typing import Any
 
 import dagster as dg
 
-from mp_pipelines.tasks.runner import records
 from mp_pipelines.calls.usage import Usage
-from mp_pipelines.factory.loops import body_op_name, iterations
+from mp_pipelines.factory.names import ITEM_RECORDS, body_step, collect_step, is_mapped_step, items_step
+from mp_pipelines.spec.graph import loop_iterations
 from mp_pipelines.spec.models import LoopSpec, TaskSpec, WorkflowSpec
+from mp_pipelines.tasks.runner import records
 
 _STEP_EVENTS = {
     dg.DagsterEventType.STEP_START,
@@ -93,11 +94,11 @@ def _error_text(error: Any, user_failure: Any) -> str:
 def task_steps(spec: WorkflowSpec, step: TaskSpec | LoopSpec) -> dict[str, list[str]]:
     """Task name → the step keys (prefixes for mapped steps) whose states make up its status."""
     if isinstance(step, LoopSpec):
-        count = iterations(spec, step)
-        keys = {task.name: [body_op_name(task, i) for i in range(1, count + 1)] for task in step.tasks}
+        count = loop_iterations(spec, step)
+        keys = {task.name: [body_step(task.name, i) for i in range(1, count + 1)] for task in step.tasks}
         return {step.name: [step.name], **keys}
     if step.for_each:
-        return {step.name: [f"{step.name}__items", f"{step.name}[", f"{step.name}__collect"]}
+        return {step.name: [items_step(step.name), f"{step.name}[", collect_step(step.name)]}
     return {step.name: [step.name]}
 
 
@@ -158,11 +159,9 @@ def task_output(result: dg.ExecuteJobResult, spec: WorkflowSpec, name: str, stat
         loop = next(s for s in spec.tasks if isinstance(s, LoopSpec) and name in {t.name for t in s.tasks})
         return result.output_for_node(loop.name).get(name)
     if isinstance(step, TaskSpec) and step.for_each:
-        if not any(key.startswith(f"{name}[") for key in states):
+        if not any(is_mapped_step(key, name) for key in states):
             return []  # an empty fan-out ran no item step
-        from mp_pipelines.factory.fanout import ITEM_RECORDS
-
-        item_records = result.output_for_node(f"{name}__collect", ITEM_RECORDS)
+        item_records = result.output_for_node(collect_step(name), ITEM_RECORDS)
         return list(item_records[item_records["status"].isin(["success", "skipped"])]["output"])
     value = result.output_for_node(name)
     return records(value) if hasattr(value, "columns") else value

@@ -11,12 +11,13 @@ from typing import Any, Callable
 
 import dagster as dg
 
-from mp_pipelines.tasks.runner import preview
 from mp_pipelines.calls.usage import Usage
-from mp_pipelines.factory.ops import BUDGET_RESOURCE_KEY, INPUTS_OP, RESUME_RETRY_TAG
+from mp_pipelines.cli.config import run_config, with_budget
 from mp_pipelines.cli.reporting import family_step_states, run_usage, step_states, summarize_tasks, task_output
+from mp_pipelines.factory.names import RESUME_RETRY_TAG, task_of_step
 from mp_pipelines.spec.graph import topological_order
 from mp_pipelines.spec.models import WorkflowSpec
+from mp_pipelines.tasks.runner import preview
 
 LOCAL_HOME = Path(".mp_pipelines") / "dagster_home"
 RUN_TOKEN_TAG = "mp_pipelines/cli_token"
@@ -47,11 +48,13 @@ class RunOutcome:
     errors: list[str] = field(default_factory=list)
 
     def as_json(self) -> dict[str, Any]:
+        """What `run --json` prints: run id, status, provider, tasks (without per-task usage) and usage."""
         tasks = {name: {k: v for k, v in task.items() if k != "usage"} for name, task in self.tasks.items()}
         return {"run_id": self.run_id, "status": self.status, "provider": self.provider, "tasks": tasks,
                 "usage": self.usage.as_dict()}
 
     def as_text(self) -> str:
+        """What `run` prints: each task's status, usage and errors, then the final task's output."""
         lines = [f"run {self.run_id}: {self.status} (provider: {self.provider})"]
         for name, task in self.tasks.items():
             usage = task["usage"]
@@ -67,40 +70,18 @@ class RunOutcome:
 
 
 def _usage_text(usage: Usage) -> str:
+    """Calls, cache hits, tokens and dollars on one line."""
     hits = f", {usage.cache_hits} cache hit(s)" if usage.cache_hits else ""
     return (f"{usage.calls} call(s){hits}, {usage.prompt_tokens}+{usage.completion_tokens} tokens, "
             f"${usage.cost_usd:.4f}")
-
-
-def run_config(inputs: dict[str, Any], executor: str | None = None,
-               budget: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Run config for a workflow run; Dagster's console logger is kept to warnings for a readable CLI.
-
-    `budget` ({max_cost_usd, max_tokens, max_calls}) overrides the workflow's `budget:` for this run.
-    """
-    config: dict[str, Any] = {"ops": {INPUTS_OP: {"config": inputs}},
-                              "loggers": {"console": {"config": {"log_level": "WARNING"}}}}
-    if executor:
-        config["execution"] = {"config": {executor: {}}}
-    return with_budget(config, budget)
-
-
-def with_budget(config: dict[str, Any], budget: dict[str, Any] | None) -> dict[str, Any]:
-    """`config` with the given budget fields (None: unset) over those it has in `resources.budget.config`."""
-    given = {k: v for k, v in (budget or {}).items() if v is not None}
-    if not given:
-        return config
-    resources = dict(config.get("resources") or {})
-    current = (resources.get(BUDGET_RESOURCE_KEY) or {}).get("config") or {}
-    resources[BUDGET_RESOURCE_KEY] = {"config": {**current, **given}}
-    return {**config, "resources": resources}
 
 
 def run_workflow(spec: WorkflowSpec, inputs: dict[str, Any], *, source: str | None = None,
                  executor: str | None = None, instance: dg.DagsterInstance | None = None,
                  progress: Callable[[str], None] | None = None, budget: dict[str, Any] | None = None) -> RunOutcome:
     """Execute the workflow's job with its own executor and summarize the finished run."""
-    from mp_pipelines.definitions import provider_name, reconstructable_job
+    from mp_pipelines.definitions import reconstructable_job
+    from mp_pipelines.llm.provider import provider_from_env
 
     own_instance = instance is None
     instance = instance or local_instance()
@@ -116,7 +97,7 @@ def run_workflow(spec: WorkflowSpec, inputs: dict[str, Any], *, source: str | No
             done.set()
             if progress:
                 watcher.join(timeout=5)
-            return summarize(result, spec, instance, provider_name())
+            return summarize(result, spec, instance, provider_from_env())
     finally:
         done.set()
         if own_instance:
@@ -136,7 +117,7 @@ def summarize(result: dg.ExecuteJobResult, spec: WorkflowSpec, instance: dg.Dags
             try:
                 task["output"] = task_output(result, spec, name, states)
             except Exception as exc:  # an output the IO manager cannot load is reported, not fatal
-                if run is not None and run.parent_run_id and not _ran_here(spec, name, own):
+                if run is not None and run.parent_run_id and not _ran_here(name, own):
                     task["output_in_run"] = run.parent_run_id  # finished before the resume: its output is there
                 else:
                     task["error"] = f"output could not be loaded: {exc}"
@@ -146,9 +127,9 @@ def summarize(result: dg.ExecuteJobResult, spec: WorkflowSpec, instance: dg.Dags
                       final_task=order[-1] if order else None)
 
 
-def _ran_here(spec: WorkflowSpec, name: str, own: dict[str, Any]) -> bool:
+def _ran_here(name: str, own: dict[str, Any]) -> bool:
     """Whether any step of task `name` ran in the run whose step states are `own`."""
-    return any(key == name or key.startswith((f"{name}[", f"{name}__")) for key in own)
+    return any(task_of_step(key) == name for key in own)
 
 
 def _watch(instance: dg.DagsterInstance, token: str, done: threading.Event,
@@ -180,6 +161,7 @@ def _watch(instance: dg.DagsterInstance, token: str, done: threading.Event,
 
 
 def _describe(event: dg.DagsterEvent) -> str:
+    """One progress line for a step event."""
     kind = event.event_type
     if kind == dg.DagsterEventType.STEP_START:
         return f"  … {event.step_key}"
@@ -217,7 +199,8 @@ def resume_run(run_id: str, *, instance: dg.DagsterInstance | None = None, force
 
     A run still marked as started whose process is gone (killed) needs `force`, which marks it failed first.
     """
-    from mp_pipelines.definitions import _load, provider_name, reconstructable_job
+    from mp_pipelines.definitions import load_specs, reconstructable_job
+    from mp_pipelines.llm.provider import provider_from_env
 
     own_instance = instance is None
     instance = instance or local_instance()
@@ -233,7 +216,7 @@ def resume_run(run_id: str, *, instance: dg.DagsterInstance | None = None, force
         elif run.status != dg.DagsterRunStatus.FAILURE:
             raise ResumeError(f"run {run_id} ended {run.status.value}; only failed runs can be resumed")
         name, source = _job_args(run)
-        loaded = _load(source)
+        loaded = load_specs(source)
         if name not in loaded.specs:
             raise ResumeError(f"run {run_id} ran workflow {name!r}, which is not loaded now")
         spec = loaded.specs[name]
@@ -246,7 +229,7 @@ def resume_run(run_id: str, *, instance: dg.DagsterInstance | None = None, force
             progress(f"resuming run {run_id} of {name} from failure")
         with dg.execute_job(job, instance=instance, run_config=config, tags=tags, raise_on_error=False,
                             reexecution_options=dg.ReexecutionOptions.from_failure(run_id, instance)) as result:
-            return summarize(result, spec, instance, provider_name())
+            return summarize(result, spec, instance, provider_from_env())
     finally:
         if own_instance:
             instance.dispose()

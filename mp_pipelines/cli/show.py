@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-from mp_pipelines.factory.loops import iterations
-from mp_pipelines.spec.graph import body_dependencies, step_dependencies, topological_order
+from mp_pipelines.spec.graph import body_dependencies, loop_iterations, step_dependencies, topological_order
 from mp_pipelines.spec.models import InputSpec, LoopSpec, TaskSpec, WorkflowSpec
 
 
@@ -47,7 +46,7 @@ def render_workflow(spec: WorkflowSpec) -> str:
         upstream = ["inputs", *dependencies[name]]
         if isinstance(step, LoopSpec):
             until = f" until {step.loop.until}" if step.loop.until else ""
-            lines.append(f"  {name}: loop, ≤{iterations(spec, step)} iterations{until}{_arrow(dependencies[name])}")
+            lines.append(f"  {name}: loop, ≤{loop_iterations(spec, step)} iterations{until}{_arrow(dependencies[name])}")
             body = body_dependencies(step, set(dependencies))
             for task in step.tasks:
                 external, earlier = body[task.name]

@@ -1,0 +1,138 @@
+"""Command-line arguments the commands share: KEY=VALUE pairs, workflow inputs, executor and budget options.
+
+Nothing here imports Dagster, so `list`, `validate` and `show` stay quick.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import click
+
+if TYPE_CHECKING:
+    from mp_pipelines.spec.models import WorkflowSpec
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def parse_pairs(pairs: Sequence[str], param_hint: str) -> dict[str, str]:
+    """`KEY=VALUE` strings as a dict (later keys win); BadParameter naming `param_hint` for a malformed one."""
+    values: dict[str, str] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise click.BadParameter(f"{pair!r} is not key=value", param_hint=param_hint)
+        values[key.strip()] = value
+    return values
+
+
+def read_input_file(input_file: str | None) -> dict[str, Any]:
+    """The JSON object of `--input-file` (empty without one); BadParameter when unreadable or not an object."""
+    if not input_file:
+        return {}
+    try:
+        data = json.loads(Path(input_file).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise click.BadParameter(f"cannot read {input_file}: {exc}", param_hint="--input-file") from None
+    if not isinstance(data, dict):
+        raise click.BadParameter(f"{input_file} must hold a JSON object of input name → value",
+                                 param_hint="--input-file")
+    return data
+
+
+def check_inputs(spec: WorkflowSpec, values: dict[str, Any]) -> dict[str, Any]:
+    """`values` typed by the spec's inputs; one BadParameter listing every unknown, invalid or missing input."""
+    from mp_pipelines.spec.inputs import coerce_input
+
+    problems = []
+    unknown = sorted(set(values) - set(spec.inputs))
+    if unknown:
+        known = ", ".join(spec.inputs) or "none"
+        problems.append(f"unknown input(s) {', '.join(unknown)} for {spec.name}; its inputs: {known}")
+    checked = {}
+    for name, input_spec in spec.inputs.items():
+        if name in values:
+            try:
+                checked[name] = coerce_input(input_spec.type, values[name], name)
+            except ValueError as exc:
+                problems.append(str(exc))
+        elif input_spec.required:
+            problems.append(f"input {name!r} of {spec.name} is required ({input_spec.type}): pass --input {name}=...")
+    if problems:
+        raise click.BadParameter("; ".join(problems), param_hint="--input")
+    return checked
+
+
+def parse_inputs(spec: WorkflowSpec, pairs: Sequence[str], input_file: str | None) -> dict[str, Any]:
+    """Inputs from `--input-file` then `--input key=value` (which wins), checked against the spec."""
+    return check_inputs(spec, {**read_input_file(input_file), **parse_pairs(pairs, "--input")})
+
+
+def parse_untyped_inputs(pairs: Sequence[str], input_file: str | None) -> dict[str, Any]:
+    """Inputs without a spec to check them: each `--input` value read as a YAML scalar (`3` → 3, `true` → True)."""
+    import yaml
+
+    values = read_input_file(input_file)
+    for key, value in parse_pairs(pairs, "--input").items():
+        try:
+            values[key] = yaml.safe_load(value) if value.strip() else value
+        except yaml.YAMLError:
+            values[key] = value
+    return values
+
+
+def parse_remote_inputs(workflow: str, pairs: Sequence[str], input_file: str | None) -> dict[str, Any]:
+    """Inputs for a webserver run: checked by the local spec when this machine has it, else by the server."""
+    from mp_pipelines.spec.loader import load_workflows
+
+    spec = load_workflows().specs.get(workflow)
+    if spec is not None:
+        return parse_inputs(spec, pairs, input_file)
+    return parse_untyped_inputs(pairs, input_file)
+
+
+def _executors() -> tuple[str, ...]:
+    from mp_pipelines.factory.names import EXECUTORS
+
+    return EXECUTORS
+
+
+class LazyChoice(click.Choice):
+    """A click.Choice whose choices are read on first use, so defining the option imports nothing."""
+
+    def __init__(self, load: Callable[[], Sequence[str]], case_sensitive: bool = True) -> None:
+        # click.Choice's own __init__ would read the choices now; the property below reads them on use.
+        self._load = load
+        self.case_sensitive = case_sensitive
+
+    @property
+    def choices(self) -> Sequence[str]:  # type: ignore[override]
+        """The choices, loaded on first use."""
+        return tuple(self._load())
+
+
+def input_options(command: F) -> F:
+    """--input KEY=VALUE (repeatable) and --input-file F.json."""
+    command = click.option("--input-file", type=click.Path(exists=True, dir_okay=False),
+                           help="JSON object of inputs.")(command)
+    return click.option("--input", "-i", "pairs", multiple=True, metavar="KEY=VALUE",
+                        help="A workflow input; repeatable.")(command)
+
+
+def executor_option(command: F) -> F:
+    """--executor: one of the job's executors (`factory.names.EXECUTORS`) for this run."""
+    # factory's package imports Dagster, so the choices are read only when `run`/`launch` parse or print help.
+    return click.option("--executor", type=LazyChoice(_executors), default=None,
+                        help="Override the job's executor for this run.")(command)
+
+
+def budget_options(command: F) -> F:
+    """--max-cost-usd, --max-tokens, --max-calls: this run's budget, over the workflow's `budget:`."""
+    for name, kind, text in (("--max-calls", click.IntRange(min=1), "calls"),
+                             ("--max-tokens", click.IntRange(min=1), "prompt + completion tokens"),
+                             ("--max-cost-usd", click.FloatRange(min=0, min_open=True), "US dollars")):
+        command = click.option(name, type=kind, default=None, help=f"Budget: most {text} this run may spend.")(command)
+    return command

@@ -1,0 +1,39 @@
+"""The run config of a workflow run, for local runs (`run`, `resume`) and runs launched on a webserver."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from mp_pipelines.factory.names import BUDGET_RESOURCE_KEY, EXECUTORS, INPUTS_OP
+
+CLI_CONSOLE_LOG_LEVEL = "WARNING"  # Dagster's console logger repeats every step event; the CLI prints its own progress
+
+
+def run_config(inputs: Mapping[str, Any], executor: str | None = None, budget: Mapping[str, Any] | None = None, *,
+               console_log_level: str | None = CLI_CONSOLE_LOG_LEVEL) -> dict[str, Any]:
+    """Run config for a workflow run: its inputs, the chosen executor, a budget and the console log level.
+
+    `executor` is one of `EXECUTORS` (None: the job's default); `budget` ({max_cost_usd, max_tokens,
+    max_calls}, None values unset) overrides the workflow's `budget:`; `console_log_level` None leaves
+    Dagster's console logger as configured.
+    """
+    config: dict[str, Any] = {"ops": {INPUTS_OP: {"config": dict(inputs)}}}
+    if console_log_level:
+        config["loggers"] = {"console": {"config": {"log_level": console_log_level}}}
+    if executor:
+        if executor not in EXECUTORS:
+            raise ValueError(f"unknown executor {executor!r}; choose one of {', '.join(EXECUTORS)}")
+        config["execution"] = {"config": {executor: {}}}
+    return with_budget(config, budget)
+
+
+def with_budget(config: Mapping[str, Any], budget: Mapping[str, Any] | None) -> dict[str, Any]:
+    """`config` with the given budget fields (None: unset) over those it has in `resources.budget.config`."""
+    given = {k: v for k, v in (budget or {}).items() if v is not None}
+    if not given:
+        return dict(config)
+    resources = dict(config.get("resources") or {})
+    current = (resources.get(BUDGET_RESOURCE_KEY) or {}).get("config") or {}
+    resources[BUDGET_RESOURCE_KEY] = {"config": {**current, **given}}
+    return {**config, "resources": resources}
