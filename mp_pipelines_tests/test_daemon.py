@@ -6,6 +6,7 @@ launches its run, and a file dropped into the inbox starts a run of its own part
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -33,6 +34,18 @@ query($filter: RunsFilter) {
   runsOrError(filter: $filter, limit: 200) {
     __typename
     ... on Runs { results { runId jobName status startTime endTime runConfigYaml tags { key value } } }
+    ... on PythonError { message }
+  }
+}
+"""
+INBOX_SENSOR = "classify_tickets_inbox_sensor"
+TICKS_QUERY = """
+query($after: Float) {
+  repositoriesOrError {
+    __typename
+    ... on RepositoryConnection { nodes { sensors { name sensorState {
+      ticks(afterTimestamp: $after, limit: 50) { tickId status timestamp runIds runKeys skipReason cursor error { message } }
+    } } } }
     ... on PythonError { message }
   }
 }
@@ -78,6 +91,19 @@ def runs(services: DagsterServices, **filter_: object) -> list[dict]:
 
 def tags(run: dict) -> dict[str, str]:
     return {t["key"]: t["value"] for t in run["tags"]}
+
+
+def sensor_ticks(services: DagsterServices, sensor: str, after: float) -> list[dict]:
+    """The evaluated (no longer STARTED) ticks of `sensor` that started after `after` (a time.time()), oldest first."""
+    data = services.graphql(TICKS_QUERY, {"after": after})["repositoriesOrError"]
+    assert data["__typename"] == "RepositoryConnection", data
+    (found,) = [s for node in data["nodes"] for s in node["sensors"] if s["name"] == sensor]
+    return sorted((t for t in found["sensorState"]["ticks"] if t["status"] != "STARTED"), key=lambda t: t["timestamp"])
+
+
+def cursor_state(tick: dict, name: str) -> dict | None:
+    """What the inbox sensor's cursor after `tick` says about the file `name` (None: nothing yet)."""
+    return json.loads(tick["cursor"])["files"].get(name) if tick["cursor"] else None
 
 
 def max_overlap(intervals: list[tuple[float, float]]) -> int:
@@ -149,9 +175,26 @@ def test_an_inbox_file_starts_a_run_of_its_own_partition(deployment: Deployment)
     node = data["assetNodeOrError"]
     assert node["partitionKeys"] == ["tuesday.csv"]
     assert {"partition": "tuesday.csv", "runId": run["runId"]} in node["assetMaterializations"]
-    # the same content under another name is not processed again
+    # the same content under another name is not processed again: wait for two sensor ticks that started after the
+    # copy was written, one of them (the first, unless the copy was younger than MP_INBOX_SETTLE_SECONDS) deciding on it
     (deployment.inbox / "classify_tickets" / "tuesday_again.csv").write_bytes(path.read_bytes())
-    time.sleep(12)  # two sensor intervals
+    written = time.time()
+
+    def two_ticks_deciding_on_the_copy() -> list[dict]:
+        ticks = sensor_ticks(services, INBOX_SENSOR, after=written)
+        return ticks if len(ticks) >= 2 and any(cursor_state(t, "tuesday_again.csv") for t in ticks) else []
+
+    ticks = wait_for(two_ticks_deciding_on_the_copy, 60,
+                     f"two evaluated ticks of {INBOX_SENSOR} after tuesday_again.csv was written, one deciding on it",
+                     diagnostics=services.diagnostics)
+    assert [t["status"] for t in ticks] == ["SKIPPED"] * len(ticks), ticks
+    assert [(t["runIds"], t["runKeys"], t["error"]) for t in ticks] == [([], [], None)] * len(ticks), ticks
+    assert all(t["skipReason"].startswith("no new files in ") for t in ticks), ticks
+    decisions = [cursor_state(t, "tuesday_again.csv") for t in ticks if cursor_state(t, "tuesday_again.csv")]
+    assert decisions[0]["outcome"] == "duplicate", decisions
+    assert decisions[0]["sha256"] == tags(run)["mp_pipelines/inbox_sha256"]  # the content of tuesday.csv
+    assert decisions[0]["reason"] == "same content as tuesday.csv", decisions
+    assert decisions == [decisions[0]] * len(decisions)  # decided once, then left alone
     assert not runs(services, tags=[{"key": "mp_pipelines/inbox_file", "value": "tuesday_again.csv"}])
     again = services.graphql('{ assetNodeOrError(assetKey: {path: ["classify_tickets", "classify"]}) '
                              '{ ... on AssetNode { partitionKeys } } }')
