@@ -44,7 +44,7 @@ def free_port() -> int:
 def start_server(latency: float) -> tuple[subprocess.Popen, str]:
     """The simulated model over HTTP in its own process; returns it and its base URL."""
     port = free_port()
-    server = subprocess.Popen([sys.executable, "-m", "mp_pipelines.cli.main", "serve-model", "--port", str(port),
+    server = subprocess.Popen([sys.executable, "-m", "mp_pipelines.cli", "serve-model", "--port", str(port),
                                "--latency", str(latency)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}/v1"
     for _ in range(200):

@@ -16,9 +16,9 @@ from typing import Any
 
 import dagster as dg
 
-from mp_pipelines.factory import build_workflow_definitions
 from mp_pipelines.factory.names import BUDGET_RESOURCE_KEY, LLM_RESOURCE_KEY
 from mp_pipelines.factory.resources import RunBudget
+from mp_pipelines.factory.workflow import build_workflow_definitions
 from mp_pipelines.llm.provider import provider_from_env
 from mp_pipelines.llm.resource import build_llm_resource
 from mp_pipelines.sensors.failures import build_failure_sensor

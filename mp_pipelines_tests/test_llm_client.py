@@ -231,7 +231,7 @@ def test_calls_share_one_connection_pool_until_many_are_in_flight(client_for: Ma
                                                                    llm_server: RunningServer) -> None:
     """One HTTP pool costs CPU per call in proportion to its connections, so a loop opens another lane (client
     and pool) only when every lane has LANE_CALLS calls in flight; calls one after another reuse one connection."""
-    from mp_pipelines.llm.client import LANE_CALLS
+    from mp_pipelines.llm.lanes import LANE_CALLS
 
     client = client_for(llm_server)
     in_flight = 3 * LANE_CALLS

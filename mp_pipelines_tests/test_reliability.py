@@ -346,9 +346,9 @@ def test_cost_budget_overshoot_is_bounded_by_calls_in_flight(
 def test_call_budget_is_shared_by_step_processes(llm_server_factory, monkeypatch: pytest.MonkeyPatch,
                                                  instance: dg.DagsterInstance, tmp_path: Path) -> None:
     """Two shards in two processes (multiprocess executor) draw on one account in the instance's database."""
+    from mp_pipelines.cli.running import run_config
     from mp_pipelines.definitions import reconstructable_job
     from mp_pipelines.llm.simulated import SimulatedModel
-    from mp_pipelines.cli.running import run_config
     from mp_pipelines.spec.loader import load_workflow_file
 
     server = llm_server_factory(model=SimulatedModel(latency=0.2))
@@ -478,15 +478,15 @@ def test_resume_after_sigkill_mid_fan_out_calls_only_what_was_not_answered(
     import sys
 
     from mp_pipelines.calls.store import CACHE_FILE
-    from mp_pipelines.llm.simulated import SimulatedModel
     from mp_pipelines.cli.running import resume_run
+    from mp_pipelines.llm.simulated import SimulatedModel
 
     server = llm_server_factory(model=SimulatedModel(latency=0.25))
     path = write_workflow(tmp_path, fan("killed", 200, breadth=6).replace("cache: off\n", ""))  # temperature 0 …
     path.write_text(path.read_text().replace("defaults: {temperature: 0}", "defaults: {temperature: 0.9}"))  # … off
     env = {**os.environ, "OPENAI_BASE_URL": server.base_url, "OPENAI_API_KEY": "sk-test-resume"}
     env.pop("DAGSTER_HOME", None)
-    child = subprocess.Popen([sys.executable, "-m", "mp_pipelines.cli.main", "run", str(path), "--json"], cwd=tmp_path,
+    child = subprocess.Popen([sys.executable, "-m", "mp_pipelines.cli", "run", str(path), "--json"], cwd=tmp_path,
                              env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
     home = tmp_path / ".mp_pipelines" / "dagster_home"
     deadline = time.monotonic() + 120

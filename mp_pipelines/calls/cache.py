@@ -7,7 +7,8 @@ checkpoint (answers kept under each call's label), then the shared cache.
 from __future__ import annotations
 
 from mp_pipelines.calls.call import Answer, Call, CallScope, Proceed
-from mp_pipelines.calls.store import SHARED, Entry, checkpoint_key
+from mp_pipelines.calls.keys import Entry, checkpoint_key
+from mp_pipelines.calls.store import SHARED
 from mp_pipelines.calls.usage import Usage
 
 READS_SHARED = frozenset({"read_write", "read"})

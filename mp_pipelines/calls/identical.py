@@ -8,7 +8,6 @@ first call fails, each waiting one makes its own call.
 from __future__ import annotations
 
 import asyncio
-from dataclasses import replace
 
 from mp_pipelines.calls.call import Answer, Call, Proceed
 from mp_pipelines.calls.usage import Usage
@@ -49,7 +48,7 @@ async def _answer_of(leader: asyncio.Future[LLMResult] | None) -> Answer | None:
         return None
     except Exception:  # noqa: BLE001 - the leader's failure is its own: this call is made anew
         return None
-    return Answer(replace(result, latency_s=0.0, attempts=0, cached=True), Usage(cache_hits=1))
+    return Answer(result.as_cached(), Usage(cache_hits=1))
 
 
 def _release(in_flight: dict[str, asyncio.Future[LLMResult]], key: str, leader: asyncio.Future[LLMResult]) -> None:

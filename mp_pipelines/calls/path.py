@@ -17,11 +17,11 @@ from mp_pipelines.calls.cache import ResponseCache
 from mp_pipelines.calls.call import Answer, Call, CallScope, Proceed, Stage
 from mp_pipelines.calls.deadline import Deadline
 from mp_pipelines.calls.identical import IdenticalCalls
+from mp_pipelines.calls.keys import request_key
 from mp_pipelines.calls.limits import RateLimits
 from mp_pipelines.calls.model import ModelCall
 from mp_pipelines.calls.pricing import Pricing
 from mp_pipelines.calls.repair import Repair
-from mp_pipelines.calls.store import request_key
 from mp_pipelines.llm.types import ChatModel, LLMRequest
 
 STAGES: tuple[Stage, ...] = (

@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
-import json
 import logging
 import os
 import queue
@@ -27,13 +25,13 @@ import sqlite3
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import sqlalchemy as sa
 
-from mp_pipelines.llm.types import LLMRequest, LLMResult
+from mp_pipelines.calls.keys import Entry, decode, encode
+from mp_pipelines.llm.types import LLMResult
 
 log = logging.getLogger(__name__)
 
@@ -72,42 +70,6 @@ RUN_SPEND = sa.Table(
     sa.Column("cost_usd", sa.Float, nullable=False),
 )
 _COLUMNS = tuple(column.name for column in RESPONSES.columns)
-
-
-def request_key(request: LLMRequest, endpoint: str) -> str:
-    """The content address of a request: what was asked, of which endpoint and model, for which output."""
-    content = {"endpoint": endpoint, "model": request.model, "messages": request.messages,
-               "temperature": request.temperature, "max_tokens": request.max_tokens,
-               "json": request.json_output, "schema": request.json_schema}
-    return hashlib.sha256(json.dumps(content, sort_keys=True, ensure_ascii=False, default=str).encode()).hexdigest()
-
-
-def checkpoint_key(key: str, label: str) -> str:
-    """A run family's key for one call: the same request for two items are two answers."""
-    return hashlib.sha256(f"{label}\0{key}".encode()).hexdigest()
-
-
-@dataclass(frozen=True)
-class Entry:
-    """One answer to store."""
-
-    scope: str
-    key: str
-    workflow: str
-    task: str
-    result: LLMResult
-
-
-_KEPT = ("text", "parsed", "model", "provider", "prompt_tokens", "completion_tokens", "finish_reason")
-
-
-def _encode(result: LLMResult) -> str:
-    return json.dumps({name: getattr(result, name) for name in _KEPT}, ensure_ascii=False, default=str)
-
-
-def _decode(answer: str, cost_usd: float) -> LLMResult:
-    data = json.loads(answer)
-    return LLMResult(**data, latency_s=0.0, attempts=0, cost_usd=cost_usd, cached=True)
 
 
 class ResponseStore:
@@ -151,7 +113,7 @@ class ResponseStore:
                     rows = conn.execute(sa.select(RESPONSES.c.key, RESPONSES.c.answer, RESPONSES.c.cost_usd).where(
                         RESPONSES.c.scope == scope, RESPONSES.c.key.in_(keys[start:start + _LOOKUP_CHUNK])))
                     for row in rows:
-                        found[(scope, row.key)] = _decode(row.answer, row.cost_usd)
+                        found[(scope, row.key)] = decode(row.answer, row.cost_usd)
         now = time.time()
         for scope, key in found:
             self._enqueue("hit", (scope, key, now))
@@ -251,7 +213,7 @@ class ResponseStore:
                 cost = item.result.cost_usd
                 rows[(item.scope, item.key)] = {
                     "scope": item.scope, "key": item.key, "workflow": item.workflow, "task": item.task,
-                    "model": item.result.model, "answer": _encode(item.result), "cost_usd": cost,
+                    "model": item.result.model, "answer": encode(item.result), "cost_usd": cost,
                     "created_at": time.time(), "hits": 0, "last_hit_at": None}
             else:
                 scope, key, when = item

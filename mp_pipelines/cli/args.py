@@ -12,6 +12,8 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
+from mp_pipelines.factory.names import EXECUTORS
+
 if TYPE_CHECKING:
     from mp_pipelines.spec.models import WorkflowSpec
 
@@ -94,26 +96,6 @@ def parse_remote_inputs(workflow: str, pairs: Sequence[str], input_file: str | N
     return parse_untyped_inputs(pairs, input_file)
 
 
-def _executors() -> tuple[str, ...]:
-    from mp_pipelines.factory.names import EXECUTORS
-
-    return EXECUTORS
-
-
-class LazyChoice(click.Choice):
-    """A click.Choice whose choices are read on first use, so defining the option imports nothing."""
-
-    def __init__(self, load: Callable[[], Sequence[str]], case_sensitive: bool = True) -> None:
-        # click.Choice's own __init__ would read the choices now; the property below reads them on use.
-        self._load = load
-        self.case_sensitive = case_sensitive
-
-    @property
-    def choices(self) -> Sequence[str]:  # type: ignore[override]
-        """The choices, loaded on first use."""
-        return tuple(self._load())
-
-
 def input_options(command: F) -> F:
     """--input KEY=VALUE (repeatable) and --input-file F.json."""
     command = click.option("--input-file", type=click.Path(exists=True, dir_okay=False),
@@ -124,8 +106,7 @@ def input_options(command: F) -> F:
 
 def executor_option(command: F) -> F:
     """--executor: one of the job's executors (`factory.names.EXECUTORS`) for this run."""
-    # factory's package imports Dagster, so the choices are read only when `run`/`launch` parse or print help.
-    return click.option("--executor", type=LazyChoice(_executors), default=None,
+    return click.option("--executor", type=click.Choice(EXECUTORS), default=None,
                         help="Override the job's executor for this run.")(command)
 
 

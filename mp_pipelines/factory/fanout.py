@@ -193,29 +193,15 @@ def build_collect_op(spec: WorkflowSpec, task: TaskSpec, upstream: list[str], po
         is_table = bool(shards) and shards[0]["is_table"]
         item_records, new_usage = _finish_items(context, spec, task, workflow_inputs, values, item_records,
                                                 all_items, is_table)
-        counts = item_records["status"].value_counts()
-        done, failed, stopped = (int(counts.get(k, 0)) for k in ("success", "failed", "stopped"))
+        counts = {status: int(n) for status, n in item_records["status"].value_counts().items()}
+        done, failed, stopped = (counts.get(k, 0) for k in ("success", "failed", "stopped"))
         value = collected_value(item_records[item_records["status"].isin(["success", "skipped"])])
-        called = item_records[item_records["status"] == "success"]
         listing = failed_items(item_records, all_items)
-        failed_text = _listing(item_records[item_records["status"] == "failed"].to_dict(orient="records"))
-        # This run's spend only: in a resumed run the parent's items were paid for (and reported) there.
-        metadata = {**Usage.of_rows(item_records[item_records["run_id"] == context.run_id]).as_metadata(),
-                    "model": ", ".join(sorted(called["model"].dropna().unique())),
-                    "provider": ", ".join(sorted(called["provider"].dropna().unique())),
-                    "items": len(item_records), "shards": len(inputs["records"]),
-                    "skipped_items": int(counts.get("skipped", 0)), "failed_items": failed, "stopped_items": stopped}
-        if listing:
-            metadata["failed"] = dg.MetadataValue.json(listing)
-        attempted = done + failed + stopped
+        metadata = _collected_metadata(context, item_records, counts, listing, shards=len(inputs["records"]))
         step_meta = {**new_usage.as_metadata(), **({"failed": dg.MetadataValue.json(listing)} if listing else {})}
-        if failed and policy == "fail":
-            raise dg.Failure(f"task {task.name}: {failed} item(s) failed: {failed_text}",
-                             metadata={**step_meta, "error_kind": "item_failure"}, allow_retries=False)
-        if attempted and policy == "skip" and done / attempted < min_ratio:
-            raise dg.Failure(f"task {task.name}: {done} of {attempted} item(s) succeeded ({done / attempted:.0%}), below "
-                             f"its min_success_ratio of {min_ratio:.0%}; failed: {failed_text}",
-                             metadata={**step_meta, "error_kind": "min_success_ratio"}, allow_retries=False)
+        failure = _policy_failure(task, policy, min_ratio, item_records, counts, step_meta)
+        if failure is not None:
+            raise failure
         if stopped:
             reason = item_records[item_records["status"] == "stopped"]["error"].iloc[0]
             yield materialization(context, spec, task.name, value, {**metadata, "complete": False})
@@ -223,8 +209,8 @@ def build_collect_op(spec: WorkflowSpec, task: TaskSpec, upstream: list[str], po
                              metadata={**step_meta, "error_kind": "budget", "completed_items": done},
                              allow_retries=False)
         if failed:
-            context.log.warning(f"{task.name}: {failed} of {attempted} item(s) failed and are left out "
-                                f"(on_item_failure: skip): {failed_text}")
+            context.log.warning(f"{task.name}: {failed} of {done + failed} item(s) failed and are left out "
+                                f"(on_item_failure: skip): {_failed_text(item_records)}")
         yield materialization(context, spec, task.name, value, metadata)
         yield dg.Output(value, metadata={**step_meta, "items": len(item_records),
                                          "skipped_items": metadata["skipped_items"], "failed_items": failed})
@@ -236,6 +222,40 @@ def build_collect_op(spec: WorkflowSpec, task: TaskSpec, upstream: list[str], po
     return make_op(spec, collect_step(task.name), compute, ins=ins,
                    outs=outs, description=f"Results of {task.name}, in input order.", pool=pool,
                    required_resource_keys=PROMPT_RESOURCE_KEYS, tags={WORKFLOW_TAG: spec.name})
+
+
+def _collected_metadata(context: dg.OpExecutionContext, item_records: pd.DataFrame, counts: Mapping[str, int],
+                        listing: list[dict[str, Any]], *, shards: int) -> dict[str, Any]:
+    """The fan-out asset's metadata: this run's spend, models, item counts and the failed items."""
+    called = item_records[item_records["status"] == "success"]
+    # This run's spend only: in a resumed run the parent's items were paid for (and reported) there.
+    metadata = {**Usage.of_rows(item_records[item_records["run_id"] == context.run_id]).as_metadata(),
+                "model": ", ".join(sorted(called["model"].dropna().unique())),
+                "provider": ", ".join(sorted(called["provider"].dropna().unique())),
+                "items": len(item_records), "shards": shards, "skipped_items": counts.get("skipped", 0),
+                "failed_items": counts.get("failed", 0), "stopped_items": counts.get("stopped", 0)}
+    if listing:
+        metadata["failed"] = dg.MetadataValue.json(listing)
+    return metadata
+
+
+def _failed_text(item_records: pd.DataFrame) -> str:
+    return _listing(item_records[item_records["status"] == "failed"].to_dict(orient="records"))
+
+
+def _policy_failure(task: TaskSpec, policy: str, min_ratio: float, item_records: pd.DataFrame,
+                    counts: Mapping[str, int], step_meta: Mapping[str, Any]) -> dg.Failure | None:
+    """The failure the task's `on_item_failure` / `min_success_ratio` calls for, if any."""
+    done, failed, stopped = (counts.get(k, 0) for k in ("success", "failed", "stopped"))
+    attempted = done + failed + stopped
+    if failed and policy == "fail":
+        return dg.Failure(f"task {task.name}: {failed} item(s) failed: {_failed_text(item_records)}",
+                          metadata={**step_meta, "error_kind": "item_failure"}, allow_retries=False)
+    if attempted and policy == "skip" and done / attempted < min_ratio:
+        return dg.Failure(f"task {task.name}: {done} of {attempted} item(s) succeeded ({done / attempted:.0%}), below "
+                          f"its min_success_ratio of {min_ratio:.0%}; failed: {_failed_text(item_records)}",
+                          metadata={**step_meta, "error_kind": "min_success_ratio"}, allow_retries=False)
+    return None
 
 
 def _finish_items(context: dg.OpExecutionContext, spec: WorkflowSpec, task: TaskSpec, workflow_inputs: Mapping[str, Any],

@@ -15,11 +15,7 @@ the same openai client, so it takes exactly this path.
 
 Async calls use AsyncOpenAI clients of the running event loop (connections cannot cross loops), so
 `acomplete` works from successive `asyncio.run` calls; a loop's clients are closed by `aclose()` or
-when `asyncio.run` shuts that loop down. A loop spreads its calls over "lanes", one client and
-connection pool each, opening another lane only when every lane has `LANE_CALLS` calls in flight:
-the HTTP pool scans all its connections and probes each idle socket twice per request, so one pool
-of 200 connections cost ~1.5 ms of CPU per call here, lanes of 16 a third of that
-(docs/performance.md).
+when `asyncio.run` shuts that loop down. A loop spreads its calls over lanes (`lanes.py`).
 """
 
 from __future__ import annotations
@@ -42,6 +38,7 @@ import jsonschema
 import openai
 
 from mp_pipelines.llm.headers import retry_after_seconds
+from mp_pipelines.llm.lanes import Lanes, close_with_loop
 from mp_pipelines.llm.provider import resolve_provider
 from mp_pipelines.llm.simulated import SimulatedModel, SimulatedTransport
 from mp_pipelines.llm.types import LLMError, LLMRequest, LLMResult, ResponseObserver
@@ -155,45 +152,6 @@ async def _aafter_send(response: httpx.Response) -> None:
     _after_send(response)
 
 
-LANE_CALLS = 16  # calls in flight per lane before another lane (client and connection pool) opens
-MAX_LANES = 32
-
-
-class _Lanes:
-    """One event loop's clients, each with its own connection pool; a call takes the least busy one."""
-
-    def __init__(self, make: Callable[[], openai.AsyncOpenAI]) -> None:
-        self._make = make
-        self.clients: list[openai.AsyncOpenAI] = []
-        self.busy: list[int] = []  # calls in flight per lane
-
-    def take(self) -> int:
-        """A lane for one call (give it back with `release`); opens a lane when all are busy enough."""
-        busy = self.busy
-        lane = min(range(len(busy)), key=busy.__getitem__) if busy else -1
-        if lane < 0 or (busy[lane] >= LANE_CALLS and len(busy) < MAX_LANES):
-            self.clients.append(self._make())
-            busy.append(0)
-            lane = len(busy) - 1
-        busy[lane] += 1
-        return lane
-
-    def release(self, lane: int) -> None:
-        self.busy[lane] -= 1
-
-    async def aclose(self) -> None:
-        for client in self.clients:
-            await client.close()
-
-
-async def _close_with_loop(lanes: _Lanes) -> AsyncGenerator[None, None]:
-    """Parked async generator: the loop's shutdown_asyncgens() closes the clients before the loop closes."""
-    try:
-        yield
-    finally:
-        await lanes.aclose()
-
-
 class LLMClient:
     """Chat completions over the openai client, for a real endpoint or the simulated model."""
 
@@ -214,7 +172,7 @@ class LLMClient:
         self._secret: str | None = None  # the key actually sent; redacted from every message
         self._lock = threading.RLock()  # _sync_client builds its arguments under it
         self._sync: openai.OpenAI | None = None
-        self._async: dict[asyncio.AbstractEventLoop, tuple[_Lanes, AsyncGenerator[None, None]]] = {}
+        self._async: dict[asyncio.AbstractEventLoop, tuple[Lanes, AsyncGenerator[None, None]]] = {}
         self._ssl_context: Any = None  # built once (~20 ms) and shared by every client of this LLMClient
 
     def __repr__(self) -> str:
@@ -255,7 +213,7 @@ class LLMClient:
                 self._ssl_context = create(trust_env=True) if create is not None else True
             return self._ssl_context
 
-    async def _async_lanes(self) -> _Lanes:
+    async def _async_lanes(self) -> Lanes:
         """The running event loop's own clients."""
         loop = asyncio.get_running_loop()
         with self._lock:
@@ -263,8 +221,8 @@ class LLMClient:
                 del self._async[stale]  # connections of a finished loop can be neither used nor awaited
             fresh = loop not in self._async
             if fresh:
-                lanes = _Lanes(lambda: openai.AsyncOpenAI(**self._client_args(asynchronous=True)))
-                self._async[loop] = (lanes, _close_with_loop(lanes))
+                lanes = Lanes(lambda: openai.AsyncOpenAI(**self._client_args(asynchronous=True)))
+                self._async[loop] = (lanes, close_with_loop(lanes))
             lanes, closer = self._async[loop]
         if fresh:
             await closer.__anext__()  # parks the closer; asyncio.run's shutdown_asyncgens() finishes it

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Protocol, runtime_checkable
 
 ResponseObserver = Callable[[int, Mapping[str, str]], None]  # (HTTP status, headers) of every attempt
@@ -40,6 +40,10 @@ class LLMResult:
     attempts: int  # HTTP attempts made (1 = no retry)
     cost_usd: float = 0.0  # set by the call path from the price table
     cached: bool = False  # taken from the response cache: no call was made
+
+    def as_cached(self) -> LLMResult:
+        """This answer given again without a call: no latency, no HTTP attempt."""
+        return replace(self, latency_s=0.0, attempts=0, cached=True)
 
 
 class LLMError(Exception):

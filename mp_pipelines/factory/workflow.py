@@ -1,0 +1,20 @@
+"""One workflow's definitions: its job, asset specs and optional schedule."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import dagster as dg
+
+from mp_pipelines.factory.assets import build_asset_specs
+from mp_pipelines.factory.job import build_job
+from mp_pipelines.factory.schedules import build_schedule
+from mp_pipelines.spec.models import WorkflowSpec
+
+
+def build_workflow_definitions(spec: WorkflowSpec, *, provider: str = "simulated",
+                               base_dir: Path | None = None) -> dg.Definitions:
+    """Everything one workflow contributes to the code location; `provider` names the LLM provider runs use."""
+    job = build_job(spec, provider=provider, base_dir=base_dir)
+    schedule = build_schedule(spec, job)
+    return dg.Definitions(jobs=[job], assets=build_asset_specs(spec), schedules=[schedule] if schedule else [])
