@@ -7,8 +7,10 @@
 
 Every variant runs in its own child process against one loopback OpenAI-compatible server (the
 simulated model, `mp-pipelines serve-model`) in another process, so peak RSS is per variant.
+With `--compare PATH`, variant (b) also runs from another checkout (e.g. `git worktree add PATH COMMIT`),
+right after this one's, against the same server: a change to the call path measured side by side.
 
-    python benchmarks/fanout.py --n 1000 --latency 0.5 --concurrency 100 --storage sqlite
+    python benchmarks/fanout.py --n 1000 --latency 0.5 --concurrency 100 --storage sqlite [--compare PATH]
 """
 
 from __future__ import annotations
@@ -144,13 +146,16 @@ def child(args: argparse.Namespace) -> None:
     print(json.dumps({"wall": wall, "rss_kib": max(own, children), "steps": steps}))
 
 
-def run_variant(variant: str, n: int, args: argparse.Namespace, base_url: str, dbname: str | None) -> dict:
-    command = [sys.executable, __file__, "--variant", variant, "--n", str(n), "--concurrency", str(args.concurrency),
-               "--latency", str(args.latency), "--storage", args.storage, "--base-url", base_url]
+def run_variant(variant: str, n: int, args: argparse.Namespace, base_url: str, dbname: str | None,
+                root: Path = REPO) -> dict:
+    """One variant in a child process, from the checkout at `root` (its own benchmark script and package)."""
+    command = [sys.executable, str(root / "benchmarks" / "fanout.py"), "--variant", variant, "--n", str(n),
+               "--concurrency", str(args.concurrency), "--latency", str(args.latency), "--storage", args.storage,
+               "--base-url", base_url]
     if dbname:
         command += ["--dbname", dbname]
-    completed = subprocess.run(command, capture_output=True, text=True, timeout=3600,
-                               cwd=Path(__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")]))}
+    completed = subprocess.run(command, capture_output=True, text=True, timeout=3600, cwd=root, env=env)
     if completed.returncode != 0:
         raise SystemExit(f"variant {variant} failed:\n{completed.stderr[-3000:]}")
     return json.loads(completed.stdout.strip().splitlines()[-1])
@@ -164,6 +169,7 @@ def main() -> None:
     parser.add_argument("--storage", choices=("sqlite", "postgres"), default="sqlite")
     parser.add_argument("--cap", type=int, default=60, help="items for variants c and d (extrapolated to N)")
     parser.add_argument("--variants", default="abcd", help="which variants to run, e.g. ab")
+    parser.add_argument("--compare", type=Path, help="another checkout whose variant (b) runs side by side")
     parser.add_argument("--variant", choices=VARIANTS, help=argparse.SUPPRESS)
     parser.add_argument("--base-url", help=argparse.SUPPRESS)
     parser.add_argument("--dbname", help=argparse.SUPPRESS)
@@ -185,6 +191,9 @@ def main() -> None:
             if n < args.n:  # extrapolate linearly in the number of items (say so in the table)
                 wall = wall * args.n / n
             rows.append((variant, n, wall, measured))
+        if args.compare and "b" in args.variants:
+            with _database(args.storage) as dbname:
+                other = run_variant("b", args.n, args, base_url, dbname, root=args.compare.resolve())
     finally:
         server.terminate()
         server.wait(timeout=10)
@@ -204,6 +213,12 @@ def main() -> None:
             if variant in "cd":
                 print(f"b_faster_than_{variant}={wall / job:.1f}x")
         print(f"ratio_to_floor={job / floor:.2f}")
+    if args.compare and "b" in args.variants:
+        print(f"b) {'same, from ' + str(args.compare):<41} {args.n:>9} {other['wall']:8.2f} "
+              f"{(other['wall'] / floor if floor else 0):7.2f} {other['wall'] / ideal:7.2f} "
+              f"{other['rss_kib'] / 1024:12.0f} {other['steps']:>6}")
+        if floor:
+            print(f"compare_ratio_to_floor={other['wall'] / floor:.2f}")
 
 
 class _database:

@@ -50,3 +50,13 @@ def test_a_hundred_runs_in_one_process_leave_no_per_run_state(tmp_path: Path,
     alive = [obj for obj in gc.get_objects() if isinstance(obj, RunCalls)]
     assert sum(run.entries for run in alive) == 0, alive
     assert len(PROCESS_LIMITERS) <= 1  # one endpoint and model: the simulated one
+
+
+def test_the_llm_resource_is_what_the_call_path_calls_a_model() -> None:
+    """The call path types its model as the ChatModel Protocol; the Dagster resource must satisfy it."""
+    from mp_pipelines.llm.resource import LLMResource
+    from mp_pipelines.llm.types import ChatModel
+
+    resource = LLMResource()
+    assert isinstance(resource, ChatModel)
+    assert resource.endpoint_key().startswith("simulated:") and resource.limit_settings().unlimited

@@ -13,12 +13,15 @@ A re-executed run (resume) has its own account: it may spend its budget again.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from mp_pipelines.calls.call import Answer, Call, Proceed
 from mp_pipelines.calls.usage import Usage
 from mp_pipelines.llm.types import LLMError
 from mp_pipelines.spec.models import BudgetSpec
+
+if TYPE_CHECKING:
+    from mp_pipelines.calls.store import ResponseStore
 
 
 def usd(amount: float) -> str:
@@ -53,7 +56,7 @@ class BudgetTracker:
 
     run_id: str
     budget: BudgetSpec
-    store: Any = None  # a ResponseStore, or None
+    store: ResponseStore | None = None
     spent: Usage = field(default_factory=Usage)  # this process's view (the whole account without a store)
     started: int = 0  # calls admitted in this process
 

@@ -15,7 +15,6 @@ from mp_pipelines.calls.usage import Usage
 from mp_pipelines.factory.names import (
     FANOUT_TAG,
     ITEM_RECORDS,
-    LLM_RESOURCE_KEY,
     PROMPT_RESOURCE_KEYS,
     WORKFLOW_TAG,
     collect_step,
@@ -26,6 +25,7 @@ from mp_pipelines.factory.names import (
 from mp_pipelines.factory.ops import (
     Node,
     call_scope,
+    chat_model,
     make_op,
     materialization,
     retry_policy,
@@ -135,7 +135,7 @@ def _run_items(context: dg.OpExecutionContext, spec: WorkflowSpec, task: TaskSpe
     """Run items of the fan-out concurrently on the shared loop; their answers are stored before this returns."""
     base = build_context(spec, workflow_inputs, values)
     scope = call_scope(context, spec, task, fanout=task.name, breadth=breadth)
-    llm = getattr(context.resources, LLM_RESOURCE_KEY)
+    llm = chat_model(context)
     coro = run_shard(llm, spec, task, base, items, is_table=is_table, scope=scope,
                      deadline_of=lambda: task_deadline(task), log=context.log)
     outcome = shared_loop().run(coro, should_stop=lambda: run_is_stopping(context))

@@ -19,7 +19,7 @@ from mp_pipelines.factory.names import (
     PROMPT_RESOURCE_KEYS,
     WORKFLOW_TAG,
 )
-from mp_pipelines.llm.types import LimitSettings, LLMError
+from mp_pipelines.llm.types import ChatModel, LimitSettings, LLMError
 from mp_pipelines.spec.inputs import coerce_input, resolve_path
 from mp_pipelines.spec.models import InputSpec, TaskSpec, WorkflowSpec
 from mp_pipelines.spec.templates import TemplateError
@@ -94,6 +94,11 @@ def retry_policy(task: TaskSpec) -> dg.RetryPolicy | None:
     return dg.RetryPolicy(max_retries=task.retries.max_retries, delay=task.retries.delay, backoff=backoff, jitter=jitter)
 
 
+def chat_model(context: dg.OpExecutionContext) -> ChatModel:
+    """The run's LLM resource, as the call path sees it."""
+    return getattr(context.resources, LLM_RESOURCE_KEY)
+
+
 def llm_pool(provider: str, spec: WorkflowSpec, task: TaskSpec) -> str:
     """The Dagster concurrency pool of a prompt op: one per provider and model, shared by every run."""
     return f"llm/{provider}/{spec.settings_for(task).model or 'default'}"
@@ -103,7 +108,7 @@ def call_scope(context: dg.OpExecutionContext, spec: WorkflowSpec, task: TaskSpe
                breadth: int | None = None) -> CallScope:
     """Everything a call of this op runs under: the run's workflow `limits` over the resource's defaults, its
     budget, the task's cache policy, and the run family for checkpoints."""
-    llm = getattr(context.resources, LLM_RESOURCE_KEY)
+    llm = chat_model(context)
     run_limits = None
     if spec.limits is not None:
         run_limits = llm.limit_settings().merged(LimitSettings(**spec.limits.model_dump()))
@@ -137,7 +142,7 @@ def run_is_stopping(context: dg.OpExecutionContext) -> bool:
 def call_model(context: dg.OpExecutionContext, spec: WorkflowSpec, task: TaskSpec, template_context: Mapping[str, Any],
                *, label: str, deadline: float | None) -> TaskRun:
     """Run one prompt, turning errors into Dagster failures that retry only when retrying can help."""
-    llm = getattr(context.resources, LLM_RESOURCE_KEY)
+    llm = chat_model(context)
     scope = call_scope(context, spec, task)
     try:
         run = run_task(llm, spec, task, template_context, label=label, deadline=deadline,
