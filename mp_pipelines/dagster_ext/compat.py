@@ -15,9 +15,9 @@
 
 When the Dagster pin moves: update the versions below, run `python -m mp_pipelines.dagster_ext.compat`
 (it prints what no longer matches; nothing means all still resolve), re-read the code of the changed
-names (the executor follows `dagster/_core/executor/multiprocess.py` and
-`dagster/_core/execution/plan/execute_plan.py`; the storages follow `dagster_postgres`), then update
-this list together with the code.
+names (the executor follows `dagster/_core/executor/multiprocess.py` and, in `step_threads.py`,
+`dagster/_core/execution/plan/execute_plan.py`; the storages and `pg_engines.py` follow
+`dagster_postgres`), then update this list together with the code.
 
 This module imports nothing from Dagster itself: the checks below import what they check.
 """
@@ -36,13 +36,16 @@ DAGSTER_POSTGRES_VERSION = "0.29.27"
 WRITTEN_AGAINST = {"dagster": DAGSTER_VERSION, "dagster-postgres": DAGSTER_POSTGRES_VERSION}
 
 _EXECUTOR = "mp_pipelines.dagster_ext.executor"
+_STEP_THREADS = "mp_pipelines.dagster_ext.step_threads"
 _POSTGRES = "mp_pipelines.dagster_ext.postgres"
+_PG_ENGINES = "mp_pipelines.dagster_ext.pg_engines"
 
 
 @dataclass(frozen=True)
 class Private:
     """`from <module> import <name>` in `used_by`; `members` are attributes of it the code uses;
-    `keywords` are keyword arguments the code passes when calling it."""
+    `keywords` are keyword arguments the code passes when calling it. A name imported by two modules is
+    listed once for each, with what that module uses."""
 
     module: str
     name: str
@@ -73,14 +76,12 @@ class Override:
 
 
 PRIVATE_IMPORTS: tuple[Private, ...] = (
-    # executor.py: the concurrent executor (orchestration loop of multiprocess.py, step path of execute_plan.py)
+    # executor.py: the concurrent executor (orchestration loop of multiprocess.py)
     Private("dagster._core.definitions.executor_definition", "IN_PROC_CONFIG", _EXECUTOR),
     Private("dagster._core.definitions.executor_definition", "MULTI_PROC_CONFIG", _EXECUTOR),
     Private("dagster._core.definitions.executor_definition", "multiple_process_executor_requirements", _EXECUTOR),
     Private("dagster._core.errors", "DagsterExecutionInterruptedError", _EXECUTOR),
-    Private("dagster._core.events", "DagsterEvent", _EXECUTOR, members=(
-        "engine_event", "capture_logs", "is_step_success", "is_step_failure", "is_step_up_for_retry",
-        "is_successful_output", "is_handled_output", "step_key")),
+    Private("dagster._core.events", "DagsterEvent", _EXECUTOR, members=("engine_event", "capture_logs")),
     Private("dagster._core.events", "EngineEventData", _EXECUTOR, members=("interrupted", "in_process")),
     Private("dagster._core.execution.api", "ExecuteRunWithPlanIterable", _EXECUTOR,
             keywords=("execution_plan", "iterator", "execution_context_manager")),
@@ -90,7 +91,6 @@ PRIVATE_IMPORTS: tuple[Private, ...] = (
     Private("dagster._core.execution.context.system", "PlanOrchestrationContext", _EXECUTOR, members=(
         "execution_plan", "job", "retry_mode", "run_config", "dagster_run", "instance", "raise_on_error",
         "output_capture")),
-    Private("dagster._core.execution.context.system", "StepExecutionContext", _EXECUTOR, members=("step",)),
     Private("dagster._core.execution.context_creation_job", "PlanExecutionContextManager", _EXECUTOR, keywords=(
         "job", "retry_mode", "execution_plan", "run_config", "dagster_run", "instance", "raise_on_error",
         "output_capture", "step_dependency_config")),
@@ -100,14 +100,10 @@ PRIVATE_IMPORTS: tuple[Private, ...] = (
         "mark_interrupted", "__enter__", "__exit__"), keywords=(
         "retry_mode", "max_concurrent", "tag_concurrency_limits", "instance_concurrency_context",
         "step_dependency_config")),
-    Private("dagster._core.execution.plan.execute_plan", "_trigger_hook", _EXECUTOR),
-    Private("dagster._core.execution.plan.execute_plan", "dagster_event_sequence_for_step", _EXECUTOR),
     Private("dagster._core.execution.plan.instance_concurrency_context", "InstanceConcurrencyContext", _EXECUTOR,
             members=("__enter__", "__exit__")),
     Private("dagster._core.execution.plan.objects", "ErrorSource", _EXECUTOR, members=(
-        "UNEXPECTED_ERROR", "INTERRUPT", "FRAMEWORK_ERROR")),
-    Private("dagster._core.execution.plan.objects", "step_failure_event_from_exc_info", _EXECUTOR,
-            keywords=("error_source",)),
+        "INTERRUPT", "FRAMEWORK_ERROR")),
     Private("dagster._core.execution.plan.plan", "ExecutionPlan", _EXECUTOR, members=(
         "get_steps_to_execute_in_topo_order", "step_keys_to_execute")),
     Private("dagster._core.execution.retries", "RetryMode", _EXECUTOR),
@@ -118,6 +114,17 @@ PRIVATE_IMPORTS: tuple[Private, ...] = (
     Private("dagster._core.execution.tags", "get_tag_concurrency_limits_config", _EXECUTOR),
     Private("dagster._core.executor.base", "Executor", _EXECUTOR),
     Private("dagster._utils.error", "serializable_error_info_from_exc_info", _EXECUTOR),
+    # step_threads.py: the concurrent executor's step threads (step path of execute_plan.py)
+    Private("dagster._core.events", "DagsterEvent", _STEP_THREADS, members=(
+        "is_step_success", "is_step_failure", "is_step_up_for_retry", "is_successful_output",
+        "is_handled_output", "step_key")),
+    Private("dagster._core.execution.context.system", "StepExecutionContext", _STEP_THREADS, members=("step",)),
+    Private("dagster._core.execution.plan.active", "ActiveExecution", _STEP_THREADS, members=("handle_event",)),
+    Private("dagster._core.execution.plan.execute_plan", "_trigger_hook", _STEP_THREADS),
+    Private("dagster._core.execution.plan.execute_plan", "dagster_event_sequence_for_step", _STEP_THREADS),
+    Private("dagster._core.execution.plan.objects", "ErrorSource", _STEP_THREADS, members=("UNEXPECTED_ERROR",)),
+    Private("dagster._core.execution.plan.objects", "step_failure_event_from_exc_info", _STEP_THREADS,
+            keywords=("error_source",)),
     # postgres.py: the pooled PostgreSQL storages
     Private("dagster._config.config_schema", "UserConfigSchema", _POSTGRES),
     Private("dagster._core.storage.base_storage", "DagsterStorage", _POSTGRES, members=(
@@ -173,11 +180,11 @@ INSTANCE_ATTRIBUTES: tuple[tuple[str, str], ...] = (
 # Undocumented dagster-postgres helpers (public module names, no API promise) and the stock methods the
 # pooled storages call.
 DAGSTER_POSTGRES_HELPERS: tuple[Private, ...] = (
-    Private("dagster_postgres.utils", "create_pg_engine", _POSTGRES, keywords=("isolation_level",)),
+    Private("dagster_postgres.utils", "create_pg_engine", _PG_ENGINES, keywords=("isolation_level",)),
     Private("dagster_postgres.utils", "get_token_provider_from_config", _POSTGRES),
     Private("dagster_postgres.utils", "pg_url_from_config", _POSTGRES),
     Private("dagster_postgres.utils", "retry_pg_connection_fn", _POSTGRES),
-    Private("dagster_postgres.utils", "set_pg_statement_timeout", _POSTGRES),
+    Private("dagster_postgres.utils", "set_pg_statement_timeout", _PG_ENGINES),
     Private("dagster_postgres.event_log.event_log", "PostgresEventLogStorage", _POSTGRES, members=(
         "has_secondary_index", "index_connection")),
 )

@@ -1,15 +1,16 @@
 """`concurrent_executor`: run the ready steps of a run at once, on threads of the run worker process.
 
-Written against Dagster 1.13.27 (`compat.DAGSTER_VERSION`); with `postgres.py`, the only module of
-mp_pipelines allowed to touch Dagster internals. The orchestration loop follows
-`dagster/_core/executor/multiprocess.py` (one thread feeds ActiveExecution, polls for interrupts, reports
-interrupted steps); each step runs through the in-process executor's own path
-(`dagster/_core/execution/plan/execute_plan.py`), so retries, IO managers, hooks and step contexts behave
-as they do there. The private names used (imports, the ActiveExecution / DagsterEvent members called, the
-Executor members overridden) are listed in `compat.py` and checked by mp_pipelines_tests/test_architecture.py;
-re-check them, and this module, whenever the Dagster pin moves. One behaviour it relies on is not a name:
-the order of a step's events, STEP_OUTPUT then HANDLED_OUTPUT once the IO manager stored it
-(`_StoredOutputs` feeds outputs to ActiveExecution only then).
+Written against Dagster 1.13.27 (`compat.DAGSTER_VERSION`); like the rest of `mp_pipelines.dagster_ext`,
+it may touch Dagster internals, which no other package of mp_pipelines may. The orchestration loop
+(`_StepLoop`, here) follows `dagster/_core/executor/multiprocess.py` (one thread feeds ActiveExecution,
+polls for interrupts, reports interrupted steps); each step runs on a thread of `step_threads.py`, through
+the in-process executor's own path (`dagster/_core/execution/plan/execute_plan.py`), so retries, IO
+managers, hooks and step contexts behave as they do there. The private names used (imports, the
+ActiveExecution / DagsterEvent members called, the Executor members overridden) are listed in `compat.py`
+and checked by mp_pipelines_tests/test_architecture.py; re-check them, this module and `step_threads.py`
+whenever the Dagster pin moves. One behaviour it relies on is not a name: the order of a step's events,
+STEP_OUTPUT then HANDLED_OUTPUT once the IO manager stored it (`StoredOutputs` feeds outputs to
+ActiveExecution only then).
 
 Threads, not asyncio: ops, resources, IO managers and hooks are synchronous code. An asyncio executor
 must re-implement Dagster's step pipeline as coroutines (the community `dagster-async-executor` 0.0.x
@@ -17,11 +18,8 @@ copies ~1,000 lines of it) and still blocks its loop on every sync call; threads
 """
 
 import os
-import queue
 import sys
-import threading
 import time
-from collections import deque
 from collections.abc import Iterator
 from contextlib import ExitStack
 from functools import partial
@@ -40,21 +38,13 @@ from dagster._core.execution.compute_logs import create_compute_log_file_key
 from dagster._core.execution.context.system import (
     PlanExecutionContext,
     PlanOrchestrationContext,
-    StepExecutionContext,
 )
 from dagster._core.execution.context_creation_job import PlanExecutionContextManager
 from dagster._core.execution.plan.active import ActiveExecution
-from dagster._core.execution.plan.execute_plan import (
-    _trigger_hook,
-    dagster_event_sequence_for_step,
-)
 from dagster._core.execution.plan.instance_concurrency_context import (
     InstanceConcurrencyContext,
 )
-from dagster._core.execution.plan.objects import (
-    ErrorSource,
-    step_failure_event_from_exc_info,
-)
+from dagster._core.execution.plan.objects import ErrorSource
 from dagster._core.execution.plan.plan import ExecutionPlan
 from dagster._core.execution.retries import RetryMode, get_retries_config
 from dagster._core.execution.step_dependency_config import (
@@ -65,6 +55,8 @@ from dagster._core.execution.tags import get_tag_concurrency_limits_config
 from dagster._core.executor.base import Executor
 from dagster._utils.error import serializable_error_info_from_exc_info
 
+from mp_pipelines.dagster_ext.step_threads import StepThread, StepThreads, StoredOutputs, is_terminal
+
 # Longest the orchestrating thread waits between checks for interrupts, due retries and free pool slots.
 _POLL_SECONDS = 0.1
 
@@ -74,124 +66,6 @@ CONCURRENT_EXECUTOR_CONFIG: dict[str, Any] = {
     "retries": get_retries_config(),
     "step_dependency_config": get_step_dependency_config_field(),
 }
-
-# What a step thread reports: (thread, event) for each event, then (thread, None, error or None) when done.
-Message = tuple["_StepThread", DagsterEvent | None, BaseException | None]
-
-
-class _StepThread:
-    """One attempt of one step on a daemon thread, reporting its events to the orchestrator's outbox."""
-
-    def __init__(self, step_context: StepExecutionContext, outbox: "queue.SimpleQueue[Message]") -> None:
-        self.step_context = step_context
-        self.key: str = step_context.step.key
-        self._outbox = outbox
-        self._abandoned = threading.Event()
-        # Daemon: a thread stuck in I/O must not keep a terminated run worker alive.
-        self._thread = threading.Thread(target=self._run, name=f"dagster-step:{self.key}", daemon=True)
-
-    def start(self) -> None:
-        """Start the step on its thread."""
-        self._thread.start()
-
-    def abandon(self) -> None:
-        """Stop forwarding events and skip hooks; Python cannot interrupt the thread itself."""
-        self._abandoned.set()
-
-    def _send(self, event: DagsterEvent | None, error: BaseException | None = None) -> None:
-        if not self._abandoned.is_set():
-            self._outbox.put((self, event, error))
-
-    def _run(self) -> None:
-        events: list[DagsterEvent] = []
-        error: BaseException | None = None
-        try:
-            for event in dagster_event_sequence_for_step(self.step_context):
-                events.append(event)
-                self._send(event)
-            if not self._abandoned.is_set():
-                for event in _trigger_hook(self.step_context, events):
-                    self._send(event)
-        except BaseException as exc:  # noqa: BLE001 - handed to the orchestrating thread, which re-raises it
-            if not any(_is_terminal(event) for event in events):
-                self._send(step_failure_event_from_exc_info(
-                    self.step_context, sys.exc_info(), error_source=ErrorSource.UNEXPECTED_ERROR))
-            error = exc
-        finally:
-            self._send(None, error)
-
-
-def _is_terminal(event: DagsterEvent) -> bool:
-    return event.is_step_success or event.is_step_failure or event.is_step_up_for_retry
-
-
-class _Threads:
-    """The run's step threads: which attempt owns each in-flight step, and which threads are still alive."""
-
-    def __init__(self) -> None:
-        self.outbox: queue.SimpleQueue[Message] = queue.SimpleQueue()
-        self.in_flight: dict[str, _StepThread] = {}  # step key → its current attempt, until a terminal event
-        self.alive: set[_StepThread] = set()  # may outlive in_flight while hooks run
-
-    def launch(self, step_context: StepExecutionContext) -> None:
-        """Start a step on its own thread."""
-        worker = _StepThread(step_context, self.outbox)
-        self.in_flight[worker.key] = worker
-        self.alive.add(worker)
-        worker.start()
-
-    def messages(self, timeout: float) -> Iterator[Message]:
-        """Wait up to `timeout` for one message, then drain the ones already queued."""
-        try:
-            yield self.outbox.get(timeout=timeout)
-            while True:
-                yield self.outbox.get_nowait()
-        except queue.Empty:
-            return
-
-    def settle(self, worker: _StepThread) -> bool:
-        """Forget `worker`'s step as in flight; True if it was still the step's current attempt."""
-        if self.in_flight.get(worker.key) is worker:
-            del self.in_flight[worker.key]
-            return True
-        return False  # a newer attempt (a retry) owns the key now
-
-    def fail_in_flight(self, active: ActiveExecution, exc_info: Any, source: ErrorSource) -> Iterator[DagsterEvent]:
-        """Report every in-flight step as failed (freeing its pool slot) and stop listening to its thread."""
-        for key in sorted(self.in_flight):
-            worker = self.in_flight.pop(key)
-            worker.abandon()
-            failure = step_failure_event_from_exc_info(worker.step_context, exc_info, error_source=source)
-            yield failure
-            active.handle_event(failure)
-
-
-class _StoredOutputs:
-    """Passes a step's outputs to ActiveExecution only once its IO manager has stored them.
-
-    Dagster (1.13.27) emits STEP_OUTPUT before `handle_output` writes the value and HANDLED_OUTPUT after;
-    ActiveExecution marks the output available on STEP_OUTPUT, so with `require_upstream_step_success:
-    false` a consumer thread could start and find no stored value. Outputs are held until their
-    HANDLED_OUTPUT (or the step's success); a step that fails first never makes them available.
-    """
-
-    def __init__(self) -> None:
-        self._pending: dict[str, deque[DagsterEvent]] = {}
-
-    def feed(self, event: DagsterEvent) -> list[DagsterEvent]:
-        """The events to hand to ActiveExecution now, in order."""
-        key = event.step_key or ""
-        if event.is_successful_output:
-            self._pending.setdefault(key, deque()).append(event)
-            return []
-        if event.is_handled_output:
-            waiting = self._pending.get(key)
-            return [waiting.popleft(), event] if waiting else [event]
-        if event.is_step_success:
-            return [*self._pending.pop(key, ()), event]
-        if event.is_step_failure or event.is_step_up_for_retry:
-            self._pending.pop(key, None)
-        return [event]
 
 
 def _capture_run_logs(stack: ExitStack, job_context: PlanExecutionContext, plan: ExecutionPlan) -> Iterator[DagsterEvent]:
@@ -208,10 +82,37 @@ def _capture_run_logs(stack: ExitStack, job_context: PlanExecutionContext, plan:
     yield DagsterEvent.capture_logs(job_context, step_keys, log_key, log_context)
 
 
+def _close_run_logs(capture: ExitStack, job_context: PlanExecutionContext) -> Iterator[DagsterEvent]:
+    """End the run's log capture once every step is done."""
+    try:
+        capture.close()
+    except Exception:  # noqa: BLE001 - as in process
+        yield _engine_error(job_context, "Exception while cleaning up compute log capture")
+
+
 def _engine_error(job_context: PlanExecutionContext, message: str, **metadata: Any) -> DagsterEvent:
     error = serializable_error_info_from_exc_info(sys.exc_info())
     metadata = {key: dg.MetadataValue.text(str(value)) for key, value in metadata.items()}
     return DagsterEvent.engine_event(job_context, message, EngineEventData(metadata=metadata, error=error))
+
+
+def _enter_active_execution(
+    stack: ExitStack,
+    job_context: PlanExecutionContext,
+    execution_plan: ExecutionPlan,
+    max_concurrent: int,
+    tag_concurrency_limits: list[dict[str, Any]] | None,
+) -> ActiveExecution:
+    """Enter the run's pool-slot context and its ActiveExecution (Dagster's step bookkeeping) on `stack`."""
+    pools = stack.enter_context(InstanceConcurrencyContext(job_context.instance, job_context.dagster_run))
+    return stack.enter_context(ActiveExecution(
+        execution_plan,
+        retry_mode=job_context.retry_mode,
+        max_concurrent=max_concurrent,
+        tag_concurrency_limits=tag_concurrency_limits,
+        instance_concurrency_context=pools,
+        step_dependency_config=job_context.step_dependency_config,
+    ))
 
 
 def _orchestrate(
@@ -221,70 +122,97 @@ def _orchestrate(
     tag_concurrency_limits: list[dict[str, Any]] | None,
 ) -> Iterator[DagsterEvent]:
     """Launch ready steps on threads; yield their events in arrival order and feed each to ActiveExecution."""
-    threads = _Threads()
-    stored = _StoredOutputs()
     with ExitStack() as stack:
-        pools = stack.enter_context(InstanceConcurrencyContext(job_context.instance, job_context.dagster_run))
-        active = stack.enter_context(ActiveExecution(
-            execution_plan,
-            retry_mode=job_context.retry_mode,
-            max_concurrent=max_concurrent,
-            tag_concurrency_limits=tag_concurrency_limits,
-            instance_concurrency_context=pools,
-            step_dependency_config=job_context.step_dependency_config,
-        ))
+        active = _enter_active_execution(stack, job_context, execution_plan, max_concurrent, tag_concurrency_limits)
         capture = stack.enter_context(ExitStack())
         yield from _capture_run_logs(capture, job_context, execution_plan)
+        loop = _StepLoop(job_context, active, max_concurrent)
         try:
-            while not active.is_complete or threads.alive:
-                # Dagster captures SIGINT (how run termination arrives) as a flag; the multiprocess loop polls it too.
-                if active.check_for_interrupts():
-                    raise DagsterExecutionInterruptedError()
-                steps = active.get_steps_to_execute(limit=max(0, max_concurrent - len(threads.alive)))
-                yield from active.concurrency_event_iterator(job_context)
-                known_state = active.get_known_state() if steps else None
-                for step in steps:
-                    threads.launch(job_context.for_step(step, known_state))
-
-                due = active.sleep_interval()  # a delayed retry or a pool re-check
-                for worker, event, error in threads.messages(min(_POLL_SECONDS, due) if due > 0 else _POLL_SECONDS):
-                    if event is not None:
-                        yield event
-                        for ready in stored.feed(event):
-                            active.handle_event(ready)
-                        if _is_terminal(event):
-                            threads.settle(worker)
-                        continue
-                    threads.alive.discard(worker)
-                    if threads.settle(worker):  # the thread ended without a success, failure or retry event
-                        active.verify_complete(job_context, worker.key)
-                    if error is not None:
-                        raise error  # as in process: an exception escaping a step ends the run
-                yield from active.plan_events_iterator(job_context)
+            yield from loop.run()
         except (KeyboardInterrupt, DagsterExecutionInterruptedError):
-            active.mark_interrupted()
-            yield DagsterEvent.engine_event(
-                job_context,
-                "Concurrent executor: received termination signal - reporting in-flight steps as interrupted;"
-                " their threads cannot be stopped and are left to end as daemon threads",
-                EngineEventData.interrupted(sorted(threads.in_flight)),
-            )
-            yield from threads.fail_in_flight(active, sys.exc_info(), ErrorSource.INTERRUPT)
+            yield from loop.report_interrupted()
             raise
         except Exception:
-            if threads.in_flight:
-                yield _engine_error(job_context, "Unexpected exception while steps were still in progress -"
-                                    " reporting them as failed:", steps_interrupted=sorted(threads.in_flight))
-                yield from threads.fail_in_flight(active, sys.exc_info(), ErrorSource.FRAMEWORK_ERROR)
+            yield from loop.report_failed()
             raise
         finally:
-            for worker in threads.alive:
-                worker.abandon()
+            loop.threads.abandon_alive()
+        yield from _close_run_logs(capture, job_context)
 
-        try:
-            capture.close()
-        except Exception:  # noqa: BLE001 - as in process
-            yield _engine_error(job_context, "Exception while cleaning up compute log capture")
+
+class _StepLoop:
+    """The orchestration loop of one run: launch ready steps, relay their threads' messages, until all end."""
+
+    def __init__(self, job_context: PlanExecutionContext, active: ActiveExecution, max_concurrent: int) -> None:
+        self.job_context = job_context
+        self.active = active
+        self.max_concurrent = max_concurrent
+        self.threads = StepThreads()
+        self.stored = StoredOutputs()
+
+    def run(self) -> Iterator[DagsterEvent]:
+        """Loop until the plan is complete and every step thread has ended, yielding events as they come."""
+        active = self.active
+        while not active.is_complete or self.threads.alive:
+            # Dagster captures SIGINT (how run termination arrives) as a flag; the multiprocess loop polls it too.
+            if active.check_for_interrupts():
+                raise DagsterExecutionInterruptedError()
+            yield from self._launch_ready_steps()
+            yield from self._relay_messages()
+            yield from active.plan_events_iterator(self.job_context)
+
+    def _launch_ready_steps(self) -> Iterator[DagsterEvent]:
+        """Start a thread for each step ActiveExecution releases, up to `max_concurrent` alive threads."""
+        active = self.active
+        steps = active.get_steps_to_execute(limit=max(0, self.max_concurrent - len(self.threads.alive)))
+        yield from active.concurrency_event_iterator(self.job_context)
+        known_state = active.get_known_state() if steps else None
+        for step in steps:
+            self.threads.launch(self.job_context.for_step(step, known_state))
+
+    def _relay_messages(self) -> Iterator[DagsterEvent]:
+        """Wait briefly for the threads' messages; yield each event and feed ActiveExecution in arrival order."""
+        due = self.active.sleep_interval()  # a delayed retry or a pool re-check
+        for worker, event, error in self.threads.messages(min(_POLL_SECONDS, due) if due > 0 else _POLL_SECONDS):
+            if event is not None:
+                yield event
+                self._handle_event(worker, event)
+            else:
+                self._handle_thread_end(worker, error)
+
+    def _handle_event(self, worker: StepThread, event: DagsterEvent) -> None:
+        """Feed a step's event to ActiveExecution (outputs once stored) and settle the step when it ends."""
+        for ready in self.stored.feed(event):
+            self.active.handle_event(ready)
+        if is_terminal(event):
+            self.threads.settle(worker)
+
+    def _handle_thread_end(self, worker: StepThread, error: BaseException | None) -> None:
+        """Forget an ended thread; re-raise what escaped its step."""
+        self.threads.alive.discard(worker)
+        if self.threads.settle(worker):  # the thread ended without a success, failure or retry event
+            self.active.verify_complete(self.job_context, worker.key)
+        if error is not None:
+            raise error  # as in process: an exception escaping a step ends the run
+
+    def report_interrupted(self) -> Iterator[DagsterEvent]:
+        """On termination (called while handling it): report the in-flight steps as interrupted."""
+        self.active.mark_interrupted()
+        yield DagsterEvent.engine_event(
+            self.job_context,
+            "Concurrent executor: received termination signal - reporting in-flight steps as interrupted;"
+            " their threads cannot be stopped and are left to end as daemon threads",
+            EngineEventData.interrupted(sorted(self.threads.in_flight)),
+        )
+        yield from self.threads.fail_in_flight(self.active, sys.exc_info(), ErrorSource.INTERRUPT)
+
+    def report_failed(self) -> Iterator[DagsterEvent]:
+        """On an unexpected error (called while handling it): report the in-flight steps as failed."""
+        if self.threads.in_flight:
+            # _engine_error reads the error being handled, sys.exc_info(), as the failures below do.
+            yield _engine_error(self.job_context, "Unexpected exception while steps were still in progress -"
+                                " reporting them as failed:", steps_interrupted=sorted(self.threads.in_flight))
+            yield from self.threads.fail_in_flight(self.active, sys.exc_info(), ErrorSource.FRAMEWORK_ERROR)
 
 
 class ConcurrentExecutor(Executor):

@@ -3,15 +3,17 @@
 Written against **dagster-postgres 0.29.27** (dagster 1.13.27, SQLAlchemy 2.0.x): `compat.py` names the
 versions and lists every Dagster / dagster-postgres internal used here (imports, overridden methods,
 private attributes), and mp_pipelines_tests/test_architecture.py checks that they all still exist. Re-read
-this module when either is upgraded: it is, with `dagster_ext/executor.py`, the only place allowed to lean
-on Dagster / dagster-postgres internals.
+this module and `pg_engines.py` when either is upgraded: like the rest of `mp_pipelines.dagster_ext`, they
+may lean on Dagster / dagster-postgres internals, which no other package of mp_pipelines may.
 
 Why: every dagster-postgres storage builds its SQLAlchemy engine with `NullPool`, so each read or
 write (`create_pg_connection(self._engine)`) opens a new PostgreSQL connection (TCP/socket, backend
 fork, auth) and closes it afterwards. A mapped step writes about 9-13 events, each on its own connection.
 These classes keep dagster-postgres' behaviour, SQL and schema handling and change one thing: the
 engine behind `_connect()` / `connect()` is a `QueuePool` engine, shared by the run, event log and
-schedule storages of one process that point at the same database with the same pool settings.
+schedule storages of one process that point at the same database with the same pool settings. The
+engines, their sharing and their process safety (fork handling, a pid check at checkout) are in
+`pg_engines.py`; `PoolSettings` is re-exported here.
 
 Internal surface used (keep it this small; the full list, checked by the tests, is in `compat.py`):
 
@@ -31,21 +33,13 @@ Internal surface used (keep it this small; the full list, checked by the tests, 
   and `ConcurrencySlotsTable`: replaced by one atomic UPDATE (the stock SELECT … FOR UPDATE then UPDATE
   runs on an AUTOCOMMIT connection, so its lock does not cover the UPDATE and two processes can share a
   slot).
-* `dagster_postgres.utils` helpers, `dagster._core.storage.config.pg_config` (the config schema we
-  extend), `dagster._serdes.ConfigurableClass(Data)` and `dagster._core.storage.base_storage.DagsterStorage`.
+* `dagster_postgres.utils` helpers (here the config and retry ones; `pg_engines.py` uses the engine
+  ones), `dagster._core.storage.config.pg_config` (the config schema we extend),
+  `dagster._serdes.ConfigurableClass(Data)` and `dagster._core.storage.base_storage.DagsterStorage`.
 
 Each overriding class is decorated with `compat.checked_overrides`: if Dagster renamed or removed a method
 overridden here (which would leave the override silently unused), importing this module fails with
 `DagsterCompatError`, naming the method and the Dagster versions.
-
-Process safety: a pooled connection must never be used by two processes. Dagster's multiprocess executor
-spawns (or forkservers) its step processes, and those rebuild the instance, hence new engines; for plain
-`os.fork` (the `fork` start method, a forking run launcher, user code) every live pooled engine is
-disposed in the child with `engine.dispose(close=False)` (SQLAlchemy's recommended pattern: the
-child drops the inherited pool without closing the parent's sockets), and a checkout-time pid check
-refuses any connection that was opened in another process (before the optional pre-ping, so that not
-even a ping crosses processes). Engines are thread-safe: the polling event watcher threads and a
-threaded executor's step threads share the pool.
 
 Event watching: dagster-postgres 0.29.27 watches runs with `SqlPollingEventWatcher` (threads that
 poll `get_records_for_run`, here through the pool) and still sends `NOTIFY run_events, '<run>_<id>'`
@@ -55,11 +49,8 @@ unchanged.
 
 from __future__ import annotations
 
-import os
-import threading
-import weakref
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as db
@@ -77,59 +68,26 @@ from dagster_postgres import (
     PostgresScheduleStorage,
 )
 from dagster_postgres.utils import (
-    create_pg_engine,
     get_token_provider_from_config,
     pg_url_from_config,
     retry_pg_connection_fn,
-    set_pg_statement_timeout,
 )
-from sqlalchemy import event, exc
 
 from mp_pipelines.dagster_ext.compat import WRITTEN_AGAINST as WRITTEN_AGAINST  # the pinned versions
 from mp_pipelines.dagster_ext.compat import checked_overrides
+from mp_pipelines.dagster_ext.pg_engines import POOL_CONFIG_KEYS as POOL_CONFIG_KEYS  # re-exported
+from mp_pipelines.dagster_ext.pg_engines import (
+    PoolSettings,
+    create_pooled_engine,
+    shared_pooled_engine,
+)
 
 if TYPE_CHECKING:
     from dagster_postgres.auth import PgTokenProvider
 
 # --------------------------------------------------------------------------------------------------
-# Pool settings and the per-process engine registry
+# Config: dagster-postgres' own plus the pool settings
 # --------------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class PoolSettings:
-    """SQLAlchemy `QueuePool` settings (see `create_engine`); `pool_recycle=-1` never recycles."""
-
-    pool_size: int = 5
-    max_overflow: int = 10
-    pool_recycle: int = 3600
-    pool_timeout: int = 30
-    pool_pre_ping: bool = True
-
-    def __post_init__(self) -> None:
-        if self.pool_size < 1:
-            raise ValueError(f"pool_size must be at least 1, got {self.pool_size}")
-        if self.max_overflow < -1:
-            raise ValueError(f"max_overflow must be -1 (unlimited) or more, got {self.max_overflow}")
-        if self.pool_timeout < 0:
-            raise ValueError(f"pool_timeout must not be negative, got {self.pool_timeout}")
-
-    @classmethod
-    def from_config(cls, config_value: Mapping[str, Any]) -> PoolSettings:
-        defaults = cls()
-        return cls(**{name: config_value.get(name, getattr(defaults, name)) for name in POOL_CONFIG_KEYS})
-
-    def engine_kwargs(self) -> dict[str, Any]:
-        # pool_pre_ping is done by our checkout listener, after the process check (see _guard_checkout)
-        return {
-            "pool_size": self.pool_size,
-            "max_overflow": self.max_overflow,
-            "pool_recycle": self.pool_recycle,
-            "pool_timeout": self.pool_timeout,
-        }
-
-
-POOL_CONFIG_KEYS = ("pool_size", "max_overflow", "pool_recycle", "pool_timeout", "pool_pre_ping")
 
 
 def pooled_pg_config() -> UserConfigSchema:
@@ -149,90 +107,6 @@ def pooled_pg_config() -> UserConfigSchema:
         "pool_pre_ping": Field(BoolSource, is_required=False, default_value=d.pool_pre_ping,
                                description="Test a pooled connection before use (survives server restarts)."),
     }
-
-
-# Every pooled engine alive in this process, so that a forked child can drop them all.
-_LIVE_ENGINES: weakref.WeakSet[db.engine.Engine] = weakref.WeakSet()
-# Engines shared between the storages of one process: (url, pool settings) -> engine.
-_SHARED_ENGINES: weakref.WeakValueDictionary[tuple[str, PoolSettings], db.engine.Engine] = (
-    weakref.WeakValueDictionary()
-)
-_REGISTRY_LOCK = threading.Lock()
-
-
-def _after_fork_in_child() -> None:
-    """Drop inherited pools without touching the parent's sockets (SQLAlchemy's `dispose(close=False)`)."""
-    global _REGISTRY_LOCK
-    _REGISTRY_LOCK = threading.Lock()  # another parent thread may have held it at fork time
-    for engine in list(_LIVE_ENGINES):
-        engine.dispose(close=False)
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_after_fork_in_child)
-
-
-def _guard_checkout(engine: db.engine.Engine, pre_ping: bool) -> None:
-    """At checkout, refuse a connection opened in another process, then (optionally) ping it.
-
-    The process check is SQLAlchemy's documented recipe for pools that may cross a fork. The ping is done
-    here rather than with `create_engine(pool_pre_ping=True)` because SQLAlchemy pings *before* running
-    checkout listeners, which would send a query over a socket that belongs to another process.
-    Raising `DisconnectionError` makes the pool discard the record and hand out a fresh connection.
-    """
-
-    @event.listens_for(engine, "connect")
-    def _remember_pid(dbapi_connection: Any, connection_record: Any) -> None:
-        connection_record.info["pid"] = os.getpid()
-        connection_record.info["fresh"] = True
-
-    @event.listens_for(engine, "checkout")
-    def _check(dbapi_connection: Any, connection_record: Any, connection_proxy: Any) -> None:
-        pid = os.getpid()
-        owner = connection_record.info.get("pid", pid)
-        if owner != pid:
-            # Forget the DBAPI connection without closing it: it belongs to the other process.
-            connection_record.dbapi_connection = connection_proxy.dbapi_connection = None
-            raise exc.DisconnectionError(f"pooled connection opened by pid {owner}, checked out in pid {pid}")
-        if connection_record.info.pop("fresh", False) or not pre_ping:
-            return
-        try:
-            engine.dialect.do_ping(dbapi_connection)
-        except Exception as err:  # a dropped connection (server restart, idle timeout): replace it
-            raise exc.DisconnectionError(f"pooled connection failed its ping: {err}") from err
-
-
-def create_pooled_engine(
-    postgres_url: str,
-    pool: PoolSettings,
-    token_provider: PgTokenProvider | None = None,
-    statement_timeout: int | None = None,
-) -> db.engine.Engine:
-    """A new pooled engine configured like dagster-postgres' (AUTOCOMMIT, token hook), not shared."""
-    engine = create_pg_engine(postgres_url, token_provider, isolation_level="AUTOCOMMIT", **pool.engine_kwargs())
-    _guard_checkout(engine, pool.pool_pre_ping)
-    if statement_timeout is not None:
-        event.listen(engine, "connect", lambda connection, _: set_pg_statement_timeout(connection, statement_timeout))
-    _LIVE_ENGINES.add(engine)
-    return engine
-
-
-def shared_pooled_engine(
-    postgres_url: str, pool: PoolSettings, token_provider: PgTokenProvider | None = None
-) -> db.engine.Engine:
-    """The process-wide engine for (url, pool settings); the three storages of an instance share it.
-
-    Engines with a token provider (cloud workload identity) are not shared: each storage keeps its own.
-    """
-    if token_provider is not None:
-        return create_pooled_engine(postgres_url, pool, token_provider)
-    key = (postgres_url, pool)
-    with _REGISTRY_LOCK:
-        engine = _SHARED_ENGINES.get(key)
-        if engine is None:
-            engine = create_pooled_engine(postgres_url, pool)
-            _SHARED_ENGINES[key] = engine
-        return engine
 
 
 # --------------------------------------------------------------------------------------------------

@@ -135,63 +135,109 @@ def scan_inbox(
     `check_table(path)` returns why a file cannot be used (None when it can); `processed_by(sha256)`
     names the run that already processed that content (None when none did).
     """
-    now = time.time() if now is None else now
-    scan = InboxScan()
     known = {state.sha256: name for name, state in previous.items()
              if state.sha256 and state.outcome in ("submitted", "duplicate")}
+    scanner = _Scanner(check_table, processed_by, settle_seconds, time.time() if now is None else now, known)
     for entry in sorted(folder.iterdir(), key=lambda p: p.name):
-        name = entry.name
-        if name.startswith(".") or name.lower().endswith(PARTIAL_SUFFIXES):
+        if entry.name.startswith(".") or entry.name.lower().endswith(PARTIAL_SUFFIXES):
             continue  # hidden or still being written under a temporary name: not ours yet
-        earlier = previous.get(name)
-        try:
-            stat = entry.stat()
-        except OSError as exc:  # a dangling symlink, a file removed while listing, no permission
-            stat, signature, error = None, f"unstatable:{type(exc).__name__}", exc
-        else:
-            signature = _signature(stat)
+        scanner.visit(entry, previous.get(entry.name))
+    return scanner.scan
+
+
+def _stat_signature(entry: Path) -> tuple[os.stat_result | None, str, OSError | None]:
+    """The entry's stat, its signature and, when it cannot be statted, the error."""
+    try:
+        stat = entry.stat()
+    except OSError as exc:  # a dangling symlink, a file removed while listing, no permission
+        # The error goes into the signature so the file is reported once, until the error changes.
+        return None, f"unstatable:{type(exc).__name__}", exc
+    return stat, _signature(stat), None
+
+
+def _unusable_reason(entry: Path, error: OSError | None) -> str | None:
+    """Why an entry cannot be an inbox table as it stands (unstatable, not a file, wrong suffix)."""
+    if error is not None:
+        return f"cannot read it: {error.strerror or error}"
+    if not entry.is_file():
+        return "it is not a regular file"
+    if entry.suffix.lower() not in INBOX_SUFFIXES:
+        return f"it is not a {', '.join(INBOX_SUFFIXES)} file (other files in the inbox are ignored)"
+    return None
+
+
+@dataclass
+class _Scanner:
+    """One scan's inputs and running result; `visit` decides about one folder entry."""
+
+    check_table: Callable[[Path], str | None]
+    processed_by: Callable[[str], str | None]
+    settle_seconds: float
+    now: float
+    known: dict[str, str]  # content hash -> first file name with it, updated as files are taken
+    scan: InboxScan = field(default_factory=InboxScan)
+
+    def visit(self, entry: Path, earlier: FileState | None) -> None:
+        """Decide about one entry and record the outcome (cursor state, log line, batch)."""
+        name = entry.name
+        stat, signature, error = _stat_signature(entry)
         if earlier is not None and earlier.signature == signature:
-            scan.files[name] = earlier  # decided before and unchanged since: nothing to do
-            continue
-        if stat is None:
-            _skip(scan, name, signature, f"cannot read it: {error.strerror or error}")
-            continue
-        if not entry.is_file():
-            _skip(scan, name, signature, "it is not a regular file")
-            continue
-        if entry.suffix.lower() not in INBOX_SUFFIXES:
-            _skip(scan, name, signature,
-                  f"it is not a {', '.join(INBOX_SUFFIXES)} file (other files in the inbox are ignored)")
-            continue
-        age = now - stat.st_mtime
-        if age < settle_seconds:
-            scan.log("info", f"{name}: modified {max(age, 0):.1f} s ago, may still be being written; "
-                             f"waiting until it is {settle_seconds:g} s old")
-            continue
-        problem = _partition_key_problem(name)
+            self.scan.files[name] = earlier  # decided before and unchanged since: nothing to do
+            return
+        reason = _unusable_reason(entry, error)
+        if reason:
+            _skip(self.scan, name, signature, reason)
+            return
+        if self._settling(name, stat):  # stat is set: an unstatable entry was skipped above
+            return
+        read = self._read(entry, signature)
+        if read is None:
+            return
+        digest, problem = read
+        if problem:
+            _skip(self.scan, name, signature, problem, digest)
+            return
+        self._take(entry, signature, digest)
+
+    def _settling(self, name: str, stat: os.stat_result) -> bool:
+        """Whether the file was modified too recently to be complete; it is then left for a later tick."""
+        age = self.now - stat.st_mtime
+        if age >= self.settle_seconds:
+            return False
+        # Not recorded in the cursor, so the next tick looks at it again.
+        self.scan.log("info", f"{name}: modified {max(age, 0):.1f} s ago, may still be being written; "
+                              f"waiting until it is {self.settle_seconds:g} s old")
+        return True
+
+    def _read(self, entry: Path, signature: str) -> tuple[str, str | None] | None:
+        """The file's hash and what is wrong with it, or None when it could not be read or changed meanwhile."""
+        problem = _partition_key_problem(entry.name)
         try:
             digest = file_sha256(entry)
-            problem = problem or check_table(entry)
+            problem = problem or self.check_table(entry)
             after = entry.stat()
         except OSError as exc:
-            _skip(scan, name, signature, f"cannot read it: {exc.strerror or exc}")
-            continue
+            _skip(self.scan, entry.name, signature, f"cannot read it: {exc.strerror or exc}")
+            return None
+        # A file that changed while hashed or checked is still being written: hash and check are of a partial file.
         if _signature(after) != signature:
-            scan.log("info", f"{name}: changed while being read, may still be being written; waiting")
-            continue
-        if problem:
-            _skip(scan, name, signature, problem, digest)
-            continue
-        first = known.get(digest) or processed_by(digest)
+            self.scan.log("info", f"{entry.name}: changed while being read, may still be being written; waiting")
+            return None
+        return digest, problem
+
+    def _take(self, entry: Path, signature: str, digest: str) -> None:
+        """Record a good file as a duplicate of content already processed, or as a new batch."""
+        name = entry.name
+        first = self.known.get(digest) or self.processed_by(digest)
         if first is not None:
-            scan.files[name] = FileState(signature, "duplicate", digest, f"same content as {first}")
-            scan.log("info", f"{name}: skipped, same content as {first} (sha256 {digest[:12]}…); "
-                             "each content is processed once")
-            continue
-        known[digest] = name
-        scan.files[name] = FileState(signature, "submitted", digest)
-        scan.batches.append(Batch(name, entry.resolve(), digest))
-    return scan
+            self.scan.files[name] = FileState(signature, "duplicate", digest, f"same content as {first}")
+            self.scan.log("info", f"{name}: skipped, same content as {first} (sha256 {digest[:12]}…); "
+                                  "each content is processed once")
+            return
+        # Later files in this scan with the same content are duplicates of this one.
+        self.known[digest] = name
+        self.scan.files[name] = FileState(signature, "submitted", digest)
+        self.scan.batches.append(Batch(name, entry.resolve(), digest))
 
 
 def _skip(scan: InboxScan, name: str, signature: str, reason: str,
@@ -249,44 +295,12 @@ def build_inbox_sensor(spec: WorkflowSpec) -> dg.SensorDefinition | None:
     if input_name is None or partitions_def is None:
         return None
     name = inbox_sensor_name(spec)
+    # Built once per definitions load, not per tick: the checker and the default status.
     check = table_checker(spec, input_name)
     status = dg.DefaultSensorStatus.RUNNING if os.environ.get("MP_INBOX_DIR") else dg.DefaultSensorStatus.STOPPED
 
     def evaluate(context: dg.SensorEvaluationContext) -> dg.SensorResult | dg.SkipReason:
-        folder = inbox_folder(spec.name)
-        if not folder.is_dir():
-            return dg.SkipReason(f"inbox folder {folder} does not exist; create it (or set MP_INBOX_DIR) "
-                                 f"and put CSV/JSONL/Parquet files for {spec.name} in it")
-
-        def processed_by(digest: str) -> str | None:
-            runs = context.instance.get_runs(filters=dg.RunsFilter(tags={RUN_KEY_TAG: digest,
-                                                                          SENSOR_NAME_TAG: name}), limit=1)
-            if not runs:
-                return None
-            return f"{runs[0].tags.get(FILE_TAG, 'a file')} (run {runs[0].run_id})"
-
-        scan = scan_inbox(folder, parse_cursor(context.cursor), check_table=check, processed_by=processed_by,
-                          settle_seconds=settle_seconds())
-        for level, text in scan.messages:
-            getattr(context.log, level)(f"{spec.name} inbox: {text}")
-        new_keys = [b.name for b in scan.batches
-                    if not context.instance.has_dynamic_partition(partitions_name(spec), b.name)]
-        requests = [
-            dg.RunRequest(run_key=batch.sha256, partition_key=batch.name,
-                          run_config=inbox_run_config(spec, batch.path),
-                          tags={FILE_TAG: batch.name, SHA256_TAG: batch.sha256})
-            for batch in scan.batches
-        ]
-        for batch in scan.batches:
-            context.log.info(f"{spec.name} inbox: {batch.name}: starting a run (partition {batch.name!r}, "
-                             f"sha256 {batch.sha256[:12]}…)")
-        skipped = sum(state.outcome == "skipped" for state in scan.files.values())
-        return dg.SensorResult(
-            run_requests=requests or None,
-            dynamic_partitions_requests=[partitions_def.build_add_request(new_keys)] if new_keys else None,
-            cursor=dump_cursor(scan.files),
-            skip_reason=None if requests else f"no new files in {folder} ({skipped} skipped, see the sensor log)",
-        )
+        return _evaluate_inbox(context, spec, name, partitions_def, check)
 
     return dg.SensorDefinition(
         name=name,
@@ -297,3 +311,60 @@ def build_inbox_sensor(spec: WorkflowSpec) -> dg.SensorDefinition | None:
         description=(f"Starts {spec.name} once per new CSV/JSONL/Parquet file in MP_INBOX_DIR/{spec.name}/ "
                      f"(input `{input_name}`); each file is a partition, its SHA-256 the run key."),
     )
+
+
+def _evaluate_inbox(
+    context: dg.SensorEvaluationContext,
+    spec: WorkflowSpec,
+    sensor_name: str,
+    partitions_def: dg.DynamicPartitionsDefinition,
+    check: Callable[[Path], str | None],
+) -> dg.SensorResult | dg.SkipReason:
+    """One tick of an inbox sensor: scan the folder, log what was decided, request runs for new files."""
+    folder = inbox_folder(spec.name)
+    if not folder.is_dir():
+        return dg.SkipReason(f"inbox folder {folder} does not exist; create it (or set MP_INBOX_DIR) "
+                             f"and put CSV/JSONL/Parquet files for {spec.name} in it")
+    # MP_INBOX_SETTLE_SECONDS is read at every tick (MP_INBOX_INTERVAL_SECONDS once, when the sensor is built).
+    scan = scan_inbox(folder, parse_cursor(context.cursor), check_table=check,
+                      processed_by=_run_lookup(context, sensor_name), settle_seconds=settle_seconds())
+    for level, text in scan.messages:
+        getattr(context.log, level)(f"{spec.name} inbox: {text}")
+    new_keys = _new_partition_keys(context, spec, scan.batches)
+    requests = [_run_request(spec, batch) for batch in scan.batches]
+    for batch in scan.batches:
+        context.log.info(f"{spec.name} inbox: {batch.name}: starting a run (partition {batch.name!r}, "
+                         f"sha256 {batch.sha256[:12]}…)")
+    skipped = sum(state.outcome == "skipped" for state in scan.files.values())
+    return dg.SensorResult(
+        run_requests=requests or None,
+        dynamic_partitions_requests=[partitions_def.build_add_request(new_keys)] if new_keys else None,
+        cursor=dump_cursor(scan.files),
+        skip_reason=None if requests else f"no new files in {folder} ({skipped} skipped, see the sensor log)",
+    )
+
+
+def _run_lookup(context: dg.SensorEvaluationContext, sensor_name: str) -> Callable[[str], str | None]:
+    """`processed_by` for scan_inbox: the file and run of this sensor that already had a content hash."""
+    # The cursor can be lost or reset; the runs this sensor launched (keyed by hash) cannot.
+
+    def processed_by(digest: str) -> str | None:
+        runs = context.instance.get_runs(filters=dg.RunsFilter(tags={RUN_KEY_TAG: digest,
+                                                                      SENSOR_NAME_TAG: sensor_name}), limit=1)
+        if not runs:
+            return None
+        return f"{runs[0].tags.get(FILE_TAG, 'a file')} (run {runs[0].run_id})"
+
+    return processed_by
+
+
+def _new_partition_keys(context: dg.SensorEvaluationContext, spec: WorkflowSpec, batches: list[Batch]) -> list[str]:
+    """The batches' partition keys the instance does not have yet (a name seen before keeps its partition)."""
+    return [b.name for b in batches if not context.instance.has_dynamic_partition(partitions_name(spec), b.name)]
+
+
+def _run_request(spec: WorkflowSpec, batch: Batch) -> dg.RunRequest:
+    """The run for one new file: its hash the run key, its name the partition."""
+    return dg.RunRequest(run_key=batch.sha256, partition_key=batch.name,
+                         run_config=inbox_run_config(spec, batch.path),
+                         tags={FILE_TAG: batch.name, SHA256_TAG: batch.sha256})

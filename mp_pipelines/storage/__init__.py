@@ -12,17 +12,18 @@ Enable it in dagster.yaml (see docs/performance.md, "PostgreSQL per-step cost"):
 
 or per storage with `run_storage:` / `event_log_storage:` / `schedule_storage:` and the classes below.
 
-This module only re-exports them: they live in `mp_pipelines.dagster_ext.postgres`, with the other code
-that relies on Dagster internals. Keep the names below importable from here (deploy/dagster.yaml and
+This module only re-exports them: they live in `mp_pipelines.dagster_ext.postgres` (`PoolSettings`, with
+the pooled engines, in `mp_pipelines.dagster_ext.pg_engines`), with the other code that relies on Dagster
+internals. Keep the names below importable from here (deploy/dagster.yaml and
 users' instance configs name `mp_pipelines.storage`).
 """
 
+from mp_pipelines.dagster_ext.pg_engines import PoolSettings
 from mp_pipelines.dagster_ext.postgres import (
     PooledPostgresEventLogStorage,
     PooledPostgresRunStorage,
     PooledPostgresScheduleStorage,
     PooledPostgresStorage,
-    PoolSettings,
 )
 
 __all__ = [
