@@ -122,8 +122,8 @@ def sha256(path: Path) -> str:
 
 def test_a_schedule_tick_requests_a_run_with_the_schedules_inputs() -> None:
     spec = SPECS["research_report"]
-    job = definitions.defs.resolve_job_def("research_report")
-    schedule = definitions.defs.resolve_schedule_def("research_report_schedule")
+    job = definitions.defs().resolve_job_def("research_report")
+    schedule = definitions.defs().resolve_schedule_def("research_report_schedule")
     assert schedule.cron_schedule == "0 6 * * 1" and schedule.default_status == dg.DefaultScheduleStatus.STOPPED
     context = dg.build_schedule_context(scheduled_execution_time=datetime(2025, 3, 3, 6, tzinfo=UTC))
     data = schedule.evaluate_tick(context)
@@ -155,7 +155,7 @@ def test_table_workflows_are_partitioned_by_inbox_file() -> None:
     assert inbox_input(SPECS["classify_tickets"]) == "tickets"
     assert inbox_input(SPECS["summarize_documents"]) == "documents"
     assert inbox_input(SPECS["research_report"]) is None
-    defs = definitions.defs
+    defs = definitions.defs()
     assert defs.resolve_job_def("research_report").partitions_def is None
     job = defs.resolve_job_def("classify_tickets")
     assert job.partitions_def == dg.DynamicPartitionsDefinition(name="classify_tickets_inbox")

@@ -80,7 +80,7 @@ def ui(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DagsterServices]:
 
 def expected_lineage(workflow: str) -> tuple[set[str], set[tuple[str, str]]]:
     """The asset names of a workflow and its edges (upstream, downstream), from the code location."""
-    graph = definitions.defs.resolve_asset_graph()
+    graph = definitions.defs().resolve_asset_graph()
     keys = [key for key in graph.get_all_asset_keys() if key.path[0] == workflow]
     edges = {(parent.path[1], key.path[1]) for key in keys for parent in graph.get(key).parent_keys}
     return {key.path[1] for key in keys}, edges
