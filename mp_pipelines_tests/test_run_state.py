@@ -32,6 +32,7 @@ def test_a_hundred_runs_in_one_process_leave_no_per_run_state(tmp_path: Path,
             shard_size: 4
             prompt: "run {{ inputs.n }}: say {{ item }}"
     """)
+    process_limiters = len(PROCESS_LIMITERS)  # earlier tests of this process may have called other endpoints
     closed: list[int] = []
     close = RunCalls.close
 
@@ -49,7 +50,7 @@ def test_a_hundred_runs_in_one_process_leave_no_per_run_state(tmp_path: Path,
     assert sum(entries >= 3 for entries in closed) == RUNS
     alive = [obj for obj in gc.get_objects() if isinstance(obj, RunCalls)]
     assert sum(run.entries for run in alive) == 0, alive
-    assert len(PROCESS_LIMITERS) <= 1  # one endpoint and model: the simulated one
+    assert len(PROCESS_LIMITERS) <= process_limiters + 1  # at most one more: the simulated endpoint's model
 
 
 def test_the_llm_resource_is_what_the_call_path_calls_a_model() -> None:

@@ -19,6 +19,7 @@ from mp_pipelines.factory.names import (
     PROMPT_RESOURCE_KEYS,
     WORKFLOW_TAG,
 )
+from mp_pipelines.factory.resources import RunBudget
 from mp_pipelines.llm.types import ChatModel, LimitSettings, LLMError
 from mp_pipelines.spec.inputs import coerce_input, resolve_path
 from mp_pipelines.spec.models import InputSpec, TaskSpec, WorkflowSpec
@@ -112,7 +113,7 @@ def call_scope(context: dg.OpExecutionContext, spec: WorkflowSpec, task: TaskSpe
     run_limits = None
     if spec.limits is not None:
         run_limits = llm.limit_settings().merged(LimitSettings(**spec.limits.model_dump()))
-    budget = getattr(context.resources, BUDGET_RESOURCE_KEY)
+    budget: RunBudget = getattr(context.resources, BUDGET_RESOURCE_KEY)
     current_prices()  # a bad MP_PRICES_FILE fails the step here, before any call is paid for
     run = context.dagster_run
     return CallScope(budget.run_calls(context.run_id), run_limits, fanout, breadth, budget=budget.over(spec),
