@@ -53,6 +53,10 @@ class Call:
     deadline: float | None = None  # time.monotonic() by which the task must have its answer
     observers: tuple[ResponseObserver, ...] = field(default=())  # see every HTTP response of the call
 
+    def observed_by(self, *observers: ResponseObserver) -> Call:
+        """The same call, its HTTP responses also shown to `observers` (built directly: this is per call)."""
+        return Call(self.model, self.request, self.scope, self.key, self.deadline, (*self.observers, *observers))
+
 
 @dataclass(frozen=True)
 class Answer:

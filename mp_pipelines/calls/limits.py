@@ -14,7 +14,6 @@ import math
 import time
 from collections.abc import AsyncIterator, Mapping
 from contextlib import AsyncExitStack, asynccontextmanager
-from dataclasses import replace
 
 from aiolimiter import AsyncLimiter
 
@@ -166,5 +165,4 @@ class RateLimits:
         async with AsyncExitStack() as stack:
             for limiter in limiters:
                 await stack.enter_async_context(limiter.slot(tokens))
-            observers = (*call.observers, *(limiter.observe for limiter in limiters))
-            return await proceed(replace(call, observers=observers))
+            return await proceed(call.observed_by(*(limiter.observe for limiter in limiters)))

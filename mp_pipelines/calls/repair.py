@@ -34,7 +34,7 @@ class Repair:
                          {"role": "user", "content": repair_prompt(exc, request)}]
                 call = replace(call, request=replace(request, messages=[*request.messages, *turns]))
                 continue
-            return Answer(answer.result, usage + answer.usage)
+            return answer if repair == 0 else Answer(answer.result, usage + answer.usage)
         raise AssertionError("unreachable: the last repair attempt returns or raises")
 
 
