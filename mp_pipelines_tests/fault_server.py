@@ -251,6 +251,12 @@ async def _cut_off(request: Request, fault: Fault, model: SimulatedModel, body: 
     return await _disconnected(request)
 
 
+async def _echo_authorization(request: Request, fault: Fault, model: SimulatedModel, body: Any) -> Response:
+    """HTTP 400 whose error message repeats the request's Authorization header, as some gateways do."""
+    message = f"Unsupported header Authorization: {request.headers.get('authorization', '')}"
+    return JSONResponse(_error_body(400, message), 400, headers=fault.headers)
+
+
 Reaction = Callable[[Request, Fault, SimulatedModel, Any], Awaitable[Response]]
 _ACTIONS: dict[str, Reaction] = {
     "connection_reset": _connection_reset,
@@ -258,10 +264,12 @@ _ACTIONS: dict[str, Reaction] = {
     "malformed_json": _malformed_json,
     "empty_choices": _empty_choices,
     "cut_off": _cut_off,
+    "echo_authorization": _echo_authorization,
 }
 FAULT_KINDS = (*_HTTP_FAULTS, *_ACTIONS)
-# A held request costs its client the whole timeout, so random failures leave read_timeout out.
-RANDOM_FAULT_KINDS = tuple(kind for kind in FAULT_KINDS if kind != "read_timeout")
+# A held request costs its client the whole timeout, so random failures leave read_timeout out; an echoed
+# credential tests redaction, not resilience, so they leave echo_authorization out too.
+RANDOM_FAULT_KINDS = tuple(kind for kind in FAULT_KINDS if kind not in ("read_timeout", "echo_authorization"))
 
 
 @dataclass

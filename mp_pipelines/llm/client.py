@@ -40,6 +40,7 @@ import openai
 from mp_pipelines.llm.headers import retry_after_seconds
 from mp_pipelines.llm.lanes import Lanes, close_with_loop
 from mp_pipelines.llm.provider import resolve_provider
+from mp_pipelines.llm.redact import redact, split_credentials
 from mp_pipelines.llm.simulated import SimulatedModel, SimulatedTransport
 from mp_pipelines.llm.types import LLMError, LLMRequest, LLMResult, ResponseObserver
 
@@ -48,9 +49,11 @@ log = logging.getLogger(__name__)
 SIMULATED_BASE_URL = "http://simulated.local/v1"
 DEFAULT_BASE_URL = "https://api.openai.com/v1"
 STRUCTURED_OUTPUT_MODES = ("json_schema", "json_object", "none")
+
+
 def public_url(url: str) -> str:
     """A URL without user:password, fit for messages."""
-    return re.sub(r"//[^/@]*@", "//", url)
+    return split_credentials(url).public_url
 
 
 def describe_call(label: str, base_url: str) -> str:
@@ -168,7 +171,11 @@ class LLMClient:
         if self.provider_name == "simulated":
             api_key, base_url = "simulated", SIMULATED_BASE_URL
         self._api_key = api_key
-        self.base_url = (base_url or os.environ.get("OPENAI_BASE_URL") or DEFAULT_BASE_URL).rstrip("/")
+        # user:password in the URL is sent as HTTP Basic auth and kept out of the URL, so no request URL, log
+        # line or error the SDK or httpx makes can show it.
+        url = (base_url or os.environ.get("OPENAI_BASE_URL") or DEFAULT_BASE_URL).rstrip("/")
+        self._credentials = split_credentials(url)
+        self.base_url = self._credentials.public_url
         self._secret: str | None = None  # the key actually sent; redacted from every message
         self._lock = threading.RLock()  # _sync_client builds its arguments under it
         self._sync: openai.OpenAI | None = None
@@ -195,8 +202,11 @@ class LLMClient:
         tls = {} if transport is not None else {"verify": self._tls_context(factory)}
         http = factory(transport=transport, timeout=self.timeout, event_hooks=hooks, trust_env=transport is None,
                        limits=_connection_limits(), **tls)
-        return {"api_key": key, "base_url": self.base_url, "max_retries": self.max_retries, "timeout": self.timeout,
+        args = {"api_key": key, "base_url": self.base_url, "max_retries": self.max_retries, "timeout": self.timeout,
                 "http_client": http}
+        if self._credentials.present:  # replaces the Bearer key, as httpx does for a URL with user:password
+            args["default_headers"] = {"Authorization": f"Basic {self._credentials.basic_token()}"}
+        return args
 
     def _sync_client(self) -> openai.OpenAI:
         with self._lock:
@@ -365,10 +375,8 @@ class LLMClient:
                         attempts=n)
 
     def _redact(self, text: str) -> str:
-        """Remove the API key (and anything shaped like one) from text."""
-        if self._secret and len(self._secret) >= 4:
-            text = text.replace(self._secret, "***")
-        return re.sub(r"\bsk-[A-Za-z0-9_\-*]{6,}", "sk-***", text)
+        """Text from the endpoint without the API key, the URL's password or any authorization value."""
+        return redact(text, (self._secret or "", *self._credentials.secrets()))
 
     def __enter__(self) -> LLMClient:
         return self

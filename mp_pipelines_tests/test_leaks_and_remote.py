@@ -1,0 +1,116 @@
+"""Hardening: credentials in URLs never leak, remote commands keep an overall deadline, bad settings and input
+files are one-sentence errors, and a loop stopped by the budget is reported as stopped."""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import dagster as dg
+import pytest
+from dagster._serdes import serialize_value  # dagster 1.13.27: the form events and runs are stored in
+
+from mp_pipelines.cli.running import local_instance
+from mp_pipelines.llm.client import LLMClient
+from mp_pipelines.llm.redact import redact, split_credentials
+from mp_pipelines.llm.types import LLMError, LLMRequest
+from mp_pipelines_tests.fault_server import RunningServer
+from mp_pipelines_tests.workflow_helpers import materializations, write_workflow
+
+USER, PASSWORD = "alice", "hunter2-Canary-pw"
+TOKEN = base64.b64encode(f"{USER}:{PASSWORD}".encode()).decode()  # what HTTP Basic auth sends
+FAN_OUT = """
+name: cred_leak
+inputs:
+  names: {type: list, default: [Ada, Grace]}
+on_item_failure: skip
+min_success_ratio: 0.5
+tasks:
+  - name: greet
+    for_each: inputs.names
+    prompt: "Say hello to {{ item }}"
+  - name: summary
+    prompt: "Summarise: {% for g in greet %}{{ g }} {% endfor %}"
+"""
+
+
+def with_credentials(url: str) -> str:
+    return url.replace("http://", f"http://{USER}:{PASSWORD}@", 1)
+
+
+def assert_no_credentials(where: str, text: str) -> None:
+    assert PASSWORD not in text, f"the URL's password appears in {where}"
+    assert TOKEN not in text, f"the Basic credential appears in {where}"
+
+
+# --- credentials in URLs ------------------------------------------------------------------------------------------
+
+
+def test_redact_masks_url_passwords_authorization_values_keys_and_known_secrets() -> None:
+    text = (f"Unsupported header Authorization: Basic {TOKEN}; bearer sk-live-0123456789 at "
+            f"http://{USER}:{PASSWORD}@gateway:8080/v1, key sk-proj-abcdef123456, also {PASSWORD[::-1]}")
+    assert redact(text, [PASSWORD[::-1]]) == ("Unsupported header Authorization: Basic ***; bearer *** at "
+                                              "http://***@gateway:8080/v1, key sk-***, also ***")
+    assert redact("a plain message about http://gateway/v1") == "a plain message about http://gateway/v1"
+    split = split_credentials(f"https://{USER}:hunter%402@[::1]:8443/v1")
+    assert (split.public_url, split.username, split.password) == ("https://[::1]:8443/v1", USER, "hunter@2")
+    assert "hunter" not in repr(split) and split_credentials("http://host/v1").present is False
+
+
+def test_url_credentials_are_sent_as_basic_auth_and_kept_out_of_errors_and_logs(
+        llm_server: RunningServer, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG)  # the client's retry lines, the openai and httpx debug logs too
+    llm_server.faults.add("server_error").add("echo_authorization")
+    client = LLMClient(base_url=with_credentials(llm_server.base_url), max_retries=1)
+    try:
+        with pytest.raises(LLMError) as caught:
+            client.complete(LLMRequest(messages=[{"role": "user", "content": "hi"}], model="m", label="a"))
+    finally:
+        client.close()
+    message = str(caught.value)
+    assert "was rejected with HTTP 400" in message and "Authorization: Basic ***" in message  # sent as Basic auth
+    assert [r.fault for r in llm_server.requests] == ["server_error", "echo_authorization"]
+    assert "Retrying LLM call a" in caplog.text  # the retry after the 500 was logged, naming the endpoint
+    for where, text in (("the error", message), ("the Python log", caplog.text), ("the client", repr(client)),
+                        ("the base URL", client.base_url)):
+        assert_no_credentials(where, text)
+
+
+def test_url_credentials_reach_no_output_event_record_or_file(llm_server: RunningServer, tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)  # where the CLI keeps its instance, to read it afterwards
+    # one item's call and the summary's call get a 400 that echoes the Authorization header; the other item succeeds
+    llm_server.faults.add("echo_authorization").add().add("echo_authorization")
+    env = {**os.environ, "OPENAI_BASE_URL": with_credentials(llm_server.base_url), "PYTHONUNBUFFERED": "1"}
+    # a process of its own, so that its stdout and stderr are real and the steps' compute logs are captured
+    result = subprocess.run([sys.executable, "-m", "mp_pipelines.cli", "run", str(write_workflow(tmp_path, FAN_OUT)),
+                             "--json"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1, result.stdout + result.stderr
+    summary = json.loads(result.stdout)
+    (failed_item,) = summary["tasks"]["greet"]["failed_items"]
+    for error in (failed_item["error"], summary["tasks"]["summary"]["error"]):
+        assert "HTTP 400" in error and "Authorization: Basic ***" in error
+    assert [r.fault for r in llm_server.requests].count("echo_authorization") == 2
+    assert_no_credentials("the CLI's output", result.stdout + result.stderr)
+    with local_instance() as instance:
+        assert_run_keeps_the_credentials(instance, summary["run_id"])
+    compute_logs = [p for p in tmp_path.rglob("compute_logs/*") if p.is_file()]
+    assert any(b"Authorization: Basic ***" in p.read_bytes() for p in compute_logs)  # the errors reached them
+    for file in (p for p in tmp_path.rglob("*") if p.is_file()):  # event and run storage, compute logs, outputs
+        data = file.read_bytes()
+        assert PASSWORD.encode() not in data and TOKEN.encode() not in data, f"a credential appears in {file}"
+
+
+def assert_run_keeps_the_credentials(instance: dg.DagsterInstance, run_id: str) -> None:
+    """Nothing Dagster stored about the run holds them: events, errors, metadata, run config, tags."""
+    logs = instance.all_logs(run_id)
+    assert any(entry.dagster_event_type == dg.DagsterEventType.STEP_FAILURE for entry in logs)
+    for entry in logs:
+        assert_no_credentials(f"event {entry.dagster_event_type}", serialize_value(entry) + str(entry))
+    assert_no_credentials("the run (config and tags)", serialize_value(instance.get_run_by_id(run_id)))
+    assert_no_credentials("materializations", serialize_value(materializations(instance, run_id)))
