@@ -15,6 +15,9 @@ from mp_pipelines.spec.problems import Problem, suggest
 from mp_pipelines.spec.templates import TemplateError
 
 FAN_OUT_INPUT_TYPES = ("list", "table")
+# Most tasks a workflow may have, a loop's tasks counted once per iteration since each becomes an op of the
+# job. Validation, `show` and building the job grow about linearly up to here (figures in README).
+MAX_TASKS = 2_000
 
 
 @dataclass(frozen=True)
@@ -64,7 +67,9 @@ class _Checker:
         self.problems.append(Problem(self.source, path, message))
 
     def run(self) -> list[Problem]:
-        """Run every check in file order of the fields they concern."""
+        """Run every check in file order of the fields they concern; a workflow over MAX_TASKS gets no other check."""
+        if self.check_task_count():
+            return self.problems
         self.check_unique_names()
         if self.spec.defaults.system:
             self.check_template("defaults.system", self.spec.defaults.system, False, _Scope("defaults", shared=True))
@@ -76,6 +81,17 @@ class _Checker:
         self.check_cycles()
         self.check_schedule()
         return self.problems
+
+    def check_task_count(self) -> bool:
+        """Add a problem and return True when the workflow has more than MAX_TASKS tasks."""
+        count = sum(len(s.tasks) * graph.loop_iterations(self.spec, s) if isinstance(s, LoopSpec) else 1
+                    for s in self.spec.tasks)
+        if count <= MAX_TASKS:
+            return False
+        counted = " (loop tasks counted once per iteration)" if any(isinstance(s, LoopSpec) for s in self.spec.tasks) else ""
+        self.add("tasks", f"the workflow has {count:,} tasks{counted}, more than the {MAX_TASKS:,} a workflow may have; "
+                 "split it into several workflows")
+        return True
 
     def check_unique_names(self) -> None:
         for scope in self.scopes:
@@ -244,8 +260,7 @@ class _Checker:
     def check_cycles(self) -> None:
         cycle = graph.find_cycle(graph.step_dependencies(self.spec))
         if cycle:
-            what = (f"{cycle[0]!r} depends on itself" if len(cycle) == 2
-                    else f"dependency cycle {' -> '.join(cycle)} (each step needs the next)")
+            what = f"{cycle[0]!r} depends on itself" if len(cycle) == 2 else f"dependency cycle {graph.describe_cycle(cycle)}"
             self.add(self.paths[cycle[0]], f"{what}; steps must form a DAG, so repeat work with a loop: block instead")
 
     def check_schedule(self) -> None:
