@@ -5,7 +5,8 @@ run (the multiprocess executor's step processes included) draws on one account: 
 by one atomic conditional UPDATE (calls < max_calls and tokens < max_tokens and cost < max_cost),
 and its tokens and cost are added when it ends. Calls already in flight when a limit is reached
 finish and count: `max_calls` is exact, and the tokens/cost overshoot is bounded by the calls in
-flight. Without a store (an ephemeral instance) the account is kept in this process only.
+flight. Without a store the account is kept in this process only, which holds the whole run only when
+every step runs in one process: otherwise (`unshared_account`) the run refuses to call at all.
 
 A re-executed run (resume) has its own account: it may spend its budget again.
 """
@@ -48,6 +49,22 @@ def reached(budget: BudgetSpec, calls: int, tokens: int, cost_usd: float) -> str
     if budget.max_cost_usd is not None and cost_usd >= budget.max_cost_usd:
         return f"max_cost_usd of {usd(budget.max_cost_usd)} reached: {usd(cost_usd)} spent"
     return None
+
+
+def limits_text(budget: BudgetSpec) -> str:
+    """The budget's limits for messages: `max_calls 10, max_cost_usd $0.5`."""
+    parts = [f"max_calls {budget.max_calls}" if budget.max_calls is not None else "",
+             f"max_tokens {budget.max_tokens}" if budget.max_tokens is not None else "",
+             f"max_cost_usd {usd(budget.max_cost_usd)}" if budget.max_cost_usd is not None else ""]
+    return ", ".join(part for part in parts if part)
+
+
+def unshared_account(budget: BudgetSpec, no_store: str) -> str:
+    """Why `budget` cannot hold for a run whose steps run in separate processes when there is no store to keep
+    one account for all of them (`no_store` says why there is none)."""
+    return (f"the run's budget ({limits_text(budget)}) cannot hold across the step processes of the multiprocess "
+            f"executor: {no_store}, so each process would keep an account of its own; set MP_CACHE_URL to a "
+            "reachable database, or run on the concurrent executor (--executor concurrent)")
 
 
 @dataclass

@@ -8,8 +8,13 @@ replaces prices, e.g.
     my-local-llama: {input: 0, output: 0}
 
 A dated or preview snapshot of a listed model (`gpt-4o-2024-08-06`, `gpt-4.1-mini-latest`,
-`o1-preview`) takes that model's price; any other name (`o1-pro`, `gpt-5-pro`: different prices) is
-unlisted. An unlisted model costs 0 and is logged once, so spend is never silently invented.
+`o1-preview`) takes that model's price, and so does a provider-prefixed name (`openai/gpt-4o`, as
+gateways name models); any other name (`o1-pro`, `gpt-5-pro`: different prices) is unlisted.
+
+An answer is priced by the model the endpoint reports; when that name is not listed, by the model the
+call asked for (logged once per name), since an endpoint's own name for a model must not make its calls
+free under a cost budget. A model with no price at all costs 0 and is logged once, so spend is never
+silently invented; under a cost budget it is refused before the first call (`unpriced_under_budget`).
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from typing import Any, Mapping
 
 import yaml
 
+from mp_pipelines.calls.budget import usd
 from mp_pipelines.calls.call import Answer, Call, Proceed
 from mp_pipelines.calls.usage import Usage
 from mp_pipelines.llm.types import LLMError, LLMResult
@@ -64,25 +70,56 @@ class PriceTable:
 
     prices: Mapping[str, tuple[float, float]]
 
-    def price_of(self, model: str) -> tuple[float, float] | None:
-        """The model's price, by exact name or as a snapshot of a listed name; None when unlisted."""
+    def _listed(self, model: str) -> str | None:
+        """The listed name `model` is, by exact name or as a snapshot of it."""
         if model in self.prices:
-            return self.prices[model]
+            return model
         found = _SNAPSHOT.fullmatch(model)
-        return self.prices.get(found.group(1)) if found else None
+        return found.group(1) if found and found.group(1) in self.prices else None
 
-    def cost(self, model: str, prompt_tokens: int, completion_tokens: int) -> float:
-        """US dollars for one call (0 for an unlisted model, logged once per model)."""
-        price = self.price_of(model)
-        if price is None:
+    def listed_name(self, model: str) -> str | None:
+        """The listed name whose price `model` takes: itself, a snapshot's, or that of its name without a provider
+        prefix; None when unlisted."""
+        return self._listed(model) or self._listed(model.rpartition("/")[2])
+
+    def price_of(self, model: str) -> tuple[float, float] | None:
+        """The model's price (see `listed_name`); None when unlisted."""
+        name = self.listed_name(model)
+        return None if name is None else self.prices[name]
+
+    def cost(self, model: str, prompt_tokens: int, completion_tokens: int, requested: str | None = None) -> float:
+        """US dollars for one call answered as `model` that asked for `requested`.
+
+        `model`'s own price, else the requested model's, else that of `model` without its provider prefix
+        (logged once per name); 0 when none is listed (logged once per model)."""
+        name = self._listed(model) or (self.listed_name(requested) if requested else None) or self.listed_name(model)
+        if name is None:
             _warn_unpriced(model)
             return 0.0
+        if self._listed(model) is None:
+            _warn_priced_as(model, name)
+        price = self.prices[name]
         return (prompt_tokens * price[0] + completion_tokens * price[1]) / 1_000_000
 
 
 @lru_cache(maxsize=None)
 def _warn_unpriced(model: str) -> None:
     log.warning("No price for model %r: its calls count as $0. Add it to the file named by %s.", model, PRICES_ENV)
+
+
+@lru_cache(maxsize=None)
+def _warn_priced_as(model: str, listed: str) -> None:
+    log.warning("The endpoint answered as model %r, which has no price of its own: its calls are priced as %r. "
+                "Add %r to the file named by %s to price it otherwise.", model, listed, model, PRICES_ENV)
+
+
+def unpriced_under_budget(model: str, max_cost_usd: float | None) -> str | None:
+    """Why a cost budget cannot hold for calls to `model` (it has no price), or None."""
+    if max_cost_usd is None or current_prices().price_of(model) is not None:
+        return None
+    return (f"model {model!r} has no price, so the budget's max_cost_usd of {usd(max_cost_usd)} cannot be enforced; "
+            f"add it to the file named by {PRICES_ENV} ({model}: {{input: USD, output: USD}}, per million tokens) "
+            "or remove max_cost_usd")
 
 
 def parse_prices(data: Any, source: str) -> dict[str, tuple[float, float]]:
@@ -132,16 +169,18 @@ class Pricing:
     """The answer's cost from the price table, and its usage (an unusable answer's too: it was paid for)."""
 
     async def __call__(self, call: Call, proceed: Proceed) -> Answer:
+        requested = call.request.model or call.model.default_model
         try:
             answer = await proceed(call)
         except LLMError as exc:
             if exc.result is not None:
-                exc.result = priced(exc.result)
+                exc.result = priced(exc.result, requested)
             raise
-        result = priced(answer.result)
+        result = priced(answer.result, requested)
         return Answer(result, Usage.of_result(result))
 
 
-def priced(result: LLMResult) -> LLMResult:
-    """The result with its cost from the price table."""
-    return replace(result, cost_usd=current_prices().cost(result.model, result.prompt_tokens, result.completion_tokens))
+def priced(result: LLMResult, requested: str | None = None) -> LLMResult:
+    """The result with its cost from the price table (by `requested` when the reported model is unlisted)."""
+    table = current_prices()
+    return replace(result, cost_usd=table.cost(result.model, result.prompt_tokens, result.completion_tokens, requested))

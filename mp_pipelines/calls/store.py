@@ -363,13 +363,34 @@ def store_for_url(url: str) -> ResponseStore:
 
 def store_for(instance: Any) -> ResponseStore | None:
     """The store of an instance (see `cache_url`), or None when there is nowhere to keep answers or the
-    database cannot be reached (logged: runs go on without cache, checkpoints and a shared budget account)."""
+    database cannot be reached (logged: runs go on without cache and checkpoints)."""
+    return open_store(instance)[0]
+
+
+def open_store(instance: Any, *, warn: bool = True) -> tuple[ResponseStore | None, str | None]:
+    """(the store of an instance, None) or (None, why there is none, as a clause for a message).
+
+    The cache can do without a store, so a database that cannot be reached is only logged (unless `warn` is
+    false: a caller about to refuse says it better); what cannot do without one (a budget shared by several
+    processes) uses the reason to refuse, saying why."""
     url = cache_url(instance)
     if not url:
-        return None
+        configured = os.environ.get(CACHE_URL_ENV, "").strip()
+        return None, (f"{CACHE_URL_ENV} is {configured!r}" if configured
+                      else "the Dagster instance is ephemeral (it has no database to keep it in)")
     try:
-        return store_for_url(url)
-    except Exception as exc:  # noqa: BLE001
-        log.warning("LLM response store at %s is unavailable, running without it: %s",
-                    sa.engine.make_url(url).render_as_string(hide_password=True), exc)
-        return None
+        return store_for_url(url), None
+    except Exception as exc:  # noqa: BLE001 - whatever stops it opening, there is no store; the caller decides
+        where = _shown(url)
+        cause = (str(getattr(exc, "orig", None) or exc).strip().splitlines() or [type(exc).__name__])[0]
+        if warn:
+            log.warning("LLM response store at %s is unavailable, running without it: %s", where, cause)
+        return None, f"the response store at {where} cannot be opened ({cause})"
+
+
+def _shown(url: str) -> str:
+    """A database URL fit for messages: without its password (and not echoed at all when it does not parse)."""
+    try:
+        return sa.engine.make_url(url).render_as_string(hide_password=True)
+    except sa.exc.ArgumentError:
+        return f"{CACHE_URL_ENV} (not a database URL)"

@@ -19,6 +19,12 @@ if TYPE_CHECKING:
     from mp_pipelines.cli.running import RunOutcome
 
 
+class RunRefusedError(click.ClickException):
+    """A run refused before it started: exit 2, as for bad arguments, with the reason and no traceback."""
+
+    exit_code = 2
+
+
 def _echo_err(message: str) -> None:
     """Progress and warnings go to stderr, leaving stdout to results."""
     click.echo(message, err=True)
@@ -99,12 +105,15 @@ def show(workflow: str) -> None:
 def run(workflow: str, pairs: tuple[str, ...], input_file: str | None, as_json: bool, executor: str | None,
         **budget: Any) -> None:
     """Run WORKFLOW (a name or a YAML path) through Dagster and print each task's result."""
-    from mp_pipelines.cli.running import run_workflow
+    from mp_pipelines.cli.running import RunRefused, run_workflow
 
     _quiet_dagster_logs()
     spec, source = resolve_workflow(workflow)
     inputs = parse_inputs(spec, pairs, input_file)
-    outcome = run_workflow(spec, inputs, source=source, executor=executor, progress=_echo_err, budget=budget)
+    try:
+        outcome = run_workflow(spec, inputs, source=source, executor=executor, progress=_echo_err, budget=budget)
+    except RunRefused as exc:
+        raise RunRefusedError(str(exc)) from None
     _print_outcome(outcome, as_json)
 
 
@@ -115,13 +124,15 @@ def run(workflow: str, pairs: tuple[str, ...], input_file: str | None, as_json: 
 @budget_options
 def resume(run_id: str, force: bool, as_json: bool, **budget: Any) -> None:
     """Re-execute failed run RUN_ID from failure: only what failed runs again, and answers it got are not paid twice."""
-    from mp_pipelines.cli.running import ResumeError, resume_run
+    from mp_pipelines.cli.running import ResumeError, RunRefused, resume_run
 
     _quiet_dagster_logs()
     try:
         outcome = resume_run(run_id, force=force, budget=budget, progress=_echo_err)
     except ResumeError as exc:
         raise click.ClickException(str(exc)) from None
+    except RunRefused as exc:
+        raise RunRefusedError(str(exc)) from None
     _print_outcome(outcome, as_json)
 
 

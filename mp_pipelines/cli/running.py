@@ -89,10 +89,12 @@ def run_workflow(spec: WorkflowSpec, inputs: dict[str, Any], *, source: str | No
     token = uuid.uuid4().hex
     done = threading.Event()
     watcher = threading.Thread(target=_watch, args=(instance, token, done, progress), daemon=True)
-    if progress:
-        watcher.start()
+    config = run_config(inputs, executor, budget)
     try:
-        with dg.execute_job(job, instance=instance, run_config=run_config(inputs, executor, budget),
+        refuse_unsafe_run(spec, config, instance)
+        if progress:
+            watcher.start()
+        with dg.execute_job(job, instance=instance, run_config=config,
                             tags={RUN_TOKEN_TAG: token}, raise_on_error=False) as result:
             done.set()
             if progress:
@@ -102,6 +104,20 @@ def run_workflow(spec: WorkflowSpec, inputs: dict[str, Any], *, source: str | No
         done.set()
         if own_instance:
             instance.dispose()
+
+
+class RunRefused(RuntimeError):
+    """A run must not start (its budget would not hold); the message says why and how to fix it."""
+
+
+def refuse_unsafe_run(spec: WorkflowSpec, config: dict[str, Any], instance: dg.DagsterInstance) -> None:
+    """RunRefused, before anything runs, when the run's budget could not be enforced (see `factory.ops.run_refusal`)."""
+    from mp_pipelines.factory.ops import run_refusal
+    from mp_pipelines.llm.resource import build_llm_resource
+
+    reason = run_refusal(spec, config, instance, build_llm_resource().default_model)
+    if reason is not None:
+        raise RunRefused(f"workflow {spec.name}: {reason}")
 
 
 def summarize(result: dg.ExecuteJobResult, spec: WorkflowSpec, instance: dg.DagsterInstance,
@@ -222,6 +238,7 @@ def resume_run(run_id: str, *, instance: dg.DagsterInstance | None = None, force
         spec = loaded.specs[name]
         job = reconstructable_job(spec, source)
         config = with_budget(dict(run.run_config), budget)
+        refuse_unsafe_run(spec, config, instance)
         token = uuid.uuid4().hex
         tags = {k: v for k, v in run.tags.items() if not k.startswith("dagster/")}
         tags |= {RUN_TOKEN_TAG: token, RESUME_RETRY_TAG: "true"}  # as Dagster's own from-failure re-execution

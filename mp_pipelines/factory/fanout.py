@@ -26,6 +26,7 @@ from mp_pipelines.factory.ops import (
     Node,
     call_scope,
     chat_model,
+    failure_metadata,
     make_op,
     materialization,
     retry_policy,
@@ -35,6 +36,7 @@ from mp_pipelines.factory.ops import (
     task_deadline,
     upstream_ins,
 )
+from mp_pipelines.llm.types import LLMError
 from mp_pipelines.spec.inputs import load_table
 from mp_pipelines.spec.models import TaskSpec, WorkflowSpec
 from mp_pipelines.tasks.runner import build_context, preview, records
@@ -132,13 +134,18 @@ def build_shard_op(spec: WorkflowSpec, task: TaskSpec, upstream: list[str], pool
 
 def _run_items(context: dg.OpExecutionContext, spec: WorkflowSpec, task: TaskSpec, workflow_inputs: Mapping[str, Any],
                values: Mapping[str, Any], items: list[tuple[int, Any]], is_table: bool, breadth: int) -> list[ItemRecord]:
-    """Run items of the fan-out concurrently on the shared loop; their answers are stored before this returns."""
+    """Run items of the fan-out concurrently on the shared loop; their answers are stored before this returns.
+
+    An error that stops the whole fan-out (a refused key) fails the step at once, whatever `on_item_failure` says."""
     base = build_context(spec, workflow_inputs, values)
     scope = call_scope(context, spec, task, fanout=task.name, breadth=breadth)
     llm = chat_model(context)
     coro = run_shard(llm, spec, task, base, items, is_table=is_table, scope=scope,
                      deadline_of=lambda: task_deadline(task), log=context.log)
-    outcome = shared_loop().run(coro, should_stop=lambda: run_is_stopping(context))
+    try:
+        outcome = shared_loop().run(coro, should_stop=lambda: run_is_stopping(context))
+    except LLMError as exc:
+        raise dg.Failure(f"task {task.name}: {exc}", metadata=failure_metadata(exc), allow_retries=False) from None
     settle_writes(scope)
     for record in outcome:
         record.run_id = context.run_id
@@ -243,15 +250,25 @@ def _failed_text(item_records: pd.DataFrame) -> str:
     return _listing(item_records[item_records["status"] == "failed"].to_dict(orient="records"))
 
 
-def _policy_failure(task: TaskSpec, policy: str, min_ratio: float, item_records: pd.DataFrame,
+def _policy_failure(task: TaskSpec, policy: str, min_ratio: float | None, item_records: pd.DataFrame,
                     counts: Mapping[str, int], step_meta: Mapping[str, Any]) -> dg.Failure | None:
-    """The failure the task's `on_item_failure` / `min_success_ratio` calls for, if any."""
+    """The failure the task's `on_item_failure` / `min_success_ratio` calls for, if any.
+
+    Unset, `min_success_ratio` still asks for one success: a fan-out whose every item failed produced nothing,
+    and only an explicit `min_success_ratio: 0` says that is acceptable. Items the budget stopped are left to
+    the budget's own failure."""
     done, failed, stopped = (counts.get(k, 0) for k in ("success", "failed", "stopped"))
     attempted = done + failed + stopped
     if failed and policy == "fail":
         return dg.Failure(f"task {task.name}: {failed} item(s) failed: {_failed_text(item_records)}",
                           metadata={**step_meta, "error_kind": "item_failure"}, allow_retries=False)
-    if attempted and policy == "skip" and done / attempted < min_ratio:
+    if policy != "skip" or not attempted:
+        return None
+    if min_ratio is None and failed and not done:
+        return dg.Failure(f"task {task.name}: 0 of {attempted} item(s) succeeded; set min_success_ratio: 0 to accept "
+                          f"a fan-out where every item fails; failed: {_failed_text(item_records)}",
+                          metadata={**step_meta, "error_kind": "min_success_ratio"}, allow_retries=False)
+    if min_ratio is not None and done / attempted < min_ratio:
         return dg.Failure(f"task {task.name}: {done} of {attempted} item(s) succeeded ({done / attempted:.0%}), below "
                           f"its min_success_ratio of {min_ratio:.0%}; failed: {_failed_text(item_records)}",
                           metadata={**step_meta, "error_kind": "min_success_ratio"}, allow_retries=False)

@@ -3,14 +3,15 @@
 
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any, Callable, Iterable, Iterator, Mapping
 
 import dagster as dg
 
+from mp_pipelines.calls.budget import unshared_account
 from mp_pipelines.calls.call import CallScope
 from mp_pipelines.calls.deadline import TaskTimeout
-from mp_pipelines.calls.pricing import current_prices
-from mp_pipelines.calls.store import store_for
+from mp_pipelines.calls.pricing import current_prices, unpriced_under_budget
+from mp_pipelines.calls.store import open_store
 from mp_pipelines.calls.usage import Usage
 from mp_pipelines.factory.names import (
     BUDGET_RESOURCE_KEY,
@@ -18,11 +19,12 @@ from mp_pipelines.factory.names import (
     LLM_RESOURCE_KEY,
     PROMPT_RESOURCE_KEYS,
     WORKFLOW_TAG,
+    executor_kind,
 )
 from mp_pipelines.factory.resources import RunBudget
 from mp_pipelines.llm.types import ChatModel, LimitSettings, LLMError
 from mp_pipelines.spec.inputs import coerce_input, resolve_path
-from mp_pipelines.spec.models import InputSpec, TaskSpec, WorkflowSpec
+from mp_pipelines.spec.models import BudgetSpec, InputSpec, TaskSpec, WorkflowSpec
 from mp_pipelines.spec.templates import TemplateError
 from mp_pipelines.tasks.runner import TaskRun, build_context, condition_holds, preview, run_task
 
@@ -108,18 +110,57 @@ def llm_pool(provider: str, spec: WorkflowSpec, task: TaskSpec) -> str:
 def call_scope(context: dg.OpExecutionContext, spec: WorkflowSpec, task: TaskSpec, *, fanout: str | None = None,
                breadth: int | None = None) -> CallScope:
     """Everything a call of this op runs under: the run's workflow `limits` over the resource's defaults, its
-    budget, the task's cache policy, and the run family for checkpoints."""
+    budget, the task's cache policy, and the run family for checkpoints.
+
+    A budget that would not hold here (see `budget_refusal`) fails the step before its first call."""
     llm = chat_model(context)
     run_limits = None
     if spec.limits is not None:
         run_limits = llm.limit_settings().merged(LimitSettings(**spec.limits.model_dump()))
-    budget: RunBudget = getattr(context.resources, BUDGET_RESOURCE_KEY)
+    resource: RunBudget = getattr(context.resources, BUDGET_RESOURCE_KEY)
     current_prices()  # a bad MP_PRICES_FILE fails the step here, before any call is paid for
+    budget = resource.over(spec)
+    store, no_store = open_store(context.instance)
+    refusal = budget_refusal(budget, context.run_config, no_store, [spec.settings_for(task).model or llm.default_model])
+    if refusal is not None:
+        raise dg.Failure(f"task {task.name}: {refusal}", metadata={"error_kind": "budget"}, allow_retries=False)
     run = context.dagster_run
-    return CallScope(budget.run_calls(context.run_id), run_limits, fanout, breadth, budget=budget.over(spec),
-                     store=store_for(context.instance), cache_policy=spec.cache_policy(task),
+    return CallScope(resource.run_calls(context.run_id), run_limits, fanout, breadth, budget=budget,
+                     store=store, cache_policy=spec.cache_policy(task),
                      root_run_id=run.root_run_id or run.run_id, resuming=is_resume(run), workflow=spec.name,
                      task=task.name, repair_attempts=task.repair_attempts, task_timeout=task.timeout)
+
+
+def budget_refusal(budget: BudgetSpec, run_config: Mapping[str, Any], no_store: str | None,
+                   models: Iterable[str]) -> str | None:
+    """Why `budget` would not hold for calls to `models`, or None.
+
+    Without a store (`no_store` says why) the account lives in each process, so it holds the run only when every
+    step runs in one process: the multiprocess executor's step processes would each spend the whole budget. A cost
+    limit cannot be measured against a model that has no price."""
+    if budget.unlimited:
+        return None
+    if no_store is not None and executor_kind(run_config) == "multiprocess":
+        return unshared_account(budget, no_store)
+    for model in sorted(set(models)):
+        reason = unpriced_under_budget(model, budget.max_cost_usd)
+        if reason is not None:
+            return reason
+    return None
+
+
+def run_refusal(spec: WorkflowSpec, run_config: Mapping[str, Any], instance: dg.DagsterInstance,
+                default_model: str) -> str | None:
+    """Why a run of `spec` with `run_config` must not start (its budget would not hold), or None: for a launcher
+    that can refuse before the run exists. Every prompt op checks the same before its first call."""
+    configured = ((run_config.get("resources") or {}).get(BUDGET_RESOURCE_KEY) or {}).get("config") or {}
+    budget = RunBudget(**configured).over(spec)
+    if budget.unlimited:
+        return None
+    # Opening the store only matters, and is only paid for, when the steps run in separate processes.
+    no_store = open_store(instance, warn=False)[1] if executor_kind(run_config) == "multiprocess" else None
+    models = [spec.settings_for(task).model or default_model for task in spec.all_tasks()]
+    return budget_refusal(budget, run_config, no_store, models)
 
 
 def is_resume(run: dg.DagsterRun) -> bool:

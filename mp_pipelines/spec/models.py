@@ -142,7 +142,9 @@ class FailurePolicy(_Strict):
     on_item_failure: ItemFailurePolicy | None = Field(
         default=None, description="fail: the task fails (default); skip: failed items are listed and left out.")
     min_success_ratio: float | None = Field(
-        default=None, ge=0.0, le=1.0, description="With skip: the task still fails below this share of successes.")
+        default=None, ge=0.0, le=1.0,
+        description="With skip: the task still fails below this share of successes (unset: when none succeeded; "
+        "0 explicitly: never).")
     cache: CachePolicy | None = Field(
         default=None, description="Response cache: read_write (default at temperature 0, else off), read, write, off.")
 
@@ -306,11 +308,14 @@ class WorkflowSpec(FailurePolicy):
             return chosen
         return "read_write" if self.settings_for(task).temperature == 0 else "off"
 
-    def failure_policy(self, task: TaskSpec) -> tuple[ItemFailurePolicy, float]:
-        """(on_item_failure, min_success_ratio) of a fan-out task, the workflow's filling the task's gaps."""
+    def failure_policy(self, task: TaskSpec) -> tuple[ItemFailurePolicy, float | None]:
+        """(on_item_failure, min_success_ratio) of a fan-out task, the workflow's filling the task's gaps.
+
+        The ratio is None when neither sets it, so that the default (at least one success) stays apart from an
+        explicit `min_success_ratio: 0` (no success needed)."""
         policy = task.on_item_failure or self.on_item_failure or "fail"
         ratio = task.min_success_ratio if task.min_success_ratio is not None else self.min_success_ratio
-        return policy, ratio if ratio is not None else 0.0
+        return policy, ratio
 
     def to_yaml(self) -> str:
         """The spec as YAML that loads back to an equal spec."""

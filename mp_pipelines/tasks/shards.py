@@ -24,6 +24,9 @@ from mp_pipelines.tasks.runner import arun_task
 MAX_RETRY_DELAY = 3600.0  # seconds
 MAX_STEPS_PER_FANOUT = 32  # default: small fan-outs keep one step per item, larger ones ≤ this many shards
 WAVES_PER_SHARD = 4  # default shards hold at least this many times the fan-out's breadth
+# Errors that every other item of the fan-out would meet too (a refused key): the shard stops at the first one
+# instead of recording, and paying for, the same refusal item by item.
+STOPS_THE_FAN_OUT = frozenset({"authentication"})
 
 
 def shard_size(task: TaskSpec, items: int, breadth: int = 1) -> int:
@@ -80,7 +83,8 @@ def retry_delay(retries: RetrySpec, attempt: int, rand: Callable[[], float] = ra
 async def run_item(model: ChatModel, spec: WorkflowSpec, task: TaskSpec, base_context: Mapping[str, Any], index: int,
                    item: Any, *, scope: CallScope, label: str, deadline_of: Callable[[], float | None],
                    retries: RetrySpec | None, row: Any, log: logging.Logger | Any) -> ItemRecord:
-    """One item: its `when`, then its call with up to `retries.max_retries` retries; never raises for item errors."""
+    """One item: its `when`, then its call with up to `retries.max_retries` retries. Item errors are recorded, except
+    those in STOPS_THE_FAN_OUT, which are raised."""
     context = {**base_context, "item": item, "item_index": index}
     record = ItemRecord(index=index, status="failed", row=row)
     try:
@@ -99,6 +103,8 @@ async def run_item(model: ChatModel, spec: WorkflowSpec, task: TaskSpec, base_co
             record.error, record.error_kind, record.retryable = f"template error: {exc}", "template", False
             return record
         except (LLMError, TaskTimeout) as exc:
+            if isinstance(exc, LLMError) and exc.kind in STOPS_THE_FAN_OUT:
+                raise
             _record_failure(record, exc)
             if record.status == "stopped" or not record.retryable or attempt == max_attempts or retries is None:
                 return record
@@ -131,13 +137,21 @@ def _record_failure(record: ItemRecord, exc: LLMError | TaskTimeout) -> None:
 async def run_shard(model: ChatModel, spec: WorkflowSpec, task: TaskSpec, base_context: Mapping[str, Any],
                     items: list[tuple[int, Any]], *, is_table: bool, scope: CallScope,
                     deadline_of: Callable[[], float | None], log: Any) -> list[ItemRecord]:
-    """Every item of a shard concurrently (the scope's breadth and limits decide how many calls fly)."""
+    """Every item of a shard concurrently (the scope's breadth and limits decide how many calls fly).
+
+    An error in STOPS_THE_FAN_OUT cancels the other items and is raised as itself."""
     retries = task.retries if len(items) > 1 else None
-    # A TaskGroup, not gather: should one item raise unexpectedly, the others are cancelled rather than left
-    # making paid calls for a step that has already failed.
-    async with asyncio.TaskGroup() as group:
-        tasks = [group.create_task(run_item(model, spec, task, base_context, index, item, scope=scope,
-                                            label=f"{task.name}[{index}]", deadline_of=deadline_of, retries=retries,
-                                            row=item if is_table else None, log=log))
-                 for index, item in items]
+    # A TaskGroup, not gather: when one item raises, the others are cancelled rather than left making paid calls
+    # for a step that has already failed.
+    try:
+        async with asyncio.TaskGroup() as group:
+            tasks = [group.create_task(run_item(model, spec, task, base_context, index, item, scope=scope,
+                                                label=f"{task.name}[{index}]", deadline_of=deadline_of,
+                                                retries=retries, row=item if is_table else None, log=log))
+                     for index, item in items]
+    except BaseExceptionGroup as group_error:
+        stopping = group_error.subgroup(lambda e: isinstance(e, LLMError) and e.kind in STOPS_THE_FAN_OUT)
+        if stopping is None:
+            raise
+        raise stopping.exceptions[0] from None  # run_item raises no groups: the items' errors are flat here
     return [t.result() for t in tasks]
