@@ -9,17 +9,24 @@ import logging
 import os
 import subprocess
 import sys
+import threading
+import time
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import dagster as dg
 import pytest
+from click.testing import CliRunner
 from dagster._serdes import serialize_value  # dagster 1.13.27: the form events and runs are stored in
 
+from mp_pipelines.cli.main import main
 from mp_pipelines.cli.running import local_instance
 from mp_pipelines.llm.client import LLMClient
 from mp_pipelines.llm.redact import redact, split_credentials
 from mp_pipelines.llm.types import LLMError, LLMRequest
 from mp_pipelines_tests.fault_server import RunningServer
+from mp_pipelines_tests.services import free_port
 from mp_pipelines_tests.workflow_helpers import materializations, write_workflow
 
 USER, PASSWORD = "alice", "hunter2-Canary-pw"
@@ -114,3 +121,106 @@ def assert_run_keeps_the_credentials(instance: dg.DagsterInstance, run_id: str) 
         assert_no_credentials(f"event {entry.dagster_event_type}", serialize_value(entry) + str(entry))
     assert_no_credentials("the run (config and tags)", serialize_value(instance.get_run_by_id(run_id)))
     assert_no_credentials("materializations", serialize_value(materializations(instance, run_id)))
+
+
+# --- remote commands: overall deadline, credentials in --url ---------------------------------------------------------
+
+
+class _StubHandler(BaseHTTPRequestHandler):
+    """Answers every POST as its server's `mode` says, and records the Authorization header it got."""
+
+    server: _StubServer
+
+    def do_POST(self) -> None:
+        self.rfile.read(int(self.headers.get("content-length") or 0))
+        self.server.authorizations.append(self.headers.get("authorization"))
+        if self.server.mode == "trickle":
+            self._trickle(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 2\r\n\r\n{}")
+            return
+        body = json.dumps({"data": {"pipelineRunOrError": {"__typename": "Run", "status": "SUCCESS"}}}).encode()
+        self.send_response(200)
+        self.send_header("content-type", "application/json")
+        self.send_header("content-length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def _trickle(self, data: bytes) -> None:
+        """One byte every TRICKLE_INTERVAL s: each read gets something, so only an overall deadline ends it.
+        Stops by itself after TRICKLE_LIMIT s, or when the client has gone or the test is over."""
+        started = time.monotonic()
+        for byte in data:
+            if time.monotonic() - started > TRICKLE_LIMIT or self.server.stopping.wait(TRICKLE_INTERVAL):
+                break
+            try:
+                self.wfile.write(bytes([byte]))
+                self.wfile.flush()
+            except OSError:  # the client gave up and closed the connection
+                break
+        self.close_connection = True
+
+    def log_message(self, format: str, *args: object) -> None:  # keep the test output to what matters
+        pass
+
+
+TRICKLE_INTERVAL = 0.2  # seconds between two bytes
+TRICKLE_LIMIT = 30.0  # seconds a trickled answer may last (the old per-read timeout of 30 s never fired)
+
+
+class _StubServer(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def __init__(self) -> None:
+        super().__init__(("127.0.0.1", 0), _StubHandler)
+        self.mode = "status"
+        self.authorizations: list[str | None] = []
+        self.stopping = threading.Event()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}"
+
+
+@pytest.fixture
+def stub_webserver() -> Iterator[_StubServer]:
+    """A loopback HTTP server standing in for a Dagster webserver: it trickles its answer or answers a run status."""
+    server = _StubServer()
+    thread = threading.Thread(target=server.serve_forever, name="stub-webserver", daemon=True)
+    thread.start()
+    try:
+        yield server
+    finally:
+        server.stopping.set()
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=10)
+
+
+@pytest.mark.parametrize("args", [["status", "some-run"], ["cancel", "some-run"], ["reload"],
+                                  ["launch", "research_report", "-i", "topic=x"]])
+def test_remote_commands_stop_at_their_overall_deadline(stub_webserver: _StubServer, args: list[str]) -> None:
+    stub_webserver.mode = "trickle"
+    started = time.monotonic()
+    result = CliRunner().invoke(main, [*args, "--url", stub_webserver.url, "--timeout", "1.5"])
+    elapsed = time.monotonic() - started
+    assert result.exit_code == 1, result.output
+    assert (f"the Dagster webserver at {stub_webserver.url} did not answer within the command's deadline of 1.5 s "
+            "(raise it with --timeout)") in result.output
+    assert "Traceback" not in result.output and stub_webserver.authorizations  # it did reach the server
+    assert elapsed < 1.5 + 5, f"took {elapsed:.1f} s"  # not TRICKLE_LIMIT: the trickle never ended it
+
+
+def test_url_credentials_of_remote_commands_are_sent_as_basic_auth_and_never_printed(
+        stub_webserver: _StubServer) -> None:
+    url = with_credentials(stub_webserver.url)
+    result = CliRunner().invoke(main, ["status", "run-1", "--url", url])
+    assert result.exit_code == 0 and result.stdout.strip() == "run run-1: SUCCESS", result.output
+    assert stub_webserver.authorizations == [f"Basic {TOKEN}"]
+    closed = f"http://127.0.0.1:{free_port()}"
+    for args, message in (
+            (["status", "x", "--url", with_credentials(closed)], f"cannot reach the Dagster webserver at {closed}:"),
+            (["reload", "--url", with_credentials(closed) + "/prefix"], f"at {closed}/prefix: connection refused"),
+            (["status", "x", "--url", f"ftp://{USER}:{PASSWORD}@host"], "--url 'ftp://***@host' is not an http(s) URL"),
+            (["status", "x", "--url", f"{USER}:{PASSWORD}@[::1"], "--url 'http://***@[::1' has an invalid port or host")):
+        result = CliRunner().invoke(main, args)
+        assert result.exit_code == 1 and message in result.output, result.output
+        assert_no_credentials("the CLI's output", result.output)

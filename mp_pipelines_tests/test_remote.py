@@ -174,3 +174,19 @@ def test_remote_inputs_are_typed_by_the_local_spec_else_read_as_yaml(tmp_path: P
         parse_remote_inputs("research_report", [], str(inputs))
     assert parse_remote_inputs("only_on_the_server", ["rounds=3", "topic=sea"], str(inputs)) == {
         "topic": "sea", "extra": {"a": 1}, "rounds": 3}
+
+
+def test_credentials_in_the_url_are_used_but_never_printed(server: Server, cli: CliRunner) -> None:
+    url = server.services.url
+    secret_url = url.replace("http://", "http://alice:s3cret-pw@", 1)
+    launched = invoke(cli, "launch", "slow_probe", "--url", secret_url, "--executor", "in_process", "--json")
+    assert launched.exit_code == 0, launched.output
+    run_id = json.loads(launched.stdout)["run_id"]
+    assert json.loads(launched.stdout)["url"] == f"{url}/runs/{run_id}"
+    outputs = [launched.output]
+    for args, expected in ((["status", run_id], f"run {run_id}: "), (["cancel", run_id], "cancel requested"),
+                           (["reload"], f"reloaded code location {LOCATION} on {url}")):
+        result = invoke(cli, *args, "--url", secret_url)
+        assert result.exit_code == 0 and expected in result.stdout, result.output
+        outputs.append(result.output)
+    assert not any("s3cret-pw" in output or "alice" in output for output in outputs)

@@ -1,181 +1,269 @@
 """Remote operations over a running Dagster webserver's GraphQL API: launch, status, cancel, reload.
 
-They use dagster-graphql's `DagsterGraphQLClient` (docs/api.md maps REST-style calls onto them).
-Errors are one sentence naming the URL or run.
+They use dagster-graphql's `DagsterGraphQLClient` (docs/api.md maps REST-style calls onto them) over a transport
+of this module that gives each command one overall deadline (`--timeout`): a timeout per read would let a
+webserver that trickles its answer keep a command waiting for ever. `user:password@` in `--url` is sent as HTTP
+Basic auth and never shown. Errors are one sentence naming the URL or run.
 """
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 import click
 
 from mp_pipelines.cli.args import executor_option, input_options, parse_pairs, parse_remote_inputs
+from mp_pipelines.llm.redact import redact, split_credentials
 
 if TYPE_CHECKING:
-    from dagster_graphql import DagsterGraphQLClient
+    from gql.transport import Transport
 
 URL_ENV = "MP_DAGSTER_URL"
 DEFAULT_URL = "http://127.0.0.1:3000"
+DEFAULT_TIMEOUT = 60.0  # seconds one command may spend on the webserver's answers (with --wait: on top of it)
 FINISHED = {"SUCCESS", "FAILURE", "CANCELED"}
-_REQUEST_TIMEOUT = 30  # seconds per GraphQL request
 
 
 class RemoteError(click.ClickException):
     """A remote operation failed; the message says what and where."""
 
 
+class DeadlinePassed(Exception):
+    """The command's deadline passed before the webserver had answered."""
+
+
 @dataclass(frozen=True)
 class Endpoint:
     """Where a webserver's GraphQL API is: host, port, https and path prefix from a URL."""
 
-    url: str
+    url: str  # without user:password: the form every message shows
     hostname: str
     port: int | None
     use_https: bool
     path_prefix: str
+    credentials: tuple[str, str] | None = field(default=None, repr=False)  # (user, password) for HTTP Basic auth
 
     @classmethod
     def parse(cls, url: str) -> Endpoint:
         """The endpoint of `url` (`host:port` means http); RemoteError when it is not an http(s) URL."""
         text = url.strip().rstrip("/")
-        parts = urlsplit(text if "://" in text else f"http://{text}")
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise RemoteError(f"--url {url!r} is not an http(s) URL such as http://127.0.0.1:3000")
+        text = text if "://" in text else f"http://{text}"
+        shown = redact(text)  # no user:password, even in a URL too broken to split
         try:
+            parts = urlsplit(text)
             port = parts.port
         except ValueError:
-            raise RemoteError(f"--url {url!r} has an invalid port") from None
-        prefix = parts.path.rstrip("/")
-        prefix = prefix.removesuffix("/graphql")
-        return cls(f"{parts.scheme}://{parts.netloc}{prefix}", parts.hostname, port, parts.scheme == "https", prefix)
+            raise RemoteError(f"--url {shown!r} has an invalid port or host") from None
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise RemoteError(f"--url {shown!r} is not an http(s) URL such as http://127.0.0.1:3000")
+        prefix = parts.path.rstrip("/").removesuffix("/graphql")
+        split = split_credentials(f"{parts.scheme}://{parts.netloc}{prefix}")
+        credentials = (split.username, split.password) if split.present else None
+        return cls(split.public_url, parts.hostname, port, parts.scheme == "https", prefix, credentials)
 
 
-def client_for(url: str) -> DagsterGraphQLClient:
-    """A DagsterGraphQLClient for the webserver at `url`."""
-    from dagster_graphql import DagsterGraphQLClient
+@dataclass(frozen=True)
+class Deadline:
+    """When one command must be done with the webserver."""
 
-    endpoint = Endpoint.parse(url)
-    return DagsterGraphQLClient(endpoint.hostname, port_number=endpoint.port, use_https=endpoint.use_https,
-                                timeout=_REQUEST_TIMEOUT, path_prefix=endpoint.path_prefix)
+    seconds: float
+    at: float
+
+    @classmethod
+    def after(cls, seconds: float) -> Deadline:
+        return cls(seconds, time.monotonic() + seconds)
+
+    def remaining(self) -> float:
+        return self.at - time.monotonic()
 
 
-def _explain(exc: Exception, url: str, run_id: str | None = None, job: str | None = None) -> RemoteError:
-    """One clear sentence for a DagsterGraphQLClientError (or anything the client raised)."""
-    import requests
+def post_json(endpoint: Endpoint, payload: dict[str, Any], deadline: Deadline) -> tuple[int, bytes]:
+    """POST `payload` to the endpoint's /graphql: (status, body). DeadlinePassed once the deadline passes, however
+    slowly the answer comes (the request is cancelled, which closes its connection); httpx errors otherwise."""
+    import httpx
 
-    causes = []
+    remaining = deadline.remaining()
+    if remaining <= 0:
+        raise DeadlinePassed
+    auth = httpx.BasicAuth(*endpoint.credentials) if endpoint.credentials else None
+
+    async def send() -> tuple[int, bytes]:
+        async with httpx.AsyncClient(auth=auth, timeout=remaining) as client:
+            response = await client.post(f"{endpoint.url}/graphql", json=payload)
+            return response.status_code, response.content
+
+    try:
+        return asyncio.run(asyncio.wait_for(send(), remaining))
+    except (TimeoutError, httpx.TimeoutException):
+        raise DeadlinePassed from None
+
+
+@functools.cache
+def _transport_class() -> type[Transport]:
+    """The gql transport posting through `post_json` (made on first use: gql is imported only by remote commands)."""
+    from gql.transport import Transport
+    from gql.transport.exceptions import TransportProtocolError, TransportServerError
+    from graphql import ExecutionResult
+
+    class DeadlineTransport(Transport):
+        """One POST per GraphQL request, all of them within the command's deadline."""
+
+        def __init__(self, endpoint: Endpoint, deadline: Deadline) -> None:
+            self.endpoint, self.deadline = endpoint, deadline
+
+        def execute(self, request: Any, *args: Any, **kwargs: Any) -> ExecutionResult:
+            status, body = post_json(self.endpoint, request.payload, self.deadline)
+            try:
+                result = json.loads(body)
+            except ValueError:
+                result = None
+            if not isinstance(result, dict) or not ("data" in result or "errors" in result):
+                if status >= 400:  # as gql's own HTTP transports: a non-GraphQL error answer is a server error
+                    raise TransportServerError(f"HTTP {status}", status)
+                raise TransportProtocolError(f"HTTP {status} without a GraphQL result")
+            return ExecutionResult(data=result.get("data"), errors=result.get("errors"),
+                                   extensions=result.get("extensions"))
+
+    return DeadlineTransport
+
+
+def _causes(exc: BaseException) -> list[BaseException]:
+    causes: list[BaseException] = []
     link: BaseException | None = exc
     while link is not None and len(causes) < 10:
         causes.append(link)
         link = link.__cause__ or link.__context__
-    kind = exc.args[0] if exc.args else ""
-    detail = exc.args[1] if len(exc.args) > 1 else ""
-    if any(isinstance(c, requests.exceptions.Timeout) for c in causes):
-        return RemoteError(f"the Dagster webserver at {url} did not answer within {_REQUEST_TIMEOUT} s")
-    if any(isinstance(c, requests.exceptions.ConnectionError) for c in causes) or "Error when connecting" in str(kind):
-        refused = next((c for c in causes if isinstance(c, ConnectionRefusedError)), None)
-        reason = "connection refused" if refused else "connection failed"
-        return RemoteError(f"cannot reach the Dagster webserver at {url}: {reason}; "
-                           "is `dagster-webserver` running there (check --url or MP_DAGSTER_URL)?")
-    if kind in ("RunNotFoundError", "PipelineRunNotFoundError") or (run_id and "not found" in str(detail).lower()):
-        return RemoteError(f"no run with id {run_id!r} on {url}")
-    if kind in ("JobNotFoundError", "PipelineNotFoundError"):
-        return RemoteError(f"no workflow job named {job!r} on {url}; add its file to MP_WORKFLOWS_PATH there "
-                           "and run `mp-pipelines reload`")
-    if kind == "TerminateRunFailure":
-        return RemoteError(f"run {run_id} cannot be cancelled: {detail}")
-    if kind in ("RunConfigValidationInvalid", "PipelineConfigValidationInvalid"):
-        messages = [e.get("message", str(e)) if isinstance(e, dict) else str(e) for e in (detail or [])]
-        return RemoteError("the webserver rejected the run config: " + "; ".join(messages))
-    if "Server error" in str(kind) or "Exception occured" in str(kind):
-        return RemoteError(f"the webserver at {url} failed to answer the request ({str(kind).splitlines()[0]}); "
-                           "is this the Dagster webserver's URL?")
-    text = f"{kind}: {detail}" if detail else str(kind or exc)
-    return RemoteError(f"request to {url} failed: {text}")
+    return causes
 
 
-def _call(url: str, action: str, **kwargs: Any) -> Any:
-    """`action` of the GraphQL client with `kwargs`; its errors become one RemoteError sentence."""
-    from dagster_graphql import DagsterGraphQLClientError
+class Webserver:
+    """A Dagster webserver's GraphQL API as one command sees it: its endpoint and the command's deadline."""
 
-    client = client_for(url)
-    try:
-        return getattr(client, action)(**kwargs)
-    except DagsterGraphQLClientError as exc:
-        raise _explain(exc, Endpoint.parse(url).url, kwargs.get("run_id"), kwargs.get("job_name")) from None
+    def __init__(self, url: str, timeout: float = DEFAULT_TIMEOUT, *, wait: float = 0.0) -> None:
+        self.endpoint = Endpoint.parse(url)
+        self.timeout = timeout
+        self.deadline = Deadline.after(timeout + wait)
 
+    @property
+    def url(self) -> str:
+        return self.endpoint.url
 
-def launch_run(url: str, workflow: str, inputs: dict[str, Any], *, tags: dict[str, str] | None = None,
+    def explain(self, exc: Exception, run_id: str | None = None, job: str | None = None) -> RemoteError:
+        """One clear sentence for a DagsterGraphQLClientError (or anything the client raised)."""
+        import httpx
+
+        causes, url = _causes(exc), self.url
+        kind = exc.args[0] if exc.args else ""
+        detail = exc.args[1] if len(exc.args) > 1 else ""
+        if any(isinstance(c, DeadlinePassed) for c in causes):
+            return RemoteError(f"the Dagster webserver at {url} did not answer within the command's deadline of "
+                               f"{self.deadline.seconds:g} s (raise it with --timeout)")
+        if any(isinstance(c, httpx.TransportError) for c in causes) or "Error when connecting" in str(kind):
+            refused = any(isinstance(c, ConnectionRefusedError) or "refused" in str(c) for c in causes)
+            reason = "connection refused" if refused else "connection failed"
+            return RemoteError(f"cannot reach the Dagster webserver at {url}: {reason}; "
+                               "is `dagster-webserver` running there (check --url or MP_DAGSTER_URL)?")
+        if kind in ("RunNotFoundError", "PipelineRunNotFoundError") or (run_id and "not found" in str(detail).lower()):
+            return RemoteError(f"no run with id {run_id!r} on {url}")
+        if kind in ("JobNotFoundError", "PipelineNotFoundError"):
+            return RemoteError(f"no workflow job named {job!r} on {url}; add its file to MP_WORKFLOWS_PATH there "
+                               "and run `mp-pipelines reload`")
+        if kind == "TerminateRunFailure":
+            return RemoteError(f"run {run_id} cannot be cancelled: {redact(str(detail))}")
+        if kind in ("RunConfigValidationInvalid", "PipelineConfigValidationInvalid"):
+            messages = [e.get("message", str(e)) if isinstance(e, dict) else str(e) for e in (detail or [])]
+            return RemoteError("the webserver rejected the run config: " + redact("; ".join(messages)))
+        if "Server error" in str(kind) or "Exception occured" in str(kind):
+            return RemoteError(f"the webserver at {url} failed to answer the request "
+                               f"({redact(str(kind).splitlines()[0])}); is this the Dagster webserver's URL?")
+        text = f"{kind}: {detail}" if detail else str(kind or exc)
+        return RemoteError(f"request to {url} failed: {redact(text)}")
+
+    def _call(self, action: str, **kwargs: Any) -> Any:
+        """`action` of the GraphQL client with `kwargs`; its errors become one RemoteError sentence."""
+        from dagster_graphql import DagsterGraphQLClient, DagsterGraphQLClientError
+
+        endpoint = self.endpoint
+        client = DagsterGraphQLClient(endpoint.hostname, port_number=endpoint.port, use_https=endpoint.use_https,
+                                      path_prefix=endpoint.path_prefix,
+                                      transport=_transport_class()(endpoint, self.deadline))
+        try:
+            return getattr(client, action)(**kwargs)
+        except DagsterGraphQLClientError as exc:
+            raise self.explain(exc, kwargs.get("run_id"), kwargs.get("job_name")) from None
+
+    def launch(self, workflow: str, inputs: dict[str, Any], *, tags: dict[str, str] | None = None,
                executor: str | None = None) -> str:
-    """Submit a run of `workflow` (its job) with `inputs`; returns the run id."""
-    from mp_pipelines.cli.config import run_config
+        """Submit a run of `workflow` (its job) with `inputs`; returns the run id."""
+        from mp_pipelines.cli.config import run_config
 
-    # The server's own console log level applies: only the local CLI quiets Dagster's console logger.
-    config = run_config(inputs, executor, console_log_level=None)
-    return _call(url, "submit_job_execution", job_name=workflow, run_config=config, tags=tags or None)
+        # The server's own console log level applies: only the local CLI quiets Dagster's console logger.
+        config = run_config(inputs, executor, console_log_level=None)
+        return self._call("submit_job_execution", job_name=workflow, run_config=config, tags=tags or None)
 
+    def status(self, run_id: str) -> str:
+        """The run's status name (QUEUED, STARTED, SUCCESS, FAILURE, CANCELED, …)."""
+        return self._call("get_run_status", run_id=run_id).value
 
-def run_status(url: str, run_id: str) -> str:
-    """The run's status name (QUEUED, STARTED, SUCCESS, FAILURE, CANCELED, …)."""
-    return _call(url, "get_run_status", run_id=run_id).value
+    def cancel(self, run_id: str) -> None:
+        """Terminate a queued or running run."""
+        self._call("terminate_run", run_id=run_id)
 
+    def wait(self, run_id: str, seconds: float, poll: float = 1.0) -> str:
+        """Poll until the run finishes; its final status. RemoteError after `seconds`."""
+        until = time.monotonic() + seconds
+        while True:
+            status = self.status(run_id)
+            if status in FINISHED:
+                return status
+            left = until - time.monotonic()
+            if left <= 0:
+                raise RemoteError(f"run {run_id} is still {status} after {seconds:g} s")
+            time.sleep(min(poll, left))
 
-def cancel_run(url: str, run_id: str) -> None:
-    """Terminate a queued or running run."""
-    _call(url, "terminate_run", run_id=run_id)
+    def location_names(self) -> list[str]:
+        """The code locations the webserver serves."""
+        import httpx
 
+        query = "{ workspaceOrError { __typename ... on Workspace { locationEntries { name } } } }"
+        try:
+            status, body = post_json(self.endpoint, {"query": query}, self.deadline)
+        except (DeadlinePassed, httpx.TransportError) as exc:
+            raise self.explain(exc) from None
+        try:
+            entries = json.loads(body)["data"]["workspaceOrError"]["locationEntries"]
+            return [entry["name"] for entry in entries]
+        except (KeyError, TypeError, ValueError):
+            raise RemoteError(f"could not list the code locations of {self.url}: HTTP {status} without a "
+                              "workspace in the answer; is this the Dagster webserver's URL?") from None
 
-def wait_for_run(url: str, run_id: str, timeout: float, poll: float = 1.0) -> str:
-    """Poll until the run finishes; its final status. RemoteError after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        status = run_status(url, run_id)
-        if status in FINISHED:
-            return status
-        if time.monotonic() >= deadline:
-            raise RemoteError(f"run {run_id} is still {status} after {timeout:g} s")
-        time.sleep(poll)
-
-
-def location_names(url: str) -> list[str]:
-    """The code locations the webserver serves."""
-    import requests
-
-    endpoint = Endpoint.parse(url)
-    try:
-        response = requests.post(f"{endpoint.url}/graphql", timeout=_REQUEST_TIMEOUT, json={
-            "query": "{ workspaceOrError { __typename ... on Workspace { locationEntries { name } } } }"})
-        response.raise_for_status()
-        entries = response.json()["data"]["workspaceOrError"]["locationEntries"]
-    except (requests.exceptions.ConnectionError, requests.exceptions.Timeout) as exc:
-        raise _explain(exc, endpoint.url) from None
-    except (requests.exceptions.RequestException, KeyError, TypeError, ValueError) as exc:
-        raise RemoteError(f"could not list the code locations of {endpoint.url}: {exc}") from None
-    return [entry["name"] for entry in entries]
-
-
-def reload_location(url: str, location: str | None = None) -> str:
-    """Reload a code location (default: the only one) so new or removed workflow files show; its name."""
-    if location is None:
-        names = location_names(url)
-        if len(names) != 1:
-            raise RemoteError(f"{url} serves {len(names)} code locations ({', '.join(names) or 'none'}); "
-                              "name one with --location")
-        location = names[0]
-    info = _call(url, "reload_repository_location", repository_location_name=location)
-    if info.status.value != "SUCCESS":
-        raise RemoteError(f"reloading code location {location!r} on {url} failed: "
-                          f"{info.failure_type or ''} {info.message or ''}".strip())
-    return location
+    def reload(self, location: str | None = None) -> str:
+        """Reload a code location (default: the only one) so new or removed workflow files show; its name."""
+        if location is None:
+            names = self.location_names()
+            if len(names) != 1:
+                raise RemoteError(f"{self.url} serves {len(names)} code locations ({', '.join(names) or 'none'}); "
+                                  "name one with --location")
+            location = names[0]
+        info = self._call("reload_repository_location", repository_location_name=location)
+        if info.status.value != "SUCCESS":
+            raise RemoteError(f"reloading code location {location!r} on {self.url} failed: "
+                              f"{info.failure_type or ''} {redact(info.message or '')}".strip())
+        return location
 
 
 _url_option = click.option("--url", envvar=URL_ENV, default=DEFAULT_URL, show_default=True,
                            help=f"The Dagster webserver (or set {URL_ENV}).")
+_timeout_option = click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=DEFAULT_TIMEOUT,
+                               show_default=True, metavar="SECONDS",
+                               help="Most seconds the command may wait for the webserver's answers, all of them "
+                                    "together (with --wait, on top of the wait).")
 
 
 @click.command("launch")
@@ -184,17 +272,20 @@ _url_option = click.option("--url", envvar=URL_ENV, default=DEFAULT_URL, show_de
 @input_options
 @click.option("--tag", "tag_pairs", multiple=True, metavar="KEY=VALUE", help="A run tag; repeatable.")
 @executor_option
-@click.option("--wait", "wait_seconds", type=float, default=None, metavar="SECONDS",
+@click.option("--wait", "wait_seconds", type=click.FloatRange(min=0), default=None, metavar="SECONDS",
               help="Wait up to SECONDS for the run to finish; exit 1 unless it succeeds.")
+@_timeout_option
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object: run_id, status, url.")
 def launch_command(workflow: str, url: str, pairs: tuple[str, ...], input_file: str | None,
-                   tag_pairs: tuple[str, ...], executor: str | None, wait_seconds: float | None, as_json: bool) -> None:
+                   tag_pairs: tuple[str, ...], executor: str | None, wait_seconds: float | None, timeout: float,
+                   as_json: bool) -> None:
     """Launch WORKFLOW on a running Dagster webserver (queued for the daemon) and print the run id."""
     inputs = parse_remote_inputs(workflow, pairs, input_file)
     tags = parse_pairs(tag_pairs, "--tag")
-    run_id = launch_run(url, workflow, inputs, tags=tags, executor=executor)
-    status = wait_for_run(url, run_id, wait_seconds) if wait_seconds is not None else run_status(url, run_id)
-    run_url = f"{Endpoint.parse(url).url}/runs/{run_id}"
+    server = Webserver(url, timeout, wait=wait_seconds or 0.0)
+    run_id = server.launch(workflow, inputs, tags=tags, executor=executor)
+    status = server.wait(run_id, wait_seconds) if wait_seconds is not None else server.status(run_id)
+    run_url = f"{server.url}/runs/{run_id}"
     if as_json:
         click.echo(json.dumps({"run_id": run_id, "status": status, "url": run_url}))
     else:
@@ -206,29 +297,34 @@ def launch_command(workflow: str, url: str, pairs: tuple[str, ...], input_file: 
 @click.command("status")
 @click.argument("run_id")
 @_url_option
+@_timeout_option
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object: run_id, status.")
-def status_command(run_id: str, url: str, as_json: bool) -> None:
+def status_command(run_id: str, url: str, timeout: float, as_json: bool) -> None:
     """Print the status of run RUN_ID on a Dagster webserver."""
-    value = run_status(url, run_id)
+    value = Webserver(url, timeout).status(run_id)
     click.echo(json.dumps({"run_id": run_id, "status": value}) if as_json else f"run {run_id}: {value}")
 
 
 @click.command("cancel")
 @click.argument("run_id")
 @_url_option
-def cancel_command(run_id: str, url: str) -> None:
+@_timeout_option
+def cancel_command(run_id: str, url: str, timeout: float) -> None:
     """Cancel (terminate) queued or running run RUN_ID on a Dagster webserver."""
-    cancel_run(url, run_id)
-    click.echo(f"run {run_id}: cancel requested ({run_status(url, run_id)})")
+    server = Webserver(url, timeout)
+    server.cancel(run_id)
+    click.echo(f"run {run_id}: cancel requested ({server.status(run_id)})")
 
 
 @click.command("reload")
 @_url_option
+@_timeout_option
 @click.option("--location", default=None, help="Code location to reload (default: the only one).")
-def reload_command(url: str, location: str | None) -> None:
+def reload_command(url: str, timeout: float, location: str | None) -> None:
     """Reload the webserver's code location so added, changed or removed workflow files show."""
-    name = reload_location(url, location)
-    click.echo(f"reloaded code location {name} on {Endpoint.parse(url).url}")
+    server = Webserver(url, timeout)
+    name = server.reload(location)
+    click.echo(f"reloaded code location {name} on {server.url}")
 
 
 COMMANDS = (launch_command, status_command, cancel_command, reload_command)
