@@ -224,3 +224,79 @@ def test_url_credentials_of_remote_commands_are_sent_as_basic_auth_and_never_pri
         result = CliRunner().invoke(main, args)
         assert result.exit_code == 1 and message in result.output, result.output
         assert_no_credentials("the CLI's output", result.output)
+
+
+# --- settings, input files and loops stopped by the budget ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("variable, value, allowed", [
+    ("MP_SIMULATED_LATENCY", "abc", "a number of seconds, 0 or more"),
+    ("MP_SIMULATED_LATENCY", "-1", "a number of seconds, 0 or more"),
+    ("MP_SIMULATED_FAILURE_RATE", "2", "a number from 0 to 1"),
+    ("MP_MAX_IN_FLIGHT", "0", "a whole number, 1 or more"),
+    ("MP_MAX_IN_FLIGHT", "1.5", "a whole number, 1 or more"),
+    ("MP_REQUESTS_PER_MINUTE", "fast", "a number greater than 0"),
+    ("MP_TOKENS_PER_MINUTE", "0", "a number greater than 0"),
+    ("MP_LLM_PROVIDER", "claude", "one of auto, openai, simulated"),
+])
+def test_a_bad_llm_setting_names_the_variable_and_what_is_allowed(monkeypatch: pytest.MonkeyPatch, variable: str,
+                                                                  value: str, allowed: str) -> None:
+    from mp_pipelines.llm.resource import SettingsError, build_llm_resource
+
+    monkeypatch.setenv(variable, value)
+    with pytest.raises(SettingsError) as caught:
+        build_llm_resource()
+    assert str(caught.value) == f"{variable}={value!r} is not valid: it must be {allowed}."
+
+
+def test_a_deeply_nested_input_file_is_an_error_naming_the_file(tmp_path: Path) -> None:
+    deep = tmp_path / "deep.json"
+    deep.write_text('{"topic": ' + "[" * 100_000 + "]" * 100_000 + "}")
+    nested = tmp_path / "nested.json"
+    nested.write_text('{"topic": ' + "[" * 64 + "]" * 64 + "}")  # JSON reads it; what comes after might not
+    for path in (deep, nested):
+        for command in (["run", "research_report"], ["launch", "research_report", "--url", "http://127.0.0.1:9"]):
+            result = CliRunner().invoke(main, [*command, "--input-file", str(path)])
+            assert result.exit_code == 2, result.output
+            assert f"cannot read {path}: lists and objects are nested more than 64 levels deep" in result.output
+            assert "--input-file" in result.output
+    # a workflow only the webserver knows: each --input value is read as YAML, with the same limit
+    result = CliRunner().invoke(main, ["launch", "only_on_the_server", "--url", "http://127.0.0.1:9",
+                                       "-i", "x=" + "[" * 100_000 + "]" * 100_000])
+    assert result.exit_code == 2 and "x: mappings and lists are nested more than 64 levels deep" in result.output
+
+
+LOOP = """
+name: stopped_loop
+budget: {max_calls: MAX_CALLS}
+tasks:
+  - name: plan
+    prompt: "Plan something."
+  - name: refine
+    loop: {max_iterations: 3}
+    tasks:
+      - name: critique
+        prompt: "Review {{ loop.previous.revise if loop.previous else plan }}"
+      - name: revise
+        prompt: "Fix {{ critique }}"
+  - name: report
+    prompt: "{{ refine.revise }}"
+"""
+
+
+@pytest.mark.parametrize("max_calls, stopped, finished", [(3, "critique", "revise"), (4, "revise", "critique")])
+def test_a_loop_stopped_by_the_budget_is_reported_failed_with_the_reason(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, max_calls: int, stopped: str, finished: str) -> None:
+    monkeypatch.chdir(tmp_path)
+    path = write_workflow(tmp_path, LOOP.replace("MAX_CALLS", str(max_calls)))
+    result = CliRunner().invoke(main, ["run", str(path), "--json"])
+    assert result.exit_code == 1, result.output
+    tasks = json.loads(result.stdout)["tasks"]
+    reason = f"max_calls of {max_calls} reached"
+    assert tasks["refine"]["status"] == "failed" and reason in tasks["refine"]["error"]
+    assert tasks[stopped]["status"] == "failed" and reason in tasks[stopped]["error"]
+    # the body task that did answer (in the last iteration that ran) reports that answer
+    assert tasks[finished] == {"status": "success", "error": None, "output": tasks[finished]["output"]}
+    assert tasks[finished]["output"].startswith("[simulated] Response to: ")
+    assert tasks["report"]["status"] == "not_run" and tasks["plan"]["status"] == "success"
+    assert "could not be loaded" not in result.stdout

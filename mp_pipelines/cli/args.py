@@ -32,17 +32,33 @@ def parse_pairs(pairs: Sequence[str], param_hint: str) -> dict[str, str]:
 
 
 def read_input_file(input_file: str | None) -> dict[str, Any]:
-    """The JSON object of `--input-file` (empty without one); BadParameter when unreadable or not an object."""
+    """The JSON object of `--input-file` (empty without one); BadParameter when unreadable, nested deeper than
+    MAX_DEPTH levels (what walks the inputs next would exhaust Python's stack) or not an object."""
+    from mp_pipelines.spec.yaml_guard import MAX_DEPTH
+
     if not input_file:
         return {}
+    too_deep = f"cannot read {input_file}: lists and objects are nested more than {MAX_DEPTH} levels deep"
     try:
         data = json.loads(Path(input_file).read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise click.BadParameter(f"cannot read {input_file}: {exc}", param_hint="--input-file") from None
+    except RecursionError:  # the decoder recurses once per level
+        raise click.BadParameter(too_deep, param_hint="--input-file") from None
+    if _nested_deeper_than(data, MAX_DEPTH):
+        raise click.BadParameter(too_deep, param_hint="--input-file")
     if not isinstance(data, dict):
         raise click.BadParameter(f"{input_file} must hold a JSON object of input name → value",
                                  param_hint="--input-file")
     return data
+
+
+def _nested_deeper_than(value: Any, levels: int) -> bool:
+    """Whether lists and objects in `value` nest more than `levels` deep (walked level by level, not recursively)."""
+    level = [value]
+    for _ in range(levels):
+        level = [child for v in level if isinstance(v, (dict, list)) for child in (v.values() if isinstance(v, dict) else v)]
+    return any(isinstance(v, (dict, list)) for v in level)
 
 
 def check_inputs(spec: WorkflowSpec, values: dict[str, Any]) -> dict[str, Any]:
@@ -75,15 +91,32 @@ def parse_inputs(spec: WorkflowSpec, pairs: Sequence[str], input_file: str | Non
 
 def parse_untyped_inputs(pairs: Sequence[str], input_file: str | None) -> dict[str, Any]:
     """Inputs without a spec to check them: each `--input` value read as a YAML scalar (`3` → 3, `true` → True)."""
-    import yaml
-
     values = read_input_file(input_file)
     for key, value in parse_pairs(pairs, "--input").items():
-        try:
-            values[key] = yaml.safe_load(value) if value.strip() else value
-        except yaml.YAMLError:
-            values[key] = value
+        values[key] = _yaml_value(key, value)
     return values
+
+
+def _yaml_value(key: str, text: str) -> Any:
+    """`text` read as YAML (`3` → 3, `true` → True), kept as text when it is not YAML; BadParameter when it nests
+    deeper than MAX_DEPTH levels or its aliases expand too far."""
+    import yaml
+
+    from mp_pipelines.spec.yaml_guard import MAX_DEPTH, shape_problem
+
+    if not text.strip():
+        return text
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+    except RecursionError:  # PyYAML builds nested collections recursively
+        problem: str | None = f"mappings and lists are nested more than {MAX_DEPTH} levels deep"
+    else:
+        problem = shape_problem(value)
+    if problem:
+        raise click.BadParameter(f"{key}: {problem}", param_hint="--input")
+    return value
 
 
 def parse_remote_inputs(workflow: str, pairs: Sequence[str], input_file: str | None) -> dict[str, Any]:

@@ -8,10 +8,12 @@ retries happen inside the client (`max_retries`); step-level retries belong to t
 
 from __future__ import annotations
 
+import math
 import os
 import threading
+from collections.abc import Callable
 from dataclasses import replace
-from typing import Literal
+from typing import Literal, get_args
 
 import dagster as dg
 from pydantic import Field, PrivateAttr
@@ -21,12 +23,18 @@ from mp_pipelines.llm.provider import resolve_provider
 from mp_pipelines.llm.types import LimitSettings, LLMRequest, LLMResult, ResponseObserver
 
 _BUILD_LOCK = threading.Lock()  # guards lazy client creation when the resource is used outside a run
+Provider = Literal["auto", "openai", "simulated"]
+
+
+class SettingsError(ValueError):
+    """An MP_* environment variable holds a value the LLM resource cannot use; the message names it and what it
+    may be."""
 
 
 class LLMResource(dg.ConfigurableResource):
     """Chat completions from an OpenAI-compatible endpoint, or the offline simulated model."""
 
-    provider: Literal["auto", "openai", "simulated"] = Field(
+    provider: Provider = Field(
         default="auto",
         description="'openai' for an OpenAI-compatible endpoint, 'simulated' for the offline deterministic model, "
         "'auto' for openai when an API key or base URL is set and simulated otherwise.",
@@ -124,22 +132,47 @@ class LLMResource(dg.ConfigurableResource):
         return f"{self.provider_name}:{self.get_client().base_url}"
 
 
+# variable → (resource field, how to read it, whether a value is allowed, what is allowed)
+_NUMBERS: dict[str, tuple[str, Callable[[str], float], Callable[[float], bool], str]] = {
+    "MP_SIMULATED_LATENCY": ("simulated_latency", float, lambda v: v >= 0, "a number of seconds, 0 or more"),
+    "MP_SIMULATED_FAILURE_RATE": ("simulated_failure_rate", float, lambda v: 0 <= v <= 1, "a number from 0 to 1"),
+    "MP_MAX_IN_FLIGHT": ("max_in_flight", int, lambda v: v >= 1, "a whole number, 1 or more"),
+    "MP_REQUESTS_PER_MINUTE": ("requests_per_minute", float, lambda v: v > 0, "a number greater than 0"),
+    "MP_TOKENS_PER_MINUTE": ("tokens_per_minute", float, lambda v: v > 0, "a number greater than 0"),
+}
+
+
+def _number_setting(variable: str) -> float:
+    """The value of a numeric MP_* variable; SettingsError naming it and what is allowed when it is unusable."""
+    _, read, allowed, wanted = _NUMBERS[variable]
+    text = os.environ[variable]
+    try:
+        value = read(text.strip())
+    except ValueError:
+        value = math.nan  # allowed by no rule: nan compares false
+    if not math.isfinite(value) or not allowed(value):
+        raise SettingsError(f"{variable}={text!r} is not valid: it must be {wanted}.")
+    return value
+
+
 def build_llm_resource() -> LLMResource:
-    """The LLM resource from the environment; with no key and no base URL it is the simulated model."""
+    """The LLM resource from the environment; with no key and no base URL it is the simulated model.
+
+    SettingsError names an MP_* variable whose value cannot be used, and what it may be.
+    """
     settings: dict[str, object] = {}
     if os.environ.get("OPENAI_API_KEY"):
         settings["api_key"] = dg.EnvVar("OPENAI_API_KEY")
     if os.environ.get("OPENAI_BASE_URL"):
         settings["base_url"] = dg.EnvVar("OPENAI_BASE_URL")
     if os.environ.get("MP_LLM_PROVIDER"):
-        settings["provider"] = os.environ["MP_LLM_PROVIDER"]
+        provider, choices = os.environ["MP_LLM_PROVIDER"], get_args(Provider)
+        if provider.strip() not in choices:
+            raise SettingsError(f"MP_LLM_PROVIDER={provider!r} is not valid: it must be one of {', '.join(choices)}.")
+        settings["provider"] = provider.strip()
     if os.environ.get("MP_DEFAULT_MODEL"):
         settings["default_model"] = os.environ["MP_DEFAULT_MODEL"]
-    for field, variable, kind in (("simulated_latency", "MP_SIMULATED_LATENCY", float),
-                                  ("simulated_failure_rate", "MP_SIMULATED_FAILURE_RATE", float),
-                                  ("max_in_flight", "MP_MAX_IN_FLIGHT", int),
-                                  ("requests_per_minute", "MP_REQUESTS_PER_MINUTE", float),
-                                  ("tokens_per_minute", "MP_TOKENS_PER_MINUTE", float)):
+    for variable, (field, *_) in _NUMBERS.items():
         if os.environ.get(variable):
-            settings[field] = kind(os.environ[variable])
+            settings[field] = _number_setting(variable)
     return LLMResource(**settings)
