@@ -41,8 +41,9 @@ def render_workflow(spec: WorkflowSpec) -> str:
         lines.append(f"schedule: {spec.schedule.cron} ({spec.schedule.timezone}, {state})")
     lines.append("steps:")
     dependencies = step_dependencies(spec)
-    for name in topological_order(spec):
-        step = spec.step(name)
+    steps = {step.name: step for step in spec.tasks}
+    for name in topological_order(spec, dependencies):
+        step = steps[name]
         upstream = ["inputs", *dependencies[name]]
         if isinstance(step, LoopSpec):
             until = f" until {step.loop.until}" if step.loop.until else ""

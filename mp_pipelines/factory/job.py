@@ -110,11 +110,12 @@ def build_job(spec: WorkflowSpec, *, provider: str = "simulated", base_dir: Path
     """
     dependencies = step_dependencies(spec)
     step_names = set(dependencies)
+    steps = {step.name: step for step in spec.tasks}
 
     def compose() -> None:
         handles: Handles = {INPUTS_OP: build_inputs_op(spec, base_dir)()}
-        for name in topological_order(spec):
-            step = spec.step(name)
+        for name in topological_order(spec, dependencies):
+            step = steps[name]
             if isinstance(step, LoopSpec):
                 handles[name] = _compose_loop(spec, step, handles, step_names, provider)
             else:

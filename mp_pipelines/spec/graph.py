@@ -15,10 +15,9 @@ from typing import Literal
 from jinja2 import nodes
 
 from mp_pipelines.spec.models import LoopSpec, TaskSpec, WorkflowSpec
-from mp_pipelines.spec.templates import TemplateError, as_template, make_environment, parse, references
+from mp_pipelines.spec.templates import JINJA_GLOBALS, NESTED_TOO_DEEPLY, TemplateError, as_template, parse, references
 
-# Names Jinja itself defines (range, dict, lipsum, ...): not references to the context.
-JINJA_GLOBALS = frozenset(make_environment().globals)
+__all__ = ["JINJA_GLOBALS"]  # names Jinja itself defines (range, dict, lipsum, ...): not references to the context
 LOOP_ATTRIBUTES = frozenset({"iteration", "max_iterations", "previous"})
 
 
@@ -40,7 +39,11 @@ def template_refs(source: str, *, expression: bool = False) -> Refs:
         # Inside `{% for %}` Jinja's own `loop` shadows ours, so read its chains scope-aware.
         tree = parse(as_template(source) if expression else source)
         loop_attrs: set[str] = set()
-        for chain in _loop_chains(tree, shadowed=False):
+        try:
+            chains = list(_loop_chains(tree, shadowed=False))
+        except RecursionError:
+            raise TemplateError(NESTED_TOO_DEEPLY) from None
+        for chain in chains:
             loop_attrs.add(chain[0])
             if chain[0] == "previous" and len(chain) > 1:
                 previous.add(chain[1])

@@ -3,7 +3,8 @@
 Inputs are data: they are passed as values, never re-rendered, so an input holding `{{ ... }}`
 stays literal text. Templates may not name `__` attributes (`__class__`, `__globals__`, ...): parsing
 refuses them, so a spec that tries is invalid, and the sandbox refuses any other unsafe attribute
-when rendering. A rendered prompt longer than MP_MAX_PROMPT_CHARS is an error, never sent.
+when rendering. A render stops as soon as its output passes MP_MAX_PROMPT_CHARS, and `spec/sandbox.py`
+bounds what it may build and how long it may take, so a prompt too long is an error, never sent.
 """
 
 from __future__ import annotations
@@ -14,29 +15,39 @@ from functools import lru_cache
 from typing import Any
 
 from jinja2 import StrictUndefined, TemplateSyntaxError, nodes
-from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-from mp_pipelines.spec.size_limits import MAX_PROMPT_CHARS
+from mp_pipelines.spec import sandbox
+from mp_pipelines.spec.size_limits import MAX_PROMPT_CHARS, SizeLimitError
 
 
 class TemplateError(ValueError):
     """A template could not be parsed or rendered; the message says which variable or line."""
 
 
+class RenderTimeout(TemplateError):
+    """A render went past its deadline (the task's, or the sandbox's own bound on one render)."""
+
+
 def _tojson(value: Any, indent: int | None = None) -> str:
     return json.dumps(value, indent=indent, ensure_ascii=False, default=str)
 
 
-def make_environment() -> ImmutableSandboxedEnvironment:
+def make_environment() -> sandbox.BoundedEnvironment:
     """The one Jinja environment every prompt, system message and condition uses."""
-    env = ImmutableSandboxedEnvironment(
+    env = sandbox.BoundedEnvironment(
         undefined=StrictUndefined, autoescape=False, keep_trailing_newline=False, trim_blocks=False
     )
     env.filters["tojson"] = _tojson  # the stock filter HTML-escapes, which corrupts prompts
+    env.guard_filters()
     return env
 
 
 _ENV = make_environment()
+# Names Jinja itself defines (range, dict, lipsum, ...): a template reading one of them gets Jinja's.
+JINJA_GLOBALS = frozenset(_ENV.globals)
+# Names a template reads as something else: constants Jinja parses in lower case, `self` (the template
+# itself) and the names Jinja binds inside macros (True, False and None are Python keywords, refused anyway).
+JINJA_SPECIAL_NAMES = frozenset({"true", "false", "none", "self", "caller", "varargs", "kwargs"})
 
 
 @dataclass(frozen=True)
@@ -47,13 +58,18 @@ class TemplateRefs:
     attributes: dict[str, frozenset[str]] = field(default_factory=dict)  # e.g. {"inputs": {"topic"}}
 
 
+NESTED_TOO_DEEPLY = "the template is nested too deeply (brackets, blocks or operators) to read"
+
+
 def parse(source: str) -> nodes.Template:
     """Parse a template, raising TemplateError with the line and reason on bad syntax or a `__` attribute."""
     try:
         tree = _ENV.parse(source)
+        refuse_internals(tree)
     except TemplateSyntaxError as exc:
         raise TemplateError(f"Jinja syntax error on line {exc.lineno}: {exc.message}") from None
-    refuse_internals(tree)
+    except RecursionError:  # Jinja's parser and node walks recurse once per level of nesting
+        raise TemplateError(NESTED_TOO_DEEPLY) from None
     return tree
 
 
@@ -71,19 +87,26 @@ def refuse_internals(tree: nodes.Template) -> None:
                                 "read inputs.<name>, task outputs, item and loop by name")
 
 
+@lru_cache(maxsize=8192)
 def references(source: str, *, expression: bool = False) -> TemplateRefs:
-    """Names (and their constant attributes) a template or expression reads from its context."""
+    """Names (and their constant attributes) a template or expression reads from its context.
+
+    Cached: validation, `show` and the job build each ask for every template of a workflow.
+    """
     from jinja2 import meta
 
     tree = parse(as_template(source) if expression else source)
-    names = frozenset(meta.find_undeclared_variables(tree))
-    attributes: dict[str, set[str]] = {}
-    for node in tree.find_all((nodes.Getattr, nodes.Getitem)):
-        target = node.node
-        if isinstance(target, nodes.Name) and target.name in names:
-            key = node.attr if isinstance(node, nodes.Getattr) else getattr(node.arg, "value", None)
-            if isinstance(key, str):
-                attributes.setdefault(target.name, set()).add(key)
+    try:
+        names = frozenset(meta.find_undeclared_variables(tree))
+        attributes: dict[str, set[str]] = {}
+        for node in tree.find_all((nodes.Getattr, nodes.Getitem)):
+            target = node.node
+            if isinstance(target, nodes.Name) and target.name in names:
+                key = node.attr if isinstance(node, nodes.Getattr) else getattr(node.arg, "value", None)
+                if isinstance(key, str):
+                    attributes.setdefault(target.name, set()).add(key)
+    except RecursionError:
+        raise TemplateError(NESTED_TOO_DEEPLY) from None
     return TemplateRefs(names, {k: frozenset(v) for k, v in attributes.items()})
 
 
@@ -101,7 +124,7 @@ def as_template(expression: str) -> str:
 @lru_cache(maxsize=1024)
 def _compiled(source: str) -> Any:
     # A fan-out renders one template thousands of times; compiling it once saves ~0.4 ms a call.
-    return _ENV.from_string(parse(source))
+    return _ENV.from_string(sandbox.bound_loops(parse(source)))
 
 
 @lru_cache(maxsize=1024)
@@ -110,27 +133,63 @@ def _compiled_expression(text: str) -> Any:
     return _ENV.compile_expression(text, undefined_to_none=False)
 
 
-def render(source: str, context: dict[str, Any]) -> str:
-    """Render a template with `context`; undefined names, sandbox violations and a too-long result raise TemplateError."""
+def _render_error(exc: Exception) -> TemplateError:
+    """What went wrong while rendering, as a TemplateError (RenderTimeout for a deadline)."""
+    if isinstance(exc, sandbox.OutOfTime):
+        return RenderTimeout(str(exc))
+    if isinstance(exc, (sandbox.TooBig, SizeLimitError)):
+        return TemplateError(str(exc))
+    return TemplateError(f"{type(exc).__name__}: {exc}")
+
+
+def _prompt_limit() -> int:
     try:
-        text = _compiled(source).render(context)
+        return MAX_PROMPT_CHARS.value()
+    except ValueError as exc:  # MP_MAX_PROMPT_CHARS is no number
+        raise TemplateError(str(exc)) from None
+
+
+def _produce(source: str, context: dict[str, Any], limit: int) -> str:
+    """The rendered text, stopped as soon as it passes `limit` characters (SizeLimitError then)."""
+    template = _compiled(source)
+    size, parts = 0, []
+    # What Template.render does, one chunk at a time; its traceback rewriting is not needed here.
+    chunks = template.root_render_func(template.new_context(context))
+    try:
+        for chunk in chunks:
+            parts.append(chunk)
+            size += len(chunk)
+            if size > limit:
+                MAX_PROMPT_CHARS.check(size, "rendered prompt")
+    finally:
+        chunks.close()
+    return "".join(parts)
+
+
+def render(source: str, context: dict[str, Any], *, deadline: float | None = None) -> str:
+    """Render a template with `context`, within `deadline` (a time.monotonic() value) and the sandbox's bounds.
+
+    Undefined names, sandbox violations, a value too large to build and a prompt too long raise TemplateError;
+    passing the deadline (or the sandbox's longest render) raises RenderTimeout, a TemplateError.
+    """
+    limit = _prompt_limit()
+    try:
+        with sandbox.bounded(deadline, limit):
+            return _produce(source, context, limit)
     except TemplateError:
         raise
-    except Exception as exc:  # UndefinedError, SecurityError, errors inside filters
-        raise TemplateError(f"{type(exc).__name__}: {exc}") from None
-    try:
-        MAX_PROMPT_CHARS.check(len(text), "rendered prompt")
-    except ValueError as exc:  # too long, or MP_MAX_PROMPT_CHARS is no number
-        raise TemplateError(str(exc)) from None
-    return text
+    except Exception as exc:  # UndefinedError, SecurityError, errors inside filters, the sandbox's bounds
+        raise _render_error(exc) from None
 
 
-def evaluate(expression: str, context: dict[str, Any]) -> bool:
+def evaluate(expression: str, context: dict[str, Any], *, deadline: float | None = None) -> bool:
     """Evaluate a condition such as `classify.severity == 'high'` (braces optional) to a bool."""
+    limit = _prompt_limit()
     try:
-        return bool(_compiled_expression(expression_body(expression))(context))
+        with sandbox.bounded(deadline, limit):
+            return bool(_compiled_expression(expression_body(expression))(context))
     except TemplateSyntaxError as exc:
         raise TemplateError(f"Jinja syntax error in condition {expression!r}: {exc.message}") from None
     except Exception as exc:
-        reason = str(exc) if isinstance(exc, TemplateError) else f"{type(exc).__name__}: {exc}"
-        raise TemplateError(f"condition {expression!r} failed: {reason}") from None
+        error = exc if isinstance(exc, TemplateError) else _render_error(exc)
+        raise type(error)(f"condition {expression!r} failed: {error}") from None

@@ -7,17 +7,18 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
 from mp_pipelines.calls import path as call_path
 from mp_pipelines.calls.call import CallScope
-from mp_pipelines.calls.deadline import remaining_time
+from mp_pipelines.calls.deadline import TaskTimeout, remaining_time
 from mp_pipelines.calls.loop import shared_loop
 from mp_pipelines.calls.usage import Usage
 from mp_pipelines.llm.types import ChatModel, LLMRequest
 from mp_pipelines.spec.models import TaskSpec, WorkflowSpec
-from mp_pipelines.spec.templates import evaluate, render
+from mp_pipelines.spec.templates import RenderTimeout, evaluate, render
 
 PREVIEW_CHARS = 500
 
@@ -67,13 +68,21 @@ def condition_holds(task: TaskSpec, context: Mapping[str, Any]) -> bool:
 
 
 def build_request(spec: WorkflowSpec, task: TaskSpec, context: Mapping[str, Any], *, default_model: str,
-                  timeout: float | None, label: str) -> LLMRequest:
-    """Render the task's messages and settings into one request (TemplateError on bad templates)."""
+                  timeout: float | None, label: str, deadline: float | None = None) -> LLMRequest:
+    """Render the task's messages and settings into one request (TemplateError on bad templates).
+
+    Rendering stops at the task's `deadline` (a time.monotonic() value) with TaskTimeout.
+    """
     settings = spec.settings_for(task)
     messages = []
-    if settings.system:
-        messages.append({"role": "system", "content": render(settings.system, dict(context))})
-    messages.append({"role": "user", "content": render(task.prompt, dict(context))})
+    try:
+        if settings.system:
+            messages.append({"role": "system", "content": render(settings.system, dict(context), deadline=deadline)})
+        messages.append({"role": "user", "content": render(task.prompt, dict(context), deadline=deadline)})
+    except RenderTimeout as exc:
+        if deadline is None or time.monotonic() < deadline:
+            raise  # the sandbox's own bound on one render, not the task's timeout
+        raise TaskTimeout(f"task {label} used up its timeout while rendering its prompt ({exc})") from None
     return LLMRequest(
         messages=messages,
         model=settings.model or default_model,
@@ -92,7 +101,8 @@ async def arun_task(model: ChatModel, spec: WorkflowSpec, task: TaskSpec, contex
     nothing outlives the task's deadline. Runs on the shared loop."""
     left = remaining_time(deadline, label)
     timeout = model.timeout if left is None else min(model.timeout, left)
-    request = build_request(spec, task, context, default_model=model.default_model, timeout=timeout, label=label)
+    request = build_request(spec, task, context, default_model=model.default_model, timeout=timeout, label=label,
+                            deadline=deadline)
     answer = await call_path.answer(model, request, scope, deadline=deadline)
     result = answer.result
     output = result.parsed if request.json_output else result.text

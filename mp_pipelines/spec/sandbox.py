@@ -1,0 +1,411 @@
+"""The Jinja sandbox prompts render in, bounded in what a render may build and in how long it may take.
+
+A template is code from a spec file, and the immutable sandbox stops it reaching Python internals, not
+from making `'a' * 10**9` or looping 10**10 times. Here, during a render (`bounded`):
+
+- no value a template builds (a string, a list, an integer's digits) may be larger than
+  VALUE_FACTOR × MP_MAX_PROMPT_CHARS: checked before the value is made wherever its size can be known
+  ahead (`*`, `**`, `+`, `~`, `%`, padding, `replace`, `join`, format widths, `lipsum`, ...), and after
+  for everything else a filter, a call or an operator returns;
+- the values one render builds add up to at most BUILD_FACTOR × MP_MAX_PROMPT_CHARS, so many values just
+  under the limit cannot add up to gigabytes either;
+- the render stops at its deadline (the task's, and never later than RENDER_SECONDS after it starts),
+  checked at every loop iteration, call, `~` and intercepted operator.
+
+`templates.render` stops the output itself as soon as it passes MP_MAX_PROMPT_CHARS.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import math
+import re
+import time
+import types
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass
+from typing import Any
+
+from jinja2 import nodes
+from jinja2.compiler import CodeGenerator, Frame
+from jinja2.sandbox import ImmutableSandboxedEnvironment, SandboxedFormatter
+from jinja2.utils import generate_lorem_ipsum
+from markupsafe import EscapeFormatter, Markup
+
+from mp_pipelines.spec.size_limits import MAX_PROMPT_CHARS
+
+VALUE_FACTOR = 10  # one value a template builds: at most this many times the prompt limit
+BUILD_FACTOR = 100  # all values one render builds, added up
+RENDER_SECONDS = 10.0  # the longest one render may take when the task has no earlier deadline
+ITERATE_FILTER = "_bounded_iteration"  # wrapped around every `{% for %}` iterable by bound_loops
+_SIZED = (str, bytes, list, tuple, dict, set, frozenset)
+_PRINTF = re.compile(r"%(?:\([^)]*\))?[-#0 +]*(\*|\d+)?(?:\.(\*|\d+))?[hlL]?[a-zA-Z%]")
+
+
+class TooBig(ValueError):
+    """A template tried to build a value, or values in all, larger than it may."""
+
+
+class OutOfTime(ValueError):
+    """A render went past its deadline."""
+
+
+@dataclass
+class _Render:
+    """The bounds of the render in progress and what it has built so far."""
+
+    deadline: float
+    seconds: float  # from the render's start to its deadline, for messages
+    value_limit: int
+    build_limit: int
+    built: int = 0
+
+
+_CURRENT: ContextVar[_Render | None] = ContextVar("mp_pipelines_render", default=None)
+
+
+@contextmanager
+def bounded(deadline: float | None, prompt_limit: int) -> Iterator[None]:
+    """Bound the renders inside: at most until `deadline` (time.monotonic()), never over RENDER_SECONDS, and
+    values as large as `prompt_limit` (MP_MAX_PROMPT_CHARS read once by the caller) allows."""
+    now = time.monotonic()
+    end = now + RENDER_SECONDS if deadline is None else min(deadline, now + RENDER_SECONDS)
+    state = _Render(end, max(end - now, 0.0), VALUE_FACTOR * prompt_limit, BUILD_FACTOR * prompt_limit)
+    token = _CURRENT.set(state)
+    try:
+        yield
+    finally:
+        _CURRENT.reset(token)
+
+
+def _state() -> _Render:
+    # Outside `bounded` (Jinja folding constants while compiling) only the size bounds apply.
+    state = _CURRENT.get()
+    if state is None:
+        limit = MAX_PROMPT_CHARS.value()
+        state = _Render(math.inf, math.inf, VALUE_FACTOR * limit, BUILD_FACTOR * limit)
+    return state
+
+
+def check_time() -> None:
+    """OutOfTime when the render in progress has passed its deadline."""
+    state = _CURRENT.get()
+    if state is not None and time.monotonic() > state.deadline:
+        raise OutOfTime(f"rendering took longer than the {state.seconds:.2g} s it had "
+                        "(loops or calls that run too long?)")
+
+
+def _too_big(size: float, what: str, limit: int) -> TooBig:
+    return TooBig(f"{what} would make a value of {int(size):,} characters or items, more than the {limit:,} "
+                  f"a template may build ({VALUE_FACTOR} × {MAX_PROMPT_CHARS.env})")
+
+
+def check_size(size: float, what: str) -> None:
+    """TooBig when a value of `size` characters or items is more than a template may build."""
+    limit = (_CURRENT.get() or _state()).value_limit
+    if size > limit:
+        raise _too_big(size, what, limit)
+
+
+def size_of(value: Any) -> int:
+    """Characters or items of a value (digits of an integer); 0 for what holds no data of its own."""
+    if isinstance(value, _SIZED):
+        return len(value)
+    if isinstance(value, int):
+        return value.bit_length() // 3 + 1
+    return 0
+
+
+def charge(value: Any, what: str, work: float = 0, given: tuple[Any, ...] = ()) -> Any:
+    """Count a value a template built (and `work` it cost) against the render's bounds; return the value.
+
+    A value that is one of the `given` arguments was not built, so it costs nothing.
+    """
+    for arg in given:
+        if value is arg:
+            return value
+    state = _CURRENT.get() or _state()
+    size = size_of(value)
+    if size > state.value_limit:
+        raise _too_big(size, what, state.value_limit)
+    state.built += size + int(work)
+    if state.built > state.build_limit:
+        raise TooBig(f"the template built values of more than {state.build_limit:,} characters or items in all "
+                     f"({BUILD_FACTOR} × {MAX_PROMPT_CHARS.env})")
+    return value
+
+
+def printf_size(template: str, args: Any) -> int:
+    """An upper bound on the padding `template % args` adds: its widths and precisions (`*` ones from args)."""
+    values = args if isinstance(args, tuple) else (args,)
+    starred = sum(abs(v) for v in values if isinstance(v, int))
+    size = len(template)
+    for width, precision in _PRINTF.findall(template):
+        for part in (width, precision):
+            size += starred if part == "*" else int(part or 0)
+    return size
+
+
+def binop_size(operator: str, left: Any, right: Any) -> float | None:
+    """Size of the result of `left <operator> right` known before computing it, or None."""
+    if operator == "*":
+        sequence, count = (left, right) if isinstance(right, int) else (right, left)
+        if isinstance(sequence, _SIZED) and isinstance(count, int):
+            return len(sequence) * max(count, 0)
+        if isinstance(left, int) and isinstance(right, int):
+            return size_of(left) + size_of(right)
+    if operator == "**" and isinstance(left, int) and isinstance(right, int) and right > 0:
+        return min(right, 10**15) * math.log10(abs(left)) if abs(left) > 1 else 1
+    if operator == "+" and isinstance(left, _SIZED) and isinstance(right, _SIZED):
+        return len(left) + len(right)
+    if operator == "%" and isinstance(left, str):
+        return printf_size(left, right)
+    return None
+
+
+def _replace_size(text: str, old: str, new: str, count: int | None) -> int:
+    found = len(text) + 1 if old == "" else text.count(old)
+    if count is not None and count >= 0:
+        found = min(found, count)
+    return len(text) + found * (len(new) - len(old))
+
+
+def _number(value: Any) -> int:
+    return value if isinstance(value, int) else 0
+
+
+def _str_method_size(method: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> float | None:
+    """Size of what a `str` method such as center or replace returns, known before calling it, or None."""
+    text, name = method.__self__, method.__name__
+    if name in ("center", "ljust", "rjust", "zfill") and args:
+        return max(len(text), _number(args[0]))
+    if name == "expandtabs":
+        return len(text) * max(_number(args[0] if args else kwargs.get("tabsize", 8)), 1)
+    if name == "replace" and len(args) >= 2 and isinstance(args[0], str) and isinstance(args[1], str):
+        count = args[2] if len(args) > 2 else kwargs.get("count")
+        return _replace_size(text, args[0], args[1], count if isinstance(count, int) else None)
+    return None
+
+
+def call_size(obj: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> float | None:
+    """Size of what calling `obj` returns, known before the call, or None."""
+    if isinstance(obj, (types.MethodType, types.BuiltinMethodType)) and isinstance(getattr(obj, "__self__", None), str):
+        return _str_method_size(obj, args, kwargs)
+    if obj is generate_lorem_ipsum:
+        bound = inspect.signature(generate_lorem_ipsum).bind(*args, **kwargs)
+        bound.apply_defaults()
+        return _number(bound.arguments["n"]) * _number(bound.arguments["max"]) * 12  # words are under 12 chars
+    return None
+
+
+def _materialise(arguments: dict[str, Any], key: str) -> list[Any]:
+    """The iterable argument `key` as a list (so its size can be known), put back for the filter to use."""
+    arguments[key] = items = list(arguments[key])
+    return items
+
+
+def _text(arguments: dict[str, Any], key: str) -> str:
+    value = arguments.get(key)
+    return value if isinstance(value, str) else str(value) if value is not None else ""
+
+
+def _join_size(a: dict[str, Any]) -> float:
+    items = _materialise(a, "value")
+    return sum(len(str(item)) for item in items) + len(_text(a, "d")) * max(len(items) - 1, 0)
+
+
+def _indent_size(a: dict[str, Any]) -> float:
+    width = a["width"]
+    pad = len(width) if isinstance(width, str) else _number(width)
+    text = _text(a, "s")
+    return len(text) + (text.count("\n") + 1) * pad
+
+
+def _wordwrap_size(a: dict[str, Any]) -> float:
+    text = _text(a, "s")
+    lines = len(text) // max(_number(a["width"]), 1) + text.count("\n") + 1
+    return len(text) + lines * len(_text(a, "wrapstring") or "\n")
+
+
+def _sum_size(a: dict[str, Any]) -> float:
+    if not isinstance(a["start"], _SIZED):
+        return 0
+    items = _materialise(a, "iterable")
+    total = len(a["start"]) + sum(size_of(item) for item in items)
+    charge(None, "the sum filter", work=len(items) * total / 2)  # each step copies what was summed so far
+    return total
+
+
+# Filters that can make a value much larger than their input: how large, from their bound arguments.
+FILTER_SIZES: dict[str, Callable[[dict[str, Any]], float]] = {
+    "center": lambda a: max(len(_text(a, "value")), _number(a["width"])),
+    "indent": _indent_size,
+    "replace": lambda a: _replace_size(_text(a, "s"), _text(a, "old"), _text(a, "new"), a["count"]),
+    "join": _join_size,
+    "format": lambda a: printf_size(_text(a, "value"), a["args"] or tuple(a["kwargs"].values())),
+    "wordwrap": _wordwrap_size,
+    "batch": lambda a: _number(a["linecount"]) if a["fill_with"] is not None else 0,
+    "slice": lambda a: _number(a["slices"]),
+    "sum": _sum_size,
+    "tojson": lambda a: 100 * _number(a["indent"]),  # indentation is repeated on every line
+}
+
+
+class _Arguments:
+    """Binds a filter's arguments to its parameter names and back: inspect.signature's bind, at a tenth the cost."""
+
+    def __init__(self, func: Callable[..., Any]) -> None:
+        parameters = inspect.signature(func).parameters.values()
+        self.names = [p.name for p in parameters if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+        self.defaults = {p.name: p.default for p in parameters if p.default is not p.empty}
+        self.var_args = next((p.name for p in parameters if p.kind is p.VAR_POSITIONAL), None)
+        self.var_kwargs = next((p.name for p in parameters if p.kind is p.VAR_KEYWORD), None)
+
+    def bind(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
+        bound = {**self.defaults, **dict(zip(self.names, args)), **kwargs}
+        if self.var_args:
+            bound[self.var_args] = args[len(self.names):]
+        if self.var_kwargs:
+            bound[self.var_kwargs] = {k: v for k, v in kwargs.items() if k not in self.names}
+        return bound
+
+    def unbind(self, bound: dict[str, Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, ...]:
+        """The positional arguments again, with any value the estimate replaced (kwargs are updated in place)."""
+        given = self.names[:len(args)]
+        for key in kwargs:
+            kwargs[key] = bound.get(key, kwargs[key])
+        return (*(bound[name] for name in given), *args[len(given):])
+
+
+def guard_filter(name: str, func: Callable[..., Any]) -> Callable[..., Any]:
+    """`func` (a Jinja filter) checking the size it will make (FILTER_SIZES) and what it made.
+
+    No deadline check: without a loop or a call (which check it) a filter's work is bounded by the sizes.
+    """
+    estimate = FILTER_SIZES.get(name)
+    arguments = _Arguments(func) if estimate is not None else None
+    what = f"the {name} filter"
+
+    @functools.wraps(func)  # keeps jinja_pass_arg, so Jinja still passes the context first
+    def guarded(*args: Any, **kwargs: Any) -> Any:
+        if arguments is not None and estimate is not None:
+            bound = arguments.bind(args, kwargs)
+            check_size(estimate(bound), what)
+            args = arguments.unbind(bound, args, kwargs)
+        return charge(func(*args, **kwargs), what, given=args)
+
+    return guarded
+
+
+def bounded_iteration(iterable: Any) -> Any:
+    """A `{% for %}` iterable that checks the deadline as it goes."""
+    return _TimedIterable(iterable)
+
+
+class _TimedIterable:
+    def __init__(self, iterable: Any) -> None:
+        self._iterable = iterable
+
+    def __len__(self) -> int:  # `loop.length` and `loop.last` use it when the iterable has one
+        return len(self._iterable)
+
+    def __iter__(self) -> Iterator[Any]:
+        # Every 64th item is often enough: a loop body's own loops and calls check the deadline themselves.
+        countdown = 0
+        for item in self._iterable:
+            if not countdown:
+                check_time()
+                countdown = 64
+            countdown -= 1
+            yield item
+
+
+def bound_loops(tree: nodes.Template) -> nodes.Template:
+    """The template with every `{% for %}` iterable passed through ITERATE_FILTER (a deadline check per item)."""
+    for loop in tree.find_all(nodes.For):
+        loop.iter = nodes.Filter(loop.iter, ITERATE_FILTER, [], [], None, None, lineno=loop.lineno)
+    return tree
+
+
+class _BoundedCodeGenerator(CodeGenerator):
+    """Jinja's code generator, except that `a ~ b` goes through BoundedEnvironment.concat."""
+
+    def visit_Concat(self, node: nodes.Concat, frame: Frame) -> None:
+        self.write("environment.concat((")
+        for arg in node.nodes:
+            self.visit(arg, frame)
+            self.write(", ")
+        self.write("))")
+
+
+class _Formatter(SandboxedFormatter):
+    """The sandbox's `str.format` formatter, refusing widths and precisions over the value limit."""
+
+    def format_field(self, value: Any, format_spec: str) -> Any:
+        check_size(max((int(n) for n in re.findall(r"\d+", format_spec)), default=0), "a format width")
+        return super().format_field(value, format_spec)
+
+
+class _EscapeFormatter(_Formatter, EscapeFormatter):
+    pass
+
+
+class BoundedEnvironment(ImmutableSandboxedEnvironment):
+    """The immutable sandbox with the bounds of this module on operators, `~`, calls, filters and loops."""
+
+    intercepted_binops = frozenset({"*", "**", "+", "%"})
+    code_generator_class = _BoundedCodeGenerator
+
+    def __init__(self, **options: Any) -> None:
+        super().__init__(**options)
+        self.filters[ITERATE_FILTER] = bounded_iteration
+
+    def guard_filters(self) -> None:
+        """Wrap every filter registered so far with guard_filter (call after adding the project's filters)."""
+        for name, func in list(self.filters.items()):
+            if name != ITERATE_FILTER:
+                self.filters[name] = guard_filter(name, func)
+
+    def call_binop(self, context: Any, operator: str, left: Any, right: Any) -> Any:
+        check_time()
+        expected = binop_size(operator, left, right)
+        if expected is not None:
+            check_size(expected, repr(operator))
+        return charge(super().call_binop(context, operator, left, right), repr(operator), given=(left, right))
+
+    def concat(self, parts: Iterable[Any]) -> str:
+        """`a ~ b ~ ...`: the joined text, refused before it is made when it would be too long."""
+        check_time()
+        texts = [str(part) for part in parts]
+        check_size(sum(map(len, texts)), "'~'")
+        return charge("".join(texts), "'~'")
+
+    def call(__self, __context: Any, __obj: Any, *args: Any, **kwargs: Any) -> Any:  # noqa: N805 - Jinja's signature
+        check_time()
+        what = f"calling {getattr(__obj, '__name__', type(__obj).__name__)}"
+        expected = call_size(__obj, args, kwargs)
+        if expected is not None:
+            check_size(expected, what)
+        return charge(super().call(__context, __obj, *args, **kwargs), what, given=(*args, *kwargs.values()))
+
+    def wrap_str_format(self, value: Any) -> Callable[..., str] | None:
+        """`str.format` / `str.format_map` through a formatter that refuses huge widths (see _Formatter)."""
+        if not isinstance(value, (types.MethodType, types.BuiltinMethodType)) or not isinstance(value.__self__, str):
+            return None  # the common case (every attribute a template reads comes here), decided cheaply
+        if value.__name__ not in ("format", "format_map"):
+            return None
+        text: str = value.__self__
+        formatter = _EscapeFormatter(self, escape=text.escape) if isinstance(text, Markup) else _Formatter(self)
+        is_map = value.__name__ == "format_map"
+
+        def wrapper(*args: Any, **kwargs: Any) -> str:
+            if is_map:
+                if kwargs or len(args) != 1:
+                    raise TypeError("format_map() takes exactly one argument and no keyword arguments")
+                args, kwargs = (), args[0]
+            return charge(type(text)(formatter.vformat(text, args, kwargs)), "format")
+
+        return functools.update_wrapper(wrapper, value)
