@@ -14,8 +14,11 @@ from croniter import croniter
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, field_validator, model_validator
 
 from mp_pipelines.spec.inputs import coerce_input
+from mp_pipelines.spec.templates import JINJA_GLOBALS, JINJA_SPECIAL_NAMES
 
 IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+# Names become op, asset, job and file names (step keys, compute logs, stored outputs) with suffixes added.
+MAX_NAME_CHARS = 64
 # Generated op names join a task name and a suffix with "__", so user names may not contain it.
 RESERVED_SEPARATOR = "__"
 # Names a template can use besides inputs and tasks.
@@ -58,17 +61,34 @@ def is_valid_cron(value: str) -> bool:
 
 
 def check_name(value: str, what: str) -> str:
-    """Return `value` if it is a usable task/input/workflow name, else raise ValueError saying why."""
+    """Return `value` if it is a usable task/input/workflow name, else raise ValueError saying why.
+
+    Every layer that uses the name must accept it: Jinja (templates read tasks by name), Dagster (ops,
+    assets, jobs) and the file system (step keys in file names).
+    """
+    if len(value) > MAX_NAME_CHARS:
+        shown = value[:20] + "…"
+        raise ValueError(f"{what} name {shown!r} is {len(value):,} characters long; "
+                         f"names may have at most {MAX_NAME_CHARS}")
     if not IDENTIFIER.match(value):
         raise ValueError(f"{what} name {value!r} is not an identifier (letters, digits, '_'; not starting with a digit)")
     if RESERVED_SEPARATOR in value:
         raise ValueError(f"{what} name {value!r} contains '__', which is reserved for generated op names")
     if value in RESERVED_NAMES:
         raise ValueError(f"{what} name {value!r} is reserved for templates ({', '.join(sorted(RESERVED_NAMES))})")
-    # Input names are run config fields, not Dagster names: only the other names are refused here.
-    if what != "input" and (keyword.iskeyword(value) or value in DAGSTER_RESERVED_NAMES):
+    # Input names are run config fields read as inputs.<name>, not Dagster names or template names:
+    # only the other names are refused here.
+    if what == "input":
+        return value
+    if keyword.iskeyword(value) or value in DAGSTER_RESERVED_NAMES:
         reason = "a Python keyword" if keyword.iskeyword(value) else "reserved by Dagster"
         raise ValueError(f"{what} name {value!r} is {reason}; Dagster cannot name an op, asset or job with it")
+    if value in JINJA_GLOBALS:
+        raise ValueError(f"{what} name {value!r} is a Jinja global ({', '.join(sorted(JINJA_GLOBALS))}), so a "
+                         f"template reading {value!r} would get Jinja's; choose another name")
+    if value in JINJA_SPECIAL_NAMES:
+        raise ValueError(f"{what} name {value!r} means something else in a template (Jinja reads "
+                         f"{', '.join(sorted(JINJA_SPECIAL_NAMES))} itself); choose another name")
     return value
 
 

@@ -91,6 +91,11 @@ def _step_into(annotation: Any, part: str | int) -> tuple[Any, bool]:
     return None, False
 
 
+def _short(name: str) -> str:
+    """A name as a path shows it: a name too long to be valid is cut, so a problem stays one line."""
+    return name if len(name) <= 64 else name[:20] + "…"
+
+
 def _format_loc(loc: tuple[str | int, ...], data: Any) -> tuple[str, type[BaseModel] | None]:
     """Readable path such as `tasks[2] (research).for_each`, and the model the last part belongs to."""
     text = ""
@@ -109,7 +114,7 @@ def _format_loc(loc: tuple[str | int, ...], data: Any) -> tuple[str, type[BaseMo
         if isinstance(part, int) and not isinstance(node, dict):
             node = node[part] if isinstance(node, list) and -len(node) <= part < len(node) else None
             name = node.get("name") if isinstance(node, dict) else None
-            text += f"[{part}]" + (f" ({name})" if isinstance(name, str) and name else "")
+            text += f"[{part}]" + (f" ({_short(name)})" if isinstance(name, str) and name else "")
         else:  # a mapping key; Pydantic gives a boolean or number key as an int or a string
             node = node.get(part) if isinstance(node, dict) else None
             text += (f".{part}" if text else part) if isinstance(part, str) and part.isidentifier() else f"[{part!r}]"
