@@ -37,6 +37,14 @@ def inbox_folder(workflow: str) -> Path:
     return inbox_root() / workflow
 
 
+def inbox_file(workflow: str, key: str) -> Path:
+    """The inbox file of partition `key`; ValueError when the key is no plain file name and would leave the folder."""
+    if key in ("", ".", "..") or Path(key).name != key or (os.altsep and os.altsep in key):
+        raise ValueError(f"partition key {key!r} of workflow {workflow!r} is not the name of a file in its inbox "
+                         f"folder {str(inbox_folder(workflow))!r}; inbox partitions are plain file names")
+    return inbox_folder(workflow) / key
+
+
 def partitions_name(spec: WorkflowSpec) -> str:
     return f"{spec.name}_inbox"
 
@@ -64,5 +72,5 @@ def inbox_partitioned_config(spec: WorkflowSpec) -> dg.PartitionedConfig | None:
         return None
     return dg.PartitionedConfig(
         partitions_def=partitions_def,
-        run_config_for_partition_key_fn=lambda key: inbox_run_config(spec, inbox_folder(spec.name) / key),
+        run_config_for_partition_key_fn=lambda key: inbox_run_config(spec, inbox_file(spec.name, key)),
     )

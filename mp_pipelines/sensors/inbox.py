@@ -31,6 +31,7 @@ from mp_pipelines.factory.partitions import (
     partitions_name,
 )
 from mp_pipelines.spec.models import WorkflowSpec
+from mp_pipelines.spec.paths import InputPathError, is_utf8_name, quoted_name, readable_file, shown_name
 
 INBOX_SUFFIXES = (".csv", ".jsonl", ".ndjson", ".parquet", ".pq")
 # Names that writers use while a file is incomplete; such files are left alone until renamed.
@@ -137,11 +138,11 @@ def scan_inbox(
     """
     known = {state.sha256: name for name, state in previous.items()
              if state.sha256 and state.outcome in ("submitted", "duplicate")}
-    scanner = _Scanner(check_table, processed_by, settle_seconds, time.time() if now is None else now, known)
+    scanner = _Scanner(folder, check_table, processed_by, settle_seconds, time.time() if now is None else now, known)
     for entry in sorted(folder.iterdir(), key=lambda p: p.name):
         if entry.name.startswith(".") or entry.name.lower().endswith(PARTIAL_SUFFIXES):
             continue  # hidden or still being written under a temporary name: not ours yet
-        scanner.visit(entry, previous.get(entry.name))
+        scanner.visit(entry, previous.get(shown_name(entry.name)))
     return scanner.scan
 
 
@@ -155,14 +156,21 @@ def _stat_signature(entry: Path) -> tuple[os.stat_result | None, str, OSError | 
     return stat, _signature(stat), None
 
 
-def _unusable_reason(entry: Path, error: OSError | None) -> str | None:
-    """Why an entry cannot be an inbox table as it stands (unstatable, not a file, wrong suffix)."""
+def _unusable_reason(entry: Path, error: OSError | None, folder: Path) -> str | None:
+    """Why an entry cannot be an inbox table as it stands (its name, unstatable, not a file, wrong suffix, or a
+    link leading out of the inbox or into /proc)."""
+    if not is_utf8_name(entry.name):
+        return "its name is not valid UTF-8, which run tags and partition keys need; rename it"
     if error is not None:
         return f"cannot read it: {error.strerror or error}"
     if not entry.is_file():
         return "it is not a regular file"
     if entry.suffix.lower() not in INBOX_SUFFIXES:
         return f"it is not a {', '.join(INBOX_SUFFIXES)} file (other files in the inbox are ignored)"
+    try:
+        readable_file(entry, what=f"file {quoted_name(entry.name)} of the inbox", inside=[folder])
+    except InputPathError as exc:
+        return f"refused: {exc}"
     return None
 
 
@@ -170,6 +178,7 @@ def _unusable_reason(entry: Path, error: OSError | None) -> str | None:
 class _Scanner:
     """One scan's inputs and running result; `visit` decides about one folder entry."""
 
+    folder: Path
     check_table: Callable[[Path], str | None]
     processed_by: Callable[[str], str | None]
     settle_seconds: float
@@ -179,12 +188,12 @@ class _Scanner:
 
     def visit(self, entry: Path, earlier: FileState | None) -> None:
         """Decide about one entry and record the outcome (cursor state, log line, batch)."""
-        name = entry.name
+        name = shown_name(entry.name)  # the cursor is JSON and the log UTF-8: a name that is not keeps escapes
         stat, signature, error = _stat_signature(entry)
         if earlier is not None and earlier.signature == signature:
             self.scan.files[name] = earlier  # decided before and unchanged since: nothing to do
             return
-        reason = _unusable_reason(entry, error)
+        reason = _unusable_reason(entry, error, self.folder)
         if reason:
             _skip(self.scan, name, signature, reason)
             return
@@ -214,7 +223,7 @@ class _Scanner:
         problem = _partition_key_problem(entry.name)
         try:
             digest = file_sha256(entry)
-            problem = problem or self.check_table(entry)
+            problem = problem or self._check(entry)
             after = entry.stat()
         except OSError as exc:
             _skip(self.scan, entry.name, signature, f"cannot read it: {exc.strerror or exc}")
@@ -224,6 +233,15 @@ class _Scanner:
             self.scan.log("info", f"{entry.name}: changed while being read, may still be being written; waiting")
             return None
         return digest, problem
+
+    def _check(self, entry: Path) -> str | None:
+        """What `check_table` finds wrong with the file; an error it raises is that file's problem only."""
+        try:
+            return self.check_table(entry)
+        except OSError:
+            raise  # reported by _read as "cannot read it"
+        except Exception as exc:  # noqa: BLE001 - one file the checker cannot handle must not stop the others
+            return f"cannot check it: {type(exc).__name__}: {exc}"
 
     def _take(self, entry: Path, signature: str, digest: str) -> None:
         """Record a good file as a duplicate of content already processed, or as a new batch."""
@@ -247,18 +265,24 @@ def _skip(scan: InboxScan, name: str, signature: str, reason: str,
 
 
 def table_checker(spec: WorkflowSpec, input_name: str) -> Callable[[Path], str | None]:
-    """Why a file is no good as the workflow's table input (malformed, empty, too large), or None."""
-    from mp_pipelines.spec.inputs import load_table
+    """Why a file is no good as the workflow's table input (malformed, empty, too large, refused), or None.
+
+    It reads only what deciding needs: Parquet metadata, then chunks of rows, stopping at the first limit passed;
+    no DataFrame of the whole file is built.
+    """
+    from mp_pipelines.spec.inputs import check_table
     from mp_pipelines.spec.size_limits import SizeLimitError
 
     def check(path: Path) -> str | None:
         try:
-            frame = load_table(path, name=input_name, max_rows=spec.max_items)
+            rows = check_table(path, name=input_name, max_rows=spec.max_items)
         except SizeLimitError as exc:
             return f"too large: {exc}"
+        except InputPathError as exc:
+            return f"refused: {exc}"
         except ValueError as exc:
             return f"malformed: {exc}"
-        if len(frame) == 0:
+        if rows == 0:
             return f"malformed: {path.name} has no rows"
         return None
 

@@ -6,7 +6,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from mp_pipelines.spec.size_limits import MAX_INPUT_CHARS, MAX_TABLE_BYTES, SizeLimitError
+from mp_pipelines.spec.size_limits import MAX_INPUT_CHARS
+from mp_pipelines.spec.tables import read_table
 
 TABLE_SUFFIXES = (".csv", ".jsonl", ".ndjson", ".json", ".parquet", ".pq")
 _TRUE = {"true", "yes", "1", "on"}
@@ -111,61 +112,17 @@ def load_table(path: str | Path, *, name: str = "table", max_rows: int | None = 
     """Read a CSV, JSONL or Parquet file (or a folder of text files) into a DataFrame.
 
     Errors name the input and the file. A folder gives one row per .txt/.md file: `name`, `path`, `text`.
-    A file (or a folder's text files together) larger than MP_MAX_TABLE_BYTES is refused before it is read,
-    and a table with more than `max_rows` rows (the workflow's max_items) after; both raise SizeLimitError.
+    Limits (MP_MAX_TABLE_BYTES on the decoded size, MP_MAX_TABLE_ROWS and `max_rows`, the workflow's max_items,
+    on rows, MP_MAX_CELL_CHARS on a text cell) are checked before reading or while reading in bounded chunks,
+    so passing one costs no more than the chunk that passed it (SizeLimitError). Only a regular file, or a
+    folder's regular files inside it, is read, never /proc or /sys (InputPathError).
     """
-    import pandas as pd
-
-    file = Path(path)
-    if file.is_dir():
-        return _text_folder(file, name=name, max_rows=max_rows)
-    if not file.is_file():
-        raise FileNotFoundError(f"input {name!r}: table file {str(file)!r} does not exist")
-    MAX_TABLE_BYTES.check(file.stat().st_size, f"input {name!r}: table file {str(file)!r}")
-    suffix = file.suffix.lower()
-    try:
-        if suffix == ".csv":
-            frame = pd.read_csv(file)
-        elif suffix in (".jsonl", ".ndjson"):
-            frame = pd.read_json(file, lines=True)
-        elif suffix == ".json":
-            frame = pd.read_json(file)
-        elif suffix in (".parquet", ".pq"):
-            frame = pd.read_parquet(file)
-        else:
-            raise ValueError(f"unsupported table format {suffix!r}; use .csv, .jsonl or .parquet")
-    except (ValueError, OSError) as exc:
-        raise ValueError(f"input {name!r}: cannot read table {str(file)!r}: {exc}") from None
-    except Exception as exc:  # pandas raises parser-specific errors (ParserError, ArrowInvalid)
-        raise ValueError(f"input {name!r}: cannot read table {str(file)!r}: {type(exc).__name__}: {exc}") from None
-    _check_rows(len(frame), max_rows, f"input {name!r}: table {str(file)!r} has {len(frame):,} rows")
-    return frame
+    return read_table(path, name=name, max_rows=max_rows, keep=True)
 
 
-def _check_rows(rows: int, max_rows: int | None, what: str) -> None:
-    if max_rows is not None and rows > max_rows:
-        raise SizeLimitError(f"{what}, more than the limit {max_rows:,} (the workflow's max_items)")
-
-
-TEXT_SUFFIXES = (".txt", ".md", ".markdown", ".rst")
-
-
-def _text_folder(folder: Path, *, name: str, max_rows: int | None):
-    import pandas as pd
-
-    files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in TEXT_SUFFIXES)
-    if not files:
-        raise ValueError(f"input {name!r}: folder {str(folder)!r} holds no {', '.join(TEXT_SUFFIXES)} files")
-    _check_rows(len(files), max_rows, f"input {name!r}: folder {str(folder)!r} has {len(files):,} files")
-    MAX_TABLE_BYTES.check(sum(file.stat().st_size for file in files),
-                          f"input {name!r}: the text files of folder {str(folder)!r} together")
-    rows = []
-    for file in files:
-        try:
-            rows.append({"name": file.name, "path": str(file), "text": file.read_text(encoding="utf-8")})
-        except (OSError, UnicodeDecodeError) as exc:
-            raise ValueError(f"input {name!r}: cannot read {str(file)!r}: {exc}") from None
-    return pd.DataFrame(rows)
+def check_table(path: str | Path, *, name: str = "table", max_rows: int | None = None) -> int:
+    """The row count of the table `load_table` would read, after the same checks, keeping none of its data."""
+    return read_table(path, name=name, max_rows=max_rows, keep=False)
 
 
 def resolve_path(value: str, base_dir: Path | None) -> str:

@@ -1,4 +1,4 @@
-"""Size limits on what a workflow reads: input values, table files, spec files and rendered prompts.
+"""Size limits on what a workflow reads: input values, tables (bytes, rows, cells), spec files and rendered prompts.
 
 Each limit has a default and an environment variable that raises or lowers it. The variable is read
 each time the limit is checked, so a long-running code location or a test picks up a change at once.
@@ -36,15 +36,23 @@ class SizeLimit:
             raise ValueError(f"{self.env}={raw!r} must be at least 1 ({self.unit})")
         return limit
 
-    def check(self, size: int, what: str) -> None:
-        """Raise SizeLimitError saying `what` is `size` units, the limit and how to raise it, when it is too big."""
+    def check(self, size: int, what: str, *, verb: str = "is", at_least: bool = False, detail: str = "") -> None:
+        """Raise SizeLimitError saying `what` is `size` units, the limit and how to raise it, when it is too big.
+
+        `at_least` says `size` is what was counted before reading stopped, not the whole; `detail` follows the unit.
+        """
         limit = self.value()
         if size > limit:
-            raise SizeLimitError(f"{what} is {size:,} {self.unit}, more than the limit {limit:,} ({self.env}); "
+            amount = f"{'at least ' if at_least else ''}{size:,} {self.unit}{f' {detail}' if detail else ''}"
+            raise SizeLimitError(f"{what} {verb} {amount}, more than the limit {limit:,} ({self.env}); "
                                  f"set {self.env} to allow more")
 
 
 MAX_INPUT_CHARS = SizeLimit("MP_MAX_INPUT_CHARS", 1_000_000, "characters")  # one input value (lists: as JSON)
-MAX_TABLE_BYTES = SizeLimit("MP_MAX_TABLE_BYTES", 100_000_000, "bytes")  # a table file, or a folder's text files
+# A table once decoded (what it takes in memory), and first the file itself, or a folder's text files together.
+MAX_TABLE_BYTES = SizeLimit("MP_MAX_TABLE_BYTES", 100_000_000, "bytes")
+MAX_TABLE_ROWS = SizeLimit("MP_MAX_TABLE_ROWS", 1_000_000, "rows")  # a table's rows, a folder's text files
+# One text cell of a table (a folder's document too): as long as one input value may be.
+MAX_CELL_CHARS = SizeLimit("MP_MAX_CELL_CHARS", 1_000_000, "characters")
 MAX_PROMPT_CHARS = SizeLimit("MP_MAX_PROMPT_CHARS", 400_000, "characters")  # one rendered prompt or system message
 MAX_SPEC_BYTES = SizeLimit("MP_MAX_SPEC_BYTES", 1_000_000, "bytes")  # one workflow YAML file
