@@ -29,6 +29,7 @@ class StepState:
 
     status: str = "not_run"  # running | success | failed | skipped | not_run | retrying
     has_output: bool = False
+    outputs: set[str] = field(default_factory=set)  # names of the outputs it yielded
     error: str | None = None
     usage: Usage = field(default_factory=Usage)  # calls of its outputs, and of failed attempts that got answers
     failed_items: list[dict[str, Any]] = field(default_factory=list)  # fan-out items left out (on_item_failure: skip)
@@ -49,6 +50,7 @@ def step_states(instance: dg.DagsterInstance, run_id: str) -> dict[str, StepStat
             state.status = "retrying"
         elif kind == dg.DagsterEventType.STEP_OUTPUT:
             state.has_output = True
+            state.outputs.add(event.event_specific_data.step_output_handle.output_name)
             metadata = event.event_specific_data.metadata
             state.usage = state.usage + Usage.from_metadata(metadata)
             if "failed" in metadata:
@@ -96,7 +98,9 @@ def task_steps(spec: WorkflowSpec, step: TaskSpec | LoopSpec) -> dict[str, list[
     if isinstance(step, LoopSpec):
         count = loop_iterations(spec, step)
         keys = {task.name: [body_step(task.name, i) for i in range(1, count + 1)] for task in step.tasks}
-        return {step.name: [step.name], **keys}
+        # The loop's own step runs only once an iteration ends it, so the loop's status and error are its body's
+        # too: a budget stop inside the loop fails the loop, with the reason.
+        return {step.name: [*(key for body in keys.values() for key in body), step.name], **keys}
     if step.for_each:
         return {step.name: [items_step(step.name), f"{step.name}[", collect_step(step.name)]}
     return {step.name: [step.name]}
@@ -130,21 +134,27 @@ def summarize_tasks(spec: WorkflowSpec, states: dict[str, StepState]) -> dict[st
     summary = {}
     for step in spec.tasks:
         for name, keys in task_steps(spec, step).items():
-            found = _matching(states, keys)
-            ran = [s for s in found if s.status != "not_run"]
-            last = None
-            if isinstance(step, LoopSpec) and name != step.name:
-                last = next((s for s in reversed(found) if s.status == "success"), ran[-1] if ran else None)
-            else:
-                last = states.get(keys[-1])
-            usage = sum((s.usage for s in found), Usage())
-            errors = [s.error for s in found if s.error]
-            summary[name] = {"status": task_status(found, last_key_state=last), "error": errors[0] if errors else None,
-                             "usage": usage}
-            failed_items = [item for s in found for item in s.failed_items]
-            if failed_items:
-                summary[name]["failed_items"] = failed_items
+            summary[name] = _summarize_task(step, name, _matching(states, keys), states.get(keys[-1]))
     return summary
+
+
+def _summarize_task(step: TaskSpec | LoopSpec, name: str, found: list[StepState],
+                    last_key: StepState | None) -> dict[str, Any]:
+    """{status, error, usage, failed_items?} of task `name` of `step` from the states of its steps."""
+    loop = isinstance(step, LoopSpec)
+    last = last_key
+    if loop and name != step.name:  # a body task: its latest iteration that ran
+        ran = [s for s in found if s.status != "not_run"]
+        last = next((s for s in reversed(found) if s.status == "success"), ran[-1] if ran else None)
+    # A loop's usage is its own step's: its body tasks report theirs.
+    counted = ([last_key] if last_key else []) if loop and name == step.name else found
+    errors = [s.error for s in found if s.error]
+    task = {"status": task_status(found, last_key_state=last), "error": errors[0] if errors else None,
+            "usage": sum((s.usage for s in counted), Usage())}
+    failed_items = [item for s in found for item in s.failed_items]
+    if failed_items:
+        task["failed_items"] = failed_items
+    return task
 
 
 def run_usage(states: dict[str, StepState]) -> Usage:
@@ -157,7 +167,9 @@ def task_output(result: dg.ExecuteJobResult, spec: WorkflowSpec, name: str, stat
     step = next((s for s in spec.tasks if s.name == name), None)
     if step is None:  # a loop body task: its latest output is in the loop's result
         loop = next(s for s in spec.tasks if isinstance(s, LoopSpec) and name in {t.name for t in s.tasks})
-        return result.output_for_node(loop.name).get(name)
+        if loop.name in states and states[loop.name].status == "success":
+            return result.output_for_node(loop.name).get(name)
+        return _latest_of_stopped_loop(result, spec, loop, states).get(name)
     if isinstance(step, TaskSpec) and step.for_each:
         if not any(is_mapped_step(key, name) for key in states):
             return []  # an empty fan-out ran no item step
@@ -165,3 +177,16 @@ def task_output(result: dg.ExecuteJobResult, spec: WorkflowSpec, name: str, stat
         return list(item_records[item_records["status"].isin(["success", "skipped"])]["output"])
     value = result.output_for_node(name)
     return records(value) if hasattr(value, "columns") else value
+
+
+def _latest_of_stopped_loop(result: dg.ExecuteJobResult, spec: WorkflowSpec, loop: LoopSpec,
+                            states: dict[str, StepState]) -> dict[str, Any]:
+    """Body task → latest output of a loop stopped before its end (a budget stop, a failed body task): the loop
+    state that the last body step to finish passed on (`latest`, see factory/loops.py)."""
+    for iteration in range(loop_iterations(spec, loop), 0, -1):
+        for task in reversed(loop.tasks):
+            state = states.get(body_step(task.name, iteration))
+            if state is not None and state.status == "success" and state.outputs:
+                output = "next" if "next" in state.outputs else "done"
+                return result.output_for_node(body_step(task.name, iteration), output)["latest"]
+    return {}
