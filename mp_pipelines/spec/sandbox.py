@@ -18,7 +18,6 @@ from making `'a' * 10**9` or looping 10**10 times. Here, during a render (`bound
 from __future__ import annotations
 
 import functools
-import inspect
 import math
 import re
 import time
@@ -32,17 +31,15 @@ from typing import Any
 from jinja2 import nodes
 from jinja2.compiler import CodeGenerator, Frame
 from jinja2.sandbox import ImmutableSandboxedEnvironment, SandboxedFormatter
-from jinja2.utils import generate_lorem_ipsum
 from markupsafe import EscapeFormatter, Markup
 
+from mp_pipelines.spec.sandbox_sizes import FILTER_SIZES, FILTER_WORK, Arguments, binop_size, call_size, size_of
 from mp_pipelines.spec.size_limits import MAX_PROMPT_CHARS
 
 VALUE_FACTOR = 10  # one value a template builds: at most this many times the prompt limit
 BUILD_FACTOR = 100  # all values one render builds, added up
 RENDER_SECONDS = 10.0  # the longest one render may take when the task has no earlier deadline
 ITERATE_FILTER = "_bounded_iteration"  # wrapped around every `{% for %}` iterable by bound_loops
-_SIZED = (str, bytes, list, tuple, dict, set, frozenset)
-_PRINTF = re.compile(r"%(?:\([^)]*\))?[-#0 +]*(\*|\d+)?(?:\.(\*|\d+))?[hlL]?[a-zA-Z%]")
 
 
 class TooBig(ValueError):
@@ -110,15 +107,6 @@ def check_size(size: float, what: str) -> None:
         raise _too_big(size, what, limit)
 
 
-def size_of(value: Any) -> int:
-    """Characters or items of a value (digits of an integer); 0 for what holds no data of its own."""
-    if isinstance(value, _SIZED):
-        return len(value)
-    if isinstance(value, int):
-        return value.bit_length() // 3 + 1
-    return 0
-
-
 def charge(value: Any, what: str, work: float = 0, given: tuple[Any, ...] = ()) -> Any:
     """Count a value a template built (and `work` it cost) against the render's bounds; return the value.
 
@@ -138,155 +126,13 @@ def charge(value: Any, what: str, work: float = 0, given: tuple[Any, ...] = ()) 
     return value
 
 
-def printf_size(template: str, args: Any) -> int:
-    """An upper bound on the padding `template % args` adds: its widths and precisions (`*` ones from args)."""
-    values = args if isinstance(args, tuple) else (args,)
-    starred = sum(abs(v) for v in values if isinstance(v, int))
-    size = len(template)
-    for width, precision in _PRINTF.findall(template):
-        for part in (width, precision):
-            size += starred if part == "*" else int(part or 0)
-    return size
-
-
-def binop_size(operator: str, left: Any, right: Any) -> float | None:
-    """Size of the result of `left <operator> right` known before computing it, or None."""
-    if operator == "*":
-        sequence, count = (left, right) if isinstance(right, int) else (right, left)
-        if isinstance(sequence, _SIZED) and isinstance(count, int):
-            return len(sequence) * max(count, 0)
-        if isinstance(left, int) and isinstance(right, int):
-            return size_of(left) + size_of(right)
-    if operator == "**" and isinstance(left, int) and isinstance(right, int) and right > 0:
-        return min(right, 10**15) * math.log10(abs(left)) if abs(left) > 1 else 1
-    if operator == "+" and isinstance(left, _SIZED) and isinstance(right, _SIZED):
-        return len(left) + len(right)
-    if operator == "%" and isinstance(left, str):
-        return printf_size(left, right)
-    return None
-
-
-def _replace_size(text: str, old: str, new: str, count: int | None) -> int:
-    found = len(text) + 1 if old == "" else text.count(old)
-    if count is not None and count >= 0:
-        found = min(found, count)
-    return len(text) + found * (len(new) - len(old))
-
-
-def _number(value: Any) -> int:
-    return value if isinstance(value, int) else 0
-
-
-def _str_method_size(method: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> float | None:
-    """Size of what a `str` method such as center or replace returns, known before calling it, or None."""
-    text, name = method.__self__, method.__name__
-    if name in ("center", "ljust", "rjust", "zfill") and args:
-        return max(len(text), _number(args[0]))
-    if name == "expandtabs":
-        return len(text) * max(_number(args[0] if args else kwargs.get("tabsize", 8)), 1)
-    if name == "replace" and len(args) >= 2 and isinstance(args[0], str) and isinstance(args[1], str):
-        count = args[2] if len(args) > 2 else kwargs.get("count")
-        return _replace_size(text, args[0], args[1], count if isinstance(count, int) else None)
-    return None
-
-
-def call_size(obj: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> float | None:
-    """Size of what calling `obj` returns, known before the call, or None."""
-    if isinstance(obj, (types.MethodType, types.BuiltinMethodType)) and isinstance(getattr(obj, "__self__", None), str):
-        return _str_method_size(obj, args, kwargs)
-    if obj is generate_lorem_ipsum:
-        bound = inspect.signature(generate_lorem_ipsum).bind(*args, **kwargs)
-        bound.apply_defaults()
-        return _number(bound.arguments["n"]) * _number(bound.arguments["max"]) * 12  # words are under 12 chars
-    return None
-
-
-def _materialise(arguments: dict[str, Any], key: str) -> list[Any]:
-    """The iterable argument `key` as a list (so its size can be known), put back for the filter to use."""
-    arguments[key] = items = list(arguments[key])
-    return items
-
-
-def _text(arguments: dict[str, Any], key: str) -> str:
-    value = arguments.get(key)
-    return value if isinstance(value, str) else str(value) if value is not None else ""
-
-
-def _join_size(a: dict[str, Any]) -> float:
-    items = _materialise(a, "value")
-    return sum(len(str(item)) for item in items) + len(_text(a, "d")) * max(len(items) - 1, 0)
-
-
-def _indent_size(a: dict[str, Any]) -> float:
-    width = a["width"]
-    pad = len(width) if isinstance(width, str) else _number(width)
-    text = _text(a, "s")
-    return len(text) + (text.count("\n") + 1) * pad
-
-
-def _wordwrap_size(a: dict[str, Any]) -> float:
-    text = _text(a, "s")
-    lines = len(text) // max(_number(a["width"]), 1) + text.count("\n") + 1
-    return len(text) + lines * len(_text(a, "wrapstring") or "\n")
-
-
-def _sum_size(a: dict[str, Any]) -> float:
-    if not isinstance(a["start"], _SIZED):
-        return 0
-    items = _materialise(a, "iterable")
-    total = len(a["start"]) + sum(size_of(item) for item in items)
-    charge(None, "the sum filter", work=len(items) * total / 2)  # each step copies what was summed so far
-    return total
-
-
-# Filters that can make a value much larger than their input: how large, from their bound arguments.
-FILTER_SIZES: dict[str, Callable[[dict[str, Any]], float]] = {
-    "center": lambda a: max(len(_text(a, "value")), _number(a["width"])),
-    "indent": _indent_size,
-    "replace": lambda a: _replace_size(_text(a, "s"), _text(a, "old"), _text(a, "new"), a["count"]),
-    "join": _join_size,
-    "format": lambda a: printf_size(_text(a, "value"), a["args"] or tuple(a["kwargs"].values())),
-    "wordwrap": _wordwrap_size,
-    "batch": lambda a: _number(a["linecount"]) if a["fill_with"] is not None else 0,
-    "slice": lambda a: _number(a["slices"]),
-    "sum": _sum_size,
-    "tojson": lambda a: 100 * _number(a["indent"]),  # indentation is repeated on every line
-}
-
-
-class _Arguments:
-    """Binds a filter's arguments to its parameter names and back: inspect.signature's bind, at a tenth the cost."""
-
-    def __init__(self, func: Callable[..., Any]) -> None:
-        parameters = inspect.signature(func).parameters.values()
-        self.names = [p.name for p in parameters if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
-        self.defaults = {p.name: p.default for p in parameters if p.default is not p.empty}
-        self.var_args = next((p.name for p in parameters if p.kind is p.VAR_POSITIONAL), None)
-        self.var_kwargs = next((p.name for p in parameters if p.kind is p.VAR_KEYWORD), None)
-
-    def bind(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
-        bound = {**self.defaults, **dict(zip(self.names, args)), **kwargs}
-        if self.var_args:
-            bound[self.var_args] = args[len(self.names):]
-        if self.var_kwargs:
-            bound[self.var_kwargs] = {k: v for k, v in kwargs.items() if k not in self.names}
-        return bound
-
-    def unbind(self, bound: dict[str, Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, ...]:
-        """The positional arguments again, with any value the estimate replaced (kwargs are updated in place)."""
-        given = self.names[:len(args)]
-        for key in kwargs:
-            kwargs[key] = bound.get(key, kwargs[key])
-        return (*(bound[name] for name in given), *args[len(given):])
-
-
 def guard_filter(name: str, func: Callable[..., Any]) -> Callable[..., Any]:
     """`func` (a Jinja filter) checking the size it will make (FILTER_SIZES) and what it made.
 
     No deadline check: without a loop or a call (which check it) a filter's work is bounded by the sizes.
     """
-    estimate = FILTER_SIZES.get(name)
-    arguments = _Arguments(func) if estimate is not None else None
+    estimate, work = FILTER_SIZES.get(name), FILTER_WORK.get(name)
+    arguments = Arguments(func) if estimate is not None else None
     what = f"the {name} filter"
 
     @functools.wraps(func)  # keeps jinja_pass_arg, so Jinja still passes the context first
@@ -294,6 +140,8 @@ def guard_filter(name: str, func: Callable[..., Any]) -> Callable[..., Any]:
         if arguments is not None and estimate is not None:
             bound = arguments.bind(args, kwargs)
             check_size(estimate(bound), what)
+            if work is not None:
+                charge(None, what, work=work(bound))
             args = arguments.unbind(bound, args, kwargs)
         return charge(func(*args, **kwargs), what, given=args)
 

@@ -1,7 +1,8 @@
 """Guards between untrusted YAML and validation: a safe loader with clear errors, and a shape check.
 
 `UniqueKeyLoader` is PyYAML's SafeLoader (no Python tags, nothing executed) that also refuses repeated
-keys and turns every construction failure into a YAML error with a line and column. `shape_problem`
+keys and turns every construction failure into a YAML error with a line and column; it reads merge keys
+(`<<: *anchor`) as yaml.safe_load does, keeping each key once so merges of merges cannot multiply. `shape_problem`
 refuses data that would exhaust whatever walks it next: nesting too deep, a YAML alias that contains
 itself, or aliases that expand a small file into millions of values.
 """
@@ -15,6 +16,7 @@ import yaml
 
 MAX_DEPTH = 64  # levels of nested mappings and lists; real specs use under ten
 MAX_VALUES = 1_000_000  # values in a spec once YAML aliases are expanded
+MERGE_TAG = "tag:yaml.org,2002:merge"
 _END = object()  # what next() gives for an exhausted container in shape_problem
 
 
@@ -48,6 +50,10 @@ class UniqueKeyLoader(yaml.SafeLoader):
     """yaml.safe_load, except that a key repeated in one mapping is an error instead of a silent overwrite,
     and a mapping or list as a key (what an unquoted `{{ template }}` is) gets a hint."""
 
+    def __init__(self, stream: Any) -> None:
+        super().__init__(stream)
+        self._checked: set[int] = set()  # mappings whose own keys were checked (their nodes live as long as this)
+
     def construct_object(self, node: yaml.Node, deep: bool = False) -> Any:
         try:
             return super().construct_object(node, deep=deep)
@@ -59,12 +65,35 @@ class UniqueKeyLoader(yaml.SafeLoader):
                 node.start_mark,
             ) from None
 
-    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
-        if not isinstance(node, yaml.MappingNode):  # e.g. `!!set` on a scalar: the base class says why
-            return super().construct_mapping(node, deep=deep)
+    def flatten_mapping(self, node: yaml.MappingNode) -> None:
+        """Merge `<<` keys as PyYAML does, then keep each merged key once (the value the mapping would get), so
+        a merge of ten mappings that each merge ten more holds ten keys, not a hundred copies of them.
+
+        PyYAML flattens every mapping before constructing it, and an anchored one also when it is first merged
+        (which may come first), so the keys written in it are checked here, once, before any merge."""
+        if id(node) not in self._checked:
+            self._checked.add(id(node))
+            self._refuse_repeated_keys(node)
+        super().flatten_mapping(node)
+        first: dict[tuple[str, str], int] = {}  # scalar key (tag, text) → its index in `pairs`
+        pairs: list[tuple[yaml.Node, yaml.Node]] = []
+        for key_node, value_node in node.value:
+            key = (key_node.tag, key_node.value) if isinstance(key_node, yaml.ScalarNode) else None
+            if key is not None and key in first:  # a later pair wins, in the place the key first had
+                pairs[first[key]] = (pairs[first[key]][0], value_node)
+                continue
+            if key is not None:
+                first[key] = len(pairs)
+            pairs.append((key_node, value_node))
+        node.value = pairs
+
+    def _refuse_repeated_keys(self, node: yaml.MappingNode) -> None:
+        """ConstructorError for a key written twice in this mapping, or a mapping or list as a key."""
         seen: set[Any] = set()
         for key_node, _ in node.value:
-            key = self.construct_object(key_node, deep=deep)
+            if key_node.tag == MERGE_TAG:  # merged keys may be overridden: that is what a merge is for
+                continue
+            key = self.construct_object(key_node)
             if not isinstance(key, typing.Hashable):
                 kind = {dict: "mapping", list: "list"}.get(type(key), type(key).__name__)
                 raise yaml.constructor.ConstructorError(
@@ -76,4 +105,3 @@ class UniqueKeyLoader(yaml.SafeLoader):
                     None, None, f"key {key!r} appears twice in one mapping", key_node.start_mark
                 )
             seen.add(key)
-        return super().construct_mapping(node, deep=deep)
