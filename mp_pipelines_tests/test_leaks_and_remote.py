@@ -63,7 +63,8 @@ def test_redact_masks_url_passwords_authorization_values_keys_and_known_secrets(
             f"http://{USER}:{PASSWORD}@gateway:8080/v1, key sk-proj-abcdef123456, also {PASSWORD[::-1]}")
     assert redact(text, [PASSWORD[::-1]]) == ("Unsupported header Authorization: Basic ***; bearer *** at "
                                               "http://***@gateway:8080/v1, key sk-***, also ***")
-    assert redact("a plain message about http://gateway/v1") == "a plain message about http://gateway/v1"
+    prose = "basic validation failed: the bearer of this token limit is http://gateway/v1 (see a@b)"
+    assert redact(prose) == prose
     split = split_credentials(f"https://{USER}:hunter%402@[::1]:8443/v1")
     assert (split.public_url, split.username, split.password) == ("https://[::1]:8443/v1", USER, "hunter@2")
     assert "hunter" not in repr(split) and split_credentials("http://host/v1").present is False

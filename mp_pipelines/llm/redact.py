@@ -17,17 +17,26 @@ MASK = "***"
 _MIN_SECRET = 4  # shorter known secrets are not replaced: "ab" would mangle every message
 _URL_USERINFO = re.compile(r"(?P<scheme>\b[A-Za-z][A-Za-z0-9+.\-]*://)[^/@\s'\"<>]*@")
 # An HTTP authorization value after its scheme, e.g. in an echoed `Authorization: Basic dXNlcjpwdw==`.
-_AUTH_VALUE = re.compile(r"\b(?P<scheme>Bearer|Basic|Token)(?P<gap>\s+)[A-Za-z0-9._~+/\-]+=*", re.IGNORECASE)
+_AUTH_VALUE = re.compile(r"\b(?P<scheme>Bearer|Basic)(?P<gap>\s+)(?P<value>[A-Za-z0-9._~+/\-]{4,}=*)", re.IGNORECASE)
 _API_KEY = re.compile(r"\bsk-[A-Za-z0-9_\-*]{6,}")
 
 
 def redact(text: str, secrets: Iterable[str] = ()) -> str:
     """`text` without `secrets`, URL `user:password@` parts, authorization values and `sk-…` keys."""
     for secret in sorted((s for s in secrets if s and len(s) >= _MIN_SECRET), key=len, reverse=True):
-        text = text.replace(secret, MASK)  # longest first: a password inside its own base64 pair stays masked
+        text = text.replace(secret, MASK)  # longest first: a secret holding a shorter one leaves no fragment
     text = _URL_USERINFO.sub(lambda m: f"{m['scheme']}{MASK}@", text)
-    text = _AUTH_VALUE.sub(lambda m: f"{m['scheme']}{m['gap']}{MASK}", text)
+    text = _AUTH_VALUE.sub(_mask_credential, text)
     return _API_KEY.sub(f"sk-{MASK}", text)
+
+
+def _mask_credential(match: re.Match[str]) -> str:
+    """`Basic ***` for what looks like a credential; prose such as "basic validation" stays (credentials carry
+    digits or base64 padding and symbols, or are long)."""
+    value = match["value"]
+    if len(value) < 24 and not any(c.isdigit() or c in "+/=" for c in value):
+        return match[0]
+    return f"{match['scheme']}{match['gap']}{MASK}"
 
 
 @dataclass(frozen=True)
