@@ -239,3 +239,11 @@ def test_run_config_for_local_and_remote_runs() -> None:
     merged = with_budget({"resources": {BUDGET_RESOURCE_KEY: {"config": {"max_calls": 5, "max_cost_usd": 1.0}}}},
                          {"max_calls": 2, "max_tokens": None})
     assert merged["resources"][BUDGET_RESOURCE_KEY]["config"] == {"max_calls": 2, "max_cost_usd": 1.0}
+
+
+def test_a_bad_setting_in_the_environment_is_bad_usage_not_a_traceback(runner: CliRunner,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MP_SIMULATED_LATENCY", "abc")
+    result = runner.invoke(main, ["run", "research_report", "--input", "topic=x"])
+    assert result.exit_code == 2, result.output
+    assert "MP_SIMULATED_LATENCY='abc' is not valid" in result.output and "Traceback" not in result.output

@@ -106,13 +106,14 @@ def run(workflow: str, pairs: tuple[str, ...], input_file: str | None, as_json: 
         **budget: Any) -> None:
     """Run WORKFLOW (a name or a YAML path) through Dagster and print each task's result."""
     from mp_pipelines.cli.running import RunRefused, run_workflow
+    from mp_pipelines.llm.resource import SettingsError
 
     _quiet_dagster_logs()
     spec, source = resolve_workflow(workflow)
     inputs = parse_inputs(spec, pairs, input_file)
     try:
         outcome = run_workflow(spec, inputs, source=source, executor=executor, progress=_echo_err, budget=budget)
-    except RunRefused as exc:
+    except (RunRefused, SettingsError) as exc:
         raise RunRefusedError(str(exc)) from None
     _print_outcome(outcome, as_json)
 
@@ -125,13 +126,14 @@ def run(workflow: str, pairs: tuple[str, ...], input_file: str | None, as_json: 
 def resume(run_id: str, force: bool, as_json: bool, **budget: Any) -> None:
     """Re-execute failed run RUN_ID from failure: only what failed runs again, and answers it got are not paid twice."""
     from mp_pipelines.cli.running import ResumeError, RunRefused, resume_run
+    from mp_pipelines.llm.resource import SettingsError
 
     _quiet_dagster_logs()
     try:
         outcome = resume_run(run_id, force=force, budget=budget, progress=_echo_err)
     except ResumeError as exc:
         raise click.ClickException(str(exc)) from None
-    except RunRefused as exc:
+    except (RunRefused, SettingsError) as exc:
         raise RunRefusedError(str(exc)) from None
     _print_outcome(outcome, as_json)
 
