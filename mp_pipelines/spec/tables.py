@@ -76,6 +76,16 @@ def read_table(path: str | Path, *, name: str, max_rows: int | None, keep: bool)
         raise ValueError(f"input {name!r}: cannot read table {str(file)!r}: {exc}") from None
     except Exception as exc:  # parsers raise their own errors (ParserError, ArrowInvalid)
         raise ValueError(f"input {name!r}: cannot read table {str(file)!r}: {type(exc).__name__}: {exc}") from None
+    finally:
+        _release_memory()
+
+
+def _release_memory() -> None:
+    """Hand Arrow's freed memory back to the OS: a long-lived process (the inbox sensor's code server) would
+    otherwise keep what checking a table took until its next allocation."""
+    import pyarrow as pa
+
+    pa.default_memory_pool().release_unused()
 
 
 def _read_format(real: Path, suffix: str, reading: _Reading, keep: bool) -> Any:
