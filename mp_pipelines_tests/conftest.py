@@ -74,6 +74,8 @@ def _no_ambient_llm_env(monkeypatch: pytest.MonkeyPatch) -> None:
         "MP_PRICES_FILE",
         "MP_MAX_INPUT_CHARS",
         "MP_MAX_TABLE_BYTES",
+        "MP_MAX_TABLE_ROWS",
+        "MP_MAX_CELL_CHARS",
         "MP_MAX_PROMPT_CHARS",
         "MP_MAX_SPEC_BYTES",
         "DAGSTER_HOME",
