@@ -65,6 +65,20 @@ def test_a_chain_of_2000_tasks_validates_and_shows_in_run_order_quickly() -> Non
     assert graph.topological_order(spec) == ["a", "b", "c", "d"]
 
 
+def test_the_job_of_a_chain_of_2000_tasks_builds() -> None:
+    from mp_pipelines.factory.job import build_job  # Dagster walks the chain recursively, one frame per op
+
+    job = build_job(parse_workflow(chain(2000)))
+    assert len(job.graph.node_defs) == 2001
+
+
+def test_a_template_nested_too_deeply_is_one_problem() -> None:
+    deep = "{{ " + "(" * 300 + "x" + ")" * 300 + " }}"
+    data = {"name": "w", "tasks": [{"name": "a", "prompt": deep}, {"name": "b", "prompt": "{{ a }}"}]}
+    assert problems_of(data) == ["tasks[0] (a).prompt: the template is nested too deeply (brackets, blocks or "
+                                 "operators) to read"]
+
+
 def test_a_cycle_through_a_long_chain_is_one_short_problem() -> None:
     (problem,) = problems_of(chain(1100, cycle=True))
     assert problem.startswith("tasks[0] (t0): dependency cycle t0 -> t1 -> t2 -> ")

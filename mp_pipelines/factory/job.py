@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import sys
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -103,6 +107,40 @@ def _compose_loop(spec: WorkflowSpec, loop: LoopSpec, handles: Handles, step_nam
     return build_loop_result_op(spec, loop)(states=finished)
 
 
+def op_count(spec: WorkflowSpec) -> int:
+    """Most ops the job of `spec` has: three per fan-out (items, shards, collect), one per task otherwise, a
+    loop's tasks once per iteration plus the loop's result, and the inputs op."""
+    count = 1
+    for step in spec.tasks:
+        if isinstance(step, LoopSpec):
+            count += 3 * len(step.tasks) * loop_iterations(spec, step) + 1
+        else:
+            count += 3 if step.for_each else 1
+    return count
+
+
+_HEADROOM = threading.Lock()  # one build at a time changes the process's recursion limit
+
+
+@contextmanager
+def recursion_headroom(ops: int) -> Iterator[None]:
+    """Let Python recurse deep enough, while inside, to make the Dagster graph of a job of `ops` ops.
+
+    Dagster walks a job's dependencies recursively when it makes the graph, one frame per op along the
+    longest chain (`create_adjacency_lists`), so a chain of ~1,000 ops passes Python's default limit of 1,000
+    frames. The limit is raised only for that and restored after, since C code (json, repr, pickle) counts
+    against the same limit on a thread's smaller C stack.
+    """
+    needed = 1_000 + 2 * ops
+    with _HEADROOM:
+        before = sys.getrecursionlimit()
+        sys.setrecursionlimit(max(before, needed))
+        try:
+            yield
+        finally:
+            sys.setrecursionlimit(before)
+
+
 def build_job(spec: WorkflowSpec, *, provider: str = "simulated", base_dir: Path | None = None) -> dg.JobDefinition:
     """The job of a workflow: an `inputs` op, then one op per task in dependency order.
 
@@ -122,11 +160,12 @@ def build_job(spec: WorkflowSpec, *, provider: str = "simulated", base_dir: Path
                 handles[name] = _compose_task(spec, step, dependencies[name], handles, provider)
 
     compose.__name__ = job_name(spec)
-    return dg.job(
-        name=job_name(spec),
-        description=spec.description or None,
-        tags={**spec.tags, WORKFLOW_TAG: spec.name, PROVIDER_TAG: provider},
-        executor_def=build_executor(spec),
-        partitions_def=inbox_partitions_def(spec),  # inbox files, for workflows with a table input
-        config=inbox_partitioned_config(spec),
-    )(compose)
+    with recursion_headroom(op_count(spec)):
+        return dg.job(
+            name=job_name(spec),
+            description=spec.description or None,
+            tags={**spec.tags, WORKFLOW_TAG: spec.name, PROVIDER_TAG: provider},
+            executor_def=build_executor(spec),
+            partitions_def=inbox_partitions_def(spec),  # inbox files, for workflows with a table input
+            config=inbox_partitioned_config(spec),
+        )(compose)
