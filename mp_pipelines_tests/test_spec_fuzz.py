@@ -8,6 +8,7 @@ The `@example`s are what the fuzzer found (crashes, a misplaced path), since fix
 from __future__ import annotations
 
 import copy
+import json
 import re
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -225,3 +226,33 @@ def test_mutated_shipped_specs_load_or_fail_with_placed_problems(name: str, data
 def test_the_shipped_specs_themselves_load() -> None:
     for name, spec in SHIPPED.items():
         assert parse_workflow(copy.deepcopy(spec), source=f"{name}.yaml").name == name
+
+
+@st.composite
+def merged_mappings(draw: st.DrawFn) -> str:
+    """YAML text of flow mappings, some anchored, later ones merging earlier ones (`<<: *a` or `<<: [*a, *b]`)."""
+    lines: list[str] = []
+    anchors: list[str] = []
+    for index in range(draw(st.integers(1, 6))):
+        keys = draw(st.lists(st.sampled_from("abcde"), unique=True, max_size=4))
+        body = [f"{key}: {draw(st.integers(0, 9))}" for key in keys]
+        if anchors and draw(st.booleans()):
+            chosen = draw(st.lists(st.sampled_from(anchors), min_size=1, max_size=3))
+            merge = f"*{chosen[0]}" if len(chosen) == 1 else "[" + ", ".join(f"*{name}" for name in chosen) + "]"
+            body.insert(draw(st.integers(0, len(body))), f"<<: {merge}")
+        anchor = ""
+        if draw(st.booleans()):
+            anchors.append(f"m{index}")
+            anchor = f"&m{index} "
+        lines.append(f"k{index}: {anchor}{{{', '.join(body)}}}")
+    return "\n".join(lines) + "\n"
+
+
+@settings(FUZZ, max_examples=300)
+@given(text=merged_mappings())
+def test_merge_keys_read_as_yaml_safe_load_reads_them(text: str) -> None:
+    from mp_pipelines.spec.yaml_guard import UniqueKeyLoader
+
+    expected = yaml.safe_load(text)
+    got = yaml.load(text, Loader=UniqueKeyLoader)
+    assert json.dumps(got) == json.dumps(expected)  # the same keys, values and key order
