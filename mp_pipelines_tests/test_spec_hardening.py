@@ -122,6 +122,9 @@ def test_a_pathological_file_is_one_problem_and_the_others_still_load(tmp_path: 
     "'{:>100000000}'.format(1)",
     "('a' * 10**4)|replace('a', 'a' * 10**4)",
     "(['a' * 10**4] * 10**4)|join",
+    "''.join(['a' * 10**4] * 10**4)",
+    "('a' * 10**4).translate({97: 'b' * 10**4})",
+    "'a'.encode().center(10**8)",
     "'x'|indent(10**8, true)",
     "lipsum(10**6)",
 ])

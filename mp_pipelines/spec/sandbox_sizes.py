@@ -68,21 +68,28 @@ def _number(value: Any) -> int:
 
 
 def _str_method_size(method: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> float | None:
-    """Size of what a `str` method such as center or replace returns, known before calling it, or None."""
+    """Size of what a `str` (or `bytes`) method such as center or replace returns, known before the call, or None."""
     text, name = method.__self__, method.__name__
     if name in ("center", "ljust", "rjust", "zfill") and args:
         return max(len(text), _number(args[0]))
     if name == "expandtabs":
         return len(text) * max(_number(args[0] if args else kwargs.get("tabsize", 8)), 1)
-    if name == "replace" and len(args) >= 2 and isinstance(args[0], str) and isinstance(args[1], str):
+    if name == "replace" and len(args) >= 2 and isinstance(args[0], type(text)) and isinstance(args[1], type(text)):
         count = args[2] if len(args) > 2 else kwargs.get("count")
         return _replace_size(text, args[0], args[1], count if isinstance(count, int) else None)
+    if name == "join" and args and isinstance(args[0], (list, tuple)):
+        # A generator's items are values the template built, each charged already; a list may repeat one.
+        return sum(size_of(item) for item in args[0]) + len(text) * max(len(args[0]) - 1, 0)
+    if name == "translate" and args and isinstance(args[0], dict):
+        longest = max((size_of(v) for v in args[0].values() if isinstance(v, (str, bytes))), default=1)
+        return len(text) * max(longest, 1)
     return None
 
 
 def call_size(obj: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> float | None:
     """Size of what calling `obj` returns, known before the call, or None."""
-    if isinstance(obj, (types.MethodType, types.BuiltinMethodType)) and isinstance(getattr(obj, "__self__", None), str):
+    owner = getattr(obj, "__self__", None)
+    if isinstance(obj, (types.MethodType, types.BuiltinMethodType)) and isinstance(owner, (str, bytes)):
         return _str_method_size(obj, args, kwargs)
     if obj is generate_lorem_ipsum:
         bound = inspect.signature(generate_lorem_ipsum).bind(*args, **kwargs)
