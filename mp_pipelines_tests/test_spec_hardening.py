@@ -146,10 +146,22 @@ def test_many_large_values_add_up_to_the_limit() -> None:
         render("{{ range(100000)|map('center', 100000)|list|length }}", {})
 
 
+def test_a_macro_that_repeats_its_argument_is_stopped_before_joining() -> None:
+    template = "{% macro m(s) %}" + "{{ s }}" * 100 + "{% endmacro %}{{ m(m('a' * 1000))|length }}"
+    with pytest.raises(TemplateError, match=r"joining text \(~, a macro or a block\) would make a value of 10,000,000"):
+        render(template, {})
+
+
+def test_tojson_indents_at_most_16() -> None:
+    assert render("{{ [1]|tojson(indent=2) }}", {}) == "[\n  1\n]"
+    with pytest.raises(TemplateError, match="tojson's indent must be a whole number from 0 to 16, not 1000"):
+        render("{{ range(1000)|list|tojson(indent=1000) }}", {})
+
+
 def test_values_that_double_in_a_loop_are_stopped() -> None:
     template = ("{% set ns = namespace(s='ab') %}{% for i in range(24) %}{% set ns.s = ns.s ~ ns.s %}"
                 "{% endfor %}{{ ns.s|length }}")
-    with pytest.raises(TemplateError, match="'~' would make a value of 4,194,304 characters"):
+    with pytest.raises(TemplateError, match=r"joining text \(~, a macro or a block\) would make a value of 4,194,304"):
         render(template, {})
 
 

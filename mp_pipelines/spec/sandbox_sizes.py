@@ -152,7 +152,6 @@ FILTER_SIZES: dict[str, Callable[[dict[str, Any]], float]] = {
     "batch": lambda a: _number(a["linecount"]) if a["fill_with"] is not None else 0,
     "slice": lambda a: _number(a["slices"]),
     "sum": _sum_size,
-    "tojson": lambda a: 100 * _number(a["indent"]),  # indentation is repeated on every line
 }
 # Filters whose work grows faster than what they make: the values they copy on the way, in all.
 FILTER_WORK: dict[str, Callable[[dict[str, Any]], float]] = {"sum": _sum_work}

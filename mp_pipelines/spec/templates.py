@@ -29,6 +29,9 @@ class RenderTimeout(TemplateError):
 
 
 def _tojson(value: Any, indent: int | None = None) -> str:
+    # Indentation is repeated on every line, so a wide one would multiply a value's size many times over.
+    if indent is not None and not (isinstance(indent, int) and 0 <= indent <= 16):
+        raise ValueError(f"tojson's indent must be a whole number from 0 to 16, not {indent!r}")
     return json.dumps(value, indent=indent, ensure_ascii=False, default=str)
 
 
