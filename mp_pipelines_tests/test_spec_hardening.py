@@ -152,6 +152,17 @@ def test_a_macro_that_repeats_its_argument_is_stopped_before_joining() -> None:
         render(template, {})
 
 
+def test_a_structure_that_holds_its_parts_many_times_over_is_stopped() -> None:
+    template = ("{% set ns = namespace(s=[1]) %}{% for i in range(22) %}{% set ns.s = [ns.s, ns.s] %}{% endfor %}"
+                "{{ ns.s|tojson|length }}")
+    with pytest.raises(TemplateError, match="a list, tuple or dict would make a value that holds its parts so many "
+                                            "times over that written out it is 6,291,454 characters or items"):
+        render(template, {})
+    with pytest.raises(TemplateError, match="holds its parts so many times over"):
+        render("{{ dict.fromkeys(range(100000), 'x' * 100000)|length }}", {})
+    assert render("{{ [inputs.doc, inputs.doc]|length }}", {"inputs": {"doc": "d" * 3_000_000}}) == "2"  # held twice: fine
+
+
 def test_tojson_indents_at_most_16() -> None:
     assert render("{{ [1]|tojson(indent=2) }}", {}) == "[\n  1\n]"
     with pytest.raises(TemplateError, match="tojson's indent must be a whole number from 0 to 16, not 1000"):

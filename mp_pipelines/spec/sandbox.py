@@ -25,7 +25,7 @@ import types
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from jinja2 import nodes
@@ -33,7 +33,16 @@ from jinja2.compiler import CodeGenerator, Frame
 from jinja2.sandbox import ImmutableSandboxedEnvironment, SandboxedFormatter
 from markupsafe import EscapeFormatter, Markup
 
-from mp_pipelines.spec.sandbox_sizes import FILTER_SIZES, FILTER_WORK, Arguments, binop_size, call_size, size_of
+from mp_pipelines.spec.sandbox_sizes import (
+    CONTAINERS,
+    FILTER_SIZES,
+    FILTER_WORK,
+    Arguments,
+    Measure,
+    binop_size,
+    call_size,
+    size_of,
+)
 from mp_pipelines.spec.size_limits import MAX_PROMPT_CHARS
 
 VALUE_FACTOR = 10  # one value a template builds: at most this many times the prompt limit
@@ -59,6 +68,7 @@ class _Render:
     value_limit: int
     build_limit: int
     built: int = 0
+    measure: Measure = field(default_factory=Measure)
 
 
 _CURRENT: ContextVar[_Render | None] = ContextVar("mp_pipelines_render", default=None)
@@ -119,11 +129,26 @@ def charge(value: Any, what: str, work: float = 0, given: tuple[Any, ...] = ()) 
     size = size_of(value)
     if size > state.value_limit:
         raise _too_big(size, what, state.value_limit)
+    if isinstance(value, CONTAINERS):
+        _check_repetition(value, what, state)
     state.built += size + int(work)
     if state.built > state.build_limit:
         raise TooBig(f"the template built values of more than {state.build_limit:,} characters or items in all "
                      f"({BUILD_FACTOR} × {MAX_PROMPT_CHARS.env})")
     return value
+
+
+def _check_repetition(value: Any, what: str, state: _Render) -> None:
+    """TooBig when a container holds its parts so many times over that written out it is too large.
+
+    Holding big inputs once or twice is fine (they were allowed in); holding anything many times over is not.
+    """
+    expanded = state.measure.expanded(value)
+    if expanded > state.value_limit and expanded > 2 * state.measure.distinct(value):
+        shown = "endless" if math.isinf(expanded) else f"{int(expanded):,} characters or items"
+        raise TooBig(f"{what} would make a value that holds its parts so many times over that written out it is "
+                     f"{shown}, more than the {state.value_limit:,} a template may build "
+                     f"({VALUE_FACTOR} × {MAX_PROMPT_CHARS.env})")
 
 
 def guard_filter(name: str, func: Callable[..., Any]) -> Callable[..., Any]:
@@ -180,7 +205,24 @@ def bound_loops(tree: nodes.Template) -> nodes.Template:
 
 class _BoundedCodeGenerator(CodeGenerator):
     """Jinja's code generator, except that `a ~ b` goes through BoundedEnvironment.concat (macro and block
-    output already does)."""
+    output already does) and list, tuple and dict literals through BoundedEnvironment.built."""
+
+    def _built(self, visit: Callable[[Any, Frame], None], node: Any, frame: Frame) -> None:
+        self.write("environment.built(")
+        visit(node, frame)
+        self.write(")")
+
+    def visit_List(self, node: nodes.List, frame: Frame) -> None:
+        self._built(super().visit_List, node, frame)
+
+    def visit_Dict(self, node: nodes.Dict, frame: Frame) -> None:
+        self._built(super().visit_Dict, node, frame)
+
+    def visit_Tuple(self, node: nodes.Tuple, frame: Frame) -> None:
+        if node.ctx != "load":  # `{% for a, b in ... %}` and `{% set a, b = ... %}` assign to a tuple
+            super().visit_Tuple(node, frame)
+        else:
+            self._built(super().visit_Tuple, node, frame)
 
     def visit_Concat(self, node: nodes.Concat, frame: Frame) -> None:
         self.write("environment.concat((")
@@ -224,6 +266,10 @@ class BoundedEnvironment(ImmutableSandboxedEnvironment):
         if expected is not None:
             check_size(expected, repr(operator))
         return charge(super().call_binop(context, operator, left, right), repr(operator), given=(left, right))
+
+    def built(self, value: Any) -> Any:
+        """A list, tuple or dict literal the template made, counted against the bounds."""
+        return charge(value, "a list, tuple or dict")
 
     def concat(self, parts: Iterable[Any]) -> str:
         """Jinja's `"".join` for `a ~ b` and for the output of a macro or `{% set %}` block: the joined text,

@@ -7,15 +7,18 @@ sandbox can refuse `'a' * 10**9` without building it. None means the size cannot
 from __future__ import annotations
 
 import inspect
+import itertools
 import math
 import re
 import types
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from jinja2.utils import generate_lorem_ipsum
 
 SIZED = (str, bytes, list, tuple, dict, set, frozenset)
+CONTAINERS = (list, tuple, dict, set, frozenset)
+_END = object()
 PRINTF = re.compile(r"%(?:\([^)]*\))?[-#0 +]*(\*|\d+)?(?:\.(\*|\d+))?[hlL]?[a-zA-Z%]")
 
 
@@ -26,6 +29,85 @@ def size_of(value: Any) -> int:
     if isinstance(value, int):
         return value.bit_length() // 3 + 1
     return 0
+
+
+def _parts(container: Any) -> Iterable[Any]:
+    return itertools.chain.from_iterable(container.items()) if isinstance(container, dict) else container
+
+
+def _split(container: Any) -> tuple[float, list[Any]]:
+    """(size of the container's own items and the text they hold, the containers among its items).
+
+    At C speed where it can be (types first), so a list of a million numbers or strings is measured quickly.
+    """
+    parts = list(_parts(container)) if isinstance(container, dict) else container
+    kinds = set(map(type, parts))
+    if not any(issubclass(kind, (*CONTAINERS, str, bytes)) for kind in kinds):
+        return float(len(container)), []
+    if kinds in ({str}, {bytes}):
+        return float(len(container) + sum(map(len, parts))), []
+    nested = list(itertools.compress(parts, map(isinstance, parts, itertools.repeat(CONTAINERS))))
+    texts = itertools.compress(parts, map(isinstance, parts, itertools.repeat((str, bytes))))
+    return float(len(container) + sum(map(len, texts))), nested
+
+
+class Measure:
+    """Sizes of containers written out in full: a list holding one list twice counts it twice.
+
+    A template can make a small structure that is huge written out (`[x, x]`, doubled forty times), and writing
+    it out (`tojson`, `string`, comparing it) would run out of memory or time. `expanded` is remembered per
+    container, so measuring a value made of measured parts costs only its own items.
+    """
+
+    def __init__(self) -> None:
+        self._memo: dict[int, tuple[Any, float]] = {}  # id → (the container, kept alive; its expanded size)
+
+    def expanded(self, value: Any) -> float:
+        """Items of `value` and characters of its text, written out in full (inf when it contains itself)."""
+        if not isinstance(value, CONTAINERS):
+            return size_of(value)
+        if id(value) in self._memo:
+            return self._memo[id(value)][1]
+        own, nested = _split(value)
+        stack, totals, on_path = [(value, iter(nested))], [own], {id(value)}
+        while stack:
+            node, parts = stack[-1]
+            part = next(parts, _END)
+            if part is _END:
+                stack.pop()
+                on_path.discard(id(node))
+                size = totals.pop()
+                self._memo[id(node)] = (node, size)
+                if not totals:
+                    return size
+                totals[-1] += size
+            elif id(part) in self._memo:
+                totals[-1] += self._memo[id(part)][1]
+            elif id(part) in on_path:
+                return math.inf
+            else:
+                own, nested = _split(part)
+                on_path.add(id(part))
+                stack.append((part, iter(nested)))
+                totals.append(own)
+        return 0.0  # not reached: the loop returns when the outermost container is done
+
+    @staticmethod
+    def distinct(value: Any) -> int:
+        """Like `expanded`, counting each container and string once however often it is held (a slower walk,
+        needed only for a value that is large written out)."""
+        seen: set[int] = set()
+        total, stack = 0, [value]
+        while stack:
+            item = stack.pop()
+            if isinstance(item, (*CONTAINERS, str, bytes)):
+                if id(item) in seen:
+                    continue
+                seen.add(id(item))
+                if isinstance(item, CONTAINERS):
+                    stack.extend(_parts(item))
+            total += len(item) if isinstance(item, (*CONTAINERS, str, bytes)) else 0
+        return total
 
 
 def printf_size(template: str, args: Any) -> int:
