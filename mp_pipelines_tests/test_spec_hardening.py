@@ -197,7 +197,7 @@ def test_rendering_stops_at_its_deadline() -> None:
     expected = "1. A!!! 2. B!!! x-2    x 1024 [1, 2, 3] abcd a, b a+b"
     assert render(template, context, deadline=time.monotonic() + 5) == render(template, context) == expected
     started = time.monotonic()
-    with pytest.raises(TemplateError, match="rendering took longer than the 0.3 s"):
+    with pytest.raises(TemplateError, match="the template ran longer than the 0.3 s it had"):
         render("{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}", {},
                deadline=started + 0.3)
     assert time.monotonic() - started < 3
@@ -208,7 +208,7 @@ def test_rendering_without_a_deadline_is_bounded_too(monkeypatch: pytest.MonkeyP
 
     monkeypatch.setattr(sandbox, "RENDER_SECONDS", 0.3)
     started = time.monotonic()
-    with pytest.raises(TemplateError, match="rendering took longer than the 0.3 s"):
+    with pytest.raises(TemplateError, match="the template ran longer than the 0.3 s it had"):
         render("{% macro f(n) %}{% if n %}{{ f(n - 1) }}{{ f(n - 1) }}{% endif %}{% endmacro %}{{ f(60) }}", {})
     assert time.monotonic() - started < 10
 
@@ -219,7 +219,7 @@ def test_a_task_whose_prompt_renders_past_its_timeout_times_out_while_rendering(
     task = spec.tasks[0]
     assert isinstance(task, TaskSpec)
     started = time.monotonic()
-    with pytest.raises(TaskTimeout, match="task a used up its timeout while rendering its prompt"):
+    with pytest.raises(TaskTimeout, match="task a used up its timeout while rendering its prompt: the template ran"):
         build_request(spec, task, {}, default_model="m", timeout=None, label="a", deadline=started + 0.3)
     assert time.monotonic() - started < 3
 

@@ -101,8 +101,8 @@ def check_time() -> None:
     """OutOfTime when the render in progress has passed its deadline."""
     state = _CURRENT.get()
     if state is not None and time.monotonic() > state.deadline:
-        raise OutOfTime(f"rendering took longer than the {state.seconds:.2g} s it had "
-                        "(loops or calls that run too long?)")
+        raise OutOfTime(f"the template ran longer than the {state.seconds:.2g} s it had "
+                        "(loops or macro calls that run too long?)")
 
 
 def _too_big(size: float, what: str, limit: int) -> TooBig:

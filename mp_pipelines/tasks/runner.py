@@ -82,7 +82,7 @@ def build_request(spec: WorkflowSpec, task: TaskSpec, context: Mapping[str, Any]
     except RenderTimeout as exc:
         if deadline is None or time.monotonic() < deadline:
             raise  # the sandbox's own bound on one render, not the task's timeout
-        raise TaskTimeout(f"task {label} used up its timeout while rendering its prompt ({exc})") from None
+        raise TaskTimeout(f"task {label} used up its timeout while rendering its prompt: {exc}") from None
     return LLMRequest(
         messages=messages,
         model=settings.model or default_model,
