@@ -92,11 +92,12 @@ class PriceTable:
 
         `model`'s own price, else the requested model's, else that of `model` without its provider prefix
         (logged once per name); 0 when none is listed (logged once per model)."""
-        name = self._listed(model) or (self.listed_name(requested) if requested else None) or self.listed_name(model)
+        own = self._listed(model)
+        name = own or (self.listed_name(requested) if requested else None) or self.listed_name(model)
         if name is None:
             _warn_unpriced(model)
             return 0.0
-        if self._listed(model) is None:
+        if own is None:
             _warn_priced_as(model, name)
         price = self.prices[name]
         return (prompt_tokens * price[0] + completion_tokens * price[1]) / 1_000_000

@@ -126,6 +126,14 @@ def _table_names(engine: db.engine.Engine) -> set[str]:
     return set(retry_pg_connection_fn(lambda: db.inspect(engine).get_table_names()))
 
 
+def _constructor_args(inst_data: ConfigurableClassData | None, config_value: Mapping[str, Any]) -> dict[str, Any]:
+    """What every pooled storage class is built from, read from its dagster.yaml config."""
+    return {"postgres_url": pg_url_from_config(config_value),
+            "should_autocreate_tables": config_value.get("should_autocreate_tables", True),
+            "inst_data": inst_data, "token_provider": get_token_provider_from_config(config_value),
+            "pool": PoolSettings.from_config(config_value)}
+
+
 class _PooledMixin:
     """Shared construction for the three pooled storages. `_stock` is the dagster-postgres class."""
 
@@ -199,13 +207,7 @@ class _PooledMixin:
 
     @classmethod
     def from_config_value(cls, inst_data: ConfigurableClassData | None, config_value: Mapping[str, Any]) -> Any:
-        return cls(
-            postgres_url=pg_url_from_config(config_value),
-            should_autocreate_tables=config_value.get("should_autocreate_tables", True),
-            inst_data=inst_data,
-            token_provider=get_token_provider_from_config(config_value),
-            pool=PoolSettings.from_config(config_value),
-        )
+        return cls(**_constructor_args(inst_data, config_value))
 
 
 @checked_overrides
@@ -298,13 +300,7 @@ class PooledPostgresStorage(DagsterStorage, ConfigurableClass):
     def from_config_value(
         cls, inst_data: ConfigurableClassData | None, config_value: Mapping[str, Any]
     ) -> PooledPostgresStorage:
-        return cls(
-            postgres_url=pg_url_from_config(config_value),
-            should_autocreate_tables=config_value.get("should_autocreate_tables", True),
-            inst_data=inst_data,
-            token_provider=get_token_provider_from_config(config_value),
-            pool=PoolSettings.from_config(config_value),
-        )
+        return cls(**_constructor_args(inst_data, config_value))
 
     @property
     def event_log_storage(self) -> PooledPostgresEventLogStorage:
