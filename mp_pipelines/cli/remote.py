@@ -211,9 +211,17 @@ class Webserver:
         """The run's status name (QUEUED, STARTED, SUCCESS, FAILURE, CANCELED, …)."""
         return self._call("get_run_status", run_id=run_id).value
 
-    def cancel(self, run_id: str) -> None:
-        """Terminate a queued or running run."""
-        self._call("terminate_run", run_id=run_id)
+    def cancel(self, run_id: str, poll: float = 0.25) -> None:
+        """Terminate a queued or running run. Dagster refuses to terminate a run while its worker is STARTING
+        (a moment after launch): wait for it to start, within the command's deadline, and terminate it then."""
+        while True:
+            try:
+                self._call("terminate_run", run_id=run_id)
+                return
+            except RemoteError as exc:
+                if "STARTING" not in exc.message or self.deadline.remaining() <= poll:
+                    raise
+            time.sleep(poll)
 
     def wait(self, run_id: str, seconds: float, poll: float = 1.0) -> str:
         """Poll until the run finishes; its final status. RemoteError after `seconds`."""
