@@ -12,7 +12,9 @@ from mp_pipelines.spec.loader import WorkflowValidationError, load_workflow_file
 from mp_pipelines.spec.models import LoopSpec, RetrySpec, TaskSpec, WorkflowSpec
 
 SPECS = Path(__file__).parent / "data" / "specs"
-CRITIQUE = 'Critique {{ loop.previous.revise or draft }}; reply {"done": bool, "notes": str}.'
+CRITIQUE = 'Critique {{ loop.previous.revise if loop.previous else draft }}; reply {"done": bool, "notes": str}.'
+CRITIQUE_SCHEMA = {"type": "object", "properties": {"done": {"type": "boolean"}, "notes": {"type": "string"}},
+                   "required": ["done", "notes"]}
 DRAFT = (
     "Write a report on {{ inputs.topic }} from these answers:\n"
     "{% for answer in research %}- {{ answer }}\n{% endfor %}\n"
@@ -27,15 +29,15 @@ def research_report() -> WorkflowBuilder:
         .input("topic", "string", description="What to research")
         .input("max_questions", "integer", default=5)
         .defaults(model="gpt-4o-mini", temperature=0.2)
-        .limits(breadth=8, depth=3, max_items=1000)
+        .breadth(8).depth(3).max_items(1000)
         .task("plan", "List {{ inputs.max_questions }} questions about {{ inputs.topic }} as a JSON array of strings.",
               output="json", output_schema={"type": "array", "items": {"type": "string"}})
         .task("research", "Answer: {{ item }}", for_each="plan",
               retries=RetrySpec(max_retries=3, delay=1, backoff="exponential"), timeout=60)
         .task("draft", DRAFT)
         .loop("refine", until="critique.done", max_iterations=2, tasks=[
-            Task("critique", CRITIQUE, output="json"),
-            Task("revise", "Revise {{ loop.previous.revise or draft }} using {{ critique.notes }}."),
+            Task("critique", CRITIQUE, output="json", output_schema=CRITIQUE_SCHEMA),
+            Task("revise", "Revise {{ loop.previous.revise if loop.previous else draft }} using {{ critique.notes }}."),
         ])
         .schedule("0 6 * * *")
     )
@@ -83,8 +85,10 @@ def test_builder_mistakes_raise_the_same_error_as_yaml() -> None:
                .task("answer", "{{ item }}", for_each="plan"))
     with pytest.raises(WorkflowValidationError) as caught:
         builder.build()
-    [problem] = caught.value.problems  # structural errors come first; references are checked once they pass
-    assert problem.file == "WorkflowBuilder('w')" and problem.path == "tasks[0] (plan).depend_on"
+    problems = caught.value.problems  # structural errors first, then what the later checks find in the rest
+    assert {p.file for p in problems} == {"WorkflowBuilder('w')"}
+    assert [p.path for p in problems] == ["tasks[0] (plan).depend_on", "tasks[0] (plan).prompt",
+                                          "tasks[1] (answer).for_each"]
     with pytest.raises(WorkflowValidationError) as caught:
         WorkflowBuilder("w").input("topic").task("plan", "About {{ inputs.topik }}").build()
     assert [p.path for p in caught.value.problems] == ["tasks[0] (plan).prompt"]

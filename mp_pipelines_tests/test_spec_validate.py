@@ -34,7 +34,10 @@ def problems_of(data: dict[str, Any]) -> list[Problem]:
 
 
 JSON_LIST = {"output": "json", "output_schema": {"type": "array"}}
-REFINE = loop("refine", t("critique", "{{ draft }}", output="json"), t("revise", "{{ critique.notes }}"))
+CRITIQUE_SCHEMA = {"type": "object", "properties": {"done": {"type": "boolean"}, "notes": {"type": "string"}},
+                   "required": ["done", "notes"]}
+REFINE = loop("refine", t("critique", "{{ draft }}", output="json", output_schema=CRITIQUE_SCHEMA),
+              t("revise", "{{ critique.notes }}"))
 
 
 @pytest.mark.parametrize(
@@ -149,7 +152,7 @@ def test_defaults_system_may_read_only_inputs_and_workflow() -> None:
         [t("plan", output="json"), t("a", "{{ item }}", for_each="plan"), t("b", "{{ item }}", for_each="a")],
         [t("a", "{{ item }}", for_each="inputs.items"), t("b", "{{ range(3) | list }} {{ workflow.name }} {{ a }}")],
         [t("draft"), REFINE, t("c", "{{ refine.revise }} {{ refine['critique'] }}")],
-        [t("d"), loop("l", t("a", "{% for x in d %}{{ loop.index }}{% endfor %}{{ loop.previous.b }} {{ d }}"),
+        [t("d"), loop("l", t("a", "{% for x in d %}{{ loop.index }}{% endfor %}{{ loop.previous.b | default('') }} {{ d }}"),
                       t("b", "{{ a }} {{ loop.iteration }} of {{ loop.max_iterations }}", depends_on=["a", "d"]),
                       until="b and loop.iteration > 1", max_iterations=3)],
         [loop("l", t("a"), until="inputs.topic == 'x'")],

@@ -81,6 +81,8 @@ def validate(paths: tuple[str, ...]) -> None:
         click.echo(f"ok    {name} ({loaded.sources.get(name, '?')}): {len(spec.all_tasks())} tasks")
     for problem in loaded.problems:
         click.echo(f"error {problem}")
+    for note in loaded.notes:
+        click.echo(f"note  {note}")
     click.echo(f"{len(loaded.specs)} workflow(s) valid, {len(loaded.problems)} problem(s)")
     if loaded.problems or not loaded.specs:
         sys.exit(1)

@@ -62,12 +62,34 @@ class WorkflowBuilder:
         self._data.setdefault("defaults", {}).update(_plain(settings))
         return self
 
-    def limits(self, *, breadth: int | None = None, depth: int | None = None,
-               max_items: int | None = None) -> WorkflowBuilder:
-        """Set fan-out concurrency (breadth), most loop iterations (depth) and largest fan-out (max_items)."""
-        for key, value in (("breadth", breadth), ("depth", depth), ("max_items", max_items)):
-            if value is not None:
-                self._data[key] = value
+    def breadth(self, breadth: int) -> WorkflowBuilder:
+        """Set `breadth`: the most calls of one fan-out in flight at once."""
+        self._data["breadth"] = breadth
+        return self
+
+    def depth(self, depth: int) -> WorkflowBuilder:
+        """Set `depth`: the most iterations a loop may run."""
+        self._data["depth"] = depth
+        return self
+
+    def max_items(self, max_items: int) -> WorkflowBuilder:
+        """Set `max_items`: a fan-out over more items fails with a clear error."""
+        self._data["max_items"] = max_items
+        return self
+
+    def limits(self, *, max_in_flight: int | None = None, requests_per_minute: float | None = None,
+               tokens_per_minute: float | None = None) -> WorkflowBuilder:
+        """Set the YAML `limits:`: rate limits of the run's calls, per model (unset values keep the LLM resource's)."""
+        given = (("max_in_flight", max_in_flight), ("requests_per_minute", requests_per_minute),
+                 ("tokens_per_minute", tokens_per_minute))
+        self._data.setdefault("limits", {}).update({key: value for key, value in given if value is not None})
+        return self
+
+    def budget(self, *, max_cost_usd: float | None = None, max_tokens: int | None = None,
+               max_calls: int | None = None) -> WorkflowBuilder:
+        """Set the YAML `budget:`: no new call once one of these is reached in a run."""
+        given = (("max_cost_usd", max_cost_usd), ("max_tokens", max_tokens), ("max_calls", max_calls))
+        self._data.setdefault("budget", {}).update({key: value for key, value in given if value is not None})
         return self
 
     def tag(self, key: str, value: str) -> WorkflowBuilder:

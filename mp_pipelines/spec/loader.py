@@ -20,6 +20,7 @@ from pydantic import ValidationError
 import mp_pipelines
 from mp_pipelines.spec.models import WorkflowSpec
 from mp_pipelines.spec.problems import Problem, WorkflowValidationError, pydantic_problems
+from mp_pipelines.spec.salvage import salvage
 from mp_pipelines.spec.size_limits import MAX_SPEC_BYTES
 from mp_pipelines.spec.validate import validate_workflow
 from mp_pipelines.spec.yaml_guard import MAX_DEPTH, UniqueKeyLoader, shape_problem
@@ -44,11 +45,28 @@ def parse_workflow(data: Any, source: str | None = None) -> WorkflowSpec:
     try:
         spec = WorkflowSpec.model_validate(data)
     except ValidationError as exc:
-        raise WorkflowValidationError(pydantic_problems(exc, data, source), source) from None
+        problems, notes = _every_problem(exc, data, source)
+        raise WorkflowValidationError(problems, source, notes) from None
     problems = validate_workflow(spec, source)
     if problems:
         raise WorkflowValidationError(problems, source)
     return spec
+
+
+def _every_problem(exc: ValidationError, data: dict[str, Any], source: str | None) -> tuple[list[Problem], list[str]]:
+    """The structure problems, then those the later checks find in what is left once the refused parts are out;
+    and a note saying why when those checks cannot run."""
+    problems = pydantic_problems(exc, data, source)
+    rest = salvage(data, exc)
+    if rest.spec is None:
+        if not data.get("tasks"):
+            return problems, []  # no tasks: nothing for the later checks to look at
+        note = (f"{source or 'the workflow'}: references, cycles, templates and answer shapes were not checked "
+                f"because {rest.blocker}; fix the problems above and validate again")
+        return problems, [note]
+    seen = {(p.path, p.message) for p in problems}
+    later = validate_workflow(rest.spec, source, frozenset(rest.uncertain))
+    return problems + [p for p in later if (p.path, p.message) not in seen], []
 
 
 def read_yaml(path: str | Path) -> Any:
@@ -97,6 +115,7 @@ class LoadResult:
     specs: dict[str, WorkflowSpec] = field(default_factory=dict)
     sources: dict[str, Path] = field(default_factory=dict)
     problems: list[Problem] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # checks a file's problems kept from running
 
 
 def _files(paths: Sequence[str | Path], problems: list[Problem], hint: str) -> list[Path]:
@@ -121,6 +140,7 @@ def load_workflows(paths: Sequence[str | Path] | None = None) -> LoadResult:
             spec = load_workflow_file(file)
         except WorkflowValidationError as exc:
             result.problems.extend(exc.problems)
+            result.notes.extend(exc.notes)
             continue
         if spec.name in result.specs:
             first = result.sources[spec.name]

@@ -31,15 +31,17 @@ class Problem:
 class WorkflowValidationError(ValueError):
     """A workflow spec is invalid; `.problems` lists every problem found."""
 
-    def __init__(self, problems: Sequence[Problem], source: str | None = None) -> None:
+    def __init__(self, problems: Sequence[Problem], source: str | None = None, notes: Sequence[str] = ()) -> None:
         self.problems = list(problems)
+        self.notes = list(notes)  # checks that could not run because of the problems, and why
         self.source = source if source is not None else next((p.file for p in self.problems if p.file), None)
         count = len(self.problems)
         summary = f"{count} problem{'s' if count != 1 else ''} in {self.source or 'workflow spec'}"
-        super().__init__("\n".join([summary, *(f"  {problem}" for problem in self.problems)]))
+        lines = [f"  {problem}" for problem in self.problems] + [f"  note: {note}" for note in self.notes]
+        super().__init__("\n".join([summary, *lines]))
 
-    def __reduce__(self) -> tuple[type[WorkflowValidationError], tuple[list[Problem], str | None]]:
-        return type(self), (self.problems, self.source)  # picklable across processes
+    def __reduce__(self) -> tuple[type[WorkflowValidationError], tuple[list[Problem], str | None, list[str]]]:
+        return type(self), (self.problems, self.source, self.notes)  # picklable across processes
 
 
 def suggest(word: str, candidates: typing.Iterable[str]) -> str:

@@ -8,10 +8,11 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from mp_pipelines.spec import graph
+from mp_pipelines.spec import graph, shapes
 from mp_pipelines.spec.inputs import coerce_input
 from mp_pipelines.spec.models import LoopSpec, TaskSpec, WorkflowSpec
 from mp_pipelines.spec.problems import Problem, suggest
+from mp_pipelines.spec.reads import Read, TemplateReads, template_reads
 from mp_pipelines.spec.templates import TemplateError
 
 FAN_OUT_INPUT_TYPES = ("list", "table")
@@ -43,9 +44,13 @@ def _known(names: Iterable[str]) -> str:
 class _Checker:
     """Collects the problems of one spec; one method per kind of check."""
 
-    def __init__(self, spec: WorkflowSpec, source: str | None) -> None:
+    def __init__(self, spec: WorkflowSpec, source: str | None, uncertain: frozenset[str] = frozenset()) -> None:
         self.spec, self.source = spec, source
+        self.uncertain = uncertain  # tasks with fields the structure checks refused: their shape is not known
         self.problems: list[Problem] = []
+        # JSON answers without a schema read by attribute: task → attribute → guessed type, and where each is read
+        self.schemaless: dict[str, dict[str, str]] = {}
+        self.schemaless_reads: list[tuple[int, str, shapes.Finding]] = []
         self.steps = {step.name: step for step in spec.tasks}
         self.owner = {t.name: s for s in spec.tasks if isinstance(s, LoopSpec) for t in s.tasks}  # body → loop
         self.position = {t.name: j for s in spec.tasks if isinstance(s, LoopSpec) for j, t in enumerate(s.tasks)}
@@ -80,7 +85,16 @@ class _Checker:
                 self.check_task(scope)
         self.check_cycles()
         self.check_schedule()
+        self.add_schemaless()
         return self.problems
+
+    def add_schemaless(self) -> None:
+        """Problems for JSON answers without a schema read by attribute, each with a schema to add."""
+        for position, path, finding in reversed(self.schemaless_reads):
+            task = finding.schemaless_task or ""
+            example = shapes.suggest_schema(self.schemaless.get(task, {}))
+            message = f"{finding.message}; add one to task {task!r}, e.g. output_schema: {example}"
+            self.problems.insert(position, Problem(self.source, path, message))
 
     def check_task_count(self) -> bool:
         """Add a problem and return True when the workflow has more than MAX_TASKS tasks."""
@@ -186,6 +200,8 @@ class _Checker:
                      else f"unknown source {name!r}")
             self.add(path, f"{where}; give a top-level task name or inputs.<name> "
                      f"(tasks: {_known(self.steps)}){suggest(name, self.steps)}")
+        elif name in self.uncertain:
+            return  # what it answers is not known: some of its fields were refused
         elif isinstance(source, LoopSpec):
             self.add(path, f"{name!r} is a loop, whose output is a mapping, not a list; "
                      "fan out over a task whose output is a list")
@@ -204,10 +220,70 @@ class _Checker:
         except TemplateError as exc:
             self.add(path, str(exc))
             return
+        bad = set()
         for name in sorted(refs.names):
             message = self.reference_problem(name, refs, scope)
             if message:
                 self.add(path, message)
+                bad.add(name)
+        if scope.shared:
+            return
+        found = template_reads(source, expression=expression)
+        seen: set[str] = set()
+        for read in found.reads:
+            if read.root in bad:
+                continue
+            finding = self.shape_problem(read, found, scope)
+            if finding is None:
+                continue
+            if isinstance(finding, shapes.Finding):
+                if finding.schemaless_task is not None:
+                    kind = shapes.guessed_type(read, expression, found, finding.key_index)
+                    self.schemaless.setdefault(finding.schemaless_task, {}).setdefault(finding.key, kind)
+                    if finding.message not in seen:
+                        self.schemaless_reads.append((len(self.problems), path, finding))
+                    seen.add(finding.message)
+                    continue
+                finding = finding.message
+            if finding not in seen:
+                seen.add(finding)
+                self.add(path, finding)
+
+    def shape_problem(self, read: Read, found: TemplateReads, scope: _Scope) -> shapes.Finding | str | None:
+        """Why `read` fails at run time given what the task it reads answers, or None when it should not."""
+        name, path = read.root, read.path
+        if name in self.uncertain or (path and path[0] in self.uncertain):
+            return None
+        if name == "item" and scope.task is not None and scope.task.for_each is not None:
+            source = graph.for_each_source(scope.task)
+            step = self.steps.get(source[1]) if source is not None and source[0] == "step" else None
+            if step is None or isinstance(step, LoopSpec) or step.name in self.uncertain:
+                return None
+            return shapes.follow(shapes.element_shape(shapes.step_shape(self.spec, step)), read, 0, "item")
+        if name == "loop" and scope.loop is not None:
+            return self.previous_problem(read, found, scope.loop)
+        step = self.steps.get(name)
+        if step is not None:
+            return shapes.follow(shapes.step_shape(self.spec, step), read, 0, name)
+        owner = self.owner.get(name)
+        if owner is not None and owner is scope.loop:
+            task = next(t for t in owner.tasks if t.name == name)
+            return shapes.follow(shapes.answer_shape(self.spec, task), read, 0, name)
+        return None
+
+    def previous_problem(self, read: Read, found: TemplateReads, loop: LoopSpec) -> shapes.Finding | str | None:
+        """loop.previous is none on the first round: reading into it needs a test of it or a default."""
+        path = read.path
+        if len(path) < 2 or path[0] != "previous" or not isinstance(path[1], str):
+            return None
+        task = next((t for t in loop.tasks if t.name == path[1]), None)
+        if task is None or task.name in self.uncertain:
+            return None
+        shown = f"loop.previous.{task.name}"
+        if not read.guarded and ("loop", ("previous",)) not in found.tested:
+            return (f"{shown}: loop.previous is none on the first round of loop {loop.name!r}; write "
+                    f"`{shown} if loop.previous else ...` or `{shown} | default(...)`")
+        return shapes.follow(shapes.answer_shape(self.spec, task), read, 2, shown)
 
     def reference_problem(self, name: str, refs: graph.Refs, scope: _Scope) -> str | None:
         """Why a template in `scope` may not read `name`, or None when it may."""
@@ -282,6 +358,10 @@ class _Checker:
                 self.add("schedule.inputs", f"input {name!r} has no default, so an enabled schedule must set it")
 
 
-def validate_workflow(spec: WorkflowSpec, source: str | None = None) -> list[Problem]:
-    """Every cross-field problem of a parsed spec (empty when it is valid), each with a field path."""
-    return _Checker(spec, source).run()
+def validate_workflow(spec: WorkflowSpec, source: str | None = None,
+                      uncertain: frozenset[str] = frozenset()) -> list[Problem]:
+    """Every cross-field problem of a parsed spec (empty when it is valid), each with a field path.
+
+    `uncertain` names tasks some of whose fields were dropped as invalid: what they answer is not checked.
+    """
+    return _Checker(spec, source, uncertain).run()
