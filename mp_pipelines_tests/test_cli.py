@@ -230,7 +230,7 @@ def test_run_config_for_local_and_remote_runs() -> None:
     assert local == {"ops": {INPUTS_OP: {"config": {"topic": "x"}}},
                      "loggers": {"console": {"config": {"log_level": "WARNING"}}},
                      "execution": {"config": {"multiprocess": {}}},
-                     "resources": {BUDGET_RESOURCE_KEY: {"config": {"max_calls": 5}}}}
+                     "resources": {BUDGET_RESOURCE_KEY: {"config": {"max_calls": 5, "from_flags": ["max_calls"]}}}}
     assert run_config({}, None, console_log_level=None) == {"ops": {INPUTS_OP: {"config": {}}}}
     for executor in EXECUTORS:
         assert run_config({}, executor)["execution"] == {"config": {executor: {}}}
@@ -238,7 +238,8 @@ def test_run_config_for_local_and_remote_runs() -> None:
         run_config({}, "threads")
     merged = with_budget({"resources": {BUDGET_RESOURCE_KEY: {"config": {"max_calls": 5, "max_cost_usd": 1.0}}}},
                          {"max_calls": 2, "max_tokens": None})
-    assert merged["resources"][BUDGET_RESOURCE_KEY]["config"] == {"max_calls": 2, "max_cost_usd": 1.0}
+    assert merged["resources"][BUDGET_RESOURCE_KEY]["config"] == {"max_calls": 2, "max_cost_usd": 1.0,
+                                                                  "from_flags": ["max_calls"]}
 
 
 def test_a_bad_setting_in_the_environment_is_bad_usage_not_a_traceback(runner: CliRunner,

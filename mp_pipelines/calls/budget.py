@@ -88,9 +88,9 @@ class BudgetTracker:
             reason = reached(b, self.started, self.spent.prompt_tokens + self.spent.completion_tokens,
                              self.spent.cost_usd)
         if reason is not None:
+            hint = b.raise_hint(reason.partition(" of ")[0])
             raise BudgetExceeded(f"budget of run {self.run_id}: {reason}; call {label or '(unlabelled)'} was not "
-                                 "started (raise the budget in the workflow's `budget:` or the run config's "
-                                 "resources.budget)")
+                                 f"started ({hint})")
         self.started += 1
 
     async def settle(self, usage: Usage) -> None:

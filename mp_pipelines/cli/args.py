@@ -41,8 +41,17 @@ def read_input_file(input_file: str | None) -> dict[str, Any]:
     too_deep = f"cannot read {input_file}: lists and objects are nested more than {MAX_DEPTH} levels deep"
     try:
         data = json.loads(Path(input_file).read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise click.BadParameter(f"cannot read {input_file}: {exc}", param_hint="--input-file") from None
+    except json.JSONDecodeError as exc:
+        reason = exc.msg[:1].lower() + exc.msg[1:]
+        raise click.BadParameter(f"cannot read {input_file}: it is not JSON (line {exc.lineno}, column {exc.colno}: "
+                                 f"{reason}); it must hold a JSON object of input name → value",
+                                 param_hint="--input-file") from None
+    except UnicodeDecodeError:
+        raise click.BadParameter(f"cannot read {input_file}: it is not UTF-8 text; it must hold a JSON object of "
+                                 "input name → value", param_hint="--input-file") from None
+    except OSError as exc:
+        raise click.BadParameter(f"cannot read {input_file}: {exc.strerror or exc}",
+                                 param_hint="--input-file") from None
     except RecursionError:  # the decoder recurses once per level
         raise click.BadParameter(too_deep, param_hint="--input-file") from None
     if _nested_deeper_than(data, MAX_DEPTH):
@@ -64,12 +73,15 @@ def _nested_deeper_than(value: Any, levels: int) -> bool:
 def check_inputs(spec: WorkflowSpec, values: dict[str, Any]) -> dict[str, Any]:
     """`values` typed by the spec's inputs; one BadParameter listing every unknown, invalid or missing input."""
     from mp_pipelines.spec.inputs import coerce_input
+    from mp_pipelines.spec.problems import suggest
 
     problems = []
     unknown = sorted(set(values) - set(spec.inputs))
     if unknown:
-        known = ", ".join(spec.inputs) or "none"
-        problems.append(f"unknown input(s) {', '.join(unknown)} for {spec.name}; its inputs: {known}")
+        known = ", ".join(f"{name} ({declared.type})" for name, declared in spec.inputs.items()) or "none"
+        hints = "".join(suggest(name, spec.inputs).replace("; did you mean", f"; for {name!r} did you mean")
+                        for name in unknown)
+        problems.append(f"unknown input(s) {', '.join(unknown)} for {spec.name}; its inputs: {known}{hints}")
     checked = {}
     for name, input_spec in spec.inputs.items():
         if name in values:

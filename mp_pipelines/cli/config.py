@@ -35,5 +35,6 @@ def with_budget(config: Mapping[str, Any], budget: Mapping[str, Any] | None) -> 
         return dict(config)
     resources = dict(config.get("resources") or {})
     current = (resources.get(BUDGET_RESOURCE_KEY) or {}).get("config") or {}
-    resources[BUDGET_RESOURCE_KEY] = {"config": {**current, **given}}
+    flags = sorted({*current.get("from_flags", []), *given})  # named in the budget error
+    resources[BUDGET_RESOURCE_KEY] = {"config": {**current, **given, "from_flags": flags}}
     return {**config, "resources": resources}

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from mp_pipelines.cli import remote
+from mp_pipelines.cli.ui import ui
 from mp_pipelines.cli.args import budget_options, executor_option, input_options, parse_inputs
 from mp_pipelines.spec.loader import LoadResult, WorkflowValidationError, load_workflow_file, load_workflows
 from mp_pipelines.spec.models import WorkflowSpec
@@ -19,8 +20,19 @@ if TYPE_CHECKING:
     from mp_pipelines.cli.running import RunOutcome
 
 
+EXIT_CODES = ("Exit codes: 0 success; 1 a run failed (run, resume) or a workflow has problems (validate); "
+              "2 bad usage or input (an unknown workflow, an unknown or mistyped input, an unreadable input file, "
+              "a run refused before it started).")
+
+
 class RunRefusedError(click.ClickException):
     """A run refused before it started: exit 2, as for bad arguments, with the reason and no traceback."""
+
+    exit_code = 2
+
+
+class BadUsageError(click.ClickException):
+    """Bad usage or input, such as an unknown workflow: exit 2 with the reason and no traceback."""
 
     exit_code = 2
 
@@ -36,23 +48,27 @@ def _load(paths: tuple[str, ...] = ()) -> LoadResult:
 
 
 def resolve_workflow(name_or_path: str) -> tuple[WorkflowSpec, str | None]:
-    """A workflow by name (from the workflow folders) or by YAML path; ClickException when not found."""
+    """A workflow by name (from the workflow folders) or by YAML path; BadUsageError (exit 2) when not found
+    or invalid."""
+    from mp_pipelines.spec.problems import suggest
+
     if name_or_path.endswith((".yaml", ".yml")) or Path(name_or_path).is_file():
         try:
             return load_workflow_file(name_or_path), str(Path(name_or_path).resolve())
         except WorkflowValidationError as exc:
-            raise click.ClickException(str(exc)) from None
+            raise BadUsageError(str(exc)) from None
     loaded = _load()
     if name_or_path in loaded.specs:
         return loaded.specs[name_or_path], None
     bad = [p for p in loaded.problems if name_or_path in str(p.file or "")]
     if bad:
-        raise click.ClickException("\n".join(str(p) for p in bad))
+        raise BadUsageError("\n".join(str(p) for p in bad))
     known = ", ".join(sorted(loaded.specs)) or "none"
-    raise click.ClickException(f"no workflow named {name_or_path!r}; known workflows: {known}")
+    raise BadUsageError(f"no workflow named {name_or_path!r}; known workflows: {known}"
+                        f"{suggest(name_or_path, loaded.specs)} (or give the path of a YAML file)")
 
 
-@click.group()
+@click.group(epilog=EXIT_CODES)
 @click.version_option(package_name="mp-pipelines")
 def main() -> None:
     """Multi-step LLM prompt workflows that run as Dagster jobs."""
@@ -98,41 +114,48 @@ def show(workflow: str) -> None:
     click.echo(render_workflow(spec))
 
 
-@main.command()
+verbose_option = click.option("--verbose", "-v", is_flag=True,
+                              help="Also print Dagster's log on stderr, with the stack trace of a failed step.")
+
+
+@main.command(epilog=EXIT_CODES)
 @click.argument("workflow")
 @input_options
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object with the results on stdout.")
 @executor_option
 @budget_options
+@verbose_option
 def run(workflow: str, pairs: tuple[str, ...], input_file: str | None, as_json: bool, executor: str | None,
-        **budget: Any) -> None:
+        verbose: bool, **budget: Any) -> None:
     """Run WORKFLOW (a name or a YAML path) through Dagster and print each task's result."""
     from mp_pipelines.cli.running import RunRefused, run_workflow
     from mp_pipelines.llm.resource import SettingsError
 
-    _quiet_dagster_logs()
+    _quiet_dagster_logs(verbose)
     spec, source = resolve_workflow(workflow)
     inputs = parse_inputs(spec, pairs, input_file)
     try:
-        outcome = run_workflow(spec, inputs, source=source, executor=executor, progress=_echo_err, budget=budget)
+        outcome = run_workflow(spec, inputs, source=source, executor=executor, progress=_echo_err, budget=budget,
+                               verbose=verbose)
     except (RunRefused, SettingsError) as exc:
         raise RunRefusedError(str(exc)) from None
     _print_outcome(outcome, as_json)
 
 
-@main.command()
+@main.command(epilog=EXIT_CODES)
 @click.argument("run_id")
 @click.option("--force", is_flag=True, help="Resume a run still marked started whose process is gone (killed).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object with the results on stdout.")
 @budget_options
-def resume(run_id: str, force: bool, as_json: bool, **budget: Any) -> None:
+@verbose_option
+def resume(run_id: str, force: bool, as_json: bool, verbose: bool, **budget: Any) -> None:
     """Re-execute failed run RUN_ID from failure: only what failed runs again, and answers it got are not paid twice."""
     from mp_pipelines.cli.running import ResumeError, RunRefused, resume_run
     from mp_pipelines.llm.resource import SettingsError
 
-    _quiet_dagster_logs()
+    _quiet_dagster_logs(verbose)
     try:
-        outcome = resume_run(run_id, force=force, budget=budget, progress=_echo_err)
+        outcome = resume_run(run_id, force=force, budget=budget, progress=_echo_err, verbose=verbose)
     except ResumeError as exc:
         raise click.ClickException(str(exc)) from None
     except (RunRefused, SettingsError) as exc:
@@ -140,20 +163,24 @@ def resume(run_id: str, force: bool, as_json: bool, **budget: Any) -> None:
     _print_outcome(outcome, as_json)
 
 
-def _quiet_dagster_logs() -> None:
-    """Keep Dagster's engine logger to warnings."""
+def _quiet_dagster_logs(verbose: bool = False) -> None:
+    """Keep Dagster's engine logger to warnings with --verbose, else to critical errors only."""
     import logging
 
-    # Dagster's own engine logger prints every step event; the CLI prints its own progress instead.
-    logging.getLogger("dagster").setLevel(logging.WARNING)
+    # Dagster's own engine logger prints every step event, and a failed step's stack trace; the CLI prints its
+    # own progress and a one-paragraph failure summary instead.
+    logging.getLogger("dagster").setLevel(logging.WARNING if verbose else logging.CRITICAL)
 
 
 def _print_outcome(outcome: RunOutcome, as_json: bool) -> None:
-    """Print a finished run (JSON or text) and exit 0 only if it succeeded."""
+    """Print a finished run (JSON or text), and the failure summary on stderr; exit 0 only if it succeeded."""
     if as_json:
         click.echo(json.dumps(outcome.as_json(), ensure_ascii=False, default=str, indent=2))
     else:
         click.echo(outcome.as_text())
+    if not outcome.success:
+        _echo_err("")
+        _echo_err(outcome.failure_summary())
     sys.exit(0 if outcome.success else 1)
 
 
@@ -217,6 +244,7 @@ def serve_model(host: str, port: int, latency: float, failure_rate: float) -> No
 
 for _command in remote.COMMANDS:  # launch, status, cancel, reload: runs on a Dagster webserver over GraphQL
     main.add_command(_command)
+main.add_command(ui)
 
 if __name__ == "__main__":
     main()

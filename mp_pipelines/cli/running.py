@@ -12,7 +12,7 @@ from typing import Any, Callable
 import dagster as dg
 
 from mp_pipelines.calls.usage import Usage
-from mp_pipelines.cli.config import run_config, with_budget
+from mp_pipelines.cli.config import CLI_CONSOLE_LOG_LEVEL, run_config, with_budget
 from mp_pipelines.cli.reporting import family_step_states, run_usage, step_states, summarize_tasks, task_output
 from mp_pipelines.factory.names import RESUME_RETRY_TAG, task_of_step
 from mp_pipelines.spec.graph import topological_order
@@ -20,6 +20,7 @@ from mp_pipelines.spec.models import WorkflowSpec
 from mp_pipelines.tasks.runner import preview
 
 LOCAL_HOME = Path(".mp_pipelines") / "dagster_home"
+QUIET_CONSOLE_LOG_LEVEL = "CRITICAL"  # a failed step's ERROR event carries its stack trace: --verbose shows it
 RUN_TOKEN_TAG = "mp_pipelines/cli_token"
 _POLL_SECONDS = 0.25
 
@@ -46,12 +47,19 @@ class RunOutcome:
     provider: str
     final_task: str | None = None
     errors: list[str] = field(default_factory=list)
+    order: list[str] = field(default_factory=list)  # top-level steps in run order
 
     def as_json(self) -> dict[str, Any]:
         """What `run --json` prints: run id, status, provider, tasks (without per-task usage) and usage."""
         tasks = {name: {k: v for k, v in task.items() if k != "usage"} for name, task in self.tasks.items()}
         return {"run_id": self.run_id, "status": self.status, "provider": self.provider, "tasks": tasks,
                 "usage": self.usage.as_dict()}
+
+    def failure_summary(self) -> str:
+        """One paragraph for a failed run: the task, the item, the reason and what to do."""
+        from mp_pipelines.cli.summary import failure_summary
+
+        return failure_summary(self.run_id, self.tasks, self.order)
 
     def as_text(self) -> str:
         """What `run` prints: each task's status, usage and errors, then the final task's output."""
@@ -78,8 +86,10 @@ def _usage_text(usage: Usage) -> str:
 
 def run_workflow(spec: WorkflowSpec, inputs: dict[str, Any], *, source: str | None = None,
                  executor: str | None = None, instance: dg.DagsterInstance | None = None,
-                 progress: Callable[[str], None] | None = None, budget: dict[str, Any] | None = None) -> RunOutcome:
-    """Execute the workflow's job with its own executor and summarize the finished run."""
+                 progress: Callable[[str], None] | None = None, budget: dict[str, Any] | None = None,
+                 verbose: bool = False) -> RunOutcome:
+    """Execute the workflow's job with its own executor and summarize the finished run (Dagster's console log
+    only shows critical errors unless `verbose`)."""
     from mp_pipelines.definitions import reconstructable_job
     from mp_pipelines.llm.provider import provider_from_env
 
@@ -89,7 +99,7 @@ def run_workflow(spec: WorkflowSpec, inputs: dict[str, Any], *, source: str | No
     token = uuid.uuid4().hex
     done = threading.Event()
     watcher = threading.Thread(target=_watch, args=(instance, token, done, progress), daemon=True)
-    config = run_config(inputs, executor, budget)
+    config = run_config(inputs, executor, budget, console_log_level=_console_level(verbose))
     try:
         refuse_unsafe_run(spec, config, instance)
         if progress:
@@ -140,7 +150,11 @@ def summarize(result: dg.ExecuteJobResult, spec: WorkflowSpec, instance: dg.Dags
     order = topological_order(spec)
     status = run.status.value.lower() if run else ("success" if result.success else "failure")
     return RunOutcome(result.run_id, status, result.success, tasks, run_usage(own), provider,
-                      final_task=order[-1] if order else None)
+                      final_task=order[-1] if order else None, order=order)
+
+
+def _console_level(verbose: bool) -> str:
+    return CLI_CONSOLE_LOG_LEVEL if verbose else QUIET_CONSOLE_LOG_LEVEL
 
 
 def _ran_here(name: str, own: dict[str, Any]) -> bool:
@@ -209,7 +223,8 @@ def _job_args(run: dg.DagsterRun) -> tuple[str, str | None]:
 
 
 def resume_run(run_id: str, *, instance: dg.DagsterInstance | None = None, force: bool = False,
-               budget: dict[str, Any] | None = None, progress: Callable[[str], None] | None = None) -> RunOutcome:
+               budget: dict[str, Any] | None = None, progress: Callable[[str], None] | None = None,
+               verbose: bool = False) -> RunOutcome:
     """Re-execute a failed run from failure: only failed and unfinished steps run again, and items whose answers
     the run family already got (its checkpoint, or the cache) make no new call.
 
@@ -238,6 +253,7 @@ def resume_run(run_id: str, *, instance: dg.DagsterInstance | None = None, force
         spec = loaded.specs[name]
         job = reconstructable_job(spec, source)
         config = with_budget(dict(run.run_config), budget)
+        config["loggers"] = {"console": {"config": {"log_level": _console_level(verbose)}}}
         refuse_unsafe_run(spec, config, instance)
         token = uuid.uuid4().hex
         tags = {k: v for k, v in run.tags.items() if not k.startswith("dagster/")}

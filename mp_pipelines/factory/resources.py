@@ -24,6 +24,8 @@ class RunBudget(dg.ConfigurableResource):
     max_cost_usd: float | None = Field(default=None, gt=0, description="US dollars (price table).")
     max_tokens: int | None = Field(default=None, ge=1, description="Prompt + completion tokens.")
     max_calls: int | None = Field(default=None, ge=1, description="Calls sent to the model; cache hits are free.")
+    from_flags: list[str] = Field(default_factory=list, description="The fields above that mp-pipelines run/resume "
+                                  "set from its --max-… flags (named in the budget error).")
 
     _calls: RunCalls | None = PrivateAttr(default=None)
 
@@ -31,7 +33,8 @@ class RunBudget(dg.ConfigurableResource):
         """This run's budget: the run config's fields over the workflow's."""
         base = spec.budget.model_dump() if spec.budget else {}
         mine = {k: v for k, v in self.model_dump().items() if k in BudgetSpec.model_fields and v is not None}
-        return BudgetSpec(**{**base, **mine})
+        origins = {k: "flag" if k in self.from_flags else "run_config" for k in mine}
+        return BudgetSpec(**{**base, **mine}).with_origins(origins)
 
     def setup_for_execution(self, context: dg.InitResourceContext) -> None:
         """Open the run's call-path state."""

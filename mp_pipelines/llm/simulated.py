@@ -23,6 +23,11 @@ import httpx
 
 SIMULATED_TAG = "[simulated]"
 _DEFAULT_ITEMS = 3
+# How much of a prompt an answer quotes: whole up to these lengths, else its head and tail. Prompts of one task
+# differ in what was rendered into them (an item, an input), which sits well inside these bounds in all but long
+# prompts, so offline answers differ per item and show which item they answer.
+TEXT_QUOTE_CHARS = 600
+JSON_QUOTE_CHARS = 160
 
 
 def _tokens(text: str) -> int:
@@ -74,7 +79,7 @@ class _SchemaFaker:
 
     def __init__(self, root: dict[str, Any], rng: random.Random, prompt: str) -> None:
         self.root, self.rng, self.count = root, rng, _item_count(prompt)
-        self.topic = _excerpt(prompt, 40)
+        self.topic = _excerpt(prompt, JSON_QUOTE_CHARS)
 
     def _resolve(self, schema: dict[str, Any]) -> dict[str, Any]:
         ref = schema.get("$ref")
@@ -262,9 +267,10 @@ class SimulatedModel:
             schema = (fmt.get("json_schema") or {}).get("schema") or {"type": "object"}
             return json.dumps(_SchemaFaker(schema, rng, prompt).value(schema, "answer")), "stop"
         if fmt.get("type") == "json_object":
-            answer = {"simulated": True, "answer": f"{SIMULATED_TAG} answer to: {_excerpt(prompt)}", "id": digest[:8]}
+            quoted = _excerpt(prompt, TEXT_QUOTE_CHARS)
+            answer = {"simulated": True, "answer": f"{SIMULATED_TAG} answer to: {quoted}", "id": digest[:8]}
             return json.dumps(answer), "stop"
-        text = f"{SIMULATED_TAG} Response to: {_excerpt(prompt)} (#{digest[:8]})"
+        text = f"{SIMULATED_TAG} Response to: {_excerpt(prompt, TEXT_QUOTE_CHARS)} (#{digest[:8]})"
         limit = body.get("max_tokens") or body.get("max_completion_tokens")
         if isinstance(limit, int) and limit > 0 and _tokens(text) > limit:
             return text[: limit * 4], "length"

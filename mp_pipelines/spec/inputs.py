@@ -51,7 +51,10 @@ def _integer(value: Any) -> int:
     if isinstance(value, float) and not value.is_integer():
         raise ValueError(f"{value!r} is not a whole number")
     if isinstance(value, str):
-        return int(value.strip())
+        try:
+            return int(value.strip())
+        except ValueError:
+            raise ValueError(f"{value!r} is not a whole number") from None
     if isinstance(value, (int, float)):
         return int(value)
     raise TypeError(f"got a {type(value).__name__}")
@@ -60,7 +63,10 @@ def _integer(value: Any) -> int:
 def _number(value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float, str)):
         raise TypeError(f"got a {type(value).__name__}")
-    return float(value)
+    try:
+        return float(value)
+    except ValueError:
+        raise ValueError(f"{value!r} is not a number") from None
 
 
 def _boolean(value: Any) -> bool:

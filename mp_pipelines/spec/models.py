@@ -11,7 +11,7 @@ import re
 from typing import Annotated, Any, Literal, Union
 
 from croniter import croniter
-from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, PrivateAttr, Tag, field_validator, model_validator
 
 from mp_pipelines.spec.inputs import coerce_input
 from mp_pipelines.spec.templates import JINJA_GLOBALS, JINJA_SPECIAL_NAMES
@@ -150,10 +150,31 @@ class BudgetSpec(_Strict):
     max_cost_usd: float | None = Field(default=None, gt=0, description="US dollars, from the price table.")
     max_tokens: int | None = Field(default=None, ge=1, description="Prompt + completion tokens.")
     max_calls: int | None = Field(default=None, ge=1, description="Calls sent to the model (cache hits are free).")
+    # Where each limit was set: "spec" (the workflow's budget:), "run_config" or "flag" (mp-pipelines run --max-…).
+    _origins: dict[str, str] = PrivateAttr(default_factory=dict)
 
     @property
     def unlimited(self) -> bool:
         return self.max_cost_usd is None and self.max_tokens is None and self.max_calls is None
+
+    def with_origins(self, origins: dict[str, str]) -> BudgetSpec:
+        """This budget, knowing where each limit was set (for the message when one is reached)."""
+        self._origins = dict(origins)
+        return self
+
+    def raise_hint(self, limit: str) -> str:
+        """Where `limit` (max_calls, max_tokens, max_cost_usd) was set and how to raise it."""
+        if limit not in type(self).model_fields:
+            return "raise the budget in the workflow's budget: or the run config's resources.budget"
+        origin = self._origins.get(limit, "spec")
+        flag = "--" + limit.replace("_", "-")
+        if origin == "flag":
+            return f"{limit} was set by {flag}; pass a larger {flag}"
+        if origin == "run_config":
+            return (f"{limit} was set in the run config's resources.budget.config.{limit}; raise it there "
+                    f"(or with {flag} on mp-pipelines run/resume)")
+        return (f"{limit} was set in the workflow's budget:; raise it there, or for one run with {flag} "
+                f"or the run config's resources.budget.config.{limit}")
 
 
 class FailurePolicy(_Strict):
