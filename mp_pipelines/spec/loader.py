@@ -17,7 +17,6 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
-import mp_pipelines
 from mp_pipelines.spec.models import WorkflowSpec
 from mp_pipelines.spec.problems import Problem, WorkflowValidationError, pydantic_problems
 from mp_pipelines.spec.salvage import salvage
@@ -27,7 +26,9 @@ from mp_pipelines.spec.yaml_guard import MAX_DEPTH, UniqueKeyLoader, shape_probl
 
 __all__ = ["LoadResult", "Problem", "WorkflowValidationError", "load_workflow_file", "load_workflows", "parse_workflow"]
 
-SHIPPED_WORKFLOWS_DIR = Path(mp_pipelines.__file__).parent / "workflows"
+# The package's workflows folder, found from this file: importing the package itself would tie spec/ to what
+# mp_pipelines/__init__.py may import.
+SHIPPED_WORKFLOWS_DIR = Path(__file__).parent.parent / "workflows"
 WORKFLOW_SUFFIXES = (".yaml", ".yml")
 PATH_ENV = "MP_WORKFLOWS_PATH"
 
