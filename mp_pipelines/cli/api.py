@@ -57,6 +57,23 @@ def check_inputs(spec: WorkflowSpec, values: Mapping[str, Any]) -> dict[str, Any
     return checked
 
 
+def write_spec(spec: WorkflowSpec, instance: Any = None) -> Path:
+    """The spec as a YAML file under the instance's folder, named by its content, for a spec that has no file: a
+    run's steps (in other processes too) and a later `mp-pipelines resume` load the job from it."""
+    import hashlib
+
+    from mp_pipelines.cli.ui import instance_home
+
+    root = Path(instance.root_directory) if instance is not None and getattr(instance, "root_directory", None) \
+        else instance_home()
+    text = spec.to_yaml()
+    path = root / "specs" / f"{spec.name}-{hashlib.sha256(text.encode()).hexdigest()[:12]}.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if not path.exists():
+        path.write_text(text, encoding="utf-8")
+    return path
+
+
 def run_workflow(spec_or_name: WorkflowSpec | WorkflowBuilder | str | Path, inputs: Mapping[str, Any] | None = None,
                  *, executor: str | None = None, max_cost_usd: float | None = None, max_tokens: int | None = None,
                  max_calls: int | None = None, instance: Any = None, progress: Callable[[str], None] | None = None,
@@ -70,6 +87,8 @@ def run_workflow(spec_or_name: WorkflowSpec | WorkflowBuilder | str | Path, inpu
 
     spec, source = resolve_spec(spec_or_name)
     checked = check_inputs(spec, dict(inputs or {}))
+    if source is None and load_workflows().specs.get(spec.name) != spec:
+        source = str(write_spec(spec, instance))
     budget = {"max_cost_usd": max_cost_usd, "max_tokens": max_tokens, "max_calls": max_calls}
     outcome = run(spec, checked, source=source, executor=executor, instance=instance, progress=progress,
                   budget=budget, verbose=verbose)
