@@ -10,8 +10,8 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from mp_pipelines.cli import remote
-from mp_pipelines.cli.ui import ui
 from mp_pipelines.cli.args import budget_options, executor_option, input_options, parse_inputs
+from mp_pipelines.cli.ui import ui
 from mp_pipelines.spec.loader import LoadResult, WorkflowValidationError, load_workflow_file, load_workflows
 from mp_pipelines.spec.models import WorkflowSpec
 
