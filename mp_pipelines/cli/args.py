@@ -81,7 +81,8 @@ def check_inputs(spec: WorkflowSpec, values: dict[str, Any]) -> dict[str, Any]:
         known = ", ".join(f"{name} ({declared.type})" for name, declared in spec.inputs.items()) or "none"
         hints = "".join(suggest(name, spec.inputs).replace("; did you mean", f"; for {name!r} did you mean")
                         for name in unknown)
-        problems.append(f"unknown input(s) {', '.join(unknown)} for {spec.name}; its inputs: {known}{hints}")
+        given = ", ".join(f"{name} (given {_shown(values[name])})" for name in unknown)
+        problems.append(f"unknown input(s) {given} for {spec.name}; its inputs: {known}{hints}")
     checked = {}
     for name, input_spec in spec.inputs.items():
         if name in values:
@@ -94,6 +95,12 @@ def check_inputs(spec: WorkflowSpec, values: dict[str, Any]) -> dict[str, Any]:
     if problems:
         raise click.BadParameter("; ".join(problems), param_hint="--input")
     return checked
+
+
+def _shown(value: Any) -> str:
+    """A value as an error message shows it: its repr, cut to 40 characters."""
+    text = repr(value)
+    return text if len(text) <= 40 else text[:39] + "…"
 
 
 def parse_inputs(spec: WorkflowSpec, pairs: Sequence[str], input_file: str | None) -> dict[str, Any]:
