@@ -147,7 +147,7 @@ class _Walker:
         if isinstance(node, (nodes.Macro, nodes.CallBlock)):
             return  # macro bodies read their own arguments; not followed
         for child in node.iter_child_nodes():
-            self.visit(child, env, guarded=guarded and isinstance(node, (nodes.Output, nodes.Expr)))
+            self.visit(child, env, guarded=False)
 
     def visit_field(self, value: object, env: dict[str, Alias], guarded: bool) -> None:
         if isinstance(value, nodes.Node):

@@ -1,4 +1,5 @@
-"""Checks across fields and tasks of a parsed WorkflowSpec: names, dependencies, fan-outs, templates.
+"""Checks across fields and tasks of a parsed WorkflowSpec: names, dependencies, fan-outs, templates, and what
+templates read against the shape of each answer (`spec/shapes.py`).
 
 Every check adds Problems instead of raising, so one run reports everything wrong with a file.
 """
