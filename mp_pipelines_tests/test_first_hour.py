@@ -86,6 +86,12 @@ def test_bad_usage_and_input_exit_2_naming_what_is_wrong(runner: CliRunner, tmp_
     assert not (tmp_path / ".mp_pipelines").exists()  # nothing ran
 
 
+def test_resuming_a_run_that_does_not_exist_is_bad_usage(runner: CliRunner) -> None:
+    result = runner.invoke(main, ["resume", "0000-no-such-run"])
+    assert result.exit_code == 2 and "no run '0000-no-such-run' in the Dagster instance at" in result.output
+    assert "Traceback" not in result.output
+
+
 def test_an_input_file_that_is_not_json_exits_2_with_line_and_column(runner: CliRunner, tmp_path: Path) -> None:
     broken = tmp_path / "inputs.json"
     broken.write_text('{"topic": tides}')

@@ -22,7 +22,7 @@ if TYPE_CHECKING:
 
 EXIT_CODES = ("Exit codes: 0 success; 1 a run failed (run, resume) or a workflow has problems (validate); "
               "2 bad usage or input (an unknown workflow, an unknown or mistyped input, an unreadable input file, "
-              "a run refused before it started).")
+              "a run that cannot be resumed, a run refused before it started).")
 
 
 class RunRefusedError(click.ClickException):
@@ -156,8 +156,8 @@ def resume(run_id: str, force: bool, as_json: bool, verbose: bool, **budget: Any
     _quiet_dagster_logs(verbose)
     try:
         outcome = resume_run(run_id, force=force, budget=budget, progress=_echo_err, verbose=verbose)
-    except ResumeError as exc:
-        raise click.ClickException(str(exc)) from None
+    except ResumeError as exc:  # no such run, or one that cannot be resumed: bad usage
+        raise BadUsageError(str(exc)) from None
     except (RunRefused, SettingsError) as exc:
         raise RunRefusedError(str(exc)) from None
     _print_outcome(outcome, as_json)
