@@ -95,9 +95,10 @@ def test_url_credentials_reach_no_output_event_record_or_file(llm_server: Runnin
     # one item's call and the summary's call get a 400 that echoes the Authorization header; the other item succeeds
     llm_server.faults.add("echo_authorization").add().add("echo_authorization")
     env = {**os.environ, "OPENAI_BASE_URL": with_credentials(llm_server.base_url), "PYTHONUNBUFFERED": "1"}
-    # a process of its own, so that its stdout and stderr are real and the steps' compute logs are captured
+    # a process of its own, so that its stdout and stderr are real and the steps' compute logs are captured;
+    # --verbose keeps Dagster's console log (errors with their stack traces) in both, so both are checked
     result = subprocess.run([sys.executable, "-m", "mp_pipelines.cli", "run", str(write_workflow(tmp_path, FAN_OUT)),
-                             "--json"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+                             "--json", "--verbose"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 1, result.stdout + result.stderr
     summary = json.loads(result.stdout)
     (failed_item,) = summary["tasks"]["greet"]["failed_items"]
