@@ -15,7 +15,7 @@ from typing import Literal
 from jinja2 import nodes
 
 from mp_pipelines.spec.models import LoopSpec, TaskSpec, WorkflowSpec
-from mp_pipelines.spec.templates import JINJA_GLOBALS, NESTED_TOO_DEEPLY, TemplateError, as_template, parse, references
+from mp_pipelines.spec.templates import JINJA_GLOBALS, NESTED_TOO_DEEPLY, TemplateError, as_template, parsed, references
 
 __all__ = ["JINJA_GLOBALS"]  # names Jinja itself defines (range, dict, lipsum, ...): not references to the context
 LOOP_ATTRIBUTES = frozenset({"iteration", "max_iterations", "previous"})
@@ -37,7 +37,7 @@ def template_refs(source: str, *, expression: bool = False) -> Refs:
     previous: set[str] = set()
     if "loop" in found.names:
         # Inside `{% for %}` Jinja's own `loop` shadows ours, so read its chains scope-aware.
-        tree = parse(as_template(source) if expression else source)
+        tree = parsed(as_template(source) if expression else source)
         loop_attrs: set[str] = set()
         try:
             chains = list(_loop_chains(tree, shadowed=False))

@@ -13,7 +13,7 @@ from typing import Union
 
 from jinja2 import nodes
 
-from mp_pipelines.spec.templates import NESTED_TOO_DEEPLY, TemplateError, as_template, parse
+from mp_pipelines.spec.templates import NESTED_TOO_DEEPLY, TemplateError, as_template, parsed
 
 EACH = "[*]"  # an element of a list, as a `for` loop or a dynamic index reads it
 Key = Union[str, int]  # an attribute (str), a constant index (int), or EACH
@@ -50,7 +50,7 @@ class TemplateReads:
 @lru_cache(maxsize=4096)
 def template_reads(source: str, *, expression: bool = False) -> TemplateReads:
     """The reads of a template (or a condition with `expression=True`); TemplateError on bad syntax."""
-    tree = parse(as_template(source) if expression else source)
+    tree = parsed(as_template(source) if expression else source)
     walker = _Walker()
     try:
         walker.visit(tree, {}, guarded=False)

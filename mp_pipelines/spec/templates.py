@@ -91,6 +91,13 @@ def refuse_internals(tree: nodes.Template) -> None:
 
 
 @lru_cache(maxsize=8192)
+def parsed(source: str) -> nodes.Template:
+    """A template's tree, parsed once for the static analyses (`references`, `spec/reads.py`), which only read it;
+    rendering compiles its own copy."""
+    return parse(source)
+
+
+@lru_cache(maxsize=8192)
 def references(source: str, *, expression: bool = False) -> TemplateRefs:
     """Names (and their constant attributes) a template or expression reads from its context.
 
@@ -98,7 +105,7 @@ def references(source: str, *, expression: bool = False) -> TemplateRefs:
     """
     from jinja2 import meta
 
-    tree = parse(as_template(source) if expression else source)
+    tree = parsed(as_template(source) if expression else source)
     try:
         names = frozenset(meta.find_undeclared_variables(tree))
         attributes: dict[str, set[str]] = {}
