@@ -156,7 +156,9 @@ def test_summarize_documents_over_the_shipped_folder(instance: dg.DagsterInstanc
     assert outcome.usage.calls == 5  # map 4 + reduce 1
 
 
-def test_summarize_documents_over_a_jsonl_file(instance: dg.DagsterInstance, tmp_path: Path) -> None:
+def test_summarize_documents_over_a_jsonl_file(instance: dg.DagsterInstance, tmp_path: Path,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MP_INPUT_ROOTS", str(tmp_path))
     source = tmp_path / "docs.jsonl"
     source.write_text("\n".join(json.dumps({"name": f"d{i}", "text": f"Document number {i} about topic {i}."})
                                 for i in range(3)))
@@ -167,7 +169,9 @@ def test_summarize_documents_over_a_jsonl_file(instance: dg.DagsterInstance, tmp
     assert outcome.tasks["overview"]["status"] == "success"
 
 
-def test_a_missing_table_fails_the_run_naming_the_file(instance: dg.DagsterInstance, tmp_path: Path) -> None:
+def test_a_missing_table_fails_the_run_naming_the_file(instance: dg.DagsterInstance, tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MP_INPUT_ROOTS", str(tmp_path))
     missing = tmp_path / "nope.csv"
     outcome = run_workflow(SPECS["classify_tickets"], {"tickets": str(missing)}, executor="in_process",
                            instance=instance)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -24,15 +23,6 @@ class RunRefusedError(click.ClickException):
     """A run refused before it started: exit 2, as for bad arguments, with the reason and no traceback."""
 
     exit_code = 2
-
-
-def _mark_local_run() -> None:
-    """Make this command's working folder an allowed input root for the run it starts here (and the step
-    processes that run inherit the environment); a webserver or daemon never sets this, so runs they start
-    do not get their own working folder as a root."""
-    from mp_pipelines.spec.paths import LOCAL_RUN_DIR_ENV
-
-    os.environ[LOCAL_RUN_DIR_ENV] = os.getcwd()
 
 
 def _echo_err(message: str) -> None:
@@ -119,7 +109,6 @@ def run(workflow: str, pairs: tuple[str, ...], input_file: str | None, as_json: 
     from mp_pipelines.llm.resource import SettingsError
 
     _quiet_dagster_logs()
-    _mark_local_run()
     spec, source = resolve_workflow(workflow)
     inputs = parse_inputs(spec, pairs, input_file)
     try:
@@ -140,7 +129,6 @@ def resume(run_id: str, force: bool, as_json: bool, **budget: Any) -> None:
     from mp_pipelines.llm.resource import SettingsError
 
     _quiet_dagster_logs()
-    _mark_local_run()
     try:
         outcome = resume_run(run_id, force=force, budget=budget, progress=_echo_err)
     except ResumeError as exc:

@@ -17,6 +17,7 @@ from mp_pipelines.cli.reporting import family_step_states, run_usage, step_state
 from mp_pipelines.factory.names import RESUME_RETRY_TAG, task_of_step
 from mp_pipelines.spec.graph import topological_order
 from mp_pipelines.spec.models import WorkflowSpec
+from mp_pipelines.spec.paths import LOCAL_RUN_DIR_ENV
 from mp_pipelines.tasks.runner import preview
 
 LOCAL_HOME = Path(".mp_pipelines") / "dagster_home"
@@ -76,6 +77,13 @@ def _usage_text(usage: Usage) -> str:
             f"${usage.cost_usd:.4f}")
 
 
+def mark_local_run() -> None:
+    """Make the working folder an allowed input root of the run this process executes itself (its step processes
+    inherit the environment). Only local runs come here: a webserver, daemon or code server never does, so the
+    runs they start never get their own working folder as a root, whatever a run's config or tags say."""
+    os.environ[LOCAL_RUN_DIR_ENV] = os.getcwd()
+
+
 def run_workflow(spec: WorkflowSpec, inputs: dict[str, Any], *, source: str | None = None,
                  executor: str | None = None, instance: dg.DagsterInstance | None = None,
                  progress: Callable[[str], None] | None = None, budget: dict[str, Any] | None = None) -> RunOutcome:
@@ -83,6 +91,7 @@ def run_workflow(spec: WorkflowSpec, inputs: dict[str, Any], *, source: str | No
     from mp_pipelines.definitions import reconstructable_job
     from mp_pipelines.llm.provider import provider_from_env
 
+    mark_local_run()
     own_instance = instance is None
     instance = instance or local_instance()
     job = reconstructable_job(spec, source)
@@ -218,6 +227,7 @@ def resume_run(run_id: str, *, instance: dg.DagsterInstance | None = None, force
     from mp_pipelines.definitions import load_specs, reconstructable_job
     from mp_pipelines.llm.provider import provider_from_env
 
+    mark_local_run()
     own_instance = instance is None
     instance = instance or local_instance()
     try:
