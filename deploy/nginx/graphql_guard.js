@@ -24,12 +24,19 @@ function usersOf(path) {
 }
 
 function roleFile(r) {
+    // Decided once per request (js_var $mp_role_decided): auth_basic and the guard must see the same file even
+    // if someone edits the files in between.
+    if (r.variables.mp_role_decided) {
+        return r.variables.mp_role_decided;
+    }
     const user = r.variables.remote_user || '';
     const operators = r.variables.mp_operator_htpasswd;
+    let file = r.variables.mp_viewer_htpasswd;  // a user in neither file fails auth_basic against it: 401
     if (user && usersOf(operators).indexOf(user) >= 0) {
-        return operators;
+        file = operators;
     }
-    return r.variables.mp_viewer_htpasswd;  // a user in neither file fails auth_basic against it: 401
+    r.variables.mp_role_decided = file;
+    return file;
 }
 
 function role(r) {

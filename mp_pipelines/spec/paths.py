@@ -3,6 +3,10 @@
 Every file a workflow reads as data (a table, a folder's documents, an inbox file) passes `readable_file`
 first, the one place this rule lives. A link is judged by where it leads, so a documents folder holding
 `env.txt -> /proc/self/environ` cannot hand the process's environment (and its API keys) to a model.
+
+Before that, every file or folder input must lie inside the allowed input roots (`input_roots`: MP_INPUT_ROOTS,
+or the workflow's folder, the shipped sample data, the inbox and a local CLI run's folder), checked by the run's
+first step and by the inbox sensor before anything of the path is read.
 """
 
 from __future__ import annotations
