@@ -120,6 +120,11 @@ def test_a_viewer_reads_everything(door: FrontDoor) -> None:
     assert "read_notes" in jobs
     fragment = "fragment V on Query { version } # a comment with mutation in it\n{ ...V }"
     assert post(door, {"query": fragment}).json()["data"]["version"]
+    # the word in strings, comments and variables is no mutation
+    wordy = post(door, {"query": 'query Q($t: String) { runsOrError(filter: {tags: [{key: "mutation {", '
+                                 'value: """mutation { terminateRun }"""}]}) { __typename } } # mutation {',
+                        "variables": {"t": "mutation { terminateRun(runId: \"x\") }"}})
+    assert wordy.status_code == 200 and wordy.json()["data"]["runsOrError"]["__typename"] == "Runs", wordy.text
     got = httpx.get(door.graphql, params={"query": "{ version }"}, auth=VIEWER, timeout=30)
     assert got.status_code == 200 and got.json()["data"]["version"]
     page = httpx.get(door.proxy.url + "/runs", auth=VIEWER, timeout=30)
