@@ -199,7 +199,7 @@ class Webserver:
                 return RemoteError(f"the webserver at {self.url} asks for credentials (401) and none were given: "
                                    f"set {USER_ENV} and {PASSWORD_ENV}")
             return RemoteError(f"the webserver at {self.url} refused the credentials of user {credentials[0]!r} "
-                               f"(401): check {USER_ENV} and {PASSWORD_ENV}")
+                               f"(401): check {USER_ENV} and {PASSWORD_ENV} (or the user:password in --url)")
         who = f"user {credentials[0]!r}" if credentials else "a request without credentials"
         role = "viewer role" if "viewer role" in refused.reason else (refused.reason or "forbidden")
         return RemoteError(f"{who} may not {doing} on {self.url} (403: {role})")
