@@ -121,8 +121,9 @@ def test_a_viewer_reads_everything(door: FrontDoor) -> None:
     fragment = "fragment V on Query { version } # a comment with mutation in it\n{ ...V }"
     assert post(door, {"query": fragment}).json()["data"]["version"]
     # the word in strings, comments and variables is no mutation
-    wordy = post(door, {"query": 'query Q($t: String) { runsOrError(filter: {tags: [{key: "mutation {", '
-                                 'value: """mutation { terminateRun }"""}]}) { __typename } } # mutation {',
+    wordy = post(door, {"query": 'query Q($t: String!) { runsOrError(filter: {tags: [{key: $t, value: '
+                                 '"""mutation { terminateRun }"""}, {key: "mutation {", value: "x"}]}) '
+                                 '{ __typename } } # mutation {',
                         "variables": {"t": "mutation { terminateRun(runId: \"x\") }"}})
     assert wordy.status_code == 200 and wordy.json()["data"]["runsOrError"]["__typename"] == "Runs", wordy.text
     got = httpx.get(door.graphql, params={"query": "{ version }"}, auth=VIEWER, timeout=30)
