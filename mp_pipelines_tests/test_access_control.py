@@ -8,6 +8,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +20,7 @@ from websockets.sync.client import connect
 
 from mp_pipelines.cli.main import main
 from mp_pipelines_tests.fault_server import RunningServer, run_server
-from mp_pipelines_tests.proxy import Proxy, nginx_proxy
+from mp_pipelines_tests.proxy import GUARD, NGINX, Proxy, nginx_proxy, render_site
 from mp_pipelines_tests.services import DagsterServices, dagster_services, wait_for
 from mp_pipelines_tests.workflow_helpers import write_workflow
 
@@ -298,3 +299,17 @@ def test_the_shipped_guard_is_what_runs(door: FrontDoor) -> None:
     shipped = (Path(__file__).resolve().parents[1] / "deploy" / "nginx" / "graphql_guard.js").read_text()
     assert (door.proxy.folder / "graphql_guard.js").read_text() == shipped
     assert os.path.exists(door.proxy.folder / "site.conf")
+
+
+def test_the_shipped_site_file_loads_in_debians_own_nginx_conf(tmp_path: Path) -> None:
+    """Installed as docs/deployment.md says (conf.d, njs module enabled by its package), `nginx -t` accepts it."""
+    debian = Path("/etc/nginx/nginx.conf").read_text()
+    assert "include /etc/nginx/conf.d/*.conf;" in debian and "modules-enabled" in debian
+    site = tmp_path / "site.conf"
+    site.write_text(render_site(tmp_path, 8080, "127.0.0.1:3000"))
+    (tmp_path / "graphql_guard.js").write_text(GUARD.read_text())
+    (tmp_path / "nginx.conf").write_text(debian.replace("include /etc/nginx/conf.d/*.conf;", f"include {site};")
+                                         .replace("include /etc/nginx/sites-enabled/*;", ""))
+    checked = subprocess.run([NGINX, "-t", "-c", str(tmp_path / "nginx.conf")], capture_output=True, text=True,
+                             timeout=30)
+    assert checked.returncode == 0 and "test is successful" in checked.stderr, checked.stderr
