@@ -70,7 +70,7 @@ def test_paths_leaving_the_roots_are_refused_by_dots_absolute_paths_and_links(tm
 def test_a_local_run_reads_from_its_folder_and_nothing_outside_the_roots(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, openai_env: RunningServer) -> None:
     """`mp-pipelines run` from a folder reads a table given relative to it; with MP_INPUT_ROOTS elsewhere the
-    same run fails in its first step and the model is never called."""
+    same run is refused before it starts (exit 2) and the model is never called."""
     here = tmp_path / "project"
     (here / "notes").mkdir(parents=True)
     (here / "notes" / "a.txt").write_text(f"{CANARY} in a note")
@@ -85,8 +85,9 @@ def test_a_local_run_reads_from_its_folder_and_nothing_outside_the_roots(
     monkeypatch.setenv("MP_INPUT_ROOTS", str(tmp_path / "elsewhere"))
     refused = CliRunner().invoke(main, ["run", str(path), "--input", "notes=notes", "--json"],
                                  catch_exceptions=False)
-    assert refused.exit_code == 1
+    assert refused.exit_code == 2  # refused before the run starts, as a usage error
     assert "input 'notes': path 'notes'" in refused.output and "outside the allowed input roots" in refused.output
+    assert "Traceback" not in refused.output
     assert openai_env.requests == []
 
 
