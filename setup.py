@@ -37,6 +37,7 @@ setup(
         "dev": [
             "pytest>=8", "pytest-timeout>=2.3", "ruff>=0.5", "playwright>=1.45", "hypothesis>=6.100",
             "import-linter>=2.1",  # `lint-imports`: the layer contracts in .importlinter
+            "websockets>=12",  # test_access_control.py: GraphQL over the proxied websocket
         ],
     },
     entry_points={"console_scripts": ["mp-pipelines=mp_pipelines.cli:main"]},

@@ -58,6 +58,15 @@ def openai_env(llm_server: RunningServer, monkeypatch: pytest.MonkeyPatch) -> Ru
 
 
 @pytest.fixture(autouse=True)
+def _no_ambient_input_roots(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Input roots are the defaults unless a test sets MP_INPUT_ROOTS; `mp-pipelines run` invoked in this process
+    sets MP_LOCAL_RUN_DIR, which is undone after each test (set first so that monkeypatch restores it)."""
+    for name in ("MP_INPUT_ROOTS", "MP_LOCAL_RUN_DIR"):
+        monkeypatch.setenv(name, "")
+        monkeypatch.delenv(name)
+
+
+@pytest.fixture(autouse=True)
 def _no_ambient_llm_env(monkeypatch: pytest.MonkeyPatch) -> None:
     """Tests choose their provider themselves: drop any endpoint settings from the outer environment."""
     for name in (

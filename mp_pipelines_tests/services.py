@@ -30,7 +30,8 @@ DEPLOY_CONFIG = REPO / "deploy" / "dagster.yaml"
 LOCATION = "mp_pipelines.definitions:defs"  # workspace.yaml: module plus attribute
 # Settings of the outer shell that would change what the services load or which model they call.
 _AMBIENT = ("OPENAI_API_KEY", "OPENAI_BASE_URL", "MP_LLM_PROVIDER", "MP_WORKFLOWS_PATH", "MP_SIMULATED_LATENCY",
-            "MP_SIMULATED_FAILURE_RATE", "MP_INBOX_DIR", "MP_FAILURE_LOG", "DAGSTER_HOME")
+            "MP_SIMULATED_FAILURE_RATE", "MP_INBOX_DIR", "MP_FAILURE_LOG", "DAGSTER_HOME", "MP_INPUT_ROOTS",
+            "MP_LOCAL_RUN_DIR")
 T = TypeVar("T")
 
 

@@ -348,6 +348,7 @@ def test_a_failed_run_is_recorded_with_its_task_and_error(tmp_path: Path, monkey
                                                           sensor_log: SensorLog) -> None:
     log_file = tmp_path / "failures.jsonl"
     monkeypatch.setenv("MP_FAILURE_LOG", str(log_file))
+    monkeypatch.setenv("MP_INPUT_ROOTS", str(tmp_path))
     missing = tmp_path / "missing.csv"
     outcome = run_workflow(SPECS["classify_tickets"], {"tickets": str(missing)}, executor="in_process",
                            instance=instance)

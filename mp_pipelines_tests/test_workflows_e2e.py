@@ -106,8 +106,10 @@ def assert_one_label_row_per_ticket(frame: object, tickets: Path) -> None:
     assert (frame["item_status"] == "success").all()
 
 
-def test_classify_tickets_gives_a_dataframe_with_one_row_per_ticket(instance: dg.DagsterInstance) -> None:
+def test_classify_tickets_gives_a_dataframe_with_one_row_per_ticket(instance: dg.DagsterInstance,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     """Some ticket is urgent: the escalation runs, and its note is an asset."""
+    monkeypatch.setenv("MP_INPUT_ROOTS", str(PINNED_TICKETS))  # a run as the webserver starts it: no local folder
     run = run_classify_job(instance, SOME_URGENT)
     frame = run.frame
     assert_one_label_row_per_ticket(frame, SOME_URGENT)
@@ -116,8 +118,10 @@ def test_classify_tickets_gives_a_dataframe_with_one_row_per_ticket(instance: dg
     assert ("classify_tickets", "escalate") in run.assets and "[simulated]" in run.escalated
 
 
-def test_classify_tickets_without_an_urgent_ticket_skips_the_escalation(instance: dg.DagsterInstance) -> None:
+def test_classify_tickets_without_an_urgent_ticket_skips_the_escalation(instance: dg.DagsterInstance,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     """No ticket is urgent: `escalate` decides its `when` is false, calls no model and materialises nothing."""
+    monkeypatch.setenv("MP_INPUT_ROOTS", str(PINNED_TICKETS))  # a run as the webserver starts it: no local folder
     run = run_classify_job(instance, NONE_URGENT)
     frame = run.frame
     assert_one_label_row_per_ticket(frame, NONE_URGENT)
@@ -156,7 +160,9 @@ def test_summarize_documents_over_the_shipped_folder(instance: dg.DagsterInstanc
     assert outcome.usage.calls == 5  # map 4 + reduce 1
 
 
-def test_summarize_documents_over_a_jsonl_file(instance: dg.DagsterInstance, tmp_path: Path) -> None:
+def test_summarize_documents_over_a_jsonl_file(instance: dg.DagsterInstance, tmp_path: Path,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MP_INPUT_ROOTS", str(tmp_path))
     source = tmp_path / "docs.jsonl"
     source.write_text("\n".join(json.dumps({"name": f"d{i}", "text": f"Document number {i} about topic {i}."})
                                 for i in range(3)))
@@ -167,7 +173,9 @@ def test_summarize_documents_over_a_jsonl_file(instance: dg.DagsterInstance, tmp
     assert outcome.tasks["overview"]["status"] == "success"
 
 
-def test_a_missing_table_fails_the_run_naming_the_file(instance: dg.DagsterInstance, tmp_path: Path) -> None:
+def test_a_missing_table_fails_the_run_naming_the_file(instance: dg.DagsterInstance, tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MP_INPUT_ROOTS", str(tmp_path))
     missing = tmp_path / "nope.csv"
     outcome = run_workflow(SPECS["classify_tickets"], {"tickets": str(missing)}, executor="in_process",
                            instance=instance)

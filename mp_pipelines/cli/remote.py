@@ -2,8 +2,9 @@
 
 They use dagster-graphql's `DagsterGraphQLClient` (docs/api.md maps REST-style calls onto them) over a transport
 of this module that gives each command one overall deadline (`--timeout`): a timeout per read would let a
-webserver that trickles its answer keep a command waiting for ever. `user:password@` in `--url` is sent as HTTP
-Basic auth and never shown. Errors are one sentence naming the URL or run.
+webserver that trickles its answer keep a command waiting for ever. HTTP Basic auth for a proxy in front of the
+webserver (deploy/nginx): `user:password@` in `--url`, else MP_DAGSTER_USER / MP_DAGSTER_PASSWORD; neither the
+password nor the user:password part of a URL is ever shown. Errors are one sentence naming the URL or run.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import json
+import os
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -25,6 +27,8 @@ if TYPE_CHECKING:
     from gql.transport import Transport
 
 URL_ENV = "MP_DAGSTER_URL"
+USER_ENV = "MP_DAGSTER_USER"
+PASSWORD_ENV = "MP_DAGSTER_PASSWORD"
 DEFAULT_URL = "http://127.0.0.1:3000"
 DEFAULT_TIMEOUT = 60.0  # seconds one command may spend on the webserver's answers (with --wait: on top of it)
 FINISHED = {"SUCCESS", "FAILURE", "CANCELED"}
@@ -36,6 +40,36 @@ class RemoteError(click.ClickException):
 
 class DeadlinePassed(Exception):
     """The command's deadline passed before the webserver had answered."""
+
+
+class AccessRefused(Exception):
+    """The webserver (its proxy) answered 401 or 403; `reason` is the proxy's own message, when it gave one."""
+
+    def __init__(self, status: int, reason: str) -> None:
+        super().__init__(status, reason)
+        self.status, self.reason = status, reason
+
+
+def refusal_of(status: int, body: bytes) -> AccessRefused | None:
+    """AccessRefused for a 401 or 403 answer (with the first GraphQL error message of its body), else None."""
+    if status not in (401, 403):
+        return None
+    try:
+        reason = str(json.loads(body)["errors"][0]["message"])
+    except (ValueError, KeyError, IndexError, TypeError):
+        reason = ""
+    return AccessRefused(status, redact(reason[:300]))
+
+
+def env_credentials() -> tuple[str, str] | None:
+    """(user, password) from MP_DAGSTER_USER and MP_DAGSTER_PASSWORD; RemoteError when only one is set."""
+    user, password = os.environ.get(USER_ENV, ""), os.environ.get(PASSWORD_ENV)
+    if not user and password is None:
+        return None
+    if not user or password is None:
+        missing = USER_ENV if not user else PASSWORD_ENV
+        raise RemoteError(f"{missing} is not set; set both {USER_ENV} and {PASSWORD_ENV} (or neither)")
+    return user, password
 
 
 @dataclass(frozen=True)
@@ -64,7 +98,7 @@ class Endpoint:
             raise RemoteError(f"--url {shown!r} is not an http(s) URL such as http://127.0.0.1:3000")
         prefix = parts.path.rstrip("/").removesuffix("/graphql")
         split = split_credentials(f"{parts.scheme}://{parts.netloc}{prefix}")
-        credentials = (split.username, split.password) if split.present else None
+        credentials = (split.username, split.password) if split.present else env_credentials()
         return cls(split.public_url, parts.hostname, port, parts.scheme == "https", prefix, credentials)
 
 
@@ -119,6 +153,9 @@ def _transport_class() -> type[Transport]:
 
         def execute(self, request: Any, *args: Any, **kwargs: Any) -> ExecutionResult:
             status, body = post_json(self.endpoint, request.payload, self.deadline)
+            refused = refusal_of(status, body)
+            if refused is not None:
+                raise refused
             try:
                 result = json.loads(body)
             except ValueError:
@@ -154,13 +191,30 @@ class Webserver:
     def url(self) -> str:
         return self.endpoint.url
 
-    def explain(self, exc: Exception, run_id: str | None = None, job: str | None = None) -> RemoteError:
+    def refused(self, refused: AccessRefused, doing: str) -> RemoteError:
+        """One sentence for a 401/403: whose credentials, what they may not do, and what to set."""
+        credentials = self.endpoint.credentials
+        if refused.status == 401:
+            if credentials is None:
+                return RemoteError(f"the webserver at {self.url} asks for credentials (401) and none were given: "
+                                   f"set {USER_ENV} and {PASSWORD_ENV}")
+            return RemoteError(f"the webserver at {self.url} refused the credentials of user {credentials[0]!r} "
+                               f"(401): check {USER_ENV} and {PASSWORD_ENV} (or the user:password in --url)")
+        who = f"user {credentials[0]!r}" if credentials else "a request without credentials"
+        role = "viewer role" if "viewer role" in refused.reason else (refused.reason or "forbidden")
+        return RemoteError(f"{who} may not {doing} on {self.url} (403: {role})")
+
+    def explain(self, exc: Exception, run_id: str | None = None, job: str | None = None,
+                doing: str = "do that") -> RemoteError:
         """One clear sentence for a DagsterGraphQLClientError (or anything the client raised)."""
         import httpx
 
         causes, url = _causes(exc), self.url
         kind = exc.args[0] if exc.args else ""
         detail = exc.args[1] if len(exc.args) > 1 else ""
+        refused = next((c for c in causes if isinstance(c, AccessRefused)), None)
+        if refused is not None:
+            return self.refused(refused, doing)
         if any(isinstance(c, DeadlinePassed) for c in causes):
             return RemoteError(f"the Dagster webserver at {url} did not answer within the command's deadline of "
                                f"{self.deadline.seconds:g} s (raise it with --timeout)")
@@ -196,7 +250,7 @@ class Webserver:
         try:
             return getattr(client, action)(**kwargs)
         except DagsterGraphQLClientError as exc:
-            raise self.explain(exc, kwargs.get("run_id"), kwargs.get("job_name")) from None
+            raise self.explain(exc, kwargs.get("run_id"), kwargs.get("job_name"), _DOING.get(action, action)) from None
 
     def launch(self, workflow: str, inputs: dict[str, Any], *, tags: dict[str, str] | None = None,
                executor: str | None = None) -> str:
@@ -244,6 +298,9 @@ class Webserver:
             status, body = post_json(self.endpoint, {"query": query}, self.deadline)
         except (DeadlinePassed, httpx.TransportError) as exc:
             raise self.explain(exc) from None
+        refused = refusal_of(status, body)
+        if refused is not None:
+            raise self.refused(refused, "list code locations")
         try:
             entries = json.loads(body)["data"]["workspaceOrError"]["locationEntries"]
             return [entry["name"] for entry in entries]
@@ -265,6 +322,9 @@ class Webserver:
                               f"{info.failure_type or ''} {redact(info.message or '')}".strip())
         return location
 
+
+_DOING = {"submit_job_execution": "launch runs", "get_run_status": "read run status",
+          "terminate_run": "cancel runs", "reload_repository_location": "reload code locations"}
 
 _url_option = click.option("--url", envvar=URL_ENV, default=DEFAULT_URL, show_default=True,
                            help=f"The Dagster webserver (or set {URL_ENV}).")

@@ -17,6 +17,7 @@ from mp_pipelines.cli.reporting import family_step_states, run_usage, step_state
 from mp_pipelines.factory.names import RESUME_RETRY_TAG, task_of_step
 from mp_pipelines.spec.graph import topological_order
 from mp_pipelines.spec.models import WorkflowSpec
+from mp_pipelines.spec.paths import LOCAL_RUN_DIR_ENV, InputPathError, input_roots
 from mp_pipelines.tasks.runner import preview
 
 LOCAL_HOME = Path(".mp_pipelines") / "dagster_home"
@@ -84,6 +85,13 @@ def _usage_text(usage: Usage) -> str:
             f"${usage.cost_usd:.4f}")
 
 
+def mark_local_run() -> None:
+    """Make the working folder an allowed input root of the run this process executes itself (its step processes
+    inherit the environment). Only local runs come here: a webserver, daemon or code server never does, so the
+    runs they start never get their own working folder as a root, whatever a run's config or tags say."""
+    os.environ[LOCAL_RUN_DIR_ENV] = os.getcwd()
+
+
 def run_workflow(spec: WorkflowSpec, inputs: dict[str, Any], *, source: str | None = None,
                  executor: str | None = None, instance: dg.DagsterInstance | None = None,
                  progress: Callable[[str], None] | None = None, budget: dict[str, Any] | None = None,
@@ -93,6 +101,7 @@ def run_workflow(spec: WorkflowSpec, inputs: dict[str, Any], *, source: str | No
     from mp_pipelines.definitions import reconstructable_job
     from mp_pipelines.llm.provider import provider_from_env
 
+    mark_local_run()
     own_instance = instance is None
     instance = instance or local_instance()
     job = reconstructable_job(spec, source)
@@ -101,6 +110,7 @@ def run_workflow(spec: WorkflowSpec, inputs: dict[str, Any], *, source: str | No
     watcher = threading.Thread(target=_watch, args=(instance, token, done, progress), daemon=True)
     config = run_config(inputs, executor, budget, console_log_level=_console_level(verbose))
     try:
+        refuse_inputs_outside_roots(spec, inputs, source)
         refuse_unsafe_run(spec, config, instance)
         if progress:
             watcher.start()
@@ -118,6 +128,24 @@ def run_workflow(spec: WorkflowSpec, inputs: dict[str, Any], *, source: str | No
 
 class RunRefused(RuntimeError):
     """A run must not start (its budget would not hold); the message says why and how to fix it."""
+
+
+def refuse_inputs_outside_roots(spec: WorkflowSpec, inputs: dict[str, Any], source: str | None) -> None:
+    """RunRefused, before the run starts, when a table input given lies outside the allowed input roots: the same
+    check the run's first step makes, said as a usage error (exit 2) instead of a failed run."""
+    from mp_pipelines.definitions import load_specs
+    from mp_pipelines.factory.partitions import inbox_root
+
+    origin = source or load_specs().sources.get(spec.name)  # cached: the run's job is built from the same load
+    base_dir = Path(origin).parent if origin else None
+    roots = input_roots(workflow_dir=base_dir, inbox=inbox_root())
+    for name, input_spec in spec.inputs.items():
+        value = inputs.get(name)
+        if input_spec.type == "table" and isinstance(value, str):
+            try:
+                roots.resolve(value, what=f"input {name!r}: path {value!r}", base_dir=base_dir)
+            except InputPathError as exc:
+                raise RunRefused(str(exc)) from None
 
 
 def refuse_unsafe_run(spec: WorkflowSpec, config: dict[str, Any], instance: dg.DagsterInstance) -> None:
@@ -233,6 +261,7 @@ def resume_run(run_id: str, *, instance: dg.DagsterInstance | None = None, force
     from mp_pipelines.definitions import load_specs, reconstructable_job
     from mp_pipelines.llm.provider import provider_from_env
 
+    mark_local_run()
     own_instance = instance is None
     instance = instance or local_instance()
     try:

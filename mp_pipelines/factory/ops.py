@@ -21,10 +21,12 @@ from mp_pipelines.factory.names import (
     WORKFLOW_TAG,
     executor_kind,
 )
+from mp_pipelines.factory.partitions import inbox_root
 from mp_pipelines.factory.resources import RunBudget
 from mp_pipelines.llm.types import ChatModel, LimitSettings, LLMError
-from mp_pipelines.spec.inputs import coerce_input, resolve_path
+from mp_pipelines.spec.inputs import coerce_input
 from mp_pipelines.spec.models import BudgetSpec, InputSpec, TaskSpec, WorkflowSpec
+from mp_pipelines.spec.paths import InputPathError, input_roots
 from mp_pipelines.spec.templates import TemplateError
 from mp_pipelines.tasks.runner import TaskRun, build_context, condition_holds, preview, run_task
 
@@ -69,7 +71,9 @@ def input_field(spec: InputSpec) -> dg.Field:
 def build_inputs_op(spec: WorkflowSpec, base_dir: Path | None = None) -> Node:
     """The op whose run config holds the workflow inputs; it checks and passes them on.
 
-    Relative table paths resolve against the working folder, then against `base_dir` (the spec's folder).
+    Relative table paths resolve against the working folder, then against `base_dir` (the spec's folder); every
+    table path must lie inside the allowed input roots, checked here, in the run's first step, before any step reads
+    it, however the run was started (CLI, Launchpad, GraphQL, schedule, sensor).
     """
 
     def compute(context: dg.OpExecutionContext, _: Mapping[str, Any]) -> Iterator[Any]:
@@ -80,12 +84,22 @@ def build_inputs_op(spec: WorkflowSpec, base_dir: Path | None = None) -> Node:
             except ValueError as exc:
                 raise dg.Failure(f"workflow {spec.name!r}: {exc}", allow_retries=False) from None
             if input_spec.type == "table":
-                values[name] = resolve_path(values[name], base_dir)
+                values[name] = checked_table_path(spec, name, values[name], base_dir)
         yield dg.Output(values, metadata={name: dg.MetadataValue.text(preview(v, 200)) for name, v in values.items()})
 
     schema = {name: input_field(s) for name, s in spec.inputs.items()}
     return make_op(spec, INPUTS_OP, compute, config_schema=schema, description=f"Inputs of workflow {spec.name}.",
                    tags={WORKFLOW_TAG: spec.name})
+
+
+def checked_table_path(spec: WorkflowSpec, name: str, value: str, base_dir: Path | None) -> str:
+    """The real path of table input `name` once it is inside the allowed input roots; a Failure naming the input,
+    the path and the roots otherwise (nothing of it has been read)."""
+    roots = input_roots(workflow_dir=base_dir, inbox=inbox_root())
+    try:
+        return str(roots.resolve(value, what=f"input {name!r}: path {value!r}", base_dir=base_dir))
+    except InputPathError as exc:
+        raise dg.Failure(f"workflow {spec.name!r}: {exc}", allow_retries=False) from None
 
 
 def retry_policy(task: TaskSpec) -> dg.RetryPolicy | None:

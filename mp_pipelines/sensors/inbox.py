@@ -27,11 +27,20 @@ from mp_pipelines.factory.partitions import (
     inbox_folder,
     inbox_input,
     inbox_partitions_def,
+    inbox_root,
     inbox_run_config,
     partitions_name,
 )
 from mp_pipelines.spec.models import WorkflowSpec
-from mp_pipelines.spec.paths import InputPathError, is_utf8_name, quoted_name, readable_file, shown_name
+from mp_pipelines.spec.paths import (
+    InputPathError,
+    InputRoots,
+    input_roots,
+    is_utf8_name,
+    quoted_name,
+    readable_file,
+    shown_name,
+)
 
 INBOX_SUFFIXES = (".csv", ".jsonl", ".ndjson", ".parquet", ".pq")
 # Names that writers use while a file is incomplete; such files are left alone until renamed.
@@ -130,15 +139,18 @@ def scan_inbox(
     processed_by: Callable[[str], str | None] = lambda digest: None,
     settle_seconds: float = DEFAULT_SETTLE_SECONDS,
     now: float | None = None,
+    roots: InputRoots | None = None,
 ) -> InboxScan:
     """Decide what to do with every file in `folder`.
 
     `check_table(path)` returns why a file cannot be used (None when it can); `processed_by(sha256)`
-    names the run that already processed that content (None when none did).
+    names the run that already processed that content (None when none did). With `roots`, a file whose real
+    path is outside the allowed input roots is skipped unread, as a run would refuse it.
     """
     known = {state.sha256: name for name, state in previous.items()
              if state.sha256 and state.outcome in ("submitted", "duplicate")}
-    scanner = _Scanner(folder, check_table, processed_by, settle_seconds, time.time() if now is None else now, known)
+    scanner = _Scanner(folder, check_table, processed_by, settle_seconds, time.time() if now is None else now, known,
+                       roots)
     for entry in sorted(folder.iterdir(), key=lambda p: p.name):
         if entry.name.startswith(".") or entry.name.lower().endswith(PARTIAL_SUFFIXES):
             continue  # hidden or still being written under a temporary name: not ours yet
@@ -156,9 +168,9 @@ def _stat_signature(entry: Path) -> tuple[os.stat_result | None, str, OSError | 
     return stat, _signature(stat), None
 
 
-def _unusable_reason(entry: Path, error: OSError | None, folder: Path) -> str | None:
-    """Why an entry cannot be an inbox table as it stands (its name, unstatable, not a file, wrong suffix, or a
-    link leading out of the inbox or into /proc)."""
+def _unusable_reason(entry: Path, error: OSError | None, folder: Path, roots: InputRoots | None) -> str | None:
+    """Why an entry cannot be an inbox table as it stands (its name, unstatable, not a file, wrong suffix, outside
+    the allowed input roots, or a link leading out of the inbox or into /proc)."""
     if not is_utf8_name(entry.name):
         return "its name is not valid UTF-8, which run tags and partition keys need; rename it"
     if error is not None:
@@ -167,8 +179,11 @@ def _unusable_reason(entry: Path, error: OSError | None, folder: Path) -> str | 
         return "it is not a regular file"
     if entry.suffix.lower() not in INBOX_SUFFIXES:
         return f"it is not a {', '.join(INBOX_SUFFIXES)} file (other files in the inbox are ignored)"
+    what = f"file {quoted_name(entry.name)} of the inbox"
     try:
-        readable_file(entry, what=f"file {quoted_name(entry.name)} of the inbox", inside=[folder])
+        readable_file(entry, what=what, inside=[folder])
+        if roots is not None:
+            roots.check(entry, what=what)
     except InputPathError as exc:
         return f"refused: {exc}"
     return None
@@ -184,6 +199,7 @@ class _Scanner:
     settle_seconds: float
     now: float
     known: dict[str, str]  # content hash -> first file name with it, updated as files are taken
+    roots: InputRoots | None = None
     scan: InboxScan = field(default_factory=InboxScan)
 
     def visit(self, entry: Path, earlier: FileState | None) -> None:
@@ -193,7 +209,7 @@ class _Scanner:
         if earlier is not None and earlier.signature == signature:
             self.scan.files[name] = earlier  # decided before and unchanged since: nothing to do
             return
-        reason = _unusable_reason(entry, error, self.folder)
+        reason = _unusable_reason(entry, error, self.folder, self.roots)
         if reason:
             _skip(self.scan, name, signature, reason)
             return
@@ -351,7 +367,8 @@ def _evaluate_inbox(
                              f"and put CSV/JSONL/Parquet files for {spec.name} in it")
     # MP_INBOX_SETTLE_SECONDS is read at every tick (MP_INBOX_INTERVAL_SECONDS once, when the sensor is built).
     scan = scan_inbox(folder, parse_cursor(context.cursor), check_table=check,
-                      processed_by=_run_lookup(context, sensor_name), settle_seconds=settle_seconds())
+                      processed_by=_run_lookup(context, sensor_name), settle_seconds=settle_seconds(),
+                      roots=input_roots(inbox=inbox_root()))
     for level, text in scan.messages:
         getattr(context.log, level)(f"{spec.name} inbox: {text}")
     new_keys = _new_partition_keys(context, spec, scan.batches)

@@ -130,11 +130,3 @@ def check_table(path: str | Path, *, name: str = "table", max_rows: int | None =
     """The row count of the table `load_table` would read, after the same checks, keeping none of its data."""
     return read_table(path, name=name, max_rows=max_rows, keep=False)
 
-
-def resolve_path(value: str, base_dir: Path | None) -> str:
-    """A relative table path: as given when it exists from the working folder, else from `base_dir`."""
-    path = Path(value).expanduser()
-    if path.is_absolute() or path.exists() or base_dir is None:
-        return str(path)
-    candidate = base_dir / path
-    return str(candidate) if candidate.exists() else str(path)
