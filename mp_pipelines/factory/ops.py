@@ -21,6 +21,7 @@ from mp_pipelines.factory.names import (
     WORKFLOW_TAG,
     executor_kind,
 )
+from mp_pipelines.factory.observe import observed
 from mp_pipelines.factory.resources import RunBudget
 from mp_pipelines.llm.types import ChatModel, LimitSettings, LLMError
 from mp_pipelines.spec.inputs import coerce_input, resolve_path
@@ -49,7 +50,9 @@ def make_op(spec: WorkflowSpec, name: str, compute: Compute, *, ins: Mapping[str
     Op definition names must be unique in a code location, so the definition is `<workflow>__<name>`
     and the node (the step key users see) is aliased to `name`.
     """
-    op_def = dg.OpDefinition(compute_fn=compute, name=f"{spec.name}__{name}", ins=dict(ins or {}),
+    prompts = kwargs.get("required_resource_keys") == PROMPT_RESOURCE_KEYS
+    op_def = dg.OpDefinition(compute_fn=observed(spec, name, compute, prompts=prompts), name=f"{spec.name}__{name}",
+                             ins=dict(ins or {}),
                              outs=dict(outs or {"result": dg.Out(dg.Any)}), **kwargs)
     return op_def.alias(name)
 
