@@ -199,15 +199,25 @@ def call_model(context: dg.OpExecutionContext, spec: WorkflowSpec, task: TaskSpe
     except TaskTimeout as exc:
         raise dg.Failure(str(exc), metadata={"error_kind": "timeout"}) from None
     settle_writes(scope)
+    fields = {"mp": log_fields(context, run.usage, run.model, task.name, http_attempts=run.attempts)}
     if run.usage.cache_hits:
-        context.log.info(f"{label}: answered from the response cache (no call made)")
+        context.log.info(f"{label}: answered from the response cache (no call made)", extra=fields)
     else:
         context.log.info(
             f"{label}: {run.model} ({run.provider}) answered in {run.usage.latency_s:.2f} s, "
             f"{run.usage.prompt_tokens}+{run.usage.completion_tokens} tokens, ${run.usage.cost_usd:.6f}, "
-            f"{run.attempts} attempt(s)"
+            f"{run.attempts} attempt(s)", extra=fields
         )
     return run
+
+
+def log_fields(context: dg.OpExecutionContext, usage: Usage, model: str | None, task: str,
+               http_attempts: int | None = None) -> dict[str, Any]:
+    """The structured fields of a step's summary line (JSON logs): task, model, usage, retry attempt."""
+    return {"task": task, "model": model, "calls": usage.calls, "cache_hits": usage.cache_hits,
+            "prompt_tokens": usage.prompt_tokens, "completion_tokens": usage.completion_tokens,
+            "cost_usd": round(usage.cost_usd, 9), "latency_s": round(usage.latency_s, 4),
+            "attempt": context.retry_number + 1, "http_attempts": http_attempts}
 
 
 def failure_metadata(exc: LLMError) -> dict[str, Any]:
