@@ -40,7 +40,8 @@ class ReceivedSpan:
 @dataclass
 class Received:
     spans: list[ReceivedSpan] = field(default_factory=list)
-    metrics: dict[str, list[tuple[dict[str, Any], float]]] = field(default_factory=dict)  # name → (attrs, value)
+    # name → {attributes: latest value}: the SDK exports cumulative sums, so the latest export holds the total
+    metrics: dict[str, dict[tuple[tuple[str, Any], ...], float]] = field(default_factory=dict)
     requests: list[str] = field(default_factory=list)  # paths, in order
 
 
@@ -101,7 +102,13 @@ class OTLPReceiver:
                 value = point.sum
             else:
                 value = point.as_double if point.WhichOneof("value") == "as_double" else point.as_int
-            self.received.metrics.setdefault(metric.name, []).append((attrs, value))
+            self.received.metrics.setdefault(metric.name, {})[tuple(sorted(attrs.items()))] = value
+
+    def metric(self, name: str, **attrs: Any) -> float:
+        """The total of metric `name` over the series whose attributes include `attrs`."""
+        with self._lock:
+            series = self.received.metrics.get(name, {})
+            return sum(v for key, v in series.items() if all(dict(key).get(k) == want for k, want in attrs.items()))
 
     def spans(self) -> list[ReceivedSpan]:
         with self._lock:

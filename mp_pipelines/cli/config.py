@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+import click
+
 from mp_pipelines.factory.names import BUDGET_RESOURCE_KEY, EXECUTORS, INPUTS_OP
 from mp_pipelines.telemetry.logs import json_logs
 
@@ -21,7 +23,10 @@ def run_config(inputs: Mapping[str, Any], executor: str | None = None, budget: M
     """
     config: dict[str, Any] = {"ops": {INPUTS_OP: {"config": dict(inputs)}}}
     if console_log_level:
-        level = "INFO" if json_logs() else console_log_level  # JSON lines are for a collector: every step's lines
+        try:
+            level = "INFO" if json_logs() else console_log_level  # JSON lines are for a collector: all step lines
+        except ValueError as exc:
+            raise click.UsageError(str(exc)) from None
         config["loggers"] = {"console": {"config": {"log_level": level}}}
     if executor:
         if executor not in EXECUTORS:
