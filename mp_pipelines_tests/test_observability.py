@@ -20,9 +20,10 @@ from click.testing import CliRunner
 
 from mp_pipelines.cli.main import main
 from mp_pipelines.cli.usage_stats import parse_since, percentile
-from mp_pipelines.telemetry.setup import active, trace_id_hex
+from mp_pipelines.telemetry.setup import active, instance_label, trace_id_hex
 from mp_pipelines_tests.fault_server import RunningServer
 from mp_pipelines_tests.otlp_receiver import OTLPReceiver, ReceivedSpan
+from mp_pipelines_tests.prometheus_services import prometheus_with_pushgateway
 from mp_pipelines_tests.workflow_helpers import run_file, write_workflow
 
 FAKE_KEY = "sk-test-not-a-real-key"
@@ -289,3 +290,32 @@ def test_materializations_carry_numeric_usage_for_the_plots_tab(tmp_path: Path, 
     assert len(records) == 2
 
 
+
+
+def test_runs_reach_prometheus_through_the_pushgateway(tmp_path: Path, instance: dg.DagsterInstance,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """Real `prometheus-pushgateway` and `prometheus`: after a run, PromQL returns its call and token totals;
+    `sum(mp_llm_calls_total)` grows by the next run's calls; no series is labelled by run."""
+    research = write_workflow(tmp_path, (Path(__file__).parents[1] / "mp_pipelines" / "workflows"
+                                         / "research_report.yaml").read_text())
+    with prometheus_with_pushgateway(tmp_path) as prometheus:
+        monkeypatch.setenv("MP_PROMETHEUS_PUSHGATEWAY", prometheus.pushgateway)
+        assert prometheus.value("sum(mp_llm_calls_total)") is None
+        first = run_file(research, {"topic": "tides", "max_questions": 2}, instance, executor="concurrent")
+        assert first.success and first.usage.calls > 0
+        prometheus.wait_value("sum(mp_llm_calls_total)", first.usage.calls)
+        prometheus.wait_value('sum(mp_llm_tokens_total{type="prompt"})', first.usage.prompt_tokens)
+        prometheus.wait_value('sum(mp_llm_tokens_total{type="completion"})', first.usage.completion_tokens)
+        prometheus.wait_value("sum(mp_llm_call_duration_seconds_count)", first.usage.calls)
+        assert prometheus.value("sum(mp_llm_cost_usd_total)") == pytest.approx(first.usage.cost_usd, abs=1e-9)
+        assert prometheus.value('sum(mp_llm_items_total{task="research",status="success"})') == 2
+        second = run_file(research, {"topic": "waves", "max_questions": 3}, instance, executor="concurrent")
+        prometheus.wait_value("sum(mp_llm_calls_total)", first.usage.calls + second.usage.calls)
+        prometheus.wait_value('sum(mp_llm_calls_total{task="research"})', 5)
+        series = prometheus.query("mp_llm_calls_total")
+    labels = {key for s in series for key in s["metric"]}
+    assert labels == {"__name__", "job", "instance", "workflow", "task", "model", "provider"}
+    assert {s["metric"]["job"] for s in series} == {"mp_pipelines"}
+    assert {s["metric"]["instance"] for s in series} == {instance_label()}
+    assert {s["metric"]["workflow"] for s in series} == {"research_report"}
+    assert {s["metric"]["provider"] for s in series} == {"simulated"}
