@@ -20,7 +20,7 @@ from click.testing import CliRunner
 
 from mp_pipelines.cli.main import main
 from mp_pipelines.cli.usage_stats import parse_since, percentile
-from mp_pipelines.telemetry.setup import active, instance_label, trace_id_hex
+from mp_pipelines.telemetry.setup import active, instance_label, shutdown, trace_id_hex
 from mp_pipelines_tests.fault_server import RunningServer
 from mp_pipelines_tests.otlp_receiver import OTLPReceiver, ReceivedSpan
 from mp_pipelines_tests.prometheus_services import prometheus_with_pushgateway
@@ -153,6 +153,7 @@ def test_latest_names_content_retries_and_cache_hits_on_spans(tmp_path: Path, in
         first = run_file(path, {}, instance, executor="concurrent")
         second = run_file(path, {}, instance, executor="concurrent")  # temperature 0: read_write cache
         spans = receiver.wait_for(lambda s: len([x for x in s if not x.parent_span_id]) == 2)
+        shutdown()  # this process's exporters stop while the receiver still answers
     assert first.success and second.success
     assert first.usage.calls == 4 and second.usage.cache_hits == 4 and second.usage.calls == 0
     chats = [s for s in spans if s.name.startswith("chat ")]
@@ -313,6 +314,7 @@ def test_runs_reach_prometheus_through_the_pushgateway(tmp_path: Path, instance:
         prometheus.wait_value("sum(mp_llm_calls_total)", first.usage.calls + second.usage.calls)
         prometheus.wait_value('sum(mp_llm_calls_total{task="research"})', 5)
         series = prometheus.query("mp_llm_calls_total")
+        shutdown()
     labels = {key for s in series for key in s["metric"]}
     assert labels == {"__name__", "job", "instance", "workflow", "task", "model", "provider"}
     assert {s["metric"]["job"] for s in series} == {"mp_pipelines"}

@@ -141,6 +141,12 @@ class Metrics:
             log.warning("Could not push metrics to the Pushgateway at %s (%s): %s", self._gateway,
                         PUSHGATEWAY_ENV, exc)
 
+    def shutdown(self) -> None:
+        """Export and push one last time, then stop the OpenTelemetry metric reader."""
+        self.push()
+        if self._meter_provider is not None:
+            self._meter_provider.shutdown()
+
     def flush(self) -> None:
         """Export OpenTelemetry metrics now and push the Prometheus registry."""
         if self._meter_provider is not None:

@@ -104,6 +104,18 @@ def active() -> Telemetry | None:
         return _CACHE[key]
 
 
+def shutdown() -> None:
+    """Export what is buffered and stop this process's exporters (the next `active()` starts afresh)."""
+    with _LOCK:
+        telemetries = [t for t in _CACHE.values() if t is not None]
+        _CACHE.clear()
+    for telemetry in telemetries:
+        if telemetry.tracer_provider is not None:
+            telemetry.tracer_provider.shutdown()
+        if telemetry.metrics is not None:
+            telemetry.metrics.shutdown()
+
+
 def _build() -> Telemetry | None:
     sdk_on = not _flag("OTEL_SDK_DISABLED")
     traces = sdk_on and bool(_traces_endpoint())
