@@ -321,3 +321,25 @@ def test_runs_reach_prometheus_through_the_pushgateway(tmp_path: Path, instance:
     assert {s["metric"]["instance"] for s in series} == {instance_label()}
     assert {s["metric"]["workflow"] for s in series} == {"research_report"}
     assert {s["metric"]["provider"] for s in series} == {"simulated"}
+
+
+def test_the_instance_logging_config_writes_json_lines(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Runs launched by a webserver or daemon log through the instance's `python_logs` handlers: with the
+    formatter docs/observability.md shows, each line is JSON with the run id and its trace id."""
+    handlers = {"json": {"class": "logging.StreamHandler", "level": "INFO", "stream": "ext://sys.stdout",
+                         "formatter": "json"}}
+    formatters = {"json": {"()": "mp_pipelines.telemetry.logs.JsonFormatter"}}
+    overrides = {"telemetry": {"enabled": False}, "python_logs": {
+        "python_log_level": "INFO", "dagster_handler_config": {"handlers": handlers, "formatters": formatters}}}
+    path = write_workflow(tmp_path, TWO_TASKS)
+    (tmp_path / "home").mkdir()
+    with dg.DagsterInstance.local_temp(str(tmp_path / "home"), overrides=overrides) as instance:
+        outcome = run_file(path, {}, instance)
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    assert outcome.success and lines
+    assert {line["run_id"] for line in lines} == {outcome.run_id}
+    assert {line["trace_id"] for line in lines} == {trace_id_hex(outcome.run_id)}
+    summary = next(line for line in lines if line.get("step") == "summary" and "model" in line)
+    assert summary["task"] == "summary" and summary["prompt_tokens"] > 0
+    item = next(line for line in lines if line.get("step") == "greet[2]")
+    assert item["item_index"] == 2 and item["task"] == "greet" and item["job"] == "greetings"
