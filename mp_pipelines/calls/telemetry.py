@@ -153,7 +153,7 @@ def _told(telemetry: Telemetry | None, tally: Any, span: Any, call: Call, result
 def _end_error(span: Any, kind: str, message: str) -> None:
     from opentelemetry.trace import Status, StatusCode
 
-    span.set_attribute("error.type", kind)
+    span.set_attribute(n.ATTRIBUTES["error_type"][0], kind)
     span.set_status(Status(StatusCode.ERROR, message[:500]))
     span.end()
 

@@ -12,6 +12,7 @@ from typing import Any
 import dagster as dg
 
 from mp_pipelines.dagster_ext.compat import checked_overrides
+from mp_pipelines.telemetry.names import FAILED_STEPS
 from mp_pipelines.telemetry.setup import RUN_WORKER_PIDS, active, start_run_span
 
 
@@ -45,7 +46,7 @@ class TracedExecutor(dg.Executor):
                 yield event
         finally:
             if span is not None:
-                span.set_attribute("mp.failed_steps", failed_steps)
+                span.set_attribute(FAILED_STEPS, failed_steps)
                 if failed_steps:
                     from opentelemetry.trace import Status, StatusCode
 

@@ -51,7 +51,7 @@ def observed(spec: WorkflowSpec, name: str, compute: Compute, *, prompts: bool) 
                 if not collects:
                     _count(telemetry, spec, task, "failed", failures)
                 if span is not None:
-                    span.set_attribute("error.type", str(_raw(failure.metadata.get("error_kind")) or "failure"))
+                    span.set_attribute(n.ATTRIBUTES["error_type"][0], str(_raw(failure.metadata.get("error_kind")) or "failure"))
                 if tally.models or failures:
                     raise dg.Failure(failure.description, metadata={**failure.metadata,
                                                                     TALLY_METADATA_KEY: tally.as_metadata(failures)},

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from mp_pipelines.telemetry.names import (
+    ATTRIBUTES,
+    OPERATION,
     OTEL_COUNTERS,
     OTEL_DURATION,
     OTEL_TOKEN_USAGE,
@@ -22,7 +24,10 @@ from mp_pipelines.telemetry.names import (
     PROMETHEUS_LABELS,
     PUSH_JOB,
     PUSHGATEWAY_ENV,
+    STATUS,
+    TASK,
     TOKEN_TYPES,
+    WORKFLOW,
 )
 
 log = logging.getLogger(__name__)
@@ -72,21 +77,22 @@ class Metrics:
         if count <= 0:
             return
         if self._otel is not None:
-            self._otel["items"].add(count, {"mp.workflow": workflow, "mp.task": task, "mp.status": status})
+            self._otel["items"].add(count, {WORKFLOW: workflow, TASK: task, STATUS: status})
         if self._prom is not None:
             self._prom["items"].labels(workflow, task, status).inc(count)
 
     def _record_otel(self, f: CallFacts, provider_key: str) -> None:
-        attrs = {"gen_ai.operation.name": "chat", provider_key: f.provider, "gen_ai.request.model": f.model,
-                 "mp.workflow": f.workflow, "mp.task": f.task}
+        attrs = {ATTRIBUTES["operation"][0]: OPERATION, provider_key: f.provider,
+                 ATTRIBUTES["request_model"][0]: f.model, WORKFLOW: f.workflow, TASK: f.task}
         counters = self._otel
         assert counters is not None
         if f.calls:
             counters["calls"].add(f.calls, attrs)
             counters["cost"].add(f.cost_usd, attrs)
             counters["duration"].record(f.latency_s, attrs)
-            counters["tokens"].record(f.prompt_tokens, {**attrs, "gen_ai.token.type": TOKEN_TYPES["input"][0]})
-            counters["tokens"].record(f.completion_tokens, {**attrs, "gen_ai.token.type": TOKEN_TYPES["output"][0]})
+            token_type = ATTRIBUTES["token_type"][0]
+            counters["tokens"].record(f.prompt_tokens, {**attrs, token_type: TOKEN_TYPES["input"][0]})
+            counters["tokens"].record(f.completion_tokens, {**attrs, token_type: TOKEN_TYPES["output"][0]})
         if f.cache_hits:
             counters["cache_hits"].add(f.cache_hits, attrs)
         if f.retries:
@@ -96,7 +102,7 @@ class Metrics:
         if f.wait_s:
             counters["waits"].add(f.wait_s, attrs)
         if f.error_kind:
-            counters["errors"].add(1, {**attrs, "error.type": f.error_kind})
+            counters["errors"].add(1, {**attrs, ATTRIBUTES["error_type"][0]: f.error_kind})
             if f.error_kind == "budget":
                 counters["budget_stops"].add(1, attrs)
 

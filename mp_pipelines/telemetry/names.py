@@ -50,8 +50,8 @@ LABEL = "mp.label"  # e.g. research[3]
 RUN_ID = "mp.run_id"
 JOB = "mp.job"
 STEP = "mp.step_key"
-ITEMS = "mp.items"
-FAILED_ITEMS = "mp.failed_items"
+STATUS = "mp.status"  # of an item: success | failed
+FAILED_STEPS = "mp.failed_steps"  # on the run span
 
 # Span events
 EVENT_RETRY = "mp.retry"  # an HTTP response that the client retried (status, Retry-After)
