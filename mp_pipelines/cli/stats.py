@@ -86,7 +86,7 @@ def html_report(calls: list[Any], rows: list[dict[str, Any]], by: str, since: da
     figure = go.Figure([go.Bar(name=workflow, x=days, y=[per_day.get(day, 0.0) for day in days])
                         for workflow, per_day in sorted(cost.items())])
     figures.append(figure.update_layout(barmode="stack", title="Cost per day (USD), by workflow",
-                                        xaxis_title="day (UTC)", yaxis_title="USD"))
+                                        xaxis_title="day (UTC)", xaxis_type="category", yaxis_title="USD"))
     by_model = {group.key["model"]: group for group in group_calls(calls, "model")}
     models = sorted(by_model)
     figure = go.Figure([go.Bar(name="prompt", x=models, y=[by_model[m].prompt_tokens for m in models]),
