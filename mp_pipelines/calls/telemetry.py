@@ -1,15 +1,16 @@
 """Stage: what each call did, told to telemetry (a GenAI span, metrics) and to the step's tally.
 
-It stands first in the path, so it sees every call: cache hits (`mp.cache_hit`), answers, errors, and budget stops
-(`mp.budget_stop` events); HTTP responses the client retried (429s with their Retry-After among them) become
-`mp.retry` events. With no exporter configured and no step tally it passes calls straight on.
-"""
+Calls made inside a step are told (`factory/observe.py` sets the step's tally, and with it the telemetry that
+is on); a call of the path outside any step passes straight on. It stands first in the path, so it sees every
+call: cache hits (`mp.cache_hit`), answers, errors, and budget stops (`mp.budget_stop` events); HTTP responses
+the client retried (429s with their Retry-After among them) become `mp.retry` events. With no exporter
+configured only the step's tally is kept."""
 
 from __future__ import annotations
 
 import json
 import time
-from collections.abc import Mapping
+from collections.abc import Awaitable, Mapping
 from typing import Any
 
 from mp_pipelines.calls.call import Answer, Call, Proceed
@@ -18,8 +19,8 @@ from mp_pipelines.llm.headers import retry_after_seconds
 from mp_pipelines.llm.types import LLMError, LLMResult
 from mp_pipelines.telemetry import names as n
 from mp_pipelines.telemetry.metrics import CallFacts
-from mp_pipelines.telemetry.setup import Telemetry, active
-from mp_pipelines.telemetry.tally import current_tally
+from mp_pipelines.telemetry.setup import Telemetry
+from mp_pipelines.telemetry.tally import StepTally, current_tally
 
 
 class _Responses:
@@ -46,11 +47,14 @@ class _Responses:
 class CallTelemetry:
     """A span per call (GenAI conventions), the call's metrics, and its line in the step's tally."""
 
-    async def __call__(self, call: Call, proceed: Proceed) -> Answer:
-        telemetry = active()
+    def __call__(self, call: Call, proceed: Proceed) -> Awaitable[Answer]:
         tally = current_tally()
-        if telemetry is None and tally is None:
-            return await proceed(call)
+        if tally is None:  # not inside a step (a direct call of the path): the next stage's coroutine as is
+            return proceed(call)
+        return self._told(call, proceed, tally)
+
+    async def _told(self, call: Call, proceed: Proceed, tally: StepTally) -> Answer:
+        telemetry: Telemetry | None = tally.telemetry
         responses = _Responses()
         call = call.observed_by(responses)
         span = _start_span(telemetry, call) if telemetry is not None and telemetry.tracer is not None else None

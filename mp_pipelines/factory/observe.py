@@ -33,7 +33,7 @@ def observed(spec: WorkflowSpec, name: str, compute: Compute, *, prompts: bool) 
         telemetry = active()
         mapping_key = context.get_mapping_key()
         step_key = mapped_step(name, mapping_key) if mapping_key is not None else name
-        tally = StepTally(spec.name, task)
+        tally = StepTally(spec.name, task, telemetry)
         told = False
         with ExitStack() as stack:
             span = _step_span(stack, telemetry, context, spec, task, step_key)

@@ -2,7 +2,9 @@
 
 A step sets a `StepTally` as current (a context variable) before its calls; the calls run on the shared event
 loop, which runs each coroutine in a copy of the submitting thread's context, so the call path's telemetry
-stage finds the step's tally without any argument passed through the task runner.
+stage finds the step's tally without any argument passed through the task runner. The tally also carries the
+telemetry the step found on (`telemetry.setup.active()`, read once per step), so a call reads one context
+variable and no environment variable.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ class StepTally:
 
     workflow: str
     task: str
+    telemetry: Any = None  # the process's telemetry.setup.Telemetry when exporting, read once per step
     models: dict[tuple[str, str], ModelTally] = field(default_factory=dict)
 
     def add(self, model: str, provider: str, *, calls: int, cache_hits: int, prompt_tokens: int,
