@@ -19,7 +19,7 @@ import pytest
 from click.testing import CliRunner
 
 from mp_pipelines.cli.main import main
-from mp_pipelines.cli.usage_stats import parse_since, percentile
+from mp_pipelines.cli.usage_stats import parse_since, percentile, usage_rows
 from mp_pipelines.telemetry.setup import active, instance_label, shutdown, trace_id_hex
 from mp_pipelines_tests.fault_server import RunningServer
 from mp_pipelines_tests.otlp_receiver import OTLPReceiver, ReceivedSpan
@@ -343,3 +343,41 @@ def test_the_instance_logging_config_writes_json_lines(tmp_path: Path, capsys: p
     assert summary["task"] == "summary" and summary["prompt_tokens"] > 0
     item = next(line for line in lines if line.get("step") == "greet[2]")
     assert item["item_index"] == 2 and item["task"] == "greet" and item["job"] == "greetings"
+
+
+BUDGETED = """
+name: budgeted
+inputs:
+  names: {type: list, default: [a, b, c, d]}
+defaults: {model: gpt-4o-mini, temperature: 0.5}
+budget: {max_calls: 2}
+breadth: 1
+tasks:
+  - name: greet
+    for_each: inputs.names
+    prompt: "Greet {{ item }}."
+    on_item_failure: skip
+"""
+
+
+def test_budget_stops_are_span_events_and_stats_come_from_postgresql(tmp_path: Path, pg_instance: dg.DagsterInstance,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """Calls the run's budget refuses are spans with an `mp.budget_stop` event and `error.type=budget`; the
+    stats of a PostgreSQL instance count the answered calls (not the refused ones)."""
+    path = write_workflow(tmp_path, BUDGETED)
+    with OTLPReceiver() as receiver:
+        monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", receiver.endpoint)
+        outcome = run_file(path, {}, pg_instance, executor="concurrent")
+        spans = receiver.wait_for(lambda s: any(not x.parent_span_id for x in s))
+        stops = receiver.metric("mp.llm.budget_stops")
+        shutdown()
+    assert outcome.usage.calls == 2
+    chats = [s for s in spans if s.name.startswith("chat ")]
+    stopped = [c for c in chats if c.attributes.get("error.type") == "budget"]
+    # items 2 and 3 are refused in their steps, and again when the collector retries what did not finish
+    assert len(chats) - len(stopped) == 2 and len(stopped) >= 2 and stops == len(stopped)
+    assert all([name for name, _ in c.events] == ["mp.budget_stop"] and c.status_code == 2 for c in stopped)
+    (row,) = usage_rows(pg_instance, since=None, by="task")
+    assert (row["workflow"], row["task"], row["calls"]) == ("budgeted", "greet", 2)
+    assert (row["prompt_tokens"], row["completion_tokens"]) == (outcome.usage.prompt_tokens,
+                                                                outcome.usage.completion_tokens)

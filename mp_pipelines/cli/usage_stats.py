@@ -12,15 +12,15 @@ import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
-from typing import Any
-
-import dagster as dg
+from typing import TYPE_CHECKING, Any
 
 from mp_pipelines.telemetry.tally import TALLY_METADATA_KEY
 
 GROUPINGS = ("workflow", "task", "model", "day")
 _RELATIVE = re.compile(r"(\d+)\s*([dh])")
-_EVENT_TYPES = (dg.DagsterEventType.STEP_OUTPUT, dg.DagsterEventType.STEP_FAILURE)
+
+if TYPE_CHECKING:
+    import dagster as dg
 
 
 class SinceError(ValueError):
@@ -100,6 +100,8 @@ def percentile(values: list[float], p: float) -> float | None:
 
 
 def _metadata(event: Any) -> dict[str, Any]:
+    import dagster as dg
+
     data = event.event_specific_data
     if event.event_type == dg.DagsterEventType.STEP_FAILURE:
         user = getattr(data, "user_failure_data", None)
@@ -109,8 +111,10 @@ def _metadata(event: Any) -> dict[str, Any]:
 
 def stored_calls(instance: dg.DagsterInstance, since: datetime | None) -> Iterator[Call]:
     """The `mp/calls` records of every step output and failure since `since` (every one when None)."""
+    import dagster as dg  # not at import time: `mp-pipelines list` and other quick commands stay light
+
     after = since.timestamp() if since is not None else None
-    for event_type in _EVENT_TYPES:
+    for event_type in (dg.DagsterEventType.STEP_OUTPUT, dg.DagsterEventType.STEP_FAILURE):
         records = instance.get_event_records(dg.EventRecordsFilter(event_type=event_type, after_timestamp=after),
                                              ascending=True)
         for record in records:
