@@ -9,7 +9,6 @@ configured only the step's tally is kept."""
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import Awaitable, Mapping
 from typing import Any
 
@@ -51,25 +50,24 @@ class CallTelemetry:
         tally = current_tally()
         if tally is None:  # not inside a step (a direct call of the path): the next stage's coroutine as is
             return proceed(call)
-        return self._told(call, proceed, tally)
+        return self._observed(call, proceed, tally)
 
-    async def _told(self, call: Call, proceed: Proceed, tally: StepTally) -> Answer:
+    async def _observed(self, call: Call, proceed: Proceed, tally: StepTally) -> Answer:
         telemetry: Telemetry | None = tally.telemetry
         responses = _Responses()
         call = call.observed_by(responses)
         span = _start_span(telemetry, call) if telemetry is not None and telemetry.tracer is not None else None
-        started = time.monotonic()
         try:
             answer = await proceed(call)
         except LLMError as exc:
             usage = exc.usage if isinstance(exc.usage, Usage) else Usage()
-            _told(telemetry, tally, span, call, exc.result, usage, responses, exc, time.monotonic() - started)
+            _told(telemetry, tally, span, call, exc.result, usage, responses, exc)
             raise
         except BaseException as exc:
             if span is not None:
                 _end_error(span, type(exc).__name__, str(exc))
             raise
-        _told(telemetry, tally, span, call, answer.result, answer.usage, responses, None, time.monotonic() - started)
+        _told(telemetry, tally, span, call, answer.result, answer.usage, responses, None)
         return answer
 
 
@@ -97,7 +95,7 @@ def _start_span(telemetry: Telemetry, call: Call) -> Any:
 
 
 def _told(telemetry: Telemetry | None, tally: Any, span: Any, call: Call, result: LLMResult | None, usage: Usage,
-          responses: _Responses, error: LLMError | None, elapsed: float) -> None:
+          responses: _Responses, error: LLMError | None) -> None:
     """Tell the span, the metrics and the step's tally what the call amounted to."""
     scope = call.scope
     model = result.model if result is not None else (call.request.model or call.model.default_model)
