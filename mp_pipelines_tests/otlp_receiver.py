@@ -133,3 +133,11 @@ class OTLPReceiver:
     def __exit__(self, *exc: object) -> None:
         self._server.shutdown()
         self._server.server_close()
+
+
+if __name__ == "__main__":  # a receiver for benchmarks: prints its endpoint, then span counts every 10 s
+    with OTLPReceiver() as running:
+        print(f"OTEL_EXPORTER_OTLP_ENDPOINT={running.endpoint}", flush=True)
+        while True:
+            time.sleep(10)
+            print(f"{len(running.spans())} spans, {len(running.received.requests)} requests", flush=True)
