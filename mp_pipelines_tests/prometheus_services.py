@@ -86,6 +86,9 @@ scrape_configs:
                      "Prometheus and the Pushgateway to be ready")
             wait_for(lambda: service.value('up{job="pushgateway"}') == 1 or None, 60,
                      "Prometheus to scrape the Pushgateway")
+            for process, log in zip(processes, (folder / "pushgateway.log", folder / "prometheus.log")):
+                if process.poll() is not None:  # e.g. its port was taken meanwhile: something else answered
+                    raise RuntimeError(f"{process.args[0]} exited: {log.read_text()[-2000:]}")
             yield service
         finally:
             for process in processes:

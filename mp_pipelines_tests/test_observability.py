@@ -301,19 +301,23 @@ def test_runs_reach_prometheus_through_the_pushgateway(tmp_path: Path, instance:
                                          / "research_report.yaml").read_text())
     with prometheus_with_pushgateway(tmp_path) as prometheus:
         monkeypatch.setenv("MP_PROMETHEUS_PUSHGATEWAY", prometheus.pushgateway)
-        assert prometheus.value("sum(mp_llm_calls_total)") is None
+        mine = f'instance="{instance_label()}"'  # this process's group
+        assert prometheus.value(f"sum(mp_llm_calls_total{{{mine}}})") is None
+        before = prometheus.value("sum(mp_llm_calls_total)") or 0
         first = run_file(research, {"topic": "tides", "max_questions": 2}, instance, executor="concurrent")
         assert first.success and first.usage.calls > 0
-        prometheus.wait_value("sum(mp_llm_calls_total)", first.usage.calls)
-        prometheus.wait_value('sum(mp_llm_tokens_total{type="prompt"})', first.usage.prompt_tokens)
-        prometheus.wait_value('sum(mp_llm_tokens_total{type="completion"})', first.usage.completion_tokens)
-        prometheus.wait_value("sum(mp_llm_call_duration_seconds_count)", first.usage.calls)
-        assert prometheus.value("sum(mp_llm_cost_usd_total)") == pytest.approx(first.usage.cost_usd, abs=1e-9)
-        assert prometheus.value('sum(mp_llm_items_total{task="research",status="success"})') == 2
+        prometheus.wait_value(f"sum(mp_llm_calls_total{{{mine}}})", first.usage.calls)
+        prometheus.wait_value("sum(mp_llm_calls_total)", before + first.usage.calls)
+        prometheus.wait_value(f'sum(mp_llm_tokens_total{{{mine},type="prompt"}})', first.usage.prompt_tokens)
+        prometheus.wait_value(f'sum(mp_llm_tokens_total{{{mine},type="completion"}})', first.usage.completion_tokens)
+        prometheus.wait_value(f"sum(mp_llm_call_duration_seconds_count{{{mine}}})", first.usage.calls)
+        assert prometheus.value(f"sum(mp_llm_cost_usd_total{{{mine}}})") == pytest.approx(first.usage.cost_usd,
+                                                                                           abs=1e-9)
+        assert prometheus.value(f'sum(mp_llm_items_total{{{mine},task="research",status="success"}})') == 2
         second = run_file(research, {"topic": "waves", "max_questions": 3}, instance, executor="concurrent")
-        prometheus.wait_value("sum(mp_llm_calls_total)", first.usage.calls + second.usage.calls)
-        prometheus.wait_value('sum(mp_llm_calls_total{task="research"})', 5)
-        series = prometheus.query("mp_llm_calls_total")
+        prometheus.wait_value("sum(mp_llm_calls_total)", before + first.usage.calls + second.usage.calls)
+        prometheus.wait_value(f'sum(mp_llm_calls_total{{{mine},task="research"}})', 5)
+        series = prometheus.query(f"mp_llm_calls_total{{{mine}}}")
         shutdown()
     labels = {key for s in series for key in s["metric"]}
     assert labels == {"__name__", "job", "instance", "workflow", "task", "model", "provider"}

@@ -26,6 +26,7 @@ from mp_pipelines.telemetry.names import CONTENT_ENV, OPT_IN_ENV, PUSHGATEWAY_EN
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = "mp-pipelines"  # unless OTEL_SERVICE_NAME says otherwise
+SPAN_QUEUE_SIZE = 65_536  # spans waiting for export, unless OTEL_BSP_MAX_QUEUE_SIZE says otherwise
 _ENV = ("OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "OTEL_EXPORTER_OTLP_METRICS_ENDPOINT",
         "OTEL_SDK_DISABLED", PUSHGATEWAY_ENV, OPT_IN_ENV, CONTENT_ENV, "OTEL_EXPORTER_OTLP_PROTOCOL")
 # The ids the next span gets (the run span: its ids come from the run id), read by the provider's id generator.
@@ -159,7 +160,9 @@ def _tracer_provider() -> Any:
     else:
         from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
     provider = TracerProvider(resource=_resource(), id_generator=_run_id_generator())
-    provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
+    # A fan-out makes thousands of call spans in seconds: a queue of the SDK's default 2,048 would drop some.
+    queue = None if os.environ.get("OTEL_BSP_MAX_QUEUE_SIZE") else SPAN_QUEUE_SIZE
+    provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter(), max_queue_size=queue))
     return provider
 
 
