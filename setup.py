@@ -31,6 +31,12 @@ setup(
         "aiolimiter>=1.1",
         "starlette>=0.37",
         "uvicorn>=0.29",
+        # traces and metrics (telemetry/): exported only when OTEL_EXPORTER_OTLP_ENDPOINT is set; Prometheus via a
+        # Pushgateway (MP_PROMETHEUS_PUSHGATEWAY); `mp-pipelines stats --html` draws with plotly
+        "opentelemetry-sdk>=1.30",
+        "opentelemetry-exporter-otlp-proto-http>=1.30",
+        "prometheus-client>=0.20",
+        "plotly>=5.20",
     ],
     extras_require={
         # playwright drives the Debian chromium package (never `playwright install`): test_ui_browser.py
@@ -38,6 +44,7 @@ setup(
             "pytest>=8", "pytest-timeout>=2.3", "ruff>=0.5", "playwright>=1.45", "hypothesis>=6.100",
             "import-linter>=2.1",  # `lint-imports`: the layer contracts in .importlinter
             "websockets>=12",  # test_access_control.py: GraphQL over the proxied websocket
+            "opentelemetry-proto>=1.30",  # the loopback OTLP receiver of test_observability.py decodes with it
         ],
     },
     entry_points={"console_scripts": ["mp-pipelines=mp_pipelines.cli:main"]},

@@ -8,6 +8,10 @@ call path moves. With `--compare PATH`, the same script runs from another checko
 
 Usage: python benchmarks/call_path.py [--n 20000] [--concurrency 200] [--repeats 3] [--compare PATH]
 The last line is `us_per_call=X` (median), and `other_us_per_call=Y` with --compare.
+
+With `MP_BENCH_IN_STEP=1` this checkout's calls run as a step's calls do (inside a step tally, with the
+telemetry the environment turns on, e.g. OTEL_EXPORTER_OTLP_ENDPOINT, its export included in the CPU);
+a checkout without telemetry ignores it (docs/observability.md: overhead).
 """
 
 from __future__ import annotations
@@ -72,7 +76,17 @@ def measure(n: int, concurrency: int) -> float:
         await asyncio.gather(*(one(i) for i in range(n)))
 
     before = resource.getrusage(resource.RUSAGE_SELF)
-    asyncio.run(main())
+    if os.environ.get("MP_BENCH_IN_STEP") == "1":
+        from mp_pipelines.telemetry.setup import active
+        from mp_pipelines.telemetry.tally import StepTally, tallying
+
+        telemetry = active()
+        with tallying(StepTally("bench", "t", telemetry)):
+            asyncio.run(main())
+        if telemetry is not None:
+            telemetry.flush()
+    else:
+        asyncio.run(main())
     after = resource.getrusage(resource.RUSAGE_SELF)
     return ((after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)) / n * 1e6
 

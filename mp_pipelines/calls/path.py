@@ -22,9 +22,11 @@ from mp_pipelines.calls.limits import RateLimits
 from mp_pipelines.calls.model import ModelCall
 from mp_pipelines.calls.pricing import Pricing
 from mp_pipelines.calls.repair import Repair
+from mp_pipelines.calls.telemetry import CallTelemetry
 from mp_pipelines.llm.types import ChatModel, LLMRequest
 
 STAGES: tuple[Stage, ...] = (
+    CallTelemetry(),  # a span, metrics and the step's tally for every call, cache hits and refusals included
     ResponseCache(),  # a stored answer (run family's checkpoint, shared cache) ends the call; new answers are kept
     IdenticalCalls(),  # an identical request in flight answers this one too
     Deadline(),  # the task's timeout bounds everything below

@@ -5,7 +5,10 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+import click
+
 from mp_pipelines.factory.names import BUDGET_RESOURCE_KEY, EXECUTORS, INPUTS_OP
+from mp_pipelines.telemetry.logs import json_logs
 
 CLI_CONSOLE_LOG_LEVEL = "WARNING"  # Dagster's console logger repeats every step event; the CLI prints its own progress
 
@@ -20,7 +23,11 @@ def run_config(inputs: Mapping[str, Any], executor: str | None = None, budget: M
     """
     config: dict[str, Any] = {"ops": {INPUTS_OP: {"config": dict(inputs)}}}
     if console_log_level:
-        config["loggers"] = {"console": {"config": {"log_level": console_log_level}}}
+        try:
+            level = "INFO" if json_logs() else console_log_level  # JSON lines are for a collector: all step lines
+        except ValueError as exc:
+            raise click.UsageError(str(exc)) from None
+        config["loggers"] = {"console": {"config": {"log_level": level}}}
     if executor:
         if executor not in EXECUTORS:
             raise ValueError(f"unknown executor {executor!r}; choose one of {', '.join(EXECUTORS)}")

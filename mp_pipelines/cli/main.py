@@ -12,6 +12,7 @@ import click
 from mp_pipelines.cli import remote
 from mp_pipelines.cli.args import budget_options, executor_option, input_options, parse_inputs
 from mp_pipelines.cli.ui import ui
+from mp_pipelines.cli.stats import stats_command
 from mp_pipelines.spec.loader import LoadResult, WorkflowValidationError, load_workflow_file, load_workflows
 from mp_pipelines.spec.models import WorkflowSpec
 
@@ -245,6 +246,7 @@ def serve_model(host: str, port: int, latency: float, failure_rate: float) -> No
 for _command in remote.COMMANDS:  # launch, status, cancel, reload: runs on a Dagster webserver over GraphQL
     main.add_command(_command)
 main.add_command(ui)
+main.add_command(stats_command)  # usage over time from the instance's database (cli/stats.py)
 
 if __name__ == "__main__":
     main()

@@ -37,6 +37,7 @@ WRITTEN_AGAINST = {"dagster": DAGSTER_VERSION, "dagster-postgres": DAGSTER_POSTG
 
 _EXECUTOR = "mp_pipelines.dagster_ext.executor"
 _STEP_THREADS = "mp_pipelines.dagster_ext.step_threads"
+_TRACED = "mp_pipelines.dagster_ext.traced"
 _POSTGRES = "mp_pipelines.dagster_ext.postgres"
 _PG_ENGINES = "mp_pipelines.dagster_ext.pg_engines"
 
@@ -167,6 +168,11 @@ OVERRIDES: tuple[Override, ...] = (
     Override("dagster._core.executor.base:Executor", "retries", f"{_EXECUTOR}:ConcurrentExecutor", None),
     Override("dagster._core.executor.base:Executor", "step_dependency_config", f"{_EXECUTOR}:ConcurrentExecutor",
              None),
+    # the run span around whichever executor a run chose (traced.py)
+    Override("dagster._core.executor.base:Executor", "execute", f"{_TRACED}:TracedExecutor",
+             ("self", "plan_context", "execution_plan")),
+    Override("dagster._core.executor.base:Executor", "retries", f"{_TRACED}:TracedExecutor", None),
+    Override("dagster._core.executor.base:Executor", "step_dependency_config", f"{_TRACED}:TracedExecutor", None),
 )
 
 # Private attributes set by the stock `__init__` (with should_autocreate_tables=False it opens no connection)

@@ -56,6 +56,7 @@ from dagster._core.executor.base import Executor
 from dagster._utils.error import serializable_error_info_from_exc_info
 
 from mp_pipelines.dagster_ext.step_threads import StepThread, StepThreads, StoredOutputs, is_terminal
+from mp_pipelines.dagster_ext.traced import TracedExecutor
 
 # Longest the orchestrating thread waits between checks for interrupts, due retries and free pool slots.
 _POLL_SECONDS = 0.1
@@ -310,6 +311,6 @@ def selectable_executor(init_context: dg.InitExecutorContext) -> Executor:
         chosen, config = concurrent_executor, options
     else:
         chosen, config = dg.multi_or_in_process_executor, {kind: options}
-    return chosen.executor_creation_fn(  # type: ignore[misc]
+    return TracedExecutor(chosen.executor_creation_fn(  # type: ignore[misc]
         dg.InitExecutorContext(job=init_context.job, executor_def=chosen, executor_config=config,
-                               instance=init_context.instance))
+                               instance=init_context.instance)))

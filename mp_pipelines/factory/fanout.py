@@ -27,6 +27,7 @@ from mp_pipelines.factory.ops import (
     call_scope,
     chat_model,
     failure_metadata,
+    log_fields,
     make_op,
     materialization,
     retry_policy,
@@ -123,7 +124,9 @@ def build_shard_op(spec: WorkflowSpec, task: TaskSpec, upstream: list[str], pool
             raise _shard_failure(task, items, failed, metadata)
         context.log.info(f"{task.name}[{items[0][0]}…{items[-1][0]}]: {len(outcome)} item(s), {usage.calls} call(s), "
                          f"{usage.cache_hits} cache hit(s), {usage.prompt_tokens}+{usage.completion_tokens} tokens"
-                         + (f", {len(failed)} failed (skipped by on_item_failure)" if failed else ""))
+                         + (f", {len(failed)} failed (skipped by on_item_failure)" if failed else ""),
+                         extra={"mp": log_fields(context, usage, next((r.model for r in outcome if r.model), None),
+                                                 task.name)})
         yield dg.Output(frame, metadata=metadata)
 
     return make_op(spec, task.name, compute, ins={"item": dg.In(dg.Any), **upstream_ins(upstream)},

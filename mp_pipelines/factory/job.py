@@ -13,6 +13,7 @@ import dagster as dg
 
 from mp_pipelines.dagster_ext.executor import selectable_executor
 from mp_pipelines.factory.fanout import build_collect_op, build_items_op, build_shard_op
+from mp_pipelines.factory.logs import LOGGER_DEFS
 from mp_pipelines.factory.loops import build_body_op, build_loop_result_op
 from mp_pipelines.factory.names import FANOUT_TAG, INPUTS_OP, PROVIDER_TAG, WORKFLOW_TAG
 from mp_pipelines.factory.ops import build_inputs_op, build_task_op, llm_pool
@@ -166,6 +167,7 @@ def build_job(spec: WorkflowSpec, *, provider: str = "simulated", base_dir: Path
             description=spec.description or None,
             tags={**spec.tags, WORKFLOW_TAG: spec.name, PROVIDER_TAG: provider},
             executor_def=build_executor(spec),
+            logger_defs=LOGGER_DEFS,  # `console`: with the trace id, or JSON lines (MP_LOG_FORMAT=json)
             partitions_def=inbox_partitions_def(spec),  # inbox files, for workflows with a table input
             config=inbox_partitioned_config(spec),
         )(compose)

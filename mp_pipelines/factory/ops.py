@@ -22,6 +22,7 @@ from mp_pipelines.factory.names import (
     executor_kind,
 )
 from mp_pipelines.factory.partitions import inbox_root
+from mp_pipelines.factory.observe import observed
 from mp_pipelines.factory.resources import RunBudget
 from mp_pipelines.llm.types import ChatModel, LimitSettings, LLMError
 from mp_pipelines.spec.inputs import coerce_input
@@ -51,7 +52,9 @@ def make_op(spec: WorkflowSpec, name: str, compute: Compute, *, ins: Mapping[str
     Op definition names must be unique in a code location, so the definition is `<workflow>__<name>`
     and the node (the step key users see) is aliased to `name`.
     """
-    op_def = dg.OpDefinition(compute_fn=compute, name=f"{spec.name}__{name}", ins=dict(ins or {}),
+    prompts = kwargs.get("required_resource_keys") == PROMPT_RESOURCE_KEYS
+    op_def = dg.OpDefinition(compute_fn=observed(spec, name, compute, prompts=prompts), name=f"{spec.name}__{name}",
+                             ins=dict(ins or {}),
                              outs=dict(outs or {"result": dg.Out(dg.Any)}), **kwargs)
     return op_def.alias(name)
 
@@ -210,15 +213,25 @@ def call_model(context: dg.OpExecutionContext, spec: WorkflowSpec, task: TaskSpe
     except TaskTimeout as exc:
         raise dg.Failure(str(exc), metadata={"error_kind": "timeout"}) from None
     settle_writes(scope)
+    fields = {"mp": log_fields(context, run.usage, run.model, task.name, http_attempts=run.attempts)}
     if run.usage.cache_hits:
-        context.log.info(f"{label}: answered from the response cache (no call made)")
+        context.log.info(f"{label}: answered from the response cache (no call made)", extra=fields)
     else:
         context.log.info(
             f"{label}: {run.model} ({run.provider}) answered in {run.usage.latency_s:.2f} s, "
             f"{run.usage.prompt_tokens}+{run.usage.completion_tokens} tokens, ${run.usage.cost_usd:.6f}, "
-            f"{run.attempts} attempt(s)"
+            f"{run.attempts} attempt(s)", extra=fields
         )
     return run
+
+
+def log_fields(context: dg.OpExecutionContext, usage: Usage, model: str | None, task: str,
+               http_attempts: int | None = None) -> dict[str, Any]:
+    """The structured fields of a step's summary line (JSON logs): task, model, usage, retry attempt."""
+    return {"task": task, "model": model, "calls": usage.calls, "cache_hits": usage.cache_hits,
+            "prompt_tokens": usage.prompt_tokens, "completion_tokens": usage.completion_tokens,
+            "cost_usd": round(usage.cost_usd, 9), "latency_s": round(usage.latency_s, 4),
+            "attempt": context.retry_number + 1, "http_attempts": http_attempts}
 
 
 def failure_metadata(exc: LLMError) -> dict[str, Any]:
