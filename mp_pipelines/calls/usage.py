@@ -20,6 +20,8 @@ class Usage:
     completion_tokens: int = 0
     latency_s: float = 0.0  # summed over calls
     cost_usd: float = 0.0  # from the price table; 0 for models it does not list
+    retries: int = 0  # requests sent again after a retryable failure (calls/retry.py)
+    rate_limited: int = 0  # HTTP 429 answers received
 
     def __add__(self, other: Usage) -> Usage:
         return Usage(*(getattr(self, f.name) + getattr(other, f.name) for f in fields(self)))

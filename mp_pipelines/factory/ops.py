@@ -10,6 +10,7 @@ import dagster as dg
 from mp_pipelines.calls.budget import unshared_account
 from mp_pipelines.calls.call import CallScope
 from mp_pipelines.calls.deadline import TaskTimeout
+from mp_pipelines.calls.models import ModelRouter
 from mp_pipelines.calls.pricing import current_prices, unpriced_under_budget
 from mp_pipelines.calls.store import open_store
 from mp_pipelines.calls.usage import Usage
@@ -25,6 +26,8 @@ from mp_pipelines.factory.resources import RunBudget
 from mp_pipelines.llm.types import ChatModel, LimitSettings, LLMError
 from mp_pipelines.spec.inputs import coerce_input, resolve_path
 from mp_pipelines.spec.models import BudgetSpec, InputSpec, TaskSpec, WorkflowSpec
+from mp_pipelines.spec.problems import WorkflowValidationError
+from mp_pipelines.spec.providers import declared_providers
 from mp_pipelines.spec.templates import TemplateError
 from mp_pipelines.tasks.runner import TaskRun, build_context, condition_holds, preview, run_task
 
@@ -125,10 +128,17 @@ def call_scope(context: dg.OpExecutionContext, spec: WorkflowSpec, task: TaskSpe
     if refusal is not None:
         raise dg.Failure(f"task {task.name}: {refusal}", metadata={"error_kind": "budget"}, allow_retries=False)
     run = context.dagster_run
+    try:
+        router = ModelRouter(llm, declared_providers(spec))
+    except WorkflowValidationError as exc:  # MP_PROVIDERS_FILE changed since the workflow was loaded
+        raise dg.Failure(f"task {task.name}: {exc}", metadata={"error_kind": "bad_request"},
+                         allow_retries=False) from None
     return CallScope(resource.run_calls(context.run_id), run_limits, fanout, breadth, budget=budget,
                      store=store, cache_policy=spec.cache_policy(task),
-                     root_run_id=run.root_run_id or run.run_id, resuming=is_resume(run), workflow=spec.name,
-                     task=task.name, repair_attempts=task.repair_attempts, task_timeout=task.timeout)
+                     root_run_id=run.root_run_id or run.run_id,
+                     resuming=is_resume(run) or context.retry_number > 0,  # a retried step: answers so far stand
+                     workflow=spec.name, task=task.name, repair_attempts=task.repair_attempts, task_timeout=task.timeout,
+                     retries=task.retries, fallback=spec.fallback_for(task), router=router, log=context.log)
 
 
 def budget_refusal(budget: BudgetSpec, run_config: Mapping[str, Any], no_store: str | None,
@@ -218,6 +228,7 @@ def failure_metadata(exc: LLMError) -> dict[str, Any]:
 def call_metadata(run: TaskRun) -> dict[str, Any]:
     """Output metadata of a call: usage under the `llm/` prefix plus model and provider."""
     return {**run.usage.as_metadata(), "model": run.model, "provider": run.provider,
+            "models": dg.MetadataValue.json({run.model: run.usage.calls}),
             "finish_reason": run.finish_reason or "", "attempts": run.attempts}
 
 

@@ -12,6 +12,7 @@ from mp_pipelines.spec import graph
 from mp_pipelines.spec.inputs import coerce_input
 from mp_pipelines.spec.models import LoopSpec, TaskSpec, WorkflowSpec
 from mp_pipelines.spec.problems import Problem, suggest
+from mp_pipelines.spec.providers import check_models
 from mp_pipelines.spec.templates import TemplateError
 
 FAN_OUT_INPUT_TYPES = ("list", "table")
@@ -284,4 +285,4 @@ class _Checker:
 
 def validate_workflow(spec: WorkflowSpec, source: str | None = None) -> list[Problem]:
     """Every cross-field problem of a parsed spec (empty when it is valid), each with a field path."""
-    return _Checker(spec, source).run()
+    return _Checker(spec, source).run() + check_models(spec, source)
