@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import os
 import time
 from dataclasses import dataclass
@@ -52,6 +53,7 @@ class Circuit:
     open_until: float = 0.0
     cooldown: float = 0.0
     probing: bool = False
+    down_since: float = 0.0  # time.monotonic() when the circuit last opened from closed
 
     def __post_init__(self) -> None:
         self.cooldown = self.base_cooldown
@@ -61,11 +63,13 @@ class Circuit:
     def closed(self) -> bool:
         return self.state == "closed"
 
-    async def admit(self, give_up_at: float, fail_fast: bool) -> bool:
+    async def admit(self, give_up_at: float, fail_fast: bool, outage_limit: float = math.inf) -> bool:
         """Wait until a call may go; True when it is the half-open probe. CircuitOpen when `fail_fast` and the
-        circuit is not closed, or when it stays open past `give_up_at` (time.monotonic())."""
+        circuit is not closed, when it stays open past `give_up_at` (time.monotonic()), or once the endpoint has
+        been down for `outage_limit` seconds (so a run's items stop waiting for an endpoint that stays down)."""
         while self.state != "closed":
             now = time.monotonic()
+            give_up_at = min(give_up_at, self.down_since + outage_limit)
             if fail_fast or now >= give_up_at:
                 raise CircuitOpen(f"calls to {self.name} are paused: its circuit is open after {self.threshold} "
                                   f"failures in a row (next probe in {max(self.open_until - now, 0):.1f} s)")
@@ -91,7 +95,7 @@ class Circuit:
         if not down:
             self.failures = 0
             if self.state != "closed" and (probe or self.state == "half_open"):
-                self.state, self.probing, self.cooldown = "closed", False, self.base_cooldown
+                self.state, self.probing, self.cooldown, self.down_since = "closed", False, self.base_cooldown, 0.0
                 self._changed.set()
                 return "closed"
             return None
@@ -99,6 +103,8 @@ class Circuit:
         if probe or (self.state == "closed" and self.failures >= self.threshold):
             if probe:
                 self.cooldown = min(self.cooldown * 2, CIRCUIT_MAX_COOLDOWN_SECONDS)
+            if self.state == "closed":
+                self.down_since = time.monotonic()
             self.state, self.probing = "open", False
             self.open_until = time.monotonic() + self.cooldown
             self.opened += 1

@@ -19,13 +19,11 @@ import os
 import random
 import re
 import time
-from collections.abc import Mapping
 from dataclasses import dataclass, replace
 
 from mp_pipelines.calls.call import Answer, Call, Proceed
-from mp_pipelines.calls.circuit import CIRCUITS, CircuitOpen
+from mp_pipelines.calls.circuit import CIRCUITS, Circuit, CircuitOpen
 from mp_pipelines.calls.usage import Usage
-from mp_pipelines.llm.headers import retry_after_seconds
 from mp_pipelines.llm.types import LLMError
 from mp_pipelines.spec.models import RetrySpec
 
@@ -65,7 +63,7 @@ class RetryBudget:
         return f"{self.attempts} attempts within {self.window:g} s"
 
 
-DEFAULT_RETRY = RetryBudget(attempts=13, delay=0.5, backoff="exponential", jitter="full")
+DEFAULT_RETRY = RetryBudget(attempts=16, delay=0.5, backoff="exponential", jitter="full")
 
 
 def retry_budget(retries: RetrySpec | None) -> RetryBudget:
@@ -85,78 +83,74 @@ def retry_budget(retries: RetrySpec | None) -> RetryBudget:
     return replace(DEFAULT_RETRY, delay=base)
 
 
-class _Responses:
-    """What the HTTP responses of one attempt said: the last status and Retry-After, and the 429s."""
-
-    __slots__ = ("status", "retry_after", "throttled")
-
-    def __init__(self) -> None:
-        self.status: int | None = None
-        self.retry_after: float | None = None
-        self.throttled = 0
-
-    def __call__(self, status: int, headers: Mapping[str, str]) -> None:
-        self.status = status
-        self.retry_after = retry_after_seconds(headers) if status >= 400 else None
-        if status == 429:
-            self.throttled += 1
-
-
-def _why(exc: LLMError, status: int | None) -> str:
-    if status is not None and status >= 400:
-        return f"HTTP {status}"
+def _why(exc: LLMError) -> str:
+    if exc.status_code is not None:
+        return f"HTTP {exc.status_code}"
     return {"timeout": "a timeout", "connection": "a lost connection"}.get(exc.kind, "an unusable answer")
 
 
 class Retries:
-    """Send the call again after retryable failures, within its retry budget; count retries and 429s."""
+    """Send the call again after retryable failures, within its retry budget; count retries and 429s.
+
+    The clients of a run make no retries of their own (max_retries=0), so each attempt is one HTTP request and
+    its failure's status and Retry-After are on the LLMError."""
 
     async def __call__(self, call: Call, proceed: Proceed) -> Answer:
-        scope = call.scope
-        budget = retry_budget(scope.retries)
         model = call.request.model or call.model.default_model
         circuit = CIRCUITS.circuit(call.model.endpoint_key(), model)
-        responses = _Responses()
-        observed = call.observed_by(responses)
-        started = time.monotonic()
-        give_up_at = started + budget.window
+        if circuit.closed:
+            try:
+                return await proceed(call)  # the fair-weather path: one attempt, nothing to count
+            except LLMError as exc:
+                _note(call.scope, circuit.record(exc.kind, False), circuit)
+                if exc.kind not in RETRIED_KINDS:
+                    raise
+                first_failure = exc
+        else:
+            first_failure = None
+        return await self._retry(call, proceed, model, circuit, first_failure)
+
+    async def _retry(self, call: Call, proceed: Proceed, model: str, circuit: Circuit,
+                     failure: LLMError | None) -> Answer:
+        scope = call.scope
+        budget = scope.retry_budget or DEFAULT_RETRY
+        give_up_at = time.monotonic() + budget.window
         if call.deadline is not None:
             give_up_at = min(give_up_at, call.deadline)
-        spent, attempt, label = Usage(), 0, call.request.label or scope.task
+        spent, throttled, label = Usage(), 0, call.request.label or scope.task
+        attempt = 0 if failure is None else 1
         while True:
-            attempt += 1
-            probe = False if circuit.closed else await circuit.admit(give_up_at, fail_fast=bool(scope.fallback))
-            responses.status = responses.retry_after = None
-            try:
-                answer = await proceed(observed)
-            except LLMError as exc:
-                _note(scope, circuit.record(exc.kind, probe), circuit)
-                spent = spent + (exc.usage or Usage())
-                retry_after = responses.retry_after
-                delay = budget.delay_before(attempt, retry_after, random.random())
-                if (exc.kind not in RETRIED_KINDS or attempt >= budget.attempts
+            if failure is not None:
+                spent = spent + (failure.usage or Usage())
+                throttled += failure.kind == "rate_limit"
+                delay = budget.delay_before(attempt, failure.retry_after, random.random())
+                if (failure.kind not in RETRIED_KINDS or attempt >= budget.attempts
                         or time.monotonic() + delay >= give_up_at):
-                    raise _final(exc, attempt, spent + Usage(retries=attempt - 1, rate_limited=responses.throttled),
+                    raise _final(failure, attempt, spent + Usage(retries=attempt - 1, rate_limited=throttled),
                                  budget) from None
-                why = _why(exc, responses.status)
-                if responses.status == 429 and retry_after is not None:
-                    _say(scope, f"⏸ {label}: HTTP 429 from {model}: its calls pause {min(retry_after, 60):.1f} s "
-                                f"(Retry-After); retry {attempt}/{budget.attempts - 1}")
+                if failure.kind == "rate_limit" and failure.retry_after is not None:
+                    _say(scope, f"⏸ {label}: HTTP 429 from {model}: its calls pause "
+                                f"{min(failure.retry_after, MAX_RETRY_AFTER_SECONDS):.1f} s (Retry-After); "
+                                f"retry {attempt}/{budget.attempts - 1}")
                 else:
-                    _say(scope, f"↻ {label}: retrying in {delay:.1f} s after {why} from {model} "
+                    _say(scope, f"↻ {label}: retrying in {delay:.1f} s after {_why(failure)} from {model} "
                                 f"(retry {attempt}/{budget.attempts - 1})")
                 await asyncio.sleep(delay)
+            attempt += 1
+            probe = False if circuit.closed else await circuit.admit(give_up_at, bool(scope.fallback), budget.window)
+            try:
+                answer = await proceed(call)
+            except LLMError as exc:
+                _note(scope, circuit.record(exc.kind, probe), circuit)
+                failure = exc
                 continue
             except BaseException:
                 if probe:
                     circuit.abandon_probe()
                 raise
             _note(scope, circuit.record(None, probe), circuit)
-            if attempt == 1:
-                return answer if not responses.throttled else Answer(
-                    answer.result, answer.usage + Usage(rate_limited=responses.throttled))
-            result = replace(answer.result, attempts=attempt)
-            return Answer(result, answer.usage + spent + Usage(retries=attempt - 1, rate_limited=responses.throttled))
+            result = replace(answer.result, attempts=attempt) if attempt > 1 else answer.result
+            return Answer(result, answer.usage + spent + Usage(retries=attempt - 1, rate_limited=throttled))
 
 
 def _final(exc: LLMError, attempts: int, spent: Usage, budget: RetryBudget) -> LLMError:

@@ -12,6 +12,7 @@ from mp_pipelines.calls.call import CallScope
 from mp_pipelines.calls.deadline import TaskTimeout
 from mp_pipelines.calls.models import ModelRouter
 from mp_pipelines.calls.pricing import current_prices, unpriced_under_budget
+from mp_pipelines.calls.retry import retry_budget
 from mp_pipelines.calls.store import open_store
 from mp_pipelines.calls.usage import Usage
 from mp_pipelines.factory.names import (
@@ -130,15 +131,18 @@ def call_scope(context: dg.OpExecutionContext, spec: WorkflowSpec, task: TaskSpe
     run = context.dagster_run
     try:
         router = ModelRouter(llm, declared_providers(spec))
-    except WorkflowValidationError as exc:  # MP_PROVIDERS_FILE changed since the workflow was loaded
+        retry_budget(task.retries)  # a bad MP_RETRY_BASE_DELAY fails here, before any call
+    except (WorkflowValidationError, ValueError) as exc:  # e.g. MP_PROVIDERS_FILE changed since the workflow loaded
         raise dg.Failure(f"task {task.name}: {exc}", metadata={"error_kind": "bad_request"},
                          allow_retries=False) from None
     return CallScope(resource.run_calls(context.run_id), run_limits, fanout, breadth, budget=budget,
                      store=store, cache_policy=spec.cache_policy(task),
                      root_run_id=run.root_run_id or run.run_id,
                      resuming=is_resume(run) or context.retry_number > 0,  # a retried step: answers so far stand
+                     step_retry=context.retry_number > 0 and not is_resume(run),
                      workflow=spec.name, task=task.name, repair_attempts=task.repair_attempts, task_timeout=task.timeout,
-                     retries=task.retries, fallback=spec.fallback_for(task), router=router, log=context.log)
+                     retry_budget=retry_budget(task.retries), fallback=spec.fallback_for(task), router=router,
+                     log=context.log)
 
 
 def budget_refusal(budget: BudgetSpec, run_config: Mapping[str, Any], no_store: str | None,

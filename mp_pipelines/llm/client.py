@@ -375,8 +375,12 @@ class LLMClient:
                     "and request parameters")
         else:
             kind, what = "server_error", f"failed ({self._redact(f'{type(exc).__name__}: {exc}')[:300]})"
-        return LLMError(f"{describe_call(request.label, call.base_url)} {what}.", kind=kind, status_code=status,
-                        attempts=n)
+        error = LLMError(f"{describe_call(request.label, call.base_url)} {what}.", kind=kind, status_code=status,
+                         attempts=n)
+        response = getattr(exc, "response", None)
+        if status is not None and response is not None:
+            error.retry_after = retry_after_seconds(response.headers)
+        return error
 
     def _redact(self, text: str) -> str:
         """Text from the endpoint without the API key, the URL's password or any authorization value."""
