@@ -262,3 +262,35 @@ def test_providers_file_is_shared_and_its_mistakes_are_named(tmp_path: Path, mon
     monkeypatch.setenv("MP_PROVIDERS_FILE", str(tmp_path / "missing.yaml"))
     with pytest.raises(WorkflowValidationError, match="providers file .MP_PROVIDERS_FILE. does not exist"):
         parse_workflow(yaml.safe_load(fan("shared", 2)), source="w.yaml")
+
+
+def test_retry_budget_defaults_and_a_tasks_retries_override_them(monkeypatch: pytest.MonkeyPatch) -> None:
+    from mp_pipelines.calls.retry import DEFAULT_RETRY, retry_budget
+    from mp_pipelines.spec.models import RetrySpec
+
+    assert retry_budget(None) == DEFAULT_RETRY and DEFAULT_RETRY.attempts == 16 and DEFAULT_RETRY.window == 900
+    # Full jitter: uniform in [0, min(30, 0.5 × 2^(n-1))]; a Retry-After is waited at least (at most 60 s).
+    assert DEFAULT_RETRY.delay_before(1, None, 0.999) == pytest.approx(0.4995)
+    assert DEFAULT_RETRY.delay_before(4, None, 0.5) == pytest.approx(2.0)
+    assert DEFAULT_RETRY.delay_before(12, None, 1.0) == 30.0
+    assert DEFAULT_RETRY.delay_before(1, 2.5, 0.0) == 2.5 and DEFAULT_RETRY.delay_before(1, 600, 0.0) == 60.0
+    task = retry_budget(RetrySpec(max_retries=2, delay=1.5, backoff="linear"))
+    assert task.attempts == 3 and task.delay_before(2, None, 0.3) == 3.0
+    monkeypatch.setenv("MP_RETRY_BASE_DELAY", "0.01")
+    assert retry_budget(None).delay == 0.01 and retry_budget(None).attempts == 16
+    monkeypatch.setenv("MP_RETRY_BASE_DELAY", "soon")
+    with pytest.raises(ValueError, match="MP_RETRY_BASE_DELAY='soon' is not valid"):
+        retry_budget(None)
+
+
+def test_a_spent_retry_budget_says_so(openai_env: RunningServer, instance: dg.DagsterInstance, tmp_path: Path) -> None:
+    """A task's `retries:` is its calls' budget: 3 attempts of a 503, then the task fails saying so."""
+    openai_env.faults.add("unavailable", times=10)
+    path = write_workflow(tmp_path, "name: spent\ntasks:\n  - name: ask\n    prompt: hello\n"
+                                    "    retries: {max_retries: 2, delay: 0}\n")
+    outcome = run_file(path, {}, instance)
+    assert not outcome.success
+    error = outcome.tasks["ask"]["error"]
+    assert "HTTP 503" in error and "after 3 attempts" in error and "retry budget (3 attempts" in error
+    # The step's RetryPolicy then ran the step twice more, each with its own 3 attempts: 9 requests in all.
+    assert len(openai_env.requests) == 9

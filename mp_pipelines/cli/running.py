@@ -72,7 +72,9 @@ class RunOutcome:
 def _usage_text(usage: Usage) -> str:
     """Calls, cache hits, tokens and dollars on one line."""
     hits = f", {usage.cache_hits} cache hit(s)" if usage.cache_hits else ""
-    return (f"{usage.calls} call(s){hits}, {usage.prompt_tokens}+{usage.completion_tokens} tokens, "
+    weather = f", {usage.retries} retried" if usage.retries else ""
+    weather += f", {usage.rate_limited} rate-limited (429)" if usage.rate_limited else ""
+    return (f"{usage.calls} call(s){hits}{weather}, {usage.prompt_tokens}+{usage.completion_tokens} tokens, "
             f"${usage.cost_usd:.4f}")
 
 

@@ -128,7 +128,8 @@ class ModelSettings(_Strict):
 
 
 class RetrySpec(_Strict):
-    """Step-level retries of a task (Dagster RetryPolicy); request-level retries belong to the LLM client."""
+    """A task's retries: the retry budget of each of its model calls (calls/retry.py, instead of the default) and
+    its steps' Dagster RetryPolicy."""
 
     max_retries: int = Field(default=3, ge=0, le=100)
     delay: float = Field(default=1.0, ge=0.0, le=3600.0, description="Seconds before the first retry.")
