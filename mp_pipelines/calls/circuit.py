@@ -40,7 +40,7 @@ class CircuitOpen(LLMError):
         self.retryable = True
 
 
-@dataclass
+@dataclass(eq=False)
 class Circuit:
     """The state of one endpoint and model's circuit."""
 
@@ -54,6 +54,7 @@ class Circuit:
     cooldown: float = 0.0
     probing: bool = False
     down_since: float = 0.0  # time.monotonic() when the circuit last opened from closed
+    unsettled: set[Circuit] | None = None  # its registry's circuits with failures or not closed (kept up to date)
 
     def __post_init__(self) -> None:
         self.cooldown = self.base_cooldown
@@ -91,6 +92,15 @@ class Circuit:
     def record(self, kind: str | None, probe: bool) -> str | None:
         """Note a call's outcome (`kind` of its error, None for an answer); returns "opened" or "closed" when
         the circuit changed."""
+        change = self._record(kind, probe)
+        if self.unsettled is not None:
+            if self.failures or self.state != "closed":
+                self.unsettled.add(self)
+            else:
+                self.unsettled.discard(self)
+        return change
+
+    def _record(self, kind: str | None, probe: bool) -> str | None:
         down = kind in DOWN_KINDS
         if not down:
             self.failures = 0
@@ -124,16 +134,21 @@ class CircuitRegistry:
 
     def __init__(self) -> None:
         self._circuits: dict[tuple[str, str], Circuit] = {}
+        # Circuits with failures in a row or not closed: while there are none, an answer changes nothing, so the
+        # fair-weather path looks no circuit up.
+        self.unsettled: set[Circuit] = set()
 
     def circuit(self, endpoint: str, model: str) -> Circuit:
         found = self._circuits.get((endpoint, model))
         if found is None:
             found = self._circuits[(endpoint, model)] = Circuit(f"{model} at {endpoint}",
-                                                                base_cooldown=_cooldown_setting())
+                                                                base_cooldown=_cooldown_setting(),
+                                                                unsettled=self.unsettled)
         return found
 
     def clear(self) -> None:
         self._circuits.clear()
+        self.unsettled.clear()
 
 
 def _cooldown_setting() -> float:

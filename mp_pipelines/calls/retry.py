@@ -97,18 +97,20 @@ class Retries:
 
     async def __call__(self, call: Call, proceed: Proceed) -> Answer:
         model = call.request.model or call.model.default_model
-        circuit = CIRCUITS.circuit(call.model.endpoint_key(), model)
-        if circuit.closed:
+        circuit = CIRCUITS.circuit(call.model.endpoint_key(), model) if CIRCUITS.unsettled else None
+        if circuit is None or circuit.closed:
             try:
-                return await proceed(call)  # the fair-weather path: one attempt, nothing to count
+                answer = await proceed(call)  # the fair-weather path: one attempt, nothing to count
             except LLMError as exc:
+                circuit = circuit or CIRCUITS.circuit(call.model.endpoint_key(), model)
                 _note(call.scope, circuit.record(exc.kind, False), circuit)
                 if exc.kind not in RETRIED_KINDS:
                     raise
-                first_failure = exc
-        else:
-            first_failure = None
-        return await self._retry(call, proceed, model, circuit, first_failure)
+                return await self._retry(call, proceed, model, circuit, exc)
+            if circuit is not None and circuit.failures:
+                circuit.record(None, False)
+            return answer
+        return await self._retry(call, proceed, model, circuit, None)
 
     async def _retry(self, call: Call, proceed: Proceed, model: str, circuit: Circuit,
                      failure: LLMError | None) -> Answer:

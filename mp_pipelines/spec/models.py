@@ -127,6 +127,9 @@ class ModelSettings(_Strict):
     system: str | None = Field(default=None, description="System message (a template).")
 
 
+_SETTING_NAMES = tuple(ModelSettings.model_fields)
+
+
 class RetrySpec(_Strict):
     """A task's retries: the retry budget of each of its model calls (calls/retry.py, instead of the default) and
     its steps' Dagster RetryPolicy."""
@@ -370,9 +373,12 @@ class WorkflowSpec(FailurePolicy):
 
     def settings_for(self, task: TaskSpec) -> ModelSettings:
         """The task's model settings with the workflow defaults filled in."""
-        merged = self.defaults.model_dump()
-        merged.update({k: v for k, v in task.model_dump(include=set(ModelSettings.model_fields)).items() if v is not None})
-        return ModelSettings(**merged)
+        defaults = self.defaults
+        merged = {}
+        for name in _SETTING_NAMES:
+            value = getattr(task, name)
+            merged[name] = value if value is not None else getattr(defaults, name)
+        return ModelSettings.model_construct(**merged)  # both sides are validated already (this runs per call)
 
     def cache_policy(self, task: TaskSpec) -> CachePolicy:
         """The task's cache policy: its own, else the workflow's, else read_write at temperature 0 and off above."""
