@@ -67,6 +67,8 @@ def test_default_settings_outlast_20_percent_random_5xx(llm_server_factory, inst
     assert set(echoed(server)) == {f"w{i:04d}" for i in range(200)}
     usage = outcome.as_json()["usage"]
     assert usage["calls"] == 200 and usage["retries"] == faults and usage["rate_limited"] == 0
+    (echo,) = [e for e in materializations(instance, outcome.run_id) if e.asset_key.path[-1] == "echo"]
+    assert echo.metadata["retries"].value == faults and echo.metadata["calls"].value == 200
     assert any(line.strip().startswith("↻ echo[") and "HTTP 5" in line for line in lines), lines[:20]
 
 

@@ -86,7 +86,9 @@ class CallLimiter:
             self.decrease(0.5)
         elif status >= 500:
             self.server_errors += 1
-            self.decrease(SERVER_ERROR_DECREASE)  # error-rate aware: see calls/circuit.py and docs/reliability.md
+            # Error-rate aware (docs/reliability.md). Uncapped, from the most ever in flight: calls backing off
+            # before a retry hold no slot, so what is in flight at a 5xx understates the traffic.
+            self.decrease(SERVER_ERROR_DECREASE, self.peak_in_flight)
         elif status < 400 and self.allowed is not None:
             ceiling = self._cap if self._cap is not None else math.inf
             if self.allowed < ceiling:
@@ -94,13 +96,14 @@ class CallLimiter:
                 if self._cap is None and self.allowed > 4 * max(self.peak_in_flight, 1):
                     self.allowed = None  # fully recovered: uncapped again
 
-
-    def decrease(self, factor: float) -> None:
-        """Multiplicative decrease of the in-flight cap (uncapped: start from what is in flight)."""
+    def decrease(self, factor: float, uncapped_from: int = 0) -> None:
+        """Multiplicative decrease of the in-flight cap (uncapped: start from what is in flight, or
+        `uncapped_from` when more)."""
+        start = max(self.in_flight, uncapped_from)
         if self.allowed is not None:
             self.allowed = max(1, int(self.allowed * factor))
-        elif self.in_flight > 1:
-            self.allowed = max(1, int(self.in_flight * factor))
+        elif start > 1:
+            self.allowed = max(1, int(start * factor))
 
 
 def per_minute_bucket(per_minute: float | None) -> AsyncLimiter | None:

@@ -243,7 +243,8 @@ def materialization(context: dg.OpExecutionContext, spec: WorkflowSpec, name: st
     usage = Usage.from_metadata(metadata)
     meta.update({"calls": usage.calls, "cache_hits": usage.cache_hits, "prompt_tokens": usage.prompt_tokens,
                  "completion_tokens": usage.completion_tokens, "latency_s": round(usage.latency_s, 3),
-                 "cost_usd": round(usage.cost_usd, 9), "preview": dg.MetadataValue.text(preview(value))})
+                 "cost_usd": round(usage.cost_usd, 9), "retries": usage.retries, "rate_limited": usage.rate_limited,
+                 "preview": dg.MetadataValue.text(preview(value))})
     return dg.AssetMaterialization(asset_key=asset_key(spec, name), metadata=meta,
                                    partition=context.partition_key if context.has_partition_key else None)
 
