@@ -107,6 +107,7 @@ class FaultScript:
         self._random_faults = [kind if isinstance(kind, Fault) else make_fault(kind) for kind in kinds]
         self._rng = random.Random(seed)
         self._queue: deque[Fault] = deque()
+        self._keyed: dict[str, deque[Fault]] = {}  # text in a request's messages → its reactions (add_for)
         self._lock = threading.Lock()
 
     def add(self, kind: str = SCRIPTED, *, times: int = 1, **fields: Any) -> FaultScript:
@@ -116,6 +117,24 @@ class FaultScript:
         with self._lock:
             self._queue.extend([fault] * times)
         return self
+
+    def add_for(self, text: str, kind: str = SCRIPTED, *, times: int = 1, **fields: Any) -> FaultScript:
+        """Queue a reaction `times` times for requests whose messages contain `text` (e.g. one item's prompt);
+        they come before the general queue. Returns self."""
+        fault = make_fault(kind, **fields)
+        with self._lock:
+            self._keyed.setdefault(text, deque()).extend([fault] * times)
+        return self
+
+    def pop_for(self, body: Any) -> Fault | None:
+        """The next reaction queued with `add_for` for a text in this request's messages, else `pop()`."""
+        if self._keyed:
+            messages = json.dumps(body.get("messages", "") if isinstance(body, dict) else "", ensure_ascii=False)
+            with self._lock:
+                for text, queued in self._keyed.items():
+                    if queued and text in messages:
+                        return queued.popleft()
+        return self.pop()
 
     def pop(self) -> Fault | None:
         """The next scripted reaction, else a random fault (at `failure_rate`), else None."""
@@ -130,6 +149,7 @@ class FaultScript:
         """Drop every queued reaction (random failures go on)."""
         with self._lock:
             self._queue.clear()
+            self._keyed.clear()
 
     def __len__(self) -> int:
         with self._lock:
@@ -318,7 +338,7 @@ def build_fault_app(
         if api_key is not None and request.headers.get("authorization") != f"Bearer {api_key}":
             received.append(ReceivedRequest(time.time(), body, headers, peer=peer))
             return JSONResponse(_error_body(401), status_code=401)
-        fault = script.pop()
+        fault = script.pop_for(body)
         received.append(ReceivedRequest(time.time(), body, headers, fault.kind if fault else None, peer))
         if fault is None:
             return None

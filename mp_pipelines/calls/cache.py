@@ -6,6 +6,8 @@ checkpoint (answers kept under each call's label), then the shared cache.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from mp_pipelines.calls.call import Answer, Call, CallScope, Proceed
 from mp_pipelines.calls.keys import Entry, checkpoint_key
 from mp_pipelines.calls.store import SHARED
@@ -36,6 +38,10 @@ async def _stored_answer(scope: CallScope, key: str, label: str) -> Answer | Non
     found = None
     if scope.resuming:
         found = await scope.store.aget(scope.root_run_id, checkpoint_key(key, label))
+        if found is not None and scope.step_retry:
+            # Paid for by this run's earlier attempt of the step, whose usage no output reported: count it here.
+            paid = replace(found, cached=False, latency_s=0.0)
+            return Answer(found, Usage.of_result(paid))
     # On resume the shared cache also holds the family's answers when the policy wrote them there (`write`).
     if found is None and (scope.cache_policy in READS_SHARED or (scope.resuming and scope.cache_policy == "write")):
         found = await scope.store.aget(SHARED, key)

@@ -8,13 +8,15 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from mp_pipelines.calls.usage import Usage
 from mp_pipelines.llm.types import ChatModel, LimitSettings, LLMRequest, LLMResult, ResponseObserver
 from mp_pipelines.spec.models import BudgetSpec
 
 if TYPE_CHECKING:
+    from mp_pipelines.calls.models import ModelRouter
+    from mp_pipelines.calls.retry import RetryBudget
     from mp_pipelines.calls.run import RunCalls
     from mp_pipelines.calls.store import ResponseStore
 
@@ -31,11 +33,16 @@ class CallScope:
     store: ResponseStore | None = None  # the instance's response store (cache and checkpoints)
     cache_policy: str = "off"  # read_write | read | write | off, for this task
     root_run_id: str = ""  # the run family: a re-executed run reads its family's checkpoint
-    resuming: bool = False  # this run re-executes an earlier one
+    resuming: bool = False  # this run re-executes an earlier one, or this step retries (reads the checkpoint)
+    step_retry: bool = False  # this step is a retry within its run: its checkpointed answers were paid for here
     workflow: str = ""
     task: str = ""
     repair_attempts: int = 0  # times an answer that is not the JSON asked for is sent back
     task_timeout: float | None = None  # the task's `timeout` in seconds, for messages
+    retry_budget: RetryBudget | None = None  # the task's `retries:` as a budget (None: DEFAULT_RETRY, calls/retry.py)
+    fallback: tuple[str, ...] = ()  # models that answer when this one fails after its retries (calls/fallback.py)
+    router: ModelRouter | None = None  # `model` / `provider/model` → the endpoint's ChatModel and model id
+    log: Any = None  # where retries and pauses are said as they happen (the op's log); None: Python logging
 
     @property
     def run_id(self) -> str:
@@ -64,6 +71,7 @@ class Answer:
 
     result: LLMResult
     usage: Usage
+    model: str = ""  # the model (`model` or `provider/model`) that answered, when a fallback did
 
 
 Proceed = Callable[[Call], Awaitable[Answer]]

@@ -2,9 +2,9 @@
 
 A `CallLimiter` guards one model at one scope (a process, or one run); every call of that scope
 takes a slot first. Rates use `aiolimiter`'s leaky bucket. A 429 pauses new calls for its
-Retry-After and halves the in-flight cap; each success gives one slot back (additive increase,
-multiplicative decrease), so throughput recovers once the endpoint stops throttling. The openai
-client itself retries the throttled request, honouring Retry-After.
+Retry-After and halves the in-flight cap; a 5xx shrinks it by a quarter; each success gives one slot back (additive increase,
+multiplicative decrease), so throughput recovers once the endpoint stops throttling or failing. The
+retry stage (`retry.py`) sends the failed request again, through this limiter, honouring Retry-After.
 """
 
 from __future__ import annotations
@@ -23,6 +23,9 @@ from mp_pipelines.llm.types import LimitSettings, LLMRequest
 
 DEFAULT_PAUSE_SECONDS = 1.0  # after a 429 without Retry-After
 MAX_PAUSE_SECONDS = 60.0
+# A 5xx shrinks the in-flight cap by this factor (a 429 halves it): at an error rate p the cap settles near
+# (1 - p) / (p × (1 - factor)) calls, 16 at 20 % errors, 4 at 50 %, 1 when nearly all fail.
+SERVER_ERROR_DECREASE = 0.75
 _DEFAULT_COMPLETION_TOKENS = 256
 
 
@@ -42,6 +45,7 @@ class CallLimiter:
         self.in_flight = 0
         self.peak_in_flight = 0
         self.throttled = 0  # 429s seen
+        self.server_errors = 0  # 5xx seen
         self._paused_until = 0.0
         self._changed = asyncio.Condition()
         self._requests = per_minute_bucket(settings.requests_per_minute)
@@ -79,16 +83,27 @@ class CallLimiter:
             self.throttled += 1
             wait = pause_after(headers)
             self._paused_until = max(self._paused_until, time.monotonic() + (DEFAULT_PAUSE_SECONDS if wait is None else wait))
-            if self.allowed is not None:
-                self.allowed = max(1, self.allowed // 2)
-            elif self.in_flight > 1:
-                self.allowed = max(1, self.in_flight // 2)  # uncapped: start adapting from what was in flight
+            self.decrease(0.5)
+        elif status >= 500:
+            self.server_errors += 1
+            # Error-rate aware (docs/reliability.md). Uncapped, from the most ever in flight: calls backing off
+            # before a retry hold no slot, so what is in flight at a 5xx understates the traffic.
+            self.decrease(SERVER_ERROR_DECREASE, self.peak_in_flight)
         elif status < 400 and self.allowed is not None:
             ceiling = self._cap if self._cap is not None else math.inf
             if self.allowed < ceiling:
                 self.allowed += 1
                 if self._cap is None and self.allowed > 4 * max(self.peak_in_flight, 1):
                     self.allowed = None  # fully recovered: uncapped again
+
+    def decrease(self, factor: float, uncapped_from: int = 0) -> None:
+        """Multiplicative decrease of the in-flight cap (uncapped: start from what is in flight, or
+        `uncapped_from` when more)."""
+        start = max(self.in_flight, uncapped_from)
+        if self.allowed is not None:
+            self.allowed = max(1, int(self.allowed * factor))
+        elif start > 1:
+            self.allowed = max(1, int(start * factor))
 
 
 def per_minute_bucket(per_minute: float | None) -> AsyncLimiter | None:

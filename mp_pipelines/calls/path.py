@@ -16,22 +16,26 @@ from mp_pipelines.calls.budget import BudgetAdmission
 from mp_pipelines.calls.cache import ResponseCache
 from mp_pipelines.calls.call import Answer, Call, CallScope, Proceed, Stage
 from mp_pipelines.calls.deadline import Deadline
+from mp_pipelines.calls.fallback import Fallback
 from mp_pipelines.calls.identical import IdenticalCalls
 from mp_pipelines.calls.keys import request_key
 from mp_pipelines.calls.limits import RateLimits
 from mp_pipelines.calls.model import ModelCall
 from mp_pipelines.calls.pricing import Pricing
 from mp_pipelines.calls.repair import Repair
+from mp_pipelines.calls.retry import Retries
 from mp_pipelines.calls.telemetry import CallTelemetry
 from mp_pipelines.llm.types import ChatModel, LLMRequest
 
 STAGES: tuple[Stage, ...] = (
-    CallTelemetry(),  # a span, metrics and the step's tally for every call, cache hits and refusals included
+    Fallback(),  # a model that still fails after its retries (or whose circuit is open) hands the call to the next
+    CallTelemetry(),  # a span, metrics and the step's tally for every call (each model tried), cache hits included
     ResponseCache(),  # a stored answer (run family's checkpoint, shared cache) ends the call; new answers are kept
     IdenticalCalls(),  # an identical request in flight answers this one too
     Deadline(),  # the task's timeout bounds everything below
     Repair(),  # an answer that is not the JSON asked for goes back to the model with what is wrong
     Breadth(),  # the fan-out's calls in flight
+    Retries(),  # retryable failures are sent again, with back-off, within the retry budget; the endpoint's circuit
     RateLimits(),  # the process's and the run's limits for the model, adaptive after HTTP 429
     BudgetAdmission(),  # the run's budget admits the call, and is charged for it
     Pricing(),  # usage and cost of what came back

@@ -20,9 +20,14 @@ class Usage:
     completion_tokens: int = 0
     latency_s: float = 0.0  # summed over calls
     cost_usd: float = 0.0  # from the price table; 0 for models it does not list
+    retries: int = 0  # requests sent again after a retryable failure (calls/retry.py)
+    rate_limited: int = 0  # HTTP 429 answers received
 
     def __add__(self, other: Usage) -> Usage:
-        return Usage(*(getattr(self, f.name) + getattr(other, f.name) for f in fields(self)))
+        return Usage(self.calls + other.calls, self.cache_hits + other.cache_hits,
+                     self.prompt_tokens + other.prompt_tokens, self.completion_tokens + other.completion_tokens,
+                     self.latency_s + other.latency_s, self.cost_usd + other.cost_usd, self.retries + other.retries,
+                     self.rate_limited + other.rate_limited)
 
     @classmethod
     def of_result(cls, result: Any) -> Usage:

@@ -33,6 +33,7 @@ class StepState:
     error: str | None = None
     usage: Usage = field(default_factory=Usage)  # calls of its outputs, and of failed attempts that got answers
     failed_items: list[dict[str, Any]] = field(default_factory=list)  # fan-out items left out (on_item_failure: skip)
+    models: dict[str, int] = field(default_factory=dict)  # model that answered → calls (fallbacks, providers)
 
 
 def step_states(instance: dg.DagsterInstance, run_id: str) -> dict[str, StepState]:
@@ -53,6 +54,8 @@ def step_states(instance: dg.DagsterInstance, run_id: str) -> dict[str, StepStat
             state.outputs.add(event.event_specific_data.step_output_handle.output_name)
             metadata = event.event_specific_data.metadata
             state.usage = state.usage + Usage.from_metadata(metadata)
+            for model, calls in dict(getattr(metadata.get("models"), "value", None) or {}).items():
+                state.models[model] = state.models.get(model, 0) + int(calls)
             if "failed" in metadata:
                 state.failed_items = list(metadata["failed"].value)
         elif kind == dg.DagsterEventType.STEP_SUCCESS:
@@ -151,6 +154,12 @@ def _summarize_task(step: TaskSpec | LoopSpec, name: str, found: list[StepState]
     errors = [s.error for s in found if s.error]
     task = {"status": task_status(found, last_key_state=last), "error": errors[0] if errors else None,
             "usage": sum((s.usage for s in counted), Usage())}
+    models: dict[str, int] = {}
+    for state in counted:
+        for model, calls in state.models.items():
+            models[model] = models.get(model, 0) + calls
+    if models:
+        task["models"] = models
     failed_items = [item for s in found for item in s.failed_items]
     if failed_items:
         task["failed_items"] = failed_items

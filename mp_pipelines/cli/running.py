@@ -81,7 +81,9 @@ class RunOutcome:
 def _usage_text(usage: Usage) -> str:
     """Calls, cache hits, tokens and dollars on one line."""
     hits = f", {usage.cache_hits} cache hit(s)" if usage.cache_hits else ""
-    return (f"{usage.calls} call(s){hits}, {usage.prompt_tokens}+{usage.completion_tokens} tokens, "
+    weather = f", {usage.retries} retried" if usage.retries else ""
+    weather += f", {usage.rate_limited} rate-limited (429)" if usage.rate_limited else ""
+    return (f"{usage.calls} call(s){hits}{weather}, {usage.prompt_tokens}+{usage.completion_tokens} tokens, "
             f"${usage.cost_usd:.4f}")
 
 
@@ -190,9 +192,15 @@ def _ran_here(name: str, own: dict[str, Any]) -> bool:
     return any(task_of_step(key) == name for key in own)
 
 
+# Lines the call path logs as they happen (calls/retry.py, calls/fallback.py): retries, pauses after a 429 or an
+# open circuit, circuits closing again, fallbacks.
+CALL_PATH_NOTES = ("↻ ", "⏸ ", "▶ ", "⤳ ")
+
+
 def _watch(instance: dg.DagsterInstance, token: str, done: threading.Event,
            progress: Callable[[str], None] | None) -> None:
-    """Print step starts, successes, retries and failures as they land in the event log."""
+    """Print step starts, successes, retries and failures as they land in the event log, and the call path's
+    retries, pauses and fallbacks."""
     assert progress is not None
     run_id = None
     cursor = None
@@ -208,11 +216,14 @@ def _watch(instance: dg.DagsterInstance, token: str, done: threading.Event,
             run_id = runs[0].run_id
             progress(f"run {run_id} started")
         while True:
-            connection = instance.get_records_for_run(run_id, cursor=cursor, of_type=kinds, limit=500)
+            connection = instance.get_records_for_run(run_id, cursor=cursor, limit=500)
             for record in connection.records:
-                event = record.event_log_entry.dagster_event
-                if event is not None and event.step_key:
+                entry = record.event_log_entry
+                event = entry.dagster_event
+                if event is not None and event.step_key and event.event_type in kinds:
                     progress(_describe(event))
+                elif event is None and entry.user_message.startswith(CALL_PATH_NOTES):
+                    progress(f"    {entry.user_message}")  # a retry, a pause or a fallback, as it happens
             cursor = connection.cursor
             if not connection.has_more:
                 break

@@ -119,7 +119,8 @@ def build_shard_op(spec: WorkflowSpec, task: TaskSpec, upstream: list[str], pool
         metadata = {**usage.as_metadata(), "items": len(outcome), "failed_items": len(failed),
                     "stopped_items": sum(r.status == "stopped" for r in outcome),
                     "skipped_items": sum(r.status == "skipped" for r in outcome),
-                    "http_attempts": int(sum(r.http_attempts for r in outcome))}
+                    "http_attempts": int(sum(r.http_attempts for r in outcome)),
+                    "models": dg.MetadataValue.json(models_used(outcome))}
         if failed and policy == "fail":
             raise _shard_failure(task, items, failed, metadata)
         context.log.info(f"{task.name}[{items[0][0]}…{items[-1][0]}]: {len(outcome)} item(s), {usage.calls} call(s), "
@@ -163,9 +164,21 @@ def _shard_failure(task: TaskSpec, items: list[tuple[int, Any]], failed: list[It
         extra = {"raw_output": dg.MetadataValue.text(preview(first.raw_output, 2000))} if first.raw_output else {}
         return dg.Failure(first.error or "failed", metadata={**metadata, "error_kind": first.error_kind or "", **extra},
                           allow_retries=first.retryable)
+    # A step retry (the task's RetryPolicy) re-runs the shard with the run's checkpoint: the items that were
+    # answered are not asked again, only the failed ones.
     return dg.Failure(f"task {task.name}: {len(failed)} of {len(items)} item(s) failed after "
-                      f"{first.attempts} attempt(s): {_listing([r.as_row() for r in failed])}",
-                      metadata={**metadata, "error_kind": first.error_kind or ""}, allow_retries=False)
+                      f"{first.http_attempts} attempt(s): {_listing([r.as_row() for r in failed])}",
+                      metadata={**metadata, "error_kind": first.error_kind or ""},
+                      allow_retries=any(r.retryable for r in failed))
+
+
+def models_used(outcome: list[ItemRecord]) -> dict[str, int]:
+    """Model that answered → calls made to it, over a shard's answered items (`tasks.<t>.models` of run --json)."""
+    used: dict[str, int] = {}
+    for record in outcome:
+        if record.status == "success" and record.model:
+            used[record.model] = used.get(record.model, 0) + record.usage.calls
+    return used
 
 
 def _listing(rows: list[dict[str, Any]], limit: int = 5) -> str:
@@ -177,7 +190,8 @@ def failed_items(item_records: pd.DataFrame, items: Mapping[int, Any], limit: in
     """The failed items of a fan-out for metadata and the run summary: index, item, error, attempts."""
     failed = item_records[item_records["status"] == "failed"]
     return [{"index": int(r["index"]), "item": preview(items.get(int(r["index"])), 200),
-             "error": r["error"], "error_kind": r["error_kind"], "attempts": int(r["attempts"]),
+             "error": r["error"], "error_kind": r["error_kind"],
+             "attempts": int(max(r["attempts"], r.get("http_attempts") or 0)),
              **({"raw_output": preview(r["raw_output"], 500)} if r["raw_output"] else {})}
             for r in failed.head(limit).to_dict(orient="records")]
 

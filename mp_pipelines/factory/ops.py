@@ -10,7 +10,9 @@ import dagster as dg
 from mp_pipelines.calls.budget import unshared_account
 from mp_pipelines.calls.call import CallScope
 from mp_pipelines.calls.deadline import TaskTimeout
+from mp_pipelines.calls.models import ModelRouter
 from mp_pipelines.calls.pricing import current_prices, unpriced_under_budget
+from mp_pipelines.calls.retry import retry_budget
 from mp_pipelines.calls.store import open_store
 from mp_pipelines.calls.usage import Usage
 from mp_pipelines.factory.names import (
@@ -28,6 +30,8 @@ from mp_pipelines.llm.types import ChatModel, LimitSettings, LLMError
 from mp_pipelines.spec.inputs import coerce_input
 from mp_pipelines.spec.models import BudgetSpec, InputSpec, TaskSpec, WorkflowSpec
 from mp_pipelines.spec.paths import InputPathError, input_roots
+from mp_pipelines.spec.problems import WorkflowValidationError
+from mp_pipelines.spec.providers import declared_providers
 from mp_pipelines.spec.templates import TemplateError
 from mp_pipelines.tasks.runner import TaskRun, build_context, condition_holds, preview, run_task
 
@@ -142,10 +146,20 @@ def call_scope(context: dg.OpExecutionContext, spec: WorkflowSpec, task: TaskSpe
     if refusal is not None:
         raise dg.Failure(f"task {task.name}: {refusal}", metadata={"error_kind": "budget"}, allow_retries=False)
     run = context.dagster_run
+    try:
+        router = ModelRouter(llm, declared_providers(spec))
+        retry_budget(task.retries)  # a bad MP_RETRY_BASE_DELAY fails here, before any call
+    except (WorkflowValidationError, ValueError) as exc:  # e.g. MP_PROVIDERS_FILE changed since the workflow loaded
+        raise dg.Failure(f"task {task.name}: {exc}", metadata={"error_kind": "bad_request"},
+                         allow_retries=False) from None
     return CallScope(resource.run_calls(context.run_id), run_limits, fanout, breadth, budget=budget,
                      store=store, cache_policy=spec.cache_policy(task),
-                     root_run_id=run.root_run_id or run.run_id, resuming=is_resume(run), workflow=spec.name,
-                     task=task.name, repair_attempts=task.repair_attempts, task_timeout=task.timeout)
+                     root_run_id=run.root_run_id or run.run_id,
+                     resuming=is_resume(run) or context.retry_number > 0,  # a retried step: answers so far stand
+                     step_retry=context.retry_number > 0 and not is_resume(run),
+                     workflow=spec.name, task=task.name, repair_attempts=task.repair_attempts, task_timeout=task.timeout,
+                     retry_budget=retry_budget(task.retries), fallback=spec.fallback_for(task), router=router,
+                     log=context.log)
 
 
 def budget_refusal(budget: BudgetSpec, run_config: Mapping[str, Any], no_store: str | None,
@@ -245,6 +259,7 @@ def failure_metadata(exc: LLMError) -> dict[str, Any]:
 def call_metadata(run: TaskRun) -> dict[str, Any]:
     """Output metadata of a call: usage under the `llm/` prefix plus model and provider."""
     return {**run.usage.as_metadata(), "model": run.model, "provider": run.provider,
+            "models": dg.MetadataValue.json({run.model: run.usage.calls}),
             "finish_reason": run.finish_reason or "", "attempts": run.attempts}
 
 
@@ -255,7 +270,8 @@ def materialization(context: dg.OpExecutionContext, spec: WorkflowSpec, name: st
     usage = Usage.from_metadata(metadata)
     meta.update({"calls": usage.calls, "cache_hits": usage.cache_hits, "prompt_tokens": usage.prompt_tokens,
                  "completion_tokens": usage.completion_tokens, "latency_s": round(usage.latency_s, 3),
-                 "cost_usd": round(usage.cost_usd, 9), "preview": dg.MetadataValue.text(preview(value))})
+                 "cost_usd": round(usage.cost_usd, 9), "retries": usage.retries, "rate_limited": usage.rate_limited,
+                 "preview": dg.MetadataValue.text(preview(value))})
     return dg.AssetMaterialization(asset_key=asset_key(spec, name), metadata=meta,
                                    partition=context.partition_key if context.has_partition_key else None)
 

@@ -1,10 +1,10 @@
 """One chat-completion call to an OpenAI-compatible endpoint (or the simulated model), with no Dagster.
 
-Retry layering: request-level retries (connection errors, timeouts, 429 honouring Retry-After, 5xx)
-belong to the official openai client and its `max_retries`; this module never loops over a request
-itself. Step-level retries (the whole op again, e.g. after `invalid_output` or once the client's
-retries are exhausted) belong to Dagster's `RetryPolicy`; `LLMError.retryable` says which errors
-are worth one.
+Retry layering: in a run, request-level retries (connection errors, timeouts, 429 honouring Retry-After,
+5xx, unusable 200s) belong to the call path's retry stage (`calls/retry.py`), and the clients of runs are
+made with `max_retries=0`; a client used on its own keeps the openai client's `max_retries` (default 2).
+This module never loops over a request itself. Step-level retries (the whole op again) belong to
+Dagster's `RetryPolicy`; `LLMError.retryable` says which errors are worth one.
 
 `LLMRequest.timeout` bounds the whole call, client retries included: httpx event hooks give every
 attempt only the time left, stop retrying once it is spent and veto a Retry-After that would
@@ -160,7 +160,8 @@ class LLMClient:
 
     def __init__(self, *, provider: str = "auto", api_key: str | None = None, base_url: str | None = None,
                  timeout: float = 60.0, max_retries: int = 2, structured_output: str = "json_schema",
-                 simulated_latency: float = 0.0, simulated_failure_rate: float = 0.0, simulated_seed: int = 0) -> None:
+                 simulated_latency: float = 0.0, simulated_failure_rate: float = 0.0, simulated_seed: int = 0,
+                 default_headers: Mapping[str, str] | None = None) -> None:
         if structured_output not in STRUCTURED_OUTPUT_MODES:
             raise ValueError(f"structured_output {structured_output!r} is unknown; use {STRUCTURED_OUTPUT_MODES}.")
         if timeout <= 0 or max_retries < 0:
@@ -171,6 +172,7 @@ class LLMClient:
         if self.provider_name == "simulated":
             api_key, base_url = "simulated", SIMULATED_BASE_URL
         self._api_key = api_key
+        self._headers = dict(default_headers or {})  # sent with every request (a named provider's `headers`)
         # user:password in the URL is sent as HTTP Basic auth and kept out of the URL, so no request URL, log
         # line or error the SDK or httpx makes can show it.
         url = (base_url or os.environ.get("OPENAI_BASE_URL") or DEFAULT_BASE_URL).rstrip("/")
@@ -204,8 +206,10 @@ class LLMClient:
                        limits=_connection_limits(), **tls)
         args = {"api_key": key, "base_url": self.base_url, "max_retries": self.max_retries, "timeout": self.timeout,
                 "http_client": http}
+        if self._headers:
+            args["default_headers"] = dict(self._headers)
         if self._credentials.present:  # replaces the Bearer key, as httpx does for a URL with user:password
-            args["default_headers"] = {"Authorization": f"Basic {self._credentials.basic_token()}"}
+            args["default_headers"] = {**self._headers, "Authorization": f"Basic {self._credentials.basic_token()}"}
         return args
 
     def _sync_client(self) -> openai.OpenAI:
@@ -371,8 +375,12 @@ class LLMClient:
                     "and request parameters")
         else:
             kind, what = "server_error", f"failed ({self._redact(f'{type(exc).__name__}: {exc}')[:300]})"
-        return LLMError(f"{describe_call(request.label, call.base_url)} {what}.", kind=kind, status_code=status,
-                        attempts=n)
+        error = LLMError(f"{describe_call(request.label, call.base_url)} {what}.", kind=kind, status_code=status,
+                         attempts=n)
+        response = getattr(exc, "response", None)
+        if status is not None and response is not None:
+            error.retry_after = retry_after_seconds(response.headers)
+        return error
 
     def _redact(self, text: str) -> str:
         """Text from the endpoint without the API key, the URL's password or any authorization value."""

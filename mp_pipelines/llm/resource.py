@@ -2,8 +2,8 @@
 
 The client (and its HTTP connections) is built in `setup_for_execution` and closed in
 `teardown_after_execution`; used outside a run, the resource builds it on first use. Request-level
-retries happen inside the client (`max_retries`); step-level retries belong to the op's
-`dg.RetryPolicy`, guided by `LLMError.retryable`.
+retries belong to the call path's retry stage (`calls/retry.py`; the client's own `max_retries` is 0 by
+default); step-level retries belong to the op's `dg.RetryPolicy`, guided by `LLMError.retryable`.
 """
 
 from __future__ import annotations
@@ -50,9 +50,10 @@ class LLMResource(dg.ConfigurableResource):
     default_model: str = Field(default="gpt-4o-mini", description="Model used when a task names none.")
     timeout: float = Field(default=60.0, description="Seconds one call may take, the client's retries included.")
     max_retries: int = Field(
-        default=2,
-        description="Request-level retries by the openai client (connection errors, timeouts, 429, 5xx); "
-        "step-level retries are the op's RetryPolicy.",
+        default=0,
+        description="Extra retries inside the openai client, for each attempt of the call path (default none: "
+        "the call path's retry stage retries 429, 5xx, timeouts and lost connections with its retry budget, "
+        "docs/reliability.md); step-level retries are the op's RetryPolicy.",
     )
     structured_output: Literal["json_schema", "json_object", "none"] = Field(
         default="json_schema",

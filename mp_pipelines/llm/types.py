@@ -58,11 +58,12 @@ class LLMError(Exception):
         # and `detail` says what is wrong with it in words fit to send back to the model.
         self.result, self.detail = result, detail
         self.usage: Any = None  # what every call that led to this error spent (a calls.usage.Usage, set there)
+        self.retry_after: float | None = None  # seconds the failed response asked to wait (Retry-After), if any
 
     def __reduce__(self) -> tuple[Any, ...]:
         rebuild = functools.partial(LLMError, kind=self.kind, status_code=self.status_code, attempts=self.attempts,
                                     result=self.result, detail=self.detail)
-        return rebuild, (str(self),), {"usage": self.usage}
+        return rebuild, (str(self),), {"usage": self.usage, "retry_after": self.retry_after}
 
     def __repr__(self) -> str:
         return f"LLMError(kind={self.kind!r}, retryable={self.retryable}, message={str(self)!r})"

@@ -127,8 +127,12 @@ class ModelSettings(_Strict):
     system: str | None = Field(default=None, description="System message (a template).")
 
 
+_SETTING_NAMES = tuple(ModelSettings.model_fields)
+
+
 class RetrySpec(_Strict):
-    """Step-level retries of a task (Dagster RetryPolicy); request-level retries belong to the LLM client."""
+    """A task's retries: the retry budget of each of its model calls (calls/retry.py, instead of the default) and
+    its steps' Dagster RetryPolicy."""
 
     max_retries: int = Field(default=3, ge=0, le=100)
     delay: float = Field(default=1.0, ge=0.0, le=3600.0, description="Seconds before the first retry.")
@@ -142,6 +146,53 @@ class LimitsSpec(_Strict):
     max_in_flight: int | None = Field(default=None, ge=1, le=100_000)
     requests_per_minute: float | None = Field(default=None, gt=0)
     tokens_per_minute: float | None = Field(default=None, gt=0)
+
+
+PROVIDER_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_.-]{0,63}$")
+ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+# Headers that carry credentials: a key belongs in the environment variable named by `api_key_env`.
+SECRET_HEADERS = frozenset({"authorization", "api-key", "x-api-key", "proxy-authorization", "cookie"})
+
+
+class ProviderSpec(_Strict):
+    """A named OpenAI-compatible endpoint; a task picks it with `model: <provider>/<model>`."""
+
+    base_url: str = Field(description="Base URL of the endpoint, e.g. http://localhost:8000/v1.")
+    api_key_env: str | None = Field(
+        default=None, description="Environment variable holding the endpoint's API key (never the key itself); "
+        "none for endpoints that take no key.")
+    headers: dict[str, str] = Field(default_factory=dict, description="Headers sent with every request.")
+    limits: LimitsSpec | None = Field(default=None, description="Caps on the calls to each of its models.")
+
+    @field_validator("base_url")
+    @classmethod
+    def _url(cls, value: str) -> str:
+        from urllib.parse import urlsplit
+
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"base_url {value!r} is not an http(s) URL such as http://localhost:8000/v1")
+        if parts.password is not None or parts.username is not None:
+            raise ValueError("base_url must not hold credentials; name the environment variable of the key in "
+                             "api_key_env")
+        return value
+
+    @field_validator("api_key_env")
+    @classmethod
+    def _env(cls, value: str | None) -> str | None:
+        if value is not None and not ENV_NAME.match(value):
+            raise ValueError(f"api_key_env {value[:40]!r} is not an environment variable name (letters, digits, "
+                             "'_'): it names the variable that holds the key, never the key itself")
+        return value
+
+    @field_validator("headers")
+    @classmethod
+    def _headers(cls, value: dict[str, str]) -> dict[str, str]:
+        for name in value:
+            if name.lower() in SECRET_HEADERS:
+                raise ValueError(f"header {name!r} carries a credential; put the key in an environment variable "
+                                 "and name it in api_key_env")
+        return value
 
 
 class BudgetSpec(_Strict):
@@ -188,6 +239,9 @@ class FailurePolicy(_Strict):
         "0 explicitly: never).")
     cache: CachePolicy | None = Field(
         default=None, description="Response cache: read_write (default at temperature 0, else off), read, write, off.")
+    fallback: list[str] | None = Field(
+        default=None, description="Models (`model` or `provider/model`) that answer, in order, when the task's model "
+        "still fails after its retries or its circuit is open.")
 
     @field_validator("cache", mode="before")
     @classmethod
@@ -300,6 +354,8 @@ class WorkflowSpec(FailurePolicy):
     depth: int = Field(default=3, ge=1, le=100, description="Most iterations a loop may run.")
     max_items: int = Field(default=1000, ge=1, le=10_000_000, description="Largest fan-out allowed.")
     limits: LimitsSpec | None = None
+    providers: dict[str, ProviderSpec] = Field(
+        default_factory=dict, description="Named OpenAI-compatible endpoints (also from MP_PROVIDERS_FILE).")
     budget: BudgetSpec | None = None
     schedule: ScheduleSpec | None = None
     tags: dict[str, str] = Field(default_factory=dict)
@@ -338,9 +394,12 @@ class WorkflowSpec(FailurePolicy):
 
     def settings_for(self, task: TaskSpec) -> ModelSettings:
         """The task's model settings with the workflow defaults filled in."""
-        merged = self.defaults.model_dump()
-        merged.update({k: v for k, v in task.model_dump(include=set(ModelSettings.model_fields)).items() if v is not None})
-        return ModelSettings(**merged)
+        defaults = self.defaults
+        merged = {}
+        for name in _SETTING_NAMES:
+            value = getattr(task, name)
+            merged[name] = value if value is not None else getattr(defaults, name)
+        return ModelSettings.model_construct(**merged)  # both sides are validated already (this runs per call)
 
     def cache_policy(self, task: TaskSpec) -> CachePolicy:
         """The task's cache policy: its own, else the workflow's, else read_write at temperature 0 and off above."""
@@ -348,6 +407,11 @@ class WorkflowSpec(FailurePolicy):
         if chosen is not None:
             return chosen
         return "read_write" if self.settings_for(task).temperature == 0 else "off"
+
+    def fallback_for(self, task: TaskSpec) -> tuple[str, ...]:
+        """The task's fallback models: its own `fallback`, else the workflow's."""
+        chosen = task.fallback if task.fallback is not None else self.fallback
+        return tuple(chosen or ())
 
     def failure_policy(self, task: TaskSpec) -> tuple[ItemFailurePolicy, float | None]:
         """(on_item_failure, min_success_ratio) of a fan-out task, the workflow's filling the task's gaps.

@@ -13,6 +13,7 @@ from mp_pipelines.spec import graph, shapes
 from mp_pipelines.spec.inputs import coerce_input
 from mp_pipelines.spec.models import LoopSpec, TaskSpec, WorkflowSpec
 from mp_pipelines.spec.problems import Problem, suggest
+from mp_pipelines.spec.providers import check_models
 from mp_pipelines.spec.reads import Read, TemplateReads, template_reads
 from mp_pipelines.spec.templates import TemplateError
 
@@ -365,4 +366,4 @@ def validate_workflow(spec: WorkflowSpec, source: str | None = None,
 
     `uncertain` names tasks some of whose fields were dropped as invalid: what they answer is not checked.
     """
-    return _Checker(spec, source, uncertain).run()
+    return _Checker(spec, source, uncertain).run() + check_models(spec, source)

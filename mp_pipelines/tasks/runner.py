@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable, Mapping
 
 from mp_pipelines.calls import path as call_path
@@ -29,8 +29,8 @@ class TaskRun:
 
     output: Any
     usage: Usage
-    model: str
-    provider: str
+    model: str  # the model that answered, as the workflow names it (`model` or `provider/model`)
+    provider: str  # the named provider that answered, else the LLM resource's ("openai", "simulated")
     finish_reason: str | None
     attempts: int
 
@@ -103,10 +103,19 @@ async def arun_task(model: ChatModel, spec: WorkflowSpec, task: TaskSpec, contex
     timeout = model.timeout if left is None else min(model.timeout, left)
     request = build_request(spec, task, context, default_model=model.default_model, timeout=timeout, label=label,
                             deadline=deadline)
+    ref, provider = request.model, None
+    if scope.router is not None:  # `provider/model` of a declared provider goes to that provider's endpoint
+        provider, model_id = scope.router.split(ref)
+        if provider is not None:
+            model, _ = scope.router.route(ref)
+            request = replace(request, model=model_id)
     answer = await call_path.answer(model, request, scope, deadline=deadline)
     result = answer.result
     output = result.parsed if request.json_output else result.text
-    return TaskRun(output, answer.usage, result.model, result.provider, result.finish_reason, result.attempts)
+    if answer.model:  # a fallback answered
+        ref = answer.model
+        provider = scope.router.split(ref)[0] if scope.router is not None else None
+    return TaskRun(output, answer.usage, ref, provider or result.provider, result.finish_reason, result.attempts)
 
 
 def run_task(model: ChatModel, spec: WorkflowSpec, task: TaskSpec, context: Mapping[str, Any], *, label: str,

@@ -1,7 +1,9 @@
 """A shard: several items of one fan-out run concurrently on the async client, each with its own record.
 
-Item-level retries of a multi-item shard happen here, with the task's `retries` policy (so a shard
-is never re-run whole for one bad item); a one-item shard leaves retries to Dagster's RetryPolicy.
+Each call is retried by the call path (`calls/retry.py`: 429, 5xx, timeouts, lost connections). An item
+whose task fails otherwise (an answer that stays invalid, the task's timeout) is run again here with the
+task's `retries` policy. A shard whose items still fail may be retried by Dagster's RetryPolicy (the
+task's `retries:`); the retried step reads the run's checkpoint, so only its failed items call the model.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from typing import Any, Callable, Mapping
 
 from mp_pipelines.calls.call import CallScope
 from mp_pipelines.calls.deadline import TaskTimeout
+from mp_pipelines.calls.retry import RETRIED_KINDS
 from mp_pipelines.calls.usage import Usage
 from mp_pipelines.llm.types import ChatModel, LLMError
 from mp_pipelines.spec.models import RetrySpec, TaskSpec, WorkflowSpec
@@ -27,6 +30,9 @@ WAVES_PER_SHARD = 4  # default shards hold at least this many times the fan-out'
 # Errors that every other item of the fan-out would meet too (a refused key): the shard stops at the first one
 # instead of recording, and paying for, the same refusal item by item.
 STOPS_THE_FAN_OUT = frozenset({"authentication"})
+# Failures the call path has already retried within the item's retry budget (calls/retry.py): the item is not
+# run again here; a step retry (the task's `retries:`) re-runs only the shard's failed items.
+RETRIED_BY_THE_CALL = RETRIED_KINDS | {"circuit_open"}
 
 
 def shard_size(task: TaskSpec, items: int, breadth: int = 1) -> int:
@@ -106,7 +112,8 @@ async def run_item(model: ChatModel, spec: WorkflowSpec, task: TaskSpec, base_co
             if isinstance(exc, LLMError) and exc.kind in STOPS_THE_FAN_OUT:
                 raise
             _record_failure(record, exc)
-            if record.status == "stopped" or not record.retryable or attempt == max_attempts or retries is None:
+            if (record.status == "stopped" or not record.retryable or attempt == max_attempts or retries is None
+                    or record.error_kind in RETRIED_BY_THE_CALL):  # the call path spent its retry budget on it
                 return record
             delay = retry_delay(retries, attempt)
             log.warning(f"retrying task {label} in {delay:.1f} s after {record.error_kind}, "
