@@ -15,6 +15,7 @@ from mp_pipelines.llm.types import ChatModel, LimitSettings, LLMRequest, LLMResu
 from mp_pipelines.spec.models import BudgetSpec
 
 if TYPE_CHECKING:
+    from mp_pipelines.calls.limits import FleetLimits
     from mp_pipelines.calls.run import RunCalls
     from mp_pipelines.calls.store import ResponseStore
 
@@ -26,7 +27,7 @@ class CallScope:
     run: RunCalls  # the run's call-path state in this process
     run_limits: LimitSettings | None = None  # the workflow's `limits` (over the resource's defaults)
     fanout: str | None = None  # task name of the fan-out the call is part of
-    breadth: int | None = None  # most calls of that fan-out in flight at once, in this process
+    breadth: int | None = None  # most calls of that fan-out in flight at once (across the fleet with `fleet`)
     budget: BudgetSpec | None = None  # the run's budget (workflow `budget:` or run config)
     store: ResponseStore | None = None  # the instance's response store (cache and checkpoints)
     cache_policy: str = "off"  # read_write | read | write | off, for this task
@@ -36,6 +37,7 @@ class CallScope:
     task: str = ""
     repair_attempts: int = 0  # times an answer that is not the JSON asked for is sent back
     task_timeout: float | None = None  # the task's `timeout` in seconds, for messages
+    fleet: FleetLimits | None = None  # limits shared by the run's processes (steps spread over processes)
 
     @property
     def run_id(self) -> str:
