@@ -7,8 +7,10 @@ so two test runs on one machine do not share a queue.
 
 from __future__ import annotations
 
+import collections
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -18,7 +20,10 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import dagster as dg
 import pytest
+
+from mp_pipelines_tests.fault_server import RunningServer
 
 REDIS_HOST, REDIS_PORT = "127.0.0.1", 6379
 
@@ -105,3 +110,70 @@ def celery_fleet(env: dict[str, str], folder: Path, names: tuple[str, ...] = ("w
                 os.killpg(worker.process.pid, signal.SIGKILL)
                 worker.process.wait(timeout=10)
         redis.Redis.from_url(broker).flushdb()
+
+
+_ITEM = re.compile(r"Echo (w\d{4})")
+
+
+def requests_per_item(server: RunningServer) -> collections.Counter[str]:
+    counts: collections.Counter[str] = collections.Counter()
+    for request in list(server.requests):
+        text = " ".join(str(m.get("content", "")) for m in (request.body or {}).get("messages", []))
+        found = _ITEM.search(text)
+        if found:
+            counts[found.group(1)] += 1
+    return counts
+
+
+def step_workers(instance: dg.DagsterInstance, run_id: str) -> dict[str, list[str]]:
+    """Step key → the Celery workers that started it, in order (dagster-celery's "Executing steps" events)."""
+    found: dict[str, list[str]] = collections.defaultdict(list)
+    for record in instance.get_records_for_run(run_id, of_type=dg.DagsterEventType.ENGINE_EVENT).records:
+        event = record.event_log_entry.dagster_event
+        metadata = event.engine_event_data.metadata if event and event.engine_event_data else {}
+        worker = metadata.get("Celery worker")
+        if worker is not None and event.step_key:
+            found[event.step_key].append(str(worker.value))
+    return found
+
+
+
+def answered_at(server: RunningServer, item: str) -> float:
+    """When the server first received the request of `item` (inf: never)."""
+    for request in list(server.requests):
+        text = " ".join(str(m.get("content", "")) for m in (request.body or {}).get("messages", []))
+        if f"Echo {item}" in text:
+            return request.time
+    return float("inf")
+
+
+def drain_and_kill_mid_shard(instance: dg.DagsterInstance, fleet: Fleet, server: RunningServer,
+                             timeout: float = 120) -> tuple[Worker, str, collections.Counter[str], float]:
+    """Wait for a shard step running on a worker with some items answered; stop that worker taking new steps
+    (as when a machine is drained), SIGKILL its pool process. Returns (worker, step, requests per item before
+    the kill, time of the kill)."""
+    from celery import Celery
+
+    victim, step = None, None
+    deadline = time.monotonic() + timeout
+    while victim is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+        for run in instance.get_runs():
+            done = {r.event_log_entry.step_key for r in instance.get_records_for_run(
+                run.run_id, of_type=dg.DagsterEventType.STEP_SUCCESS).records}
+            for key, hosts in step_workers(instance, run.run_id).items():
+                if key.startswith("echo[") and key not in done and len(requests_per_item(server)) >= 10:
+                    victim, step = fleet.by_host(hosts[-1]), key
+                    break
+            if victim:
+                break
+    if victim is None or step is None:
+        raise AssertionError("no shard started on a worker")
+    app = Celery(broker=fleet.broker, backend=fleet.broker)
+    replies = app.control.ping(timeout=1.0) or []
+    names = [host for reply in replies for host in reply if host.startswith(f"{victim.name}@")]
+    app.control.cancel_consumer("dagster", destination=names, reply=True, timeout=5)
+    before = requests_per_item(server)
+    (pool_pid,) = victim.pool_pids()
+    os.kill(pool_pid, signal.SIGKILL)
+    return victim, step, before, time.time()

@@ -3,12 +3,8 @@ client over HTTP to a loopback server that counts every request per item."""
 
 from __future__ import annotations
 
-import collections
 import os
-import re
-import signal
 import threading
-import time
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +14,14 @@ import pytest
 from mp_pipelines.cli.running import RunOutcome, run_workflow
 from mp_pipelines.llm.simulated import SimulatedModel
 from mp_pipelines.spec.loader import load_workflow_file
-from mp_pipelines_tests.celery_fleet import Fleet, celery_fleet
+from mp_pipelines_tests.celery_fleet import (
+    Fleet,
+    answered_at,
+    celery_fleet,
+    drain_and_kill_mid_shard,
+    requests_per_item,
+    step_workers,
+)
 from mp_pipelines_tests.fault_server import RunningServer
 from mp_pipelines_tests.workflow_helpers import write_workflow
 
@@ -26,7 +29,6 @@ pytestmark = pytest.mark.timeout(300)
 
 ITEMS = 200
 BREADTH = 8
-_ITEM = re.compile(r"Echo (w\d{4})")
 
 
 def fan_out(name: str, items: int = ITEMS, shard: int = 25) -> str:
@@ -41,28 +43,6 @@ tasks:
     shard_size: {shard}
     prompt: "Echo {{{{ item }}}}"
 """
-
-
-def requests_per_item(server: RunningServer) -> collections.Counter[str]:
-    counts: collections.Counter[str] = collections.Counter()
-    for request in list(server.requests):
-        text = " ".join(str(m.get("content", "")) for m in (request.body or {}).get("messages", []))
-        found = _ITEM.search(text)
-        if found:
-            counts[found.group(1)] += 1
-    return counts
-
-
-def step_workers(instance: dg.DagsterInstance, run_id: str) -> dict[str, list[str]]:
-    """Step key → the Celery workers that started it, in order (dagster-celery's "Executing steps" events)."""
-    found: dict[str, list[str]] = collections.defaultdict(list)
-    for record in instance.get_records_for_run(run_id, of_type=dg.DagsterEventType.ENGINE_EVENT).records:
-        event = record.event_log_entry.dagster_event
-        metadata = event.engine_event_data.metadata if event and event.engine_event_data else {}
-        worker = metadata.get("Celery worker")
-        if worker is not None and event.step_key:
-            found[event.step_key].append(str(worker.value))
-    return found
 
 
 def fleet_env(tmp_path: Path, server: RunningServer) -> dict[str, str]:
@@ -118,8 +98,6 @@ def test_worker_killed_mid_run_its_shard_finishes_on_the_other_without_paying_tw
     """SIGKILL the pool process running a shard on one worker (after it stopped taking new steps, as a machine
     being drained would): the step goes back on the queue, the other worker runs it, and the items answered
     before the kill come from the run's checkpoint instead of the model."""
-    from celery import Celery
-
     server = llm_server_factory(model=SimulatedModel(latency=0.5))
     path = write_workflow(tmp_path, fan_out("celery_worker_lost"))
     env = fleet_env(tmp_path, server)
@@ -127,33 +105,13 @@ def test_worker_killed_mid_run_its_shard_finishes_on_the_other_without_paying_tw
         outcome: list[RunOutcome] = []
         runner = threading.Thread(target=lambda: outcome.append(run_on_fleet(path, instance, fleet, env, monkeypatch)))
         runner.start()
-        victim, step = None, None
-        deadline = time.monotonic() + 120
-        while victim is None and time.monotonic() < deadline:
-            time.sleep(0.2)
-            for run in instance.get_runs():
-                done = {r.event_log_entry.step_key for r in instance.get_records_for_run(
-                    run.run_id, of_type=dg.DagsterEventType.STEP_SUCCESS).records}
-                for key, hosts in step_workers(instance, run.run_id).items():
-                    answered = requests_per_item(server)
-                    if key.startswith("echo[") and key not in done and len(answered) >= 10:
-                        victim, step = fleet.by_host(hosts[-1]), key
-                        break
-                if victim:
-                    break
-        assert victim is not None and step is not None, "no shard started on a worker"
-        app = Celery(broker=fleet.broker, backend=fleet.broker)
-        app.control.cancel_consumer("dagster", destination=[f"{victim.name}@{h}" for h in _hosts(app, victim.name)],
-                                    reply=True, timeout=5)
-        before = requests_per_item(server)
-        (pool_pid,) = victim.pool_pids()
-        os.kill(pool_pid, signal.SIGKILL)
-        killed_at = time.time()
+        victim, step, before, killed_at = drain_and_kill_mid_shard(instance, fleet, server)
         runner.join(timeout=240)
         logs = "\n".join(f"--- {w.name}\n{w.tail()}" for w in fleet.workers)
     assert outcome and outcome[0].success, (outcome[0].as_text() if outcome else "run did not finish") + logs
     result = outcome[0]
-    assert [r for r in result.tasks["echo"]["output"]] and len(result.tasks["echo"]["output"]) == ITEMS
+    output = result.tasks["echo"]["output"]
+    assert len(output) == ITEMS and all(f"Echo w{i:04d} " in text for i, text in enumerate(output))  # input order
     hosts = step_workers(instance, result.run_id)[step]
     assert len(hosts) == 2 and hosts[0].startswith(f"{victim.name}@") and not hosts[1].startswith(f"{victim.name}@"), hosts
     counts = requests_per_item(server)
@@ -162,19 +120,6 @@ def test_worker_killed_mid_run_its_shard_finishes_on_the_other_without_paying_tw
     assert all(counts[item] == 2 for item in twice)
     # only calls in flight at the kill (at most breadth) or answered in the store's last write batch
     # (FLUSH_SECONDS, 50 ms) are asked again; every item answered well before the kill is not
-    settled = [item for item, n in before.items() if n == 1 and _answered_at(server, item) < killed_at - 1.0]
+    settled = [item for item, n in before.items() if n == 1 and answered_at(server, item) < killed_at - 1.0]
     assert settled and not set(settled) & set(twice), twice
     assert len(twice) <= BREADTH, twice
-
-
-def _hosts(app: Any, name: str) -> list[str]:
-    replies = app.control.ping(timeout=1.0) or []
-    return [host.split("@", 1)[1] for reply in replies for host in reply if host.startswith(f"{name}@")]
-
-
-def _answered_at(server: RunningServer, item: str) -> float:
-    for request in list(server.requests):
-        text = " ".join(str(m.get("content", "")) for m in (request.body or {}).get("messages", []))
-        if f"Echo {item}" in text:
-            return request.time
-    return float("inf")

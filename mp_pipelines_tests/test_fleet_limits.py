@@ -113,20 +113,21 @@ LIMIT_PER_MINUTE = 600
 ITEMS_PER_PROCESS = 60
 
 
-def _workflow(folder: Path, process: int) -> Path:
+def _workflow(folder: Path, process: int, items: int) -> Path:
     path = folder / f"fleet_p{process}.yaml"
     path.write_text(yaml.safe_dump({
         "name": f"fleet_p{process}", "breadth": 16,
-        "inputs": {"words": {"type": "list", "default": [f"p{process}-{i:03d}" for i in range(ITEMS_PER_PROCESS)]}},
+        "inputs": {"words": {"type": "list", "default": [f"p{process}-{i:04d}" for i in range(items)]}},
         "tasks": [{"name": "echo", "for_each": "inputs.words", "prompt": "Echo {{ item }}"}]}, sort_keys=False))
     return path
 
 
-def _run_three(tmp_path: Path, server: RunningServer, env: dict[str, str]) -> list[subprocess.CompletedProcess]:
+def run_three(tmp_path: Path, server: RunningServer, env: dict[str, str],
+              items: int = ITEMS_PER_PROCESS) -> list[subprocess.CompletedProcess]:
     """Three `mp-pipelines run` processes at once; one 429 with Retry-After: 2 is injected mid-run."""
     full = {**os.environ, **env, "OPENAI_BASE_URL": server.base_url, "OPENAI_API_KEY": "sk-test-not-a-real-key",
             "MP_REQUESTS_PER_MINUTE": str(LIMIT_PER_MINUTE), "MP_FLEET_LIMITS": "on"}
-    processes = [subprocess.Popen([sys.executable, "-m", "mp_pipelines.cli", "run", str(_workflow(tmp_path, p))],
+    processes = [subprocess.Popen([sys.executable, "-m", "mp_pipelines.cli", "run", str(_workflow(tmp_path, p, items))],
                                   env=full, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
                  for p in range(3)]
 
@@ -143,16 +144,17 @@ def _run_three(tmp_path: Path, server: RunningServer, env: dict[str, str]) -> li
     injector.start()
     results = []
     for process in processes:
-        out, err = process.communicate(timeout=240)
+        out, err = process.communicate(timeout=240 + items)
         results.append(subprocess.CompletedProcess(process.args, process.returncode, out, err))
     return results
 
 
-def _check_fleet_rate_and_pause(server: RunningServer, results: list[subprocess.CompletedProcess]) -> None:
+def check_fleet_rate_and_pause(server: RunningServer, results: list[subprocess.CompletedProcess],
+                               items: int = ITEMS_PER_PROCESS) -> None:
     for result in results:
         assert result.returncode == 0, result.stderr[-3000:]
     times = sorted(r.time for r in server.requests)
-    assert len(times) == 3 * ITEMS_PER_PROCESS + 1  # every item once, plus the retry of the throttled one
+    assert len(times) == 3 * items + 1  # every item once, plus the retry of the throttled one
     throttled = [r.time for r in server.requests if r.fault is not None]
     assert len(throttled) == 1
     per_second = LIMIT_PER_MINUTE / 60
@@ -186,13 +188,13 @@ def test_three_processes_share_requests_per_minute_and_one_429_pauses_all(
         with dg.DagsterInstance.from_config(str(home)) as instance:  # its SQLite tables, before three processes race
             instance.get_runs()
         try:
-            results = _run_three(tmp_path, llm_server, env)
+            results = run_three(tmp_path, llm_server, env)
         finally:
             redis.Redis.from_url(url).flushdb()
-        _check_fleet_rate_and_pause(llm_server, results)
+        check_fleet_rate_and_pause(llm_server, results)
     else:
         with temporary_database() as dbname:
             (home / "dagster.yaml").write_text(yaml.safe_dump(
                 {"storage": postgres_storage_config(dbname), "telemetry": {"enabled": False}}))
-            results = _run_three(tmp_path, llm_server, env)
-        _check_fleet_rate_and_pause(llm_server, results)
+            results = run_three(tmp_path, llm_server, env)
+        check_fleet_rate_and_pause(llm_server, results)
