@@ -28,7 +28,7 @@ sys.path.insert(0, str(REPO))
 
 
 def workflow(n: int, breadth: int, shard: int) -> str:
-    return (f"name: celery_bench\nbreadth: {breadth}\ninputs:\n  words: {{type: list, default: "
+    return (f"name: celery_bench\nbreadth: {breadth}\nmax_items: {n}\ninputs:\n  words: {{type: list, default: "
             f"{[f'w{i:04d}' for i in range(n)]}}}\ntasks:\n  - name: echo\n    for_each: inputs.words\n"
             f"    shard_size: {shard}\n    prompt: \"Echo {{{{ item }}}}\"\n")
 

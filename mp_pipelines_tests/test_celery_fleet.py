@@ -123,3 +123,37 @@ def test_worker_killed_mid_run_its_shard_finishes_on_the_other_without_paying_tw
     settled = [item for item, n in before.items() if n == 1 and answered_at(server, item) < killed_at - 1.0]
     assert settled and not set(settled) & set(twice), twice
     assert len(twice) <= BREADTH, twice
+
+
+def test_celery_without_a_broker_is_bad_usage_not_a_traceback(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from click.testing import CliRunner
+
+    from mp_pipelines.cli.main import main
+
+    monkeypatch.chdir(tmp_path)
+    path = write_workflow(tmp_path, fan_out("no_broker", items=3))
+    runner = CliRunner()
+    for args in (["run", str(path), "--executor", "celery"], ["worker"]):
+        result = runner.invoke(main, args)
+        assert result.exit_code == 2, result.output
+        assert "needs a broker: set MP_CELERY_BROKER" in result.output and "Traceback" not in result.output
+    monkeypatch.setenv("MP_FLEET_LIMITS", "sometimes")
+    result = runner.invoke(main, ["run", str(path), "--executor", "celery"])
+    assert result.exit_code == 2 and "MP_FLEET_LIMITS is 'sometimes'; use one of auto, on, off" in result.output
+
+
+def test_the_deployment_guide_names_what_the_fleet_reads() -> None:
+    """docs/deployment.md's Celery fleet commands are the ones the tests above run, with the settings the code reads."""
+    from mp_pipelines.calls.fleet import LIMITS_REDIS_URL_ENV
+    from mp_pipelines.dagster_ext.celery import CELERY_BACKEND_ENV, CELERY_BROKER_ENV, QUEUE
+    from mp_pipelines.definitions import STEP_STORAGE_DIR_ENV
+    from mp_pipelines.factory.ops import FLEET_LIMITS_ENV, FLEET_MODES
+
+    guide = (Path(__file__).resolve().parents[1] / "docs" / "deployment.md").read_text()
+    section = guide.split("## Celery fleet", 1)[1].split("\n## Kubernetes", 1)[0]
+    commands = section.split("```bash", 1)[1].split("```", 1)[0]
+    for name in (CELERY_BROKER_ENV, CELERY_BACKEND_ENV, STEP_STORAGE_DIR_ENV):
+        assert f"export {name}=" in commands
+    assert "mp-pipelines worker -n" in commands and "--executor celery" in commands
+    assert f"-Q {QUEUE}" in section and LIMITS_REDIS_URL_ENV in section and FLEET_LIMITS_ENV in section
+    assert all(f"`{mode}`" in section for mode in FLEET_MODES)
