@@ -198,3 +198,23 @@ def test_three_processes_share_requests_per_minute_and_one_429_pauses_all(
                 {"storage": postgres_storage_config(dbname), "telemetry": {"enabled": False}}))
             results = run_three(tmp_path, llm_server, env)
         check_fleet_rate_and_pause(llm_server, results)
+
+
+@pytest.mark.parametrize("kind", ["redis", "sqlite"])
+def test_a_429_seen_by_one_limiter_pauses_the_limiter_of_another_process(kind: str, tmp_path: Path) -> None:
+    """Limiters with their own FleetLimits (as in two processes): a 429 with Retry-After: 1 observed by one holds
+    the other's next call back for that second, though the other never saw a 429."""
+    with shared_store(kind, tmp_path) as store:
+        key = fleet_key("pause", kind, str(time.time()))
+        first, second = (CallLimiter(LimitSettings(), FleetLimits(store), key) for _ in range(2))
+
+        async def main() -> float:
+            async with first.slot():
+                first.observe(429, {"retry-after": "1"})
+            await asyncio.sleep(0.1)  # the pause is published from the store's threads
+            started = time.monotonic()
+            async with second.slot():
+                return time.monotonic() - started
+
+        waited = asyncio.run(main())
+        assert 0.8 <= waited <= 1.5 and second.throttled == 0

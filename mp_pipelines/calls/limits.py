@@ -103,6 +103,11 @@ class FleetLimits:
         """Wait for `key`'s next turn under the fleet's request and token rates and its pause."""
         request_cost = 60.0 / settings.requests_per_minute if settings.requests_per_minute else 0.0
         token_cost = 60.0 * tokens / settings.tokens_per_minute if settings.tokens_per_minute and tokens else 0.0
+        while not request_cost and not token_cost:  # no rate to book: only a pause holds the call back (a read)
+            paused = await self._run(self.shared.paused_for, key)
+            if paused <= 0:
+                return
+            await asyncio.sleep(paused)
         while True:
             wait = await self._run(self.shared.reserve, key, request_cost, token_cost)
             if wait <= 0:

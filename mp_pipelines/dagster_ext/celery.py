@@ -18,6 +18,7 @@ only its public modules are imported here.
 from __future__ import annotations
 
 import os
+import warnings
 from typing import Any
 
 import dagster as dg
@@ -76,6 +77,9 @@ def celery_fleet_executor(init_context: dg.InitExecutorContext, options: dict[st
     """dagster-celery's executor with the broker, backend and settings of the fleet."""
     from dagster_celery import celery_executor
 
+    # dagster-celery registers its task again for every step it submits (executor.py `_submit_task`); Celery
+    # warns each time that the name is taken, which is harmless (the same task) and only noise in a run's output.
+    warnings.filterwarnings("ignore", message="Task name 'execute_plan' is already registered")
     try:
         broker = broker_url(options.get("broker"))
     except CeleryNotConfigured as exc:
