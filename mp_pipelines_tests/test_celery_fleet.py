@@ -144,7 +144,7 @@ def test_celery_without_a_broker_is_bad_usage_not_a_traceback(tmp_path: Path, mo
 
 def test_the_deployment_guide_names_what_the_fleet_reads() -> None:
     """docs/deployment.md's Celery fleet commands are the ones the tests above run, with the settings the code reads."""
-    from mp_pipelines.calls.fleet import LIMITS_REDIS_URL_ENV
+    from mp_pipelines.calls.fleet_stores import LIMITS_REDIS_URL_ENV
     from mp_pipelines.dagster_ext.celery import CELERY_BACKEND_ENV, CELERY_BROKER_ENV, QUEUE
     from mp_pipelines.definitions import STEP_STORAGE_DIR_ENV
     from mp_pipelines.factory.ops import FLEET_LIMITS_ENV, FLEET_MODES

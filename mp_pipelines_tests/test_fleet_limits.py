@@ -18,8 +18,9 @@ import pytest
 import sqlalchemy as sa
 import yaml
 
-from mp_pipelines.calls.fleet import RedisLimits, SqlLimits, fleet_key
-from mp_pipelines.calls.limits import CallLimiter, FleetLimits
+from mp_pipelines.calls.fleet import FleetLimits
+from mp_pipelines.calls.fleet_stores import RedisLimits, SqlLimits, fleet_key
+from mp_pipelines.calls.limits import CallLimiter
 from mp_pipelines.llm.types import LimitSettings
 from mp_pipelines_tests.celery_fleet import redis_url_or_skip
 from mp_pipelines_tests.fault_server import RunningServer

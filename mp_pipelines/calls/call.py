@@ -15,7 +15,7 @@ from mp_pipelines.llm.types import ChatModel, LimitSettings, LLMRequest, LLMResu
 from mp_pipelines.spec.models import BudgetSpec
 
 if TYPE_CHECKING:
-    from mp_pipelines.calls.limits import FleetLimits
+    from mp_pipelines.calls.fleet import FleetLimits
     from mp_pipelines.calls.run import RunCalls
     from mp_pipelines.calls.store import ResponseStore
 

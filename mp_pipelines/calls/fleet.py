@@ -1,37 +1,25 @@
-"""Limits shared by every process of a fleet: rates, in-flight slots and 429 pauses, in Redis or a SQL database.
-
-`SharedLimits` (`limits.py`) is what the limiter needs of shared storage; two stores implement it:
-
-- `RedisLimits` (`MP_LIMITS_REDIS_URL`): one hash per key, changed by a Lua script in one round trip, on the
-  Redis server's clock;
-- `SqlLimits`: two tables in the response store's database (the instance's PostgreSQL, or the SQLite file next
-  to a local instance, which the processes of one machine share), each reservation one upsert statement.
-
-Rates are reservations (a generic cell rate algorithm): each call moves the key's "next free time" on by its
-cost, 60/requests_per_minute seconds for a request and tokens × 60/tokens_per_minute for its tokens, never
-earlier than now or the key's pause, and waits until its own turn. Callers in any process therefore get
-evenly spaced turns and the total rate never exceeds the limit, without a burst after a quiet spell. A
-paused key gives no turn before the pause ends; a caller whose turn was booked before a pause began looks
-again when its turn comes. In-flight slots are leases that the holding process renews while it lives, so a
-killed process gives its slots back within one lease.
+"""Limits shared by every process of a fleet, seen from the call path: `SharedLimits` is what a limiter needs of
+shared storage (its stores, on Redis and on the instance's database, are in `fleet_stores.py`) and `FleetLimits`
+drives one from the shared event loop.
 """
 
 from __future__ import annotations
 
+import asyncio
+import collections
 import hashlib
+import itertools
 import logging
-import time
-from typing import Any
+import random
+import uuid
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
+from typing import Any, Protocol, TypeVar
 
-import sqlalchemy as sa
+from mp_pipelines.llm.types import LimitSettings
 
 log = logging.getLogger(__name__)
-
-LIMITS_REDIS_URL_ENV = "MP_LIMITS_REDIS_URL"
-LEASE_SECONDS = 30.0  # an in-flight slot of a process that died is free again after this
-_RATES = "mp_fleet_limits"
-_SLOTS = "mp_fleet_slots"
-_EXPIRE_SECONDS = 3600  # Redis keys of limits nobody used for an hour go away
 
 
 def fleet_key(*parts: str) -> str:
@@ -39,191 +27,149 @@ def fleet_key(*parts: str) -> str:
     return hashlib.sha256("\x1f".join(parts).encode()).hexdigest()[:40]
 
 
-# ---------------------------------------------------------------------------------------------- Redis
-
-_RESERVE_LUA = """
-local t = redis.call('TIME')
-local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
-local v = redis.call('HMGET', KEYS[1], 'r', 't', 'p')
-local paused = tonumber(v[3]) or 0
-local r = math.max(tonumber(v[1]) or 0, now, paused)
-local k = math.max(tonumber(v[2]) or 0, now, paused)
-redis.call('HSET', KEYS[1], 'r', string.format('%.6f', r + tonumber(ARGV[1])),
-           't', string.format('%.6f', k + tonumber(ARGV[2])))
-redis.call('EXPIRE', KEYS[1], tonumber(ARGV[3]))
-return string.format('%.6f', math.max(r, k) - now)
-"""
-_PAUSE_LUA = """
-local t = redis.call('TIME')
-local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
-local paused = tonumber(redis.call('HGET', KEYS[1], 'p')) or 0
-redis.call('HSET', KEYS[1], 'p', string.format('%.6f', math.max(paused, now + tonumber(ARGV[1]))))
-redis.call('EXPIRE', KEYS[1], tonumber(ARGV[2]))
-return 1
-"""
-_PAUSED_FOR_LUA = """
-local t = redis.call('TIME')
-local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
-local paused = tonumber(redis.call('HGET', KEYS[1], 'p')) or 0
-return string.format('%.6f', math.max(0, paused - now))
-"""
-_ENTER_LUA = """
-local t = redis.call('TIME')
-local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
-if redis.call('ZCARD', KEYS[1]) < tonumber(ARGV[1]) then
-  redis.call('ZADD', KEYS[1], now + tonumber(ARGV[3]), ARGV[2])
-  redis.call('EXPIRE', KEYS[1], tonumber(ARGV[4]))
-  return 1
-end
-return 0
-"""
-_RENEW_LUA = """
-local t = redis.call('TIME')
-local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
-for i = 1, #KEYS do
-  redis.call('ZADD', KEYS[i], 'XX', now + tonumber(ARGV[#KEYS + 1]), ARGV[i])
-end
-return 1
-"""
+T = TypeVar("T")
 
 
-class RedisLimits:
-    """Shared limits in Redis (`MP_LIMITS_REDIS_URL`): Lua scripts on the server's clock, one round trip each."""
-
-    def __init__(self, url: str) -> None:
-        import redis
-
-        self.url = url
-        self._redis = redis.Redis.from_url(url, socket_timeout=10, socket_connect_timeout=5, health_check_interval=30)
-        self._redis.ping()  # a wrong URL fails here, where the caller can say which setting it came from
-        self._reserve = self._redis.register_script(_RESERVE_LUA)
-        self._pause = self._redis.register_script(_PAUSE_LUA)
-        self._paused_for = self._redis.register_script(_PAUSED_FOR_LUA)
-        self._enter = self._redis.register_script(_ENTER_LUA)
-        self._renew = self._redis.register_script(_RENEW_LUA)
-
-    def __repr__(self) -> str:
-        return f"RedisLimits({_shown(self.url)!r})"
+class SharedLimits(Protocol):
+    """What a limiter needs of storage shared by every process of a fleet (blocking calls; see `fleet.py`)."""
 
     def reserve(self, key: str, request_cost: float, token_cost: float) -> float:
-        return float(self._reserve(keys=[f"mp:rate:{key}"], args=[request_cost, token_cost, _EXPIRE_SECONDS]))
+        """Book the next turn of `key`'s rates, costing `request_cost` + `token_cost` seconds of them, never before
+        its pause ends; the seconds until that turn (≤ 0: now)."""
+        ...
 
     def pause(self, key: str, seconds: float) -> None:
-        self._pause(keys=[f"mp:rate:{key}"], args=[seconds, _EXPIRE_SECONDS])
+        """No turn of `key` for the next `seconds` (a later pause already set stays)."""
+        ...
 
     def paused_for(self, key: str) -> float:
-        return float(self._paused_for(keys=[f"mp:rate:{key}"]))
+        """Seconds `key` is still paused (0: not paused)."""
+        ...
 
     def enter(self, key: str, limit: int, holder: str, lease: float) -> bool:
-        return bool(self._enter(keys=[f"mp:slots:{key}"], args=[limit, holder, lease, _EXPIRE_SECONDS]))
+        """Take one of `key`'s `limit` slots for `holder` for `lease` seconds; False when all are taken."""
+        ...
 
     def leave(self, key: str, holder: str) -> None:
-        self._redis.zrem(f"mp:slots:{key}", holder)
+        """Give `holder`'s slot of `key` back."""
+        ...
 
     def renew(self, held: list[tuple[str, str]], lease: float) -> None:
-        if held:
-            self._renew(keys=[f"mp:slots:{key}" for key, _ in held], args=[*(h for _, h in held), lease])
+        """Extend the leases of the (key, holder) slots this process holds by `lease` seconds from now."""
+        ...
 
 
-# ---------------------------------------------------------------------------------------------- SQL
+class FleetLimits:
+    """A `SharedLimits` store seen from the shared event loop: its blocking calls run on a few threads of their
+    own, the slots this process holds are renewed while it lives (a killed process frees them within a lease)."""
 
-_METADATA = sa.MetaData()
-RATES = sa.Table(
-    _RATES, _METADATA,
-    sa.Column("key", sa.String(64), primary_key=True),
-    sa.Column("requests_tat", sa.Float, nullable=False),  # next free time (epoch seconds) of the request rate
-    sa.Column("tokens_tat", sa.Float, nullable=False),  # ... of the token rate
-    sa.Column("paused_until", sa.Float, nullable=False),  # no turn before this (after a 429)
-)
-SLOTS = sa.Table(
-    _SLOTS, _METADATA,
-    sa.Column("key", sa.String(64), primary_key=True),
-    sa.Column("holder", sa.String(64), primary_key=True),  # <process token>:<n>
-    sa.Column("expires_at", sa.Float, nullable=False, index=True),
-)
+    LEASE_SECONDS = 30.0
+    _POLL_START, _POLL_MAX = 0.01, 0.2  # seconds between tries for a full in-flight slot set
 
-
-class SqlLimits:
-    """Shared limits in a SQL database (PostgreSQL, or SQLite for the processes of one machine).
-
-    A reservation is one upsert that reads and moves the key's next free time; an in-flight slot is a row,
-    taken under a transaction-scoped advisory lock on PostgreSQL (SQLite's write lock serialises it there).
-    Times are the processes' clocks (epoch seconds): keep the machines' clocks synchronised (NTP)."""
-
-    def __init__(self, engine: sa.engine.Engine) -> None:
-        self.engine = engine
-        self._postgres = engine.dialect.name == "postgresql"
-        biggest = "GREATEST" if self._postgres else "max"
-        with engine.begin() as conn:
-            for table in (RATES, SLOTS):
-                conn.execute(sa.schema.CreateTable(table, if_not_exists=True))
-        self._reserve_sql = sa.text(
-            f"INSERT INTO {_RATES} (key, requests_tat, tokens_tat, paused_until) VALUES (:key, :now + :rc, :now + :tc, 0) "
-            f"ON CONFLICT (key) DO UPDATE SET "
-            f"requests_tat = {biggest}({_RATES}.requests_tat, :now, {_RATES}.paused_until) + :rc, "
-            f"tokens_tat = {biggest}({_RATES}.tokens_tat, :now, {_RATES}.paused_until) + :tc "
-            f"RETURNING requests_tat - :rc, tokens_tat - :tc")
-        self._pause_sql = sa.text(
-            f"INSERT INTO {_RATES} (key, requests_tat, tokens_tat, paused_until) VALUES (:key, 0, 0, :until) "
-            f"ON CONFLICT (key) DO UPDATE SET paused_until = {biggest}({_RATES}.paused_until, :until)")
-        self._enter_sql = sa.text(
-            f"INSERT INTO {_SLOTS} (key, holder, expires_at) SELECT :key, :holder, :expires "
-            f"WHERE (SELECT count(*) FROM {_SLOTS} WHERE key = :key) < :limit")
+    def __init__(self, shared: SharedLimits) -> None:
+        self.shared = shared
+        self._threads = ThreadPoolExecutor(max_workers=4, thread_name_prefix="mp-fleet-limits")
+        self._token = uuid.uuid4().hex[:16]
+        self._numbers = itertools.count()
+        self._held: dict[str, str] = {}  # holder → key, of the slots this process holds
+        self._waiting: dict[str, collections.deque[asyncio.Future[str]]] = {}  # key → calls waiting for a slot
+        self._renewing: asyncio.Task[None] | None = None
 
     def __repr__(self) -> str:
-        return f"SqlLimits({_shown(str(self.engine.url))!r})"
+        return f"FleetLimits({self.shared!r})"
 
-    def reserve(self, key: str, request_cost: float, token_cost: float) -> float:
-        now = time.time()
-        with self.engine.begin() as conn:
-            requests_at, tokens_at = conn.execute(self._reserve_sql, {"key": key, "now": now, "rc": request_cost,
-                                                                      "tc": token_cost}).one()
-        return max(requests_at, tokens_at) - now
+    async def _run(self, fn: Callable[..., T], *args: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._threads, fn, *args)
+
+    async def wait_turn(self, key: str, settings: LimitSettings, tokens: int) -> None:
+        """Wait for `key`'s next turn under the fleet's request and token rates and its pause."""
+        request_cost = 60.0 / settings.requests_per_minute if settings.requests_per_minute else 0.0
+        token_cost = 60.0 * tokens / settings.tokens_per_minute if settings.tokens_per_minute and tokens else 0.0
+        while not request_cost and not token_cost:  # no rate to book: only a pause holds the call back (a read)
+            paused = await self._run(self.shared.paused_for, key)
+            if paused <= 0:
+                return
+            await asyncio.sleep(paused)
+        while True:
+            wait = await self._run(self.shared.reserve, key, request_cost, token_cost)
+            if wait <= 0:
+                return
+            await asyncio.sleep(wait)
+            paused = await self._run(self.shared.paused_for, key)  # a pause may have begun while this turn waited
+            if paused <= 0:
+                return
+            await asyncio.sleep(paused)
+
+    @asynccontextmanager
+    async def slot(self, key: str, limit: int) -> AsyncIterator[None]:
+        """Hold one of `key`'s `limit` slots across the fleet while inside.
+
+        A slot this process gives back goes straight to a call of this process waiting for the same key, without
+        a round trip; waiting calls also try the store now and then, for slots other processes give back."""
+        holder = await self._take(key, limit)
+        self._keep_renewing()
+        try:
+            yield
+        finally:
+            self._give(key, holder)
+
+    async def _take(self, key: str, limit: int) -> str:
+        waiting = self._waiting.setdefault(key, collections.deque())
+        delay = self._POLL_START
+        while True:
+            holder = f"{self._token}:{next(self._numbers)}"
+            if await self._run(self.shared.enter, key, limit, holder, self.LEASE_SECONDS):
+                self._held[holder] = key
+                return holder
+            handed: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+            waiting.append(handed)
+            try:
+                return await asyncio.wait_for(handed, delay * (0.5 + random.random()))
+            except asyncio.TimeoutError:
+                pass
+            except asyncio.CancelledError:
+                if handed.done() and not handed.cancelled():
+                    self._give(key, handed.result())  # handed over just as this call was cancelled
+                raise
+            finally:
+                if handed in waiting:
+                    waiting.remove(handed)
+            delay = min(delay * 1.5, self._POLL_MAX)
+
+    def _give(self, key: str, holder: str) -> None:
+        waiting = self._waiting.get(key)
+        while waiting:
+            handed = waiting.popleft()
+            if not handed.done():
+                handed.set_result(holder)  # the lease (and its renewal) passes to that call
+                return
+        del self._held[holder]
+        # given back on the store's threads without waiting: a cancelled call must not keep its slot
+        self._threads.submit(self._leave, key, holder)
 
     def pause(self, key: str, seconds: float) -> None:
-        with self.engine.begin() as conn:
-            conn.execute(self._pause_sql, {"key": key, "until": time.time() + seconds})
+        """Pause `key` in every process (sent from a thread: `observe` must not block the loop)."""
+        self._threads.submit(self._quietly, self.shared.pause, key, seconds)
 
-    def paused_for(self, key: str) -> float:
-        with self.engine.connect() as conn:
-            until = conn.execute(sa.select(RATES.c.paused_until).where(RATES.c.key == key)).scalar()
-        return max(0.0, (until or 0.0) - time.time())
+    def _leave(self, key: str, holder: str) -> None:
+        self._quietly(self.shared.leave, key, holder)
 
-    def enter(self, key: str, limit: int, holder: str, lease: float) -> bool:
-        now = time.time()
-        with self.engine.begin() as conn:
-            if self._postgres:  # one taker at a time per key, until this transaction ends
-                conn.execute(sa.text("SELECT pg_advisory_xact_lock(:lock)"),
-                             {"lock": int(key[:15], 16)})
-            conn.execute(sa.delete(SLOTS).where(SLOTS.c.key == key, SLOTS.c.expires_at < now))
-            taken = conn.execute(self._enter_sql, {"key": key, "holder": holder, "expires": now + lease,
-                                                   "limit": limit}).rowcount
-        return taken == 1
+    @staticmethod
+    def _quietly(fn: Callable[..., Any], *args: Any) -> None:
+        try:
+            fn(*args)
+        except Exception as exc:  # noqa: BLE001 - a lost update only delays others (leases expire); log it
+            log.warning("shared limits: %s failed: %s", getattr(fn, "__name__", fn), exc)
 
-    def leave(self, key: str, holder: str) -> None:
-        with self.engine.begin() as conn:
-            conn.execute(sa.delete(SLOTS).where(SLOTS.c.key == key, SLOTS.c.holder == holder))
+    def _keep_renewing(self) -> None:
+        if self._renewing is None or self._renewing.done():
+            self._renewing = asyncio.get_running_loop().create_task(self._renew())
 
-    def renew(self, held: list[tuple[str, str]], lease: float) -> None:
-        if not held:
-            return
-        with self.engine.begin() as conn:
-            conn.execute(sa.update(SLOTS).where(SLOTS.c.holder.in_([holder for _, holder in held]))
-                         .values(expires_at=time.time() + lease))
-
-
-def _shown(url: str) -> str:
-    try:
-        return sa.engine.make_url(url).render_as_string(hide_password=True)
-    except sa.exc.ArgumentError:
-        return "(not a URL)"
-
-
-def open_shared_limits(redis_url: str | None, engine: sa.engine.Engine | None) -> Any:
-    """The shared limits in Redis at `redis_url` when given, else in `engine`'s database; None without either."""
-    if redis_url:
-        return RedisLimits(redis_url)
-    if engine is not None:
-        return SqlLimits(engine)
-    return None
+    async def _renew(self) -> None:
+        while self._held:
+            await asyncio.sleep(self.LEASE_SECONDS / 3)
+            held = [(key, holder) for holder, key in self._held.items()]
+            try:
+                await self._run(self.shared.renew, held, self.LEASE_SECONDS)
+            except Exception as exc:  # noqa: BLE001 - tried again next round
+                log.warning("shared limits: renewing %d slot(s) failed: %s", len(held), exc)

@@ -11,7 +11,8 @@ import asyncio
 from typing import TYPE_CHECKING
 
 from mp_pipelines.calls.budget import BudgetTracker
-from mp_pipelines.calls.limits import CallLimiter, FleetLimits, LimiterRegistry
+from mp_pipelines.calls.fleet import FleetLimits
+from mp_pipelines.calls.limits import CallLimiter, LimiterRegistry
 from mp_pipelines.llm.types import LimitSettings, LLMResult
 from mp_pipelines.spec.models import BudgetSpec
 

@@ -12,8 +12,8 @@ import dagster as dg
 from mp_pipelines.calls.budget import unshared_account
 from mp_pipelines.calls.call import CallScope
 from mp_pipelines.calls.deadline import TaskTimeout
-from mp_pipelines.calls.fleet import LIMITS_REDIS_URL_ENV, open_shared_limits
-from mp_pipelines.calls.limits import FleetLimits
+from mp_pipelines.calls.fleet import FleetLimits
+from mp_pipelines.calls.fleet_stores import LIMITS_REDIS_URL_ENV, open_shared_limits
 from mp_pipelines.calls.pricing import current_prices, unpriced_under_budget
 from mp_pipelines.calls.store import open_store
 from mp_pipelines.calls.usage import Usage
