@@ -157,3 +157,14 @@ def test_the_deployment_guide_names_what_the_fleet_reads() -> None:
     assert "mp-pipelines worker -n" in commands and "--executor celery" in commands
     assert f"-Q {QUEUE}" in section and LIMITS_REDIS_URL_ENV in section and FLEET_LIMITS_ENV in section
     assert all(f"`{mode}`" in section for mode in FLEET_MODES)
+
+
+def test_a_budget_without_a_shared_account_is_refused_on_celery_as_on_multiprocess() -> None:
+    from mp_pipelines.factory.ops import budget_refusal
+    from mp_pipelines.spec.models import BudgetSpec
+
+    budget = BudgetSpec(max_calls=5)
+    celery = {"execution": {"config": {"celery": {}}}}
+    reason = budget_refusal(budget, celery, "MP_CACHE_URL is 'none'", ["gpt-4o-mini"])
+    assert reason is not None and "step processes of the celery executor" in reason and "MP_CACHE_URL" in reason
+    assert budget_refusal(budget, celery, None, ["gpt-4o-mini"]) is None  # one account in the store's database
