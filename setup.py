@@ -16,6 +16,8 @@ setup(
         "dagster-webserver==1.13.27",
         "dagster-postgres==0.29.27",
         "dagster-graphql==1.13.27",  # `mp-pipelines launch/status/cancel/reload` (DagsterGraphQLClient)
+        "dagster-celery==0.29.27",  # `--executor celery` and `mp-pipelines worker` (with celery 5, kombu)
+        "redis>=5",  # Celery's Redis broker/backend and the fleet's shared limits (MP_LIMITS_REDIS_URL)
         # SQLAlchemy 2.1 maps postgresql:// to psycopg 3, which breaks dagster-postgres 0.29.27.
         "sqlalchemy>=2.0,<2.1",
         "openai>=1.40",

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -44,9 +45,21 @@ def build_definitions(loaded: LoadResult) -> dg.Definitions:
             problems.append(Problem(str(loaded.sources.get(name, name)), "", f"could not build job: {exc}"))
     for problem in problems:
         logger.warning("workflow not loaded: %s", problem)
-    return dg.Definitions.merge(*parts, dg.Definitions(resources={LLM_RESOURCE_KEY: build_llm_resource(),
-                                                                  BUDGET_RESOURCE_KEY: RunBudget()},
-                                                       sensors=[build_failure_sensor()]))
+    resources: dict[str, Any] = {LLM_RESOURCE_KEY: build_llm_resource(), BUDGET_RESOURCE_KEY: RunBudget()}
+    step_storage = step_storage_io_manager()
+    if step_storage is not None:
+        resources["io_manager"] = step_storage
+    return dg.Definitions.merge(*parts, dg.Definitions(resources=resources, sensors=[build_failure_sensor()]))
+
+
+STEP_STORAGE_DIR_ENV = "MP_STEP_STORAGE_DIR"
+
+
+def step_storage_io_manager() -> dg.ConfigurableIOManager | None:
+    """Where steps hand their outputs to the next: a folder every worker mounts at the same path when
+    `MP_STEP_STORAGE_DIR` is set (None: Dagster's default, `$DAGSTER_HOME/storage` of the machine)."""
+    folder = os.environ.get(STEP_STORAGE_DIR_ENV, "").strip()
+    return dg.FilesystemIOManager(base_dir=folder) if folder else None
 
 
 def load_specs(source: str | None = None) -> LoadResult:

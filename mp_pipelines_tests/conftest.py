@@ -87,6 +87,11 @@ def _no_ambient_llm_env(monkeypatch: pytest.MonkeyPatch) -> None:
         "MP_MAX_CELL_CHARS",
         "MP_MAX_PROMPT_CHARS",
         "MP_MAX_SPEC_BYTES",
+        "MP_CELERY_BROKER",
+        "MP_CELERY_BACKEND",
+        "MP_STEP_STORAGE_DIR",
+        "MP_LIMITS_REDIS_URL",
+        "MP_FLEET_LIMITS",
         "DAGSTER_HOME",
     ):
         monkeypatch.delenv(name, raising=False)

@@ -59,10 +59,10 @@ def limits_text(budget: BudgetSpec) -> str:
     return ", ".join(part for part in parts if part)
 
 
-def unshared_account(budget: BudgetSpec, no_store: str) -> str:
+def unshared_account(budget: BudgetSpec, no_store: str, executor: str = "multiprocess") -> str:
     """Why `budget` cannot hold for a run whose steps run in separate processes when there is no store to keep
     one account for all of them (`no_store` says why there is none)."""
-    return (f"the run's budget ({limits_text(budget)}) cannot hold across the step processes of the multiprocess "
+    return (f"the run's budget ({limits_text(budget)}) cannot hold across the step processes of the {executor} "
             f"executor: {no_store}, so each process would keep an account of its own; set MP_CACHE_URL to a "
             "reachable database, or run on the concurrent executor (--executor concurrent)")
 

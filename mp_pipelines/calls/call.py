@@ -15,6 +15,7 @@ from mp_pipelines.llm.types import ChatModel, LimitSettings, LLMRequest, LLMResu
 from mp_pipelines.spec.models import BudgetSpec
 
 if TYPE_CHECKING:
+    from mp_pipelines.calls.fleet import FleetLimits
     from mp_pipelines.calls.models import ModelRouter
     from mp_pipelines.calls.retry import RetryBudget
     from mp_pipelines.calls.run import RunCalls
@@ -28,7 +29,7 @@ class CallScope:
     run: RunCalls  # the run's call-path state in this process
     run_limits: LimitSettings | None = None  # the workflow's `limits` (over the resource's defaults)
     fanout: str | None = None  # task name of the fan-out the call is part of
-    breadth: int | None = None  # most calls of that fan-out in flight at once, in this process
+    breadth: int | None = None  # most calls of that fan-out in flight at once (across the fleet with `fleet`)
     budget: BudgetSpec | None = None  # the run's budget (workflow `budget:` or run config)
     store: ResponseStore | None = None  # the instance's response store (cache and checkpoints)
     cache_policy: str = "off"  # read_write | read | write | off, for this task
@@ -43,6 +44,7 @@ class CallScope:
     fallback: tuple[str, ...] = ()  # models that answer when this one fails after its retries (calls/fallback.py)
     router: ModelRouter | None = None  # `model` / `provider/model` → the endpoint's ChatModel and model id
     log: Any = None  # where retries and pauses are said as they happen (the op's log); None: Python logging
+    fleet: FleetLimits | None = None  # limits shared by the run's processes (steps spread over processes)
 
     @property
     def run_id(self) -> str:

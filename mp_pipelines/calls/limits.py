@@ -5,6 +5,11 @@ takes a slot first. Rates use `aiolimiter`'s leaky bucket. A 429 pauses new call
 Retry-After and halves the in-flight cap; a 5xx shrinks it by a quarter; each success gives one slot back (additive increase,
 multiplicative decrease), so throughput recovers once the endpoint stops throttling or failing. The
 retry stage (`retry.py`) sends the failed request again, through this limiter, honouring Retry-After.
+
+When the steps of a run are spread over processes or machines, a limiter also holds a `FleetLimits`: the
+same caps then hold across the fleet through shared storage (`fleet.py`; the stores on Redis or the
+instance's database are in `fleet_stores.py`), and a 429 seen by one process pauses the model in all of them. Without
+one, everything stays in this process's memory: the fast path for a run in one process.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from contextlib import AsyncExitStack, asynccontextmanager
 from aiolimiter import AsyncLimiter
 
 from mp_pipelines.calls.call import Answer, Call, Proceed
+from mp_pipelines.calls.fleet import FleetLimits, fleet_key
 from mp_pipelines.llm.headers import retry_after_seconds
 from mp_pipelines.llm.types import LimitSettings, LLMRequest
 
@@ -38,8 +44,10 @@ def pause_after(headers: Mapping[str, str]) -> float | None:
 class CallLimiter:
     """Limits of one model at one scope; use `async with limiter.slot(tokens):` around a call."""
 
-    def __init__(self, settings: LimitSettings) -> None:
+    def __init__(self, settings: LimitSettings, fleet: FleetLimits | None = None, fleet_key: str = "") -> None:
         self.settings = settings
+        self.fleet = fleet  # the caps hold across the fleet too (see FleetLimits); None: this process only
+        self.fleet_key = fleet_key
         self._cap = settings.max_in_flight
         self.allowed = settings.max_in_flight  # the adaptive cap, ≤ the configured one
         self.in_flight = 0
@@ -66,6 +74,13 @@ class CallLimiter:
             self.in_flight += 1
             self.peak_in_flight = max(self.peak_in_flight, self.in_flight)
         try:
+            if self.fleet is not None:
+                async with AsyncExitStack() as fleet_slot:
+                    if self._cap is not None:
+                        await fleet_slot.enter_async_context(self.fleet.slot(f"{self.fleet_key}/in_flight", self._cap))
+                    await self.fleet.wait_turn(self.fleet_key, self.settings, tokens)
+                    yield
+                return
             if self._requests is not None:
                 await self._requests.acquire()
             if self._tokens is not None and tokens > 0:
@@ -82,7 +97,10 @@ class CallLimiter:
         if status == 429:
             self.throttled += 1
             wait = pause_after(headers)
-            self._paused_until = max(self._paused_until, time.monotonic() + (DEFAULT_PAUSE_SECONDS if wait is None else wait))
+            pause = DEFAULT_PAUSE_SECONDS if wait is None else wait
+            self._paused_until = max(self._paused_until, time.monotonic() + pause)
+            if self.fleet is not None:
+                self.fleet.pause(self.fleet_key, pause)
             self.decrease(0.5)
         elif status >= 500:
             self.server_errors += 1
@@ -131,11 +149,12 @@ class LimiterRegistry:
         self._limiters: dict[tuple[str, ...], CallLimiter] = {}
         self._semaphores: dict[tuple[str, ...], asyncio.Semaphore] = {}
 
-    def limiter(self, key: tuple[str, ...], settings: LimitSettings) -> CallLimiter:
-        """The limiter of `key`; a new one when the settings changed."""
+    def limiter(self, key: tuple[str, ...], settings: LimitSettings, fleet: FleetLimits | None = None) -> CallLimiter:
+        """The limiter of `key` (shared across the fleet through `fleet` when given); a new one when the settings
+        or the fleet changed."""
         found = self._limiters.get(key)
-        if found is None or found.settings != settings:
-            found = self._limiters[key] = CallLimiter(settings)
+        if found is None or found.settings != settings or found.fleet is not fleet:
+            found = self._limiters[key] = CallLimiter(settings, fleet, fleet_key(*key) if fleet is not None else "")
         return found
 
     def semaphore(self, key: tuple[str, ...], size: int) -> asyncio.Semaphore:
@@ -167,15 +186,17 @@ def estimate_tokens(request: LLMRequest) -> int:
 
 class RateLimits:
     """A call takes a slot of the process's limiter for its model, and of the run's when the workflow has
-    `limits`; both see the call's HTTP responses to adapt to 429s."""
+    `limits`; both see the call's HTTP responses to adapt to 429s. With a fleet (`CallScope.fleet`) the
+    process's limiter is the fleet's for the model and the run's holds across all the run's processes."""
 
     async def __call__(self, call: Call, proceed: Proceed) -> Answer:
         model = call.request.model or call.model.default_model
         endpoint = call.model.endpoint_key()
-        limiters = [PROCESS_LIMITERS.limiter((endpoint, model), call.model.limit_settings())]
+        fleet = call.scope.fleet
+        limiters = [PROCESS_LIMITERS.limiter((endpoint, model), call.model.limit_settings(), fleet)]
         run_limits = call.scope.run_limits
         if run_limits is not None and not run_limits.unlimited:
-            limiters.append(call.scope.run.limiter((endpoint, model), run_limits))
+            limiters.append(call.scope.run.limiter((call.scope.run_id, endpoint, model), run_limits, fleet))
         tokens = estimate_tokens(call.request)
         async with AsyncExitStack() as stack:
             for limiter in limiters:

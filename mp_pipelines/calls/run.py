@@ -11,6 +11,7 @@ import asyncio
 from typing import TYPE_CHECKING
 
 from mp_pipelines.calls.budget import BudgetTracker
+from mp_pipelines.calls.fleet import FleetLimits
 from mp_pipelines.calls.limits import CallLimiter, LimiterRegistry
 from mp_pipelines.llm.types import LimitSettings, LLMResult
 from mp_pipelines.spec.models import BudgetSpec
@@ -31,9 +32,9 @@ class RunCalls:
     def __repr__(self) -> str:
         return f"RunCalls({self.run_id!r}, {self.entries} entries)"
 
-    def limiter(self, key: tuple[str, ...], settings: LimitSettings) -> CallLimiter:
-        """The run's limiter of one endpoint and model."""
-        return self._limiters.limiter(key, settings)
+    def limiter(self, key: tuple[str, ...], settings: LimitSettings, fleet: FleetLimits | None = None) -> CallLimiter:
+        """The run's limiter of one endpoint and model (across the run's processes through `fleet` when given)."""
+        return self._limiters.limiter(key, settings, fleet)
 
     def semaphore(self, key: tuple[str, ...], size: int) -> asyncio.Semaphore:
         """A semaphore shared by the run's callers with `key` (e.g. every shard of one fan-out)."""

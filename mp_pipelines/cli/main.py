@@ -11,8 +11,8 @@ import click
 
 from mp_pipelines.cli import remote
 from mp_pipelines.cli.args import budget_options, executor_option, input_options, parse_inputs
-from mp_pipelines.cli.ui import ui
 from mp_pipelines.cli.stats import stats_command
+from mp_pipelines.cli.ui import ui
 from mp_pipelines.spec.loader import LoadResult, WorkflowValidationError, load_workflow_file, load_workflows
 from mp_pipelines.spec.models import WorkflowSpec
 
@@ -141,6 +141,32 @@ def run(workflow: str, pairs: tuple[str, ...], input_file: str | None, as_json: 
     except (RunRefused, SettingsError) as exc:
         raise RunRefusedError(str(exc)) from None
     _print_outcome(outcome, as_json)
+
+
+@main.command()
+@click.option("--name", "-n", default=None, help="Worker name (default: mp-<random>); @<host> is appended.")
+@click.option("--concurrency", "-c", type=click.IntRange(min=1), default=None,
+              help="Steps this worker runs at once, each in its own process (default: the number of CPUs).")
+@click.option("--loglevel", "-l", type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False),
+              default="INFO", show_default=True)
+def worker(name: str | None, concurrency: int | None, loglevel: str) -> None:
+    """Start a Celery worker that runs the steps of `--executor celery` runs (broker: MP_CELERY_BROKER).
+
+    It needs the runs' environment: DAGSTER_HOME (the same instance), the workflow files, MP_STEP_STORAGE_DIR
+    (a folder every worker mounts at the same path) and the model's endpoint and key."""
+    import uuid
+
+    from mp_pipelines.dagster_ext.celery import QUEUE, CeleryNotConfigured, make_worker_app
+
+    try:
+        app = make_worker_app()
+    except CeleryNotConfigured as exc:
+        raise RunRefusedError(str(exc)) from None
+    argv = ["worker", "--queues", QUEUE, "--loglevel", loglevel.upper(),
+            "--hostname", f"{name or 'mp-' + uuid.uuid4().hex[:6]}@%h"]
+    if concurrency:
+        argv += ["--concurrency", str(concurrency)]
+    app.worker_main(argv)
 
 
 @main.command(epilog=EXIT_CODES)

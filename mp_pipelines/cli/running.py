@@ -152,9 +152,17 @@ def refuse_inputs_outside_roots(spec: WorkflowSpec, inputs: dict[str, Any], sour
 
 def refuse_unsafe_run(spec: WorkflowSpec, config: dict[str, Any], instance: dg.DagsterInstance) -> None:
     """RunRefused, before anything runs, when the run's budget could not be enforced (see `factory.ops.run_refusal`)."""
-    from mp_pipelines.factory.ops import run_refusal
+    from mp_pipelines.dagster_ext.celery import CeleryNotConfigured, broker_url
+    from mp_pipelines.factory.names import executor_kind
+    from mp_pipelines.factory.ops import fleet_mode, run_refusal
     from mp_pipelines.llm.resource import build_llm_resource
 
+    try:
+        fleet_mode()
+        if executor_kind(config) == "celery":
+            broker_url(((config.get("execution") or {}).get("config") or {}).get("celery", {}).get("broker"))
+    except (CeleryNotConfigured, ValueError) as exc:
+        raise RunRefused(f"workflow {spec.name}: {exc}") from None
     reason = run_refusal(spec, config, instance, build_llm_resource().default_model)
     if reason is not None:
         raise RunRefused(f"workflow {spec.name}: {reason}")

@@ -55,6 +55,7 @@ from dagster._core.execution.tags import get_tag_concurrency_limits_config
 from dagster._core.executor.base import Executor
 from dagster._utils.error import serializable_error_info_from_exc_info
 
+from mp_pipelines.dagster_ext.celery import CELERY_EXECUTOR_CONFIG, celery_fleet_executor
 from mp_pipelines.dagster_ext.step_threads import StepThread, StepThreads, StoredOutputs, is_terminal
 from mp_pipelines.dagster_ext.traced import TracedExecutor
 
@@ -292,21 +293,26 @@ def concurrent_executor(init_context: dg.InitExecutorContext) -> ConcurrentExecu
 
 
 def _selected_requirements(config: dict[str, Any]) -> list[dg.ExecutorRequirement]:
-    return list(multiple_process_executor_requirements()) if "multiprocess" in config else []
+    spread = "multiprocess" in config or "celery" in config
+    return list(multiple_process_executor_requirements()) if spread else []
 
 
 @dg.executor(
     name="selectable",
     config_schema=dg.Field(
         dg.Selector({"concurrent": dg.Field(CONCURRENT_EXECUTOR_CONFIG), "multiprocess": MULTI_PROC_CONFIG,
-                     "in_process": IN_PROC_CONFIG}),
+                     "in_process": IN_PROC_CONFIG,
+                     "celery": dg.Field({**CELERY_EXECUTOR_CONFIG, "retries": get_retries_config()})}),
         default_value={"concurrent": {}},
     ),
     requirements=_selected_requirements,
 )
 def selectable_executor(init_context: dg.InitExecutorContext) -> Executor:
-    """The concurrent executor, or Dagster's multiprocess or in-process one, chosen per run in run config."""
+    """The concurrent executor, or Dagster's multiprocess or in-process one, or dagster-celery's on a worker
+    fleet, chosen per run in run config."""
     ((kind, options),) = init_context.executor_config.items()
+    if kind == "celery":
+        return celery_fleet_executor(init_context, options)
     if kind == "concurrent":
         chosen, config = concurrent_executor, options
     else:

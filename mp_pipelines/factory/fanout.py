@@ -16,6 +16,7 @@ from mp_pipelines.factory.names import (
     FANOUT_TAG,
     ITEM_RECORDS,
     PROMPT_RESOURCE_KEYS,
+    SPREAD_EXECUTORS,
     WORKFLOW_TAG,
     collect_step,
     executor_kind,
@@ -27,6 +28,7 @@ from mp_pipelines.factory.ops import (
     call_scope,
     chat_model,
     failure_metadata,
+    fleet_limits,
     log_fields,
     make_op,
     materialization,
@@ -93,8 +95,9 @@ def _items(spec: WorkflowSpec, task: TaskSpec, source_kind: str, source: str, wo
 
 def _breadth_share(context: dg.OpExecutionContext, spec: WorkflowSpec, shards: int) -> int:
     """Calls this step may have in flight: the whole breadth when shards share one process (the default
-    executors); a fair share of it when each step is its own process (multiprocess)."""
-    if executor_kind(context.run_config) != "multiprocess":
+    executors) or the fleet's shared limits hold it across processes (`fleet_limits`); a fair share of it when
+    each step is its own process and nothing is shared."""
+    if executor_kind(context.run_config) not in SPREAD_EXECUTORS or fleet_limits(context) is not None:
         return spec.breadth
     return max(1, spec.breadth // max(1, min(shards, spec.breadth)))
 

@@ -11,6 +11,7 @@ from typing import Any
 
 import dagster as dg
 
+from mp_pipelines.dagster_ext.celery import CELERY_EXECUTOR_CONFIG
 from mp_pipelines.dagster_ext.executor import selectable_executor
 from mp_pipelines.factory.fanout import build_collect_op, build_items_op, build_shard_op
 from mp_pipelines.factory.logs import LOGGER_DEFS
@@ -37,8 +38,10 @@ def job_name(spec: WorkflowSpec) -> str:
 def build_executor(spec: WorkflowSpec) -> dg.ExecutorDefinition:
     """The concurrent executor by default; Dagster's multiprocess or in-process one when a run asks.
 
-    Selectable per run: `execution: {config: {concurrent: {max_concurrent: N}}}`, `{in_process: {}}` or
-    `{multiprocess: {max_concurrent: N}}`. Every choice keeps one fan-out's steps within `breadth`.
+    Selectable per run: `execution: {config: {concurrent: {max_concurrent: N}}}`, `{in_process: {}}`,
+    `{multiprocess: {max_concurrent: N}}` or `{celery: {broker, backend, config_source}}` (steps on a Celery
+    worker fleet; broker and backend default to MP_CELERY_BROKER / MP_CELERY_BACKEND). Every choice keeps one
+    fan-out's calls within `breadth`.
     """
     schema = dg.Field(
         dg.Selector({
@@ -53,6 +56,7 @@ def build_executor(spec: WorkflowSpec) -> dg.ExecutorDefinition:
                                          default_value="forkserver"),
             }),
             "in_process": dg.Field({}),
+            "celery": dg.Field(CELERY_EXECUTOR_CONFIG),
         }),
         default_value={"concurrent": {}},
     )
@@ -62,6 +66,8 @@ def build_executor(spec: WorkflowSpec) -> dg.ExecutorDefinition:
         ((kind, options),) = config.items()
         if kind == "in_process":
             return {"in_process": {}}
+        if kind == "celery":  # breadth holds across the workers through the fleet's shared limits
+            return {"celery": options}
         if kind == "concurrent":
             return {"concurrent": {"max_concurrent": options["max_concurrent"], "tag_concurrency_limits": [limit]}}
         return {"multiprocess": {"max_concurrent": options["max_concurrent"], "tag_concurrency_limits": [limit],

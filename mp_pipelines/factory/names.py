@@ -32,7 +32,8 @@ LOOP_TAG = "mp_pipelines/loop"
 # `mp-pipelines resume` sets it too.
 RESUME_RETRY_TAG = "dagster/is_resume_retry"
 
-EXECUTORS = ("concurrent", "multiprocess", "in_process")  # the job's selectable executors; the first is the default
+EXECUTORS = ("concurrent", "multiprocess", "in_process", "celery")  # the job's selectable executors; the first is the default
+SPREAD_EXECUTORS = frozenset({"multiprocess", "celery"})  # executors that run a run's steps in several processes
 _TASK_OF_STEP = re.compile(r"\[|" + re.escape(RESERVED_SEPARATOR))
 
 

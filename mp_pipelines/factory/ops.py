@@ -1,6 +1,8 @@
 """Ops for prompt tasks: the inputs op, plain task ops, and the helpers every op builder shares."""
 
 
+import os
+import threading
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Mapping
@@ -10,6 +12,8 @@ import dagster as dg
 from mp_pipelines.calls.budget import unshared_account
 from mp_pipelines.calls.call import CallScope
 from mp_pipelines.calls.deadline import TaskTimeout
+from mp_pipelines.calls.fleet import FleetLimits
+from mp_pipelines.calls.fleet_stores import LIMITS_REDIS_URL_ENV, open_shared_limits
 from mp_pipelines.calls.models import ModelRouter
 from mp_pipelines.calls.pricing import current_prices, unpriced_under_budget
 from mp_pipelines.calls.retry import retry_budget
@@ -20,11 +24,12 @@ from mp_pipelines.factory.names import (
     INPUTS_OP,
     LLM_RESOURCE_KEY,
     PROMPT_RESOURCE_KEYS,
+    SPREAD_EXECUTORS,
     WORKFLOW_TAG,
     executor_kind,
 )
-from mp_pipelines.factory.partitions import inbox_root
 from mp_pipelines.factory.observe import observed
+from mp_pipelines.factory.partitions import inbox_root
 from mp_pipelines.factory.resources import RunBudget
 from mp_pipelines.llm.types import ChatModel, LimitSettings, LLMError
 from mp_pipelines.spec.inputs import coerce_input
@@ -155,11 +160,66 @@ def call_scope(context: dg.OpExecutionContext, spec: WorkflowSpec, task: TaskSpe
     return CallScope(resource.run_calls(context.run_id), run_limits, fanout, breadth, budget=budget,
                      store=store, cache_policy=spec.cache_policy(task),
                      root_run_id=run.root_run_id or run.run_id,
-                     resuming=is_resume(run) or context.retry_number > 0,  # a retried step: answers so far stand
+                     resuming=reads_checkpoint(context),  # a retried step: answers so far stand
                      step_retry=context.retry_number > 0 and not is_resume(run),
                      workflow=spec.name, task=task.name, repair_attempts=task.repair_attempts, task_timeout=task.timeout,
                      retry_budget=retry_budget(task.retries), fallback=spec.fallback_for(task), router=router,
-                     log=context.log)
+                     log=context.log, fleet=fleet_limits(context))
+
+
+FLEET_LIMITS_ENV = "MP_FLEET_LIMITS"
+FLEET_MODES = ("auto", "on", "off")
+_FLEETS: dict[tuple[str, int], FleetLimits] = {}
+_FLEETS_LOCK = threading.Lock()
+
+
+def fleet_mode() -> str:
+    """`MP_FLEET_LIMITS`: auto (the default), on or off; anything else is a clear error."""
+    mode = os.environ.get(FLEET_LIMITS_ENV, "").strip().lower() or "auto"
+    if mode not in FLEET_MODES:
+        raise ValueError(f"{FLEET_LIMITS_ENV} is {mode!r}; use one of {', '.join(FLEET_MODES)}")
+    return mode
+
+
+def fleet_limits(context: dg.OpExecutionContext) -> FleetLimits | None:
+    """The limits this step shares with the other processes of its run (and every run using the same storage).
+
+    `MP_FLEET_LIMITS=auto` shares them when the run's steps are spread over processes (the multiprocess and
+    Celery executors) or `MP_LIMITS_REDIS_URL` is set; `on` always, `off` never. They live in Redis at
+    `MP_LIMITS_REDIS_URL` when set, else in the response store's database (the instance's PostgreSQL, or the
+    SQLite file next to a local instance). Without either, limits stay per process (None)."""
+    try:
+        mode = fleet_mode()
+    except ValueError as exc:
+        raise dg.Failure(str(exc), allow_retries=False) from None
+    redis_url = os.environ.get(LIMITS_REDIS_URL_ENV, "").strip()
+    if mode == "off" or (mode == "auto" and not redis_url and executor_kind(context.run_config) not in SPREAD_EXECUTORS):
+        return None
+    store = None if redis_url else open_store(context.instance)[0]
+    if not redis_url and store is None:
+        context.log.warning("limits and breadth cannot be shared by the run's processes: there is no response store "
+                            f"(set {LIMITS_REDIS_URL_ENV}, or give the instance a database); each process keeps its own")
+        return None
+    where = redis_url or store.url  # type: ignore[union-attr]
+    with _FLEETS_LOCK:
+        key = (where, os.getpid())
+        if key not in _FLEETS:
+            try:
+                _FLEETS[key] = FleetLimits(open_shared_limits(redis_url or None, None if redis_url else store.engine))
+            except Exception as exc:  # noqa: BLE001 - whatever stops it, the step cannot keep the fleet's limits
+                setting = LIMITS_REDIS_URL_ENV if redis_url else "the response store's database"
+                raise dg.Failure(f"the shared limits in {setting} cannot be reached: "
+                                 f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}",
+                                 allow_retries=True) from None
+        return _FLEETS[key]
+
+
+def reads_checkpoint(context: dg.OpExecutionContext) -> bool:
+    """Whether calls of this step first look for their answers in the run family's checkpoint: when the run
+    resumes an earlier one, when the step is tried again, and on Celery, where a step whose worker died is
+    delivered again to another worker (what it answered before the loss is not asked again)."""
+    return (is_resume(context.dagster_run) or context.retry_number > 0
+            or executor_kind(context.run_config) == "celery")
 
 
 def budget_refusal(budget: BudgetSpec, run_config: Mapping[str, Any], no_store: str | None,
@@ -167,12 +227,13 @@ def budget_refusal(budget: BudgetSpec, run_config: Mapping[str, Any], no_store: 
     """Why `budget` would not hold for calls to `models`, or None.
 
     Without a store (`no_store` says why) the account lives in each process, so it holds the run only when every
-    step runs in one process: the multiprocess executor's step processes would each spend the whole budget. A cost
+    step runs in one process: the step processes of the multiprocess or Celery executor would each spend the whole
+    budget. A cost
     limit cannot be measured against a model that has no price."""
     if budget.unlimited:
         return None
-    if no_store is not None and executor_kind(run_config) == "multiprocess":
-        return unshared_account(budget, no_store)
+    if no_store is not None and executor_kind(run_config) in SPREAD_EXECUTORS:
+        return unshared_account(budget, no_store, executor_kind(run_config))
     for model in sorted(set(models)):
         reason = unpriced_under_budget(model, budget.max_cost_usd)
         if reason is not None:
@@ -189,7 +250,7 @@ def run_refusal(spec: WorkflowSpec, run_config: Mapping[str, Any], instance: dg.
     if budget.unlimited:
         return None
     # Opening the store only matters, and is only paid for, when the steps run in separate processes.
-    no_store = open_store(instance, warn=False)[1] if executor_kind(run_config) == "multiprocess" else None
+    no_store = open_store(instance, warn=False)[1] if executor_kind(run_config) in SPREAD_EXECUTORS else None
     models = [spec.settings_for(task).model or default_model for task in spec.all_tasks()]
     return budget_refusal(budget, run_config, no_store, models)
 
