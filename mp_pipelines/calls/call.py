@@ -15,6 +15,7 @@ from mp_pipelines.llm.types import ChatModel, LimitSettings, LLMRequest, LLMResu
 from mp_pipelines.spec.models import BudgetSpec
 
 if TYPE_CHECKING:
+    from mp_pipelines.calls.batch import BatchCollector
     from mp_pipelines.calls.run import RunCalls
     from mp_pipelines.calls.store import ResponseStore
 
@@ -36,6 +37,7 @@ class CallScope:
     task: str = ""
     repair_attempts: int = 0  # times an answer that is not the JSON asked for is sent back
     task_timeout: float | None = None  # the task's `timeout` in seconds, for messages
+    batch: BatchCollector | None = None  # in batch mode: where the step's calls wait for their batches
 
     @property
     def run_id(self) -> str:

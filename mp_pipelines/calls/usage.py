@@ -20,6 +20,8 @@ class Usage:
     completion_tokens: int = 0
     latency_s: float = 0.0  # summed over calls
     cost_usd: float = 0.0  # from the price table; 0 for models it does not list
+    batch_requests: int = 0  # calls answered through the Batch API (counted in `calls` too)
+    batch_saving_usd: float = 0.0  # what those calls would have cost more at online prices
 
     def __add__(self, other: Usage) -> Usage:
         return Usage(*(getattr(self, f.name) + getattr(other, f.name) for f in fields(self)))

@@ -78,7 +78,8 @@ def _usage_text(usage: Usage) -> str:
 
 def run_workflow(spec: WorkflowSpec, inputs: dict[str, Any], *, source: str | None = None,
                  executor: str | None = None, instance: dg.DagsterInstance | None = None,
-                 progress: Callable[[str], None] | None = None, budget: dict[str, Any] | None = None) -> RunOutcome:
+                 progress: Callable[[str], None] | None = None, budget: dict[str, Any] | None = None,
+                 mode: str | None = None) -> RunOutcome:
     """Execute the workflow's job with its own executor and summarize the finished run."""
     from mp_pipelines.definitions import reconstructable_job
     from mp_pipelines.llm.provider import provider_from_env
@@ -89,7 +90,7 @@ def run_workflow(spec: WorkflowSpec, inputs: dict[str, Any], *, source: str | No
     token = uuid.uuid4().hex
     done = threading.Event()
     watcher = threading.Thread(target=_watch, args=(instance, token, done, progress), daemon=True)
-    config = run_config(inputs, executor, budget)
+    config = run_config(inputs, executor, budget, mode=mode)
     try:
         refuse_unsafe_run(spec, config, instance)
         if progress:

@@ -7,6 +7,7 @@ from typing import Any, Callable, Iterable, Iterator, Mapping
 
 import dagster as dg
 
+from mp_pipelines.calls.batch import BatchCollector
 from mp_pipelines.calls.budget import unshared_account
 from mp_pipelines.calls.call import CallScope
 from mp_pipelines.calls.deadline import TaskTimeout
@@ -24,7 +25,7 @@ from mp_pipelines.factory.names import (
 from mp_pipelines.factory.resources import RunBudget
 from mp_pipelines.llm.types import ChatModel, LimitSettings, LLMError
 from mp_pipelines.spec.inputs import coerce_input, resolve_path
-from mp_pipelines.spec.models import BudgetSpec, InputSpec, TaskSpec, WorkflowSpec
+from mp_pipelines.spec.models import BatchSettings, BudgetSpec, InputSpec, TaskSpec, WorkflowSpec
 from mp_pipelines.spec.templates import TemplateError
 from mp_pipelines.tasks.runner import TaskRun, build_context, condition_holds, preview, run_task
 
@@ -124,11 +125,24 @@ def call_scope(context: dg.OpExecutionContext, spec: WorkflowSpec, task: TaskSpe
     refusal = budget_refusal(budget, context.run_config, no_store, [spec.settings_for(task).model or llm.default_model])
     if refusal is not None:
         raise dg.Failure(f"task {task.name}: {refusal}", metadata={"error_kind": "budget"}, allow_retries=False)
+    batch = batch_settings(context, spec, task)
+    if batch.mode == "batch" and budget.max_cost_usd is not None and spec.settings_for(task).max_tokens is None:
+        raise dg.Failure(f"task {task.name} runs in batch mode under a cost budget (max_cost_usd) and needs "
+                         "max_tokens: a batch's cost is admitted before it is sent, with max_tokens as the bound of "
+                         "each answer; set max_tokens on the task or run it with --mode online",
+                         metadata={"error_kind": "budget"}, allow_retries=False)
     run = context.dagster_run
     return CallScope(resource.run_calls(context.run_id), run_limits, fanout, breadth, budget=budget,
                      store=store, cache_policy=spec.cache_policy(task),
                      root_run_id=run.root_run_id or run.run_id, resuming=is_resume(run), workflow=spec.name,
-                     task=task.name, repair_attempts=task.repair_attempts, task_timeout=task.timeout)
+                     task=task.name, repair_attempts=task.repair_attempts, task_timeout=task.timeout,
+                     batch=BatchCollector(batch, context.log) if batch.mode == "batch" else None)
+
+
+def batch_settings(context: dg.OpExecutionContext, spec: WorkflowSpec, task: TaskSpec) -> BatchSettings:
+    """The task's batch policy, with the run's mode (`--mode`, run config resources.llm.config.mode) over its own."""
+    mode = getattr(chat_model(context), "mode", None)
+    return spec.batch_settings(task, mode if mode in ("batch", "online") else None)
 
 
 def budget_refusal(budget: BudgetSpec, run_config: Mapping[str, Any], no_store: str | None,

@@ -18,6 +18,7 @@ from typing import Literal, get_args
 import dagster as dg
 from pydantic import Field, PrivateAttr
 
+from mp_pipelines.llm.batches import BatchAPI
 from mp_pipelines.llm.client import LLMClient
 from mp_pipelines.llm.provider import resolve_provider
 from mp_pipelines.llm.types import LimitSettings, LLMRequest, LLMResult, ResponseObserver
@@ -74,6 +75,12 @@ class LLMResource(dg.ConfigurableResource):
         default=None, gt=0, description="Most prompt+completion tokens to one model per minute in one process."
     )
 
+    mode: Literal["auto", "batch", "online"] = Field(
+        default="auto",
+        description="'batch' sends the run's calls through the endpoint's Batch API (half the price, answers within "
+        "24 h), 'online' calls at once; 'auto': each task's `mode:` decides (default online).",
+    )
+
     _client: LLMClient | None = PrivateAttr(default=None)
 
     def _build_client(self) -> LLMClient:
@@ -122,6 +129,10 @@ class LLMResource(dg.ConfigurableResource):
     async def acomplete(self, request: LLMRequest, on_response: ResponseObserver | None = None) -> LLMResult:
         """One chat call on the running event loop; raises LLMError."""
         return await self.get_client().acomplete(self._with_default_model(request), on_response)
+
+    def batch_api(self) -> BatchAPI:
+        """Files and batches of this endpoint (the Batch API)."""
+        return BatchAPI(self.get_client())
 
     def limit_settings(self) -> LimitSettings:
         """This process's caps per model (also the defaults of a workflow's `limits`)."""
