@@ -22,7 +22,7 @@ BATCHES = sa.Table(
     sa.Column("task", sa.String(255), primary_key=True),
     sa.Column("batch_id", sa.String(255), primary_key=True),
     sa.Column("run_id", sa.String(64), nullable=False),  # the run that submitted it
-    sa.Column("status", sa.String(32), nullable=False),  # submitted | cancelled (not to be followed again)
+    sa.Column("status", sa.String(32), nullable=False),  # submitted; read or cancelled: not to be followed again
     sa.Column("lines", sa.Text, nullable=False),  # JSON {custom_id: checkpoint key}
     sa.Column("created_at", sa.Float, nullable=False),
 )

@@ -14,16 +14,20 @@ One `send` per flush of a `BatchCollector`:
 from __future__ import annotations
 
 import asyncio
+import atexit
+import contextlib
 import json
 import math
 import os
 import time
+import weakref
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 from mp_pipelines.calls.batch_records import adjust_spend, batches_of, mark_batch, reserve_batch, save_batch
 from mp_pipelines.calls.budget import BudgetExceeded, limits_text, usd
 from mp_pipelines.calls.call import Answer
+from mp_pipelines.calls.loop import shared_loop
 from mp_pipelines.calls.pricing import current_prices
 from mp_pipelines.calls.usage import Usage
 from mp_pipelines.llm.types import LLMError, LLMResult
@@ -80,11 +84,33 @@ async def send(collector: BatchCollector, parked: list[Parked]) -> None:
         sender.fail(parked, LLMError("the batch ended without an answer for this request", kind="server_error"))
 
 
+# Senders with batches running in this process, so that a process that is stopped (a terminated run worker leaves
+# its step threads behind and exits) cancels their batches on its way out; a killed one leaves them to a resume.
+_LIVE: weakref.WeakSet[_Sender] = weakref.WeakSet()
+EXIT_CLEANUP_SECONDS = 15.0
+
+
+def _cancel_at_exit() -> None:
+    senders = [sender for sender in list(_LIVE) if sender.live]
+    if not senders:
+        return
+
+    async def cancel() -> None:
+        await asyncio.gather(*(sender.cancel_all() for sender in senders), return_exceptions=True)
+
+    with contextlib.suppress(Exception):  # the process is ending: do what can be done in the time there is
+        shared_loop().submit(cancel()).result(timeout=EXIT_CLEANUP_SECONDS)
+
+
+atexit.register(_cancel_at_exit)
+
+
 class _Sender:
     def __init__(self, collector: BatchCollector) -> None:
         self.collector = collector
         self.live: dict[str, Any] = {}  # batch id -> its store scope, while it runs
         self.api: Any = None
+        _LIVE.add(self)
 
     def finish(self, parked: Parked, *, answer: Answer | None = None, error: BaseException | None = None) -> None:
         if parked.future.done():
@@ -273,6 +299,8 @@ class _Sender:
         self.live.pop(batch_id, None)
         unrun, spent = await self.read(api, batch, group, time.monotonic() - started)
         await self.settle(scope, estimate, spent)
+        if scope.store is not None:  # read: a later attempt asks again (a retry, a repair) rather than re-read it
+            await scope.store.arun(mark_batch, scope.store, scope.root_run_id, scope.task, batch_id, "read")
         if not unrun:
             return
         if batch.status == "failed":
@@ -325,7 +353,8 @@ class _Sender:
             except LLMError as exc:
                 if exc.result is not None:
                     exc.result = _batch_priced(exc.result, request.model, table, waited)
-                    spent = spent + _usage(exc.result, table, request.model)
+                    exc.usage = _usage(exc.result, table, request.model)
+                    spent = spent + exc.usage
                 self.finish(one, error=exc)
                 continue
             result = _batch_priced(result, request.model, table, waited)
@@ -340,6 +369,8 @@ class _Sender:
             return
         collector_log = self.collector.log
         for batch_id, scope in list(self.live.items()):
+            if self.live.pop(batch_id, None) is None:
+                continue  # cancelled meanwhile by the other way out (the step's cancellation, the process's exit)
             try:
                 if self.api is not None:
                     await asyncio.wait_for(self.api.cancel(batch_id), 10)

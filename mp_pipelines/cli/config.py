@@ -29,12 +29,14 @@ def run_config(inputs: Mapping[str, Any], executor: str | None = None, budget: M
 
 
 def with_mode(config: Mapping[str, Any], mode: str | None) -> dict[str, Any]:
-    """`config` with the run's call mode (`batch` or `online`) in resources.llm.config.mode; None leaves it."""
+    """`config` with the run's call mode (`batch` or `online`) in resources.llm.config.mode, with the endpoint
+    settings of this environment (see `llm_run_config`); None leaves it."""
+    from mp_pipelines.llm.resource import llm_run_config
+
     if mode is None:
         return dict(config)
     resources = dict(config.get("resources") or {})
-    current = (resources.get(LLM_RESOURCE_KEY) or {}).get("config") or {}
-    resources[LLM_RESOURCE_KEY] = {"config": {**current, "mode": mode}}
+    resources[LLM_RESOURCE_KEY] = llm_run_config(mode)
     return {**config, "resources": resources}
 
 

@@ -243,6 +243,8 @@ def materialization(context: dg.OpExecutionContext, spec: WorkflowSpec, name: st
     meta.update({"calls": usage.calls, "cache_hits": usage.cache_hits, "prompt_tokens": usage.prompt_tokens,
                  "completion_tokens": usage.completion_tokens, "latency_s": round(usage.latency_s, 3),
                  "cost_usd": round(usage.cost_usd, 9), "preview": dg.MetadataValue.text(preview(value))})
+    if usage.batch_requests:  # batch mode: answers through the Batch API and what they saved at online prices
+        meta.update({"batch_requests": usage.batch_requests, "batch_saving_usd": round(usage.batch_saving_usd, 9)})
     return dg.AssetMaterialization(asset_key=asset_key(spec, name), metadata=meta,
                                    partition=context.partition_key if context.has_partition_key else None)
 

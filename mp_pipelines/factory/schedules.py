@@ -5,6 +5,7 @@ from __future__ import annotations
 import dagster as dg
 
 from mp_pipelines.factory.names import INPUTS_OP, LLM_RESOURCE_KEY
+from mp_pipelines.llm.resource import llm_run_config
 from mp_pipelines.spec.models import WorkflowSpec
 
 
@@ -13,7 +14,7 @@ def schedule_run_config(spec: WorkflowSpec) -> dict:
     inputs = spec.schedule.inputs if spec.schedule else {}
     config: dict = {"ops": {INPUTS_OP: {"config": dict(inputs)}}}
     if spec.schedule and spec.schedule.mode:  # the schedule's `mode:` for its runs
-        config["resources"] = {LLM_RESOURCE_KEY: {"config": {"mode": spec.schedule.mode}}}
+        config["resources"] = {LLM_RESOURCE_KEY: llm_run_config(spec.schedule.mode)}
     return config
 
 

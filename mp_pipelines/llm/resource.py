@@ -171,6 +171,20 @@ def build_llm_resource() -> LLMResource:
 
     SettingsError names an MP_* variable whose value cannot be used, and what it may be.
     """
+    return LLMResource(**_settings_from_env())
+
+
+def llm_run_config(mode: str) -> dict[str, object]:
+    """`resources.llm` run config for a run in `mode` (batch or online), with the settings the environment gives.
+
+    Dagster replaces a resource's configured values as a whole when run config sets any field, so a run config
+    of only `mode` would lose the endpoint; secrets appear as `{"env": NAME}`, never as values."""
+    config = {name: ({"env": value.env_var_name} if isinstance(value, dg.EnvVar) else value)
+              for name, value in _settings_from_env().items()}
+    return {"config": {**config, "mode": mode}}
+
+
+def _settings_from_env() -> dict[str, object]:
     settings: dict[str, object] = {}
     if os.environ.get("OPENAI_API_KEY"):
         settings["api_key"] = dg.EnvVar("OPENAI_API_KEY")
@@ -186,4 +200,4 @@ def build_llm_resource() -> LLMResource:
     for variable, (field, *_) in _NUMBERS.items():
         if os.environ.get(variable):
             settings[field] = _number_setting(variable)
-    return LLMResource(**settings)
+    return settings
