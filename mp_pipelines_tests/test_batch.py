@@ -270,7 +270,7 @@ def test_a_run_killed_while_waiting_resumes_on_the_same_batch(server: RunningSer
     batch_id = _wait_for_checkpoint(child, home, server)
     os.killpg(child.pid, signal.SIGKILL)
     child.wait()
-    assert client(server).batches.retrieve(batch_id).status == "in_progress", "a killed run cancels nothing"
+    assert client(server).batches.retrieve(batch_id).status == "validating", "a killed run cancels nothing"
 
     server.model.batches.completion_delay = 0.0  # the batch finishes while nobody waits for it
     monkeypatch.chdir(tmp_path)
@@ -295,7 +295,7 @@ def test_terminating_a_run_cancels_its_batches(server: RunningServer, tmp_path: 
         instance.report_run_canceling(run_record)
         os.kill(child.pid, signal.SIGINT)  # how Dagster's run launchers deliver termination to a run worker
         child.wait(timeout=60)
-        assert server.model.batches.cancelled == [batch_id]
+        assert server.model.batches.cancelled == [batch_id], child.stderr.read().decode()[-3000:]
         assert client(server).batches.retrieve(batch_id).status in ("cancelling", "cancelled")
         with sqlite3.connect(home / CACHE_FILE) as conn:
             (status,) = conn.execute("SELECT status FROM mp_llm_batches").fetchone()

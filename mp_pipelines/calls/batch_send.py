@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import atexit
-import contextlib
 import json
 import math
 import os
@@ -27,7 +26,6 @@ from typing import TYPE_CHECKING, Any
 from mp_pipelines.calls.batch_records import adjust_spend, batches_of, mark_batch, reserve_batch, save_batch
 from mp_pipelines.calls.budget import BudgetExceeded, limits_text, usd
 from mp_pipelines.calls.call import Answer
-from mp_pipelines.calls.loop import shared_loop
 from mp_pipelines.calls.pricing import current_prices
 from mp_pipelines.calls.usage import Usage
 from mp_pipelines.llm.types import LLMError, LLMResult
@@ -43,6 +41,7 @@ DEFAULT_POLL_SECONDS = 30.0
 FIRST_POLL_SECONDS = 1.0
 CHARS_PER_TOKEN = 3  # a conservative count of prompt tokens for the estimate (English runs about 4)
 MAX_POLL_ERRORS = 10  # polls in a row that may fail (connection lost, 5xx) before the batch's calls fail
+CANCEL_SECONDS = 10.0  # most one cancellation may take while the run stops
 DONE = frozenset({"completed", "failed", "expired", "cancelled"})
 UNRUN = frozenset({"batch_expired", "batch_cancelled"})  # error codes of lines the batch never ran
 
@@ -87,19 +86,13 @@ async def send(collector: BatchCollector, parked: list[Parked]) -> None:
 # Senders with batches running in this process, so that a process that is stopped (a terminated run worker leaves
 # its step threads behind and exits) cancels their batches on its way out; a killed one leaves them to a resume.
 _LIVE: weakref.WeakSet[_Sender] = weakref.WeakSet()
-EXIT_CLEANUP_SECONDS = 15.0
 
 
 def _cancel_at_exit() -> None:
-    senders = [sender for sender in list(_LIVE) if sender.live]
-    if not senders:
-        return
-
-    async def cancel() -> None:
-        await asyncio.gather(*(sender.cancel_all() for sender in senders), return_exceptions=True)
-
-    with contextlib.suppress(Exception):  # the process is ending: do what can be done in the time there is
-        shared_loop().submit(cancel()).result(timeout=EXIT_CLEANUP_SECONDS)
+    # Synchronous: by now the interpreter takes no new work on thread pools, which the event loop's connects need.
+    for sender in list(_LIVE):
+        for batch_id, scope in list(sender.live.items()):
+            sender.cancel_now(batch_id, scope)
 
 
 atexit.register(_cancel_at_exit)
@@ -364,22 +357,31 @@ class _Sender:
         return unrun, spent
 
     async def cancel_all(self) -> None:
-        """Cancel every batch still running (the step is being stopped); marked so that no later attempt follows it."""
-        if not self.live:
-            return
-        collector_log = self.collector.log
+        """Cancel the batches still running (the step is being stopped), marked first so that no later attempt
+        follows them."""
         for batch_id, scope in list(self.live.items()):
-            if self.live.pop(batch_id, None) is None:
-                continue  # cancelled meanwhile by the other way out (the step's cancellation, the process's exit)
             try:
-                if self.api is not None:
-                    await asyncio.wait_for(self.api.cancel(batch_id), 10)
                 if scope.store is not None:
                     await scope.store.arun(mark_batch, scope.store, scope.root_run_id, scope.task, batch_id,
                                            "cancelled")
-                collector_log.warning(f"{scope.task}: cancelled batch {batch_id} (the run is being stopped)")
-            except Exception as exc:  # noqa: BLE001 - stopping goes on; the batch expires within 24 h unpaid
-                collector_log.warning(f"{scope.task}: could not cancel batch {batch_id}: {exc}")
+                if self.api is not None:
+                    await asyncio.wait_for(self.api.cancel(batch_id), CANCEL_SECONDS)
+                self.live.pop(batch_id, None)
+                self.collector.log.warning(f"{scope.task}: cancelled batch {batch_id} (the run is being stopped)")
+            except Exception as exc:  # noqa: BLE001 - stopping goes on; the process's exit tries once more
+                self.collector.log.warning(f"{scope.task}: could not cancel batch {batch_id} yet: {exc}")
+
+    def cancel_now(self, batch_id: str, scope: Any) -> None:
+        """Cancel one batch from a thread without the event loop (the process is exiting)."""
+        try:
+            if scope.store is not None:
+                mark_batch(scope.store, scope.root_run_id, scope.task, batch_id, "cancelled")
+            if self.api is not None:
+                self.api.cancel_now(batch_id, CANCEL_SECONDS)
+            self.live.pop(batch_id, None)
+            self.collector.log.warning(f"{scope.task}: cancelled batch {batch_id} (the process is stopping)")
+        except Exception as exc:  # noqa: BLE001 - the batch expires within 24 h; its answers are never read
+            self.collector.log.warning(f"{scope.task}: could not cancel batch {batch_id}: {exc}")
 
 
 def _batch_priced(result: LLMResult, requested: str, table: Any, waited: float) -> LLMResult:

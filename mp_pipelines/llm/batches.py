@@ -73,6 +73,14 @@ class BatchAPI:
         client = await self.client.async_openai()
         return await self._send(f"cancel batch {batch_id}", client.batches.cancel(batch_id))
 
+    def cancel_now(self, batch_id: str, timeout: float) -> None:
+        """Cancel a batch with a blocking request (for a process on its way out, whose event loop cannot connect)."""
+        try:
+            self.client.openai_client().batches.cancel(batch_id, timeout=timeout)
+        except openai.OpenAIError as exc:
+            raise LLMError(f"Batch API: could not cancel batch {batch_id} at {self.base_url}: "
+                           f"{self.client._redact(str(exc))[:300]}", kind="server_error") from None  # noqa: SLF001
+
     async def content(self, file_id: str) -> bytes:
         """The bytes of an output or error file."""
         client = await self.client.async_openai()

@@ -382,6 +382,10 @@ class LLMClient:
         lanes.release(lane)
         return lanes.clients[lane]
 
+    def openai_client(self) -> openai.OpenAI:
+        """The blocking OpenAI client (a batch cancelled while the process exits)."""
+        return self._sync_client()
+
     def request_body(self, request: LLMRequest) -> dict[str, Any]:
         """The chat.completions body `request` makes, as a Batch API input line carries it."""
         args = self._create_args(request, request.timeout or self.timeout)
