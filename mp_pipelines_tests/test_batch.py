@@ -300,3 +300,52 @@ def test_terminating_a_run_cancels_its_batches(server: RunningServer, tmp_path: 
         with sqlite3.connect(home / CACHE_FILE) as conn:
             (status,) = conn.execute("SELECT status FROM mp_llm_batches").fetchone()
         assert status == "cancelled", "a later attempt does not follow a cancelled batch"
+
+
+def test_the_simulated_model_runs_batch_mode_offline(instance: dg.DagsterInstance, tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """No endpoint configured: the in-process simulated model serves the Batch API behind the openai client."""
+    monkeypatch.setenv("MP_BATCH_POLL_SECONDS", "1")
+    path = write_workflow(tmp_path, fan("offline", 12, task_extra=JSON_TASK))
+    online = run(path, instance, mode="online")
+    batch = run(path, instance)
+    assert batch.success, batch.as_text()
+    assert batch.provider == "simulated"
+    assert batch.tasks["echo"]["output"] == online.tasks["echo"]["output"]
+    assert batch.usage.batch_requests == 12 and online.usage.batch_requests == 0
+
+
+def test_batch_prices_come_from_the_price_file_or_are_half_the_list_price(tmp_path: Path) -> None:
+    from mp_pipelines.calls.pricing import PriceFileError, load_prices
+
+    prices = tmp_path / "prices.yaml"
+    prices.write_text("gw-model: {input: 1.0, output: 4.0, batch_input: 0.8, batch_output: 3.0}\n"
+                      "plain: {input: 2.0, output: 8.0}\n")
+    table = load_prices(prices)
+    assert table.batch_cost("gw-model", 1_000_000, 1_000_000) == pytest.approx(3.8)
+    assert table.batch_cost("plain", 1_000_000, 1_000_000) == pytest.approx(5.0)
+    assert table.batch_cost("gpt-4o-mini-2024-07-18", 1_000_000, 0) == pytest.approx(0.075)
+    prices.write_text("half: {input: 1.0, output: 4.0, batch_input: 0.5}\n")
+    with pytest.raises(PriceFileError, match="model 'half' needs .* optionally with both batch_input and batch_output"):
+        load_prices(prices)
+
+
+def test_schedules_and_the_inbox_set_the_mode_of_their_runs(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from mp_pipelines.factory.schedules import schedule_run_config
+    from mp_pipelines.sensors.inbox import Batch, _run_request
+
+    monkeypatch.setenv("OPENAI_BASE_URL", "http://127.0.0.1:9/v1")
+    monkeypatch.setenv("OPENAI_API_KEY", KEY)
+    spec = parse_workflow({"name": "nightly", "schedule": {"cron": "0 6 * * *", "mode": "batch"},
+                           "inputs": {"rows": {"type": "table", "default": "x.csv"}},
+                           "tasks": [{"name": "t", "prompt": "{{ inputs.rows }}"}]})
+    llm = schedule_run_config(spec)["resources"]["llm"]["config"]
+    assert llm == {"mode": "batch", "base_url": {"env": "OPENAI_BASE_URL"}, "api_key": {"env": "OPENAI_API_KEY"}}
+    assert KEY not in json.dumps(llm), "the key is named, never copied into run config"
+
+    monkeypatch.setenv("MP_INBOX_MODE", "batch")
+    request = _run_request(spec, Batch("a.csv", tmp_path / "a.csv", "0" * 64))
+    assert request.run_config["resources"]["llm"]["config"]["mode"] == "batch"
+    monkeypatch.setenv("MP_INBOX_MODE", "later")
+    with pytest.raises(ValueError, match="MP_INBOX_MODE='later' is not valid: it must be batch or online"):
+        _run_request(spec, Batch("a.csv", tmp_path / "a.csv", "0" * 64))
