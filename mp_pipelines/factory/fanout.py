@@ -15,7 +15,6 @@ from mp_pipelines.calls.usage import Usage
 from mp_pipelines.factory.names import (
     FANOUT_TAG,
     ITEM_RECORDS,
-    LLM_RESOURCE_KEY,
     PROMPT_RESOURCE_KEYS,
     WORKFLOW_TAG,
     collect_step,
@@ -25,13 +24,13 @@ from mp_pipelines.factory.names import (
 )
 from mp_pipelines.factory.ops import (
     Node,
-    batch_settings,
     call_scope,
     chat_model,
     failure_metadata,
     make_op,
     materialization,
     retry_policy,
+    run_batch_settings,
     run_is_stopping,
     settle_writes,
     split_inputs,
@@ -57,7 +56,7 @@ def build_items_op(spec: WorkflowSpec, task: TaskSpec, source_kind: str, source:
                 f"workflow's max_items ({spec.max_items}); raise max_items or split the input",
                 allow_retries=False,
             )
-        size = shard_size(task, len(items), spec.breadth, batch=batch_settings(context, spec, task).mode == "batch")
+        size = shard_size(task, len(items), spec.breadth, batch=run_batch_settings(context, spec, task).mode == "batch")
         shards = [list(enumerate(items))[start:start + size] for start in range(0, len(items), size)]
         context.log.info(f"{task.name}: {len(items)} item(s) in {len(shards)} step(s) of ≤{size}, "
                          f"at most {spec.breadth} call(s) in flight")
@@ -69,8 +68,7 @@ def build_items_op(spec: WorkflowSpec, task: TaskSpec, source_kind: str, source:
 
     ins = upstream_ins([] if source_kind == "input" else [source])
     return make_op(spec, items_step(task.name), compute, ins=ins, outs={"items": dg.DynamicOut(dg.Any)},
-                   description=f"Items that {task.name} fans out over.", tags={WORKFLOW_TAG: spec.name},
-                   required_resource_keys={LLM_RESOURCE_KEY})
+                   description=f"Items that {task.name} fans out over.", tags={WORKFLOW_TAG: spec.name})
 
 
 def _items(spec: WorkflowSpec, task: TaskSpec, source_kind: str, source: str, workflow_inputs: Mapping[str, Any],

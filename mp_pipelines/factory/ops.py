@@ -145,6 +145,13 @@ def batch_settings(context: dg.OpExecutionContext, spec: WorkflowSpec, task: Tas
     return spec.batch_settings(task, mode if mode in ("batch", "online") else None)
 
 
+def run_batch_settings(context: dg.OpExecutionContext, spec: WorkflowSpec, task: TaskSpec) -> BatchSettings:
+    """`batch_settings` for an op without the LLM resource, from the run config (a fan-out's items op)."""
+    resources = context.run_config.get("resources") or {}
+    mode = ((resources.get(LLM_RESOURCE_KEY) or {}).get("config") or {}).get("mode")
+    return spec.batch_settings(task, mode if mode in ("batch", "online") else None)
+
+
 def budget_refusal(budget: BudgetSpec, run_config: Mapping[str, Any], no_store: str | None,
                    models: Iterable[str]) -> str | None:
     """Why `budget` would not hold for calls to `models`, or None.
