@@ -349,3 +349,16 @@ def test_schedules_and_the_inbox_set_the_mode_of_their_runs(monkeypatch: pytest.
     monkeypatch.setenv("MP_INBOX_MODE", "later")
     with pytest.raises(ValueError, match="MP_INBOX_MODE='later' is not valid: it must be batch or online"):
         _run_request(spec, Batch("a.csv", tmp_path / "a.csv", "0" * 64))
+
+
+def test_waiting_shows_the_batch_status_and_request_counts(server: RunningServer, instance: dg.DagsterInstance,
+                                                           tmp_path: Path) -> None:
+    server.model.batches.completion_delay = 3.0
+    outcome = run(write_workflow(tmp_path, fan("progress", 4)), instance)
+    assert outcome.success, outcome.as_text()
+    (batch_id,) = server.model.batches.created
+    progress = [e.user_message for e in instance.all_logs(outcome.run_id)
+                if f"batch {batch_id} " in e.user_message and "request(s) done" in e.user_message]
+    statuses = [line.split(f"batch {batch_id} ")[1].split(",")[0] for line in progress]
+    assert statuses[0] == "validating" and "in_progress" in statuses and statuses[-1] == "completed"
+    assert progress[-1].endswith("4 of 4 request(s) done, 0 failed")

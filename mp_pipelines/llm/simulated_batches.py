@@ -80,6 +80,8 @@ class SimulatedBatches:
     def route(self, method: str, path: str, raw: bytes, content_type: str) -> Reply:
         """Answer one Batch API request: (status, headers, JSON value or bytes)."""
         parts = path.rstrip("/").split("/")
+        if "files" not in parts and "batches" not in parts:
+            return _error(404, f"No simulated route for {method} {path}.", "not_found")
         tail = parts[parts.index("files") if "files" in parts else parts.index("batches"):]
         with self._lock:
             if tail == ["files"] and method == "POST":
