@@ -15,6 +15,7 @@ from mp_pipelines.llm.types import ChatModel, LimitSettings, LLMRequest, LLMResu
 from mp_pipelines.spec.models import BudgetSpec
 
 if TYPE_CHECKING:
+    from mp_pipelines.calls.batch import BatchCollector
     from mp_pipelines.calls.fleet import FleetLimits
     from mp_pipelines.calls.models import ModelRouter
     from mp_pipelines.calls.retry import RetryBudget
@@ -45,6 +46,7 @@ class CallScope:
     router: ModelRouter | None = None  # `model` / `provider/model` → the endpoint's ChatModel and model id
     log: Any = None  # where retries and pauses are said as they happen (the op's log); None: Python logging
     fleet: FleetLimits | None = None  # limits shared by the run's processes (steps spread over processes)
+    batch: BatchCollector | None = None  # in batch mode: where the step's calls wait for their batches
 
     @property
     def run_id(self) -> str:

@@ -20,6 +20,7 @@ T = TypeVar("T")
 # How often a waiting op asks whether its run is being terminated (a database read each time; the
 # executor itself reacts to termination at once, this only cancels the calls it leaves behind).
 STOP_POLL_SECONDS = 5.0
+CLEANUP_SECONDS = 20.0  # most a cancelled `run` waits for its coroutine's cleanup
 
 
 def _new_loop() -> asyncio.AbstractEventLoop:
@@ -49,18 +50,31 @@ class BackgroundLoop:
 
     def run(self, coro: Coroutine[Any, Any, T], *, should_stop: Callable[[], bool] | None = None,
             poll_seconds: float = STOP_POLL_SECONDS) -> T:
-        """Run `coro` on the loop and wait for it; cancel it when `should_stop()` turns true."""
-        future = self.submit(coro)
+        """Run `coro` on the loop and wait for it; cancel it when `should_stop()` turns true.
+
+        Cancelled, it waits up to CLEANUP_SECONDS for the coroutine to finish its cleanup (batch mode cancels
+        its batches on the endpoint), so that a stopping process does not exit in the middle of it."""
+        ended = threading.Event()
+        future = self.submit(_signalling(coro, ended))
         while True:
             try:
                 return future.result(timeout=poll_seconds if should_stop else None)
             except concurrent.futures.TimeoutError:
                 if should_stop is not None and should_stop():
                     future.cancel()
+                    ended.wait(CLEANUP_SECONDS)
                     raise concurrent.futures.CancelledError("the run is being terminated") from None
             except BaseException:
                 future.cancel()  # e.g. KeyboardInterrupt in the waiting thread: do not leave calls running
+                ended.wait(CLEANUP_SECONDS)
                 raise
+
+
+async def _signalling(coro: Coroutine[Any, Any, T], ended: threading.Event) -> T:
+    try:
+        return await coro
+    finally:
+        ended.set()
 
 
 _LOOP: BackgroundLoop | None = None

@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Sequence
 
+from mp_pipelines.calls.batch import BatchSubmission
 from mp_pipelines.calls.breadth import Breadth
 from mp_pipelines.calls.budget import BudgetAdmission
 from mp_pipelines.calls.cache import ResponseCache
@@ -34,6 +35,7 @@ STAGES: tuple[Stage, ...] = (
     IdenticalCalls(),  # an identical request in flight answers this one too
     Deadline(),  # the task's timeout bounds everything below
     Repair(),  # an answer that is not the JSON asked for goes back to the model with what is wrong
+    BatchSubmission(),  # batch mode: the call waits for its Batch API job (which settles budget and price itself)
     Breadth(),  # the fan-out's calls in flight
     Retries(),  # retryable failures are sent again, with back-off, within the retry budget; the endpoint's circuit
     RateLimits(),  # the process's and the run's limits for the model, adaptive after HTTP 429

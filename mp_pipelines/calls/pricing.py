@@ -6,6 +6,10 @@ replaces prices, e.g.
 
     gpt-4o-mini: {input: 0.15, output: 0.60}
     my-local-llama: {input: 0, output: 0}
+    my-gateway-model: {input: 1.0, output: 4.0, batch_input: 0.8, batch_output: 3.2}
+
+Calls sent through the Batch API (`mode: batch`) cost the model's batch prices: half its list prices unless
+the file gives `batch_input` and `batch_output`.
 
 A dated or preview snapshot of a listed model (`gpt-4o-2024-08-06`, `gpt-4.1-mini-latest`,
 `o1-preview`) takes that model's price, and so does a provider-prefixed name (`openai/gpt-4o`, as
@@ -22,7 +26,7 @@ from __future__ import annotations
 import logging
 import os
 import re
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Mapping
@@ -37,6 +41,7 @@ from mp_pipelines.llm.types import LLMError, LLMResult
 log = logging.getLogger(__name__)
 
 PRICES_ENV = "MP_PRICES_FILE"
+BATCH_DISCOUNT = 0.5  # the Batch API's price as a share of the online list price (OpenAI: half)
 _SNAPSHOT = re.compile(r"(.+?)-(?:\d{4}-\d{2}-\d{2}|\d{4}|latest|preview(?:-\d{4}-\d{2}-\d{2})?)")
 
 # USD per 1M tokens: (input, output).
@@ -69,6 +74,7 @@ class PriceTable:
     """Model → (input, output) USD per million tokens."""
 
     prices: Mapping[str, tuple[float, float]]
+    batch_prices: Mapping[str, tuple[float, float]] = field(default_factory=dict)  # those the price file gives
 
     def _listed(self, model: str) -> str | None:
         """The listed name `model` is, by exact name or as a snapshot of it."""
@@ -103,6 +109,20 @@ class PriceTable:
         return (prompt_tokens * price[0] + completion_tokens * price[1]) / 1_000_000
 
 
+    def batch_cost(self, model: str, prompt_tokens: int, completion_tokens: int, requested: str | None = None) -> float:
+        """US dollars for one call sent through the Batch API: the model's batch prices, else half its list prices."""
+        own = self._listed(model)
+        name = own or (self.listed_name(requested) if requested else None) or self.listed_name(model)
+        if name is None:
+            _warn_unpriced(model)
+            return 0.0
+        price = self.batch_prices.get(name)
+        if price is None:
+            online = self.prices[name]
+            price = (online[0] * BATCH_DISCOUNT, online[1] * BATCH_DISCOUNT)
+        return (prompt_tokens * price[0] + completion_tokens * price[1]) / 1_000_000
+
+
 @lru_cache(maxsize=None)
 def _warn_unpriced(model: str) -> None:
     log.warning("No price for model %r: its calls count as $0. Add it to the file named by %s.", model, PRICES_ENV)
@@ -125,34 +145,49 @@ def unpriced_under_budget(model: str, max_cost_usd: float | None) -> str | None:
 
 def parse_prices(data: Any, source: str) -> dict[str, tuple[float, float]]:
     """Prices from a YAML document: {model: {input: USD/1M, output: USD/1M}}; PriceFileError when malformed."""
+    return parse_price_file(data, source)[0]
+
+
+_BATCH_KEYS = frozenset({"batch_input", "batch_output"})
+
+
+def parse_price_file(data: Any, source: str) -> tuple[dict[str, tuple[float, float]], dict[str, tuple[float, float]]]:
+    """(online prices, batch prices) from a YAML document: {model: {input, output[, batch_input, batch_output]}}
+    in USD per million tokens; PriceFileError when malformed."""
     if not isinstance(data, dict):
         raise PriceFileError(f"{source}: expected a mapping of model name to {{input, output}}, got {type(data).__name__}")
-    prices = {}
+    prices, batch_prices = {}, {}
     for model, entry in data.items():
-        if not isinstance(entry, dict) or set(entry) != {"input", "output"}:
-            raise PriceFileError(f"{source}: model {model!r} needs exactly the keys input and output "
-                                 f"(USD per million tokens), got {entry!r}")
+        keys = set(entry) if isinstance(entry, dict) else set()
+        if not isinstance(entry, dict) or keys - _BATCH_KEYS != {"input", "output"} or keys & _BATCH_KEYS not in (
+                set(), _BATCH_KEYS):
+            raise PriceFileError(f"{source}: model {model!r} needs exactly the keys input and output (USD per million "
+                                 f"tokens), optionally with both batch_input and batch_output, got {entry!r}")
         values = []
-        for key in ("input", "output"):
+        for key in ("input", "output", *(("batch_input", "batch_output") if keys & _BATCH_KEYS else ())):
             value = entry[key]
             if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
                 raise PriceFileError(f"{source}: model {model!r} field {key} must be a number ≥ 0, got {value!r}")
             values.append(float(value))
         prices[str(model)] = (values[0], values[1])
-    return prices
+        if len(values) == 4:
+            batch_prices[str(model)] = (values[2], values[3])
+    return prices, batch_prices
 
 
 def load_prices(path: str | os.PathLike[str] | None = None) -> PriceTable:
     """The shipped prices, overridden by `path` (default: the file named by MP_PRICES_FILE, if any)."""
     path = path or os.environ.get(PRICES_ENV) or None
     prices = dict(DEFAULT_PRICES)
+    batch_prices: dict[str, tuple[float, float]] = {}
     if path:
         try:
             data = yaml.safe_load(Path(path).read_text())
         except (OSError, yaml.YAMLError) as exc:
             raise PriceFileError(f"{path}: cannot read the price file ({exc})") from None
-        prices.update(parse_prices(data, str(path)))
-    return PriceTable(prices)
+        online, batch_prices = parse_price_file(data, str(path))
+        prices.update(online)
+    return PriceTable(prices, batch_prices)
 
 
 _TABLES: dict[str | None, PriceTable] = {}

@@ -24,7 +24,10 @@ class Repair:
             try:
                 answer = await proceed(call)
             except LLMError as exc:
-                spent = usage + (Usage.of_result(exc.result) if exc.result is not None else Usage())
+                # A batch answer comes with its usage (batch price and saving); an online one is counted here.
+                own = exc.usage if isinstance(exc.usage, Usage) else (
+                    Usage.of_result(exc.result) if exc.result is not None else Usage())
+                spent = usage + own
                 exc.usage = spent
                 if exc.kind != "invalid_output" or exc.result is None or repair == attempts:
                     raise

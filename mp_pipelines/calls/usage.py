@@ -22,12 +22,11 @@ class Usage:
     cost_usd: float = 0.0  # from the price table; 0 for models it does not list
     retries: int = 0  # requests sent again after a retryable failure (calls/retry.py)
     rate_limited: int = 0  # HTTP 429 answers received
+    batch_requests: int = 0  # calls answered through the Batch API (counted in `calls` too)
+    batch_saving_usd: float = 0.0  # what those calls would have cost more at online prices
 
     def __add__(self, other: Usage) -> Usage:
-        return Usage(self.calls + other.calls, self.cache_hits + other.cache_hits,
-                     self.prompt_tokens + other.prompt_tokens, self.completion_tokens + other.completion_tokens,
-                     self.latency_s + other.latency_s, self.cost_usd + other.cost_usd, self.retries + other.retries,
-                     self.rate_limited + other.rate_limited)
+        return Usage(*(getattr(self, f.name) + getattr(other, f.name) for f in fields(self)))
 
     @classmethod
     def of_result(cls, result: Any) -> Usage:

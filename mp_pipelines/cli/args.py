@@ -162,6 +162,13 @@ def executor_option(command: F) -> F:
                         help="Override the job's executor for this run.")(command)
 
 
+def mode_option(command: F) -> F:
+    """--mode batch|online: how this run's calls are sent (over every task's `mode:`)."""
+    return click.option("--mode", type=click.Choice(["batch", "online"]), default=None,
+                        help="batch: send this run's calls through the endpoint's Batch API (half the price, "
+                        "answers within 24 h); online: call at once. Default: each task's `mode:`.")(command)
+
+
 def budget_options(command: F) -> F:
     """--max-cost-usd, --max-tokens, --max-calls: this run's budget, over the workflow's `budget:`."""
     for name, kind, text in (("--max-calls", click.IntRange(min=1), "calls"),

@@ -7,14 +7,14 @@ from typing import Any
 
 import click
 
-from mp_pipelines.factory.names import BUDGET_RESOURCE_KEY, EXECUTORS, INPUTS_OP
+from mp_pipelines.factory.names import BUDGET_RESOURCE_KEY, EXECUTORS, INPUTS_OP, LLM_RESOURCE_KEY
 from mp_pipelines.telemetry.logs import json_logs
 
 CLI_CONSOLE_LOG_LEVEL = "WARNING"  # Dagster's console logger repeats every step event; the CLI prints its own progress
 
 
 def run_config(inputs: Mapping[str, Any], executor: str | None = None, budget: Mapping[str, Any] | None = None, *,
-               console_log_level: str | None = CLI_CONSOLE_LOG_LEVEL) -> dict[str, Any]:
+               console_log_level: str | None = CLI_CONSOLE_LOG_LEVEL, mode: str | None = None) -> dict[str, Any]:
     """Run config for a workflow run: its inputs, the chosen executor, a budget and the console log level.
 
     `executor` is one of `EXECUTORS` (None: the job's default); `budget` ({max_cost_usd, max_tokens,
@@ -32,7 +32,19 @@ def run_config(inputs: Mapping[str, Any], executor: str | None = None, budget: M
         if executor not in EXECUTORS:
             raise ValueError(f"unknown executor {executor!r}; choose one of {', '.join(EXECUTORS)}")
         config["execution"] = {"config": {executor: {}}}
-    return with_budget(config, budget)
+    return with_mode(with_budget(config, budget), mode)
+
+
+def with_mode(config: Mapping[str, Any], mode: str | None) -> dict[str, Any]:
+    """`config` with the run's call mode (`batch` or `online`) in resources.llm.config.mode, with the endpoint
+    settings of this environment (see `llm_run_config`); None leaves it."""
+    from mp_pipelines.llm.resource import llm_run_config
+
+    if mode is None:
+        return dict(config)
+    resources = dict(config.get("resources") or {})
+    resources[LLM_RESOURCE_KEY] = llm_run_config(mode)
+    return {**config, "resources": resources}
 
 
 def with_budget(config: Mapping[str, Any], budget: Mapping[str, Any] | None) -> dict[str, Any]:

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from mp_pipelines.cli import remote
-from mp_pipelines.cli.args import budget_options, executor_option, input_options, parse_inputs
+from mp_pipelines.cli.args import budget_options, executor_option, input_options, mode_option, parse_inputs
 from mp_pipelines.cli.stats import stats_command
 from mp_pipelines.cli.ui import ui
 from mp_pipelines.spec.loader import LoadResult, WorkflowValidationError, load_workflow_file, load_workflows
@@ -124,10 +124,11 @@ verbose_option = click.option("--verbose", "-v", is_flag=True,
 @input_options
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object with the results on stdout.")
 @executor_option
+@mode_option
 @budget_options
 @verbose_option
 def run(workflow: str, pairs: tuple[str, ...], input_file: str | None, as_json: bool, executor: str | None,
-        verbose: bool, **budget: Any) -> None:
+        mode: str | None, verbose: bool, **budget: Any) -> None:
     """Run WORKFLOW (a name or a YAML path) through Dagster and print each task's result."""
     from mp_pipelines.cli.running import RunRefused, run_workflow
     from mp_pipelines.llm.resource import SettingsError
@@ -137,7 +138,7 @@ def run(workflow: str, pairs: tuple[str, ...], input_file: str | None, as_json: 
     inputs = parse_inputs(spec, pairs, input_file)
     try:
         outcome = run_workflow(spec, inputs, source=source, executor=executor, progress=_echo_err, budget=budget,
-                               verbose=verbose)
+                               verbose=verbose, mode=mode)
     except (RunRefused, SettingsError) as exc:
         raise RunRefusedError(str(exc)) from None
     _print_outcome(outcome, as_json)

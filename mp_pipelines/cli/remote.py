@@ -20,7 +20,7 @@ from urllib.parse import urlsplit
 
 import click
 
-from mp_pipelines.cli.args import executor_option, input_options, parse_pairs, parse_remote_inputs
+from mp_pipelines.cli.args import executor_option, input_options, mode_option, parse_pairs, parse_remote_inputs
 from mp_pipelines.llm.redact import redact, split_credentials
 
 if TYPE_CHECKING:
@@ -253,12 +253,12 @@ class Webserver:
             raise self.explain(exc, kwargs.get("run_id"), kwargs.get("job_name"), _DOING.get(action, action)) from None
 
     def launch(self, workflow: str, inputs: dict[str, Any], *, tags: dict[str, str] | None = None,
-               executor: str | None = None) -> str:
+               executor: str | None = None, mode: str | None = None) -> str:
         """Submit a run of `workflow` (its job) with `inputs`; returns the run id."""
         from mp_pipelines.cli.config import run_config
 
         # The server's own console log level applies: only the local CLI quiets Dagster's console logger.
-        config = run_config(inputs, executor, console_log_level=None)
+        config = run_config(inputs, executor, console_log_level=None, mode=mode)
         return self._call("submit_job_execution", job_name=workflow, run_config=config, tags=tags or None)
 
     def status(self, run_id: str) -> str:
@@ -340,18 +340,19 @@ _timeout_option = click.option("--timeout", type=click.FloatRange(min=0, min_ope
 @input_options
 @click.option("--tag", "tag_pairs", multiple=True, metavar="KEY=VALUE", help="A run tag; repeatable.")
 @executor_option
+@mode_option
 @click.option("--wait", "wait_seconds", type=click.FloatRange(min=0), default=None, metavar="SECONDS",
               help="Wait up to SECONDS for the run to finish; exit 1 unless it succeeds.")
 @_timeout_option
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object: run_id, status, url.")
 def launch_command(workflow: str, url: str, pairs: tuple[str, ...], input_file: str | None,
-                   tag_pairs: tuple[str, ...], executor: str | None, wait_seconds: float | None, timeout: float,
-                   as_json: bool) -> None:
+                   tag_pairs: tuple[str, ...], executor: str | None, mode: str | None, wait_seconds: float | None,
+                   timeout: float, as_json: bool) -> None:
     """Launch WORKFLOW on a running Dagster webserver (queued for the daemon) and print the run id."""
     inputs = parse_remote_inputs(workflow, pairs, input_file)
     tags = parse_pairs(tag_pairs, "--tag")
     server = Webserver(url, timeout, wait=wait_seconds or 0.0)
-    run_id = server.launch(workflow, inputs, tags=tags, executor=executor)
+    run_id = server.launch(workflow, inputs, tags=tags, executor=executor, mode=mode)
     status = server.wait(run_id, wait_seconds) if wait_seconds is not None else server.status(run_id)
     run_url = f"{server.url}/runs/{run_id}"
     if as_json:

@@ -97,7 +97,7 @@ def mark_local_run() -> None:
 def run_workflow(spec: WorkflowSpec, inputs: dict[str, Any], *, source: str | None = None,
                  executor: str | None = None, instance: dg.DagsterInstance | None = None,
                  progress: Callable[[str], None] | None = None, budget: dict[str, Any] | None = None,
-                 verbose: bool = False) -> RunOutcome:
+                 verbose: bool = False, mode: str | None = None) -> RunOutcome:
     """Execute the workflow's job with its own executor and summarize the finished run (Dagster's console log
     only shows critical errors unless `verbose`)."""
     from mp_pipelines.definitions import reconstructable_job
@@ -110,7 +110,7 @@ def run_workflow(spec: WorkflowSpec, inputs: dict[str, Any], *, source: str | No
     token = uuid.uuid4().hex
     done = threading.Event()
     watcher = threading.Thread(target=_watch, args=(instance, token, done, progress), daemon=True)
-    config = run_config(inputs, executor, budget, console_log_level=_console_level(verbose))
+    config = run_config(inputs, executor, budget, console_log_level=_console_level(verbose), mode=mode)
     try:
         refuse_inputs_outside_roots(spec, inputs, source)
         refuse_unsafe_run(spec, config, instance)

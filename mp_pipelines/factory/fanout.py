@@ -33,6 +33,7 @@ from mp_pipelines.factory.ops import (
     make_op,
     materialization,
     retry_policy,
+    run_batch_settings,
     run_is_stopping,
     settle_writes,
     split_inputs,
@@ -58,7 +59,7 @@ def build_items_op(spec: WorkflowSpec, task: TaskSpec, source_kind: str, source:
                 f"workflow's max_items ({spec.max_items}); raise max_items or split the input",
                 allow_retries=False,
             )
-        size = shard_size(task, len(items), spec.breadth)
+        size = shard_size(task, len(items), spec.breadth, batch=run_batch_settings(context, spec, task).mode == "batch")
         shards = [list(enumerate(items))[start:start + size] for start in range(0, len(items), size)]
         context.log.info(f"{task.name}: {len(items)} item(s) in {len(shards)} step(s) of ≤{size}, "
                          f"at most {spec.breadth} call(s) in flight")

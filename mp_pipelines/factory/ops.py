@@ -9,6 +9,7 @@ from typing import Any, Callable, Iterable, Iterator, Mapping
 
 import dagster as dg
 
+from mp_pipelines.calls.batch import BatchCollector
 from mp_pipelines.calls.budget import unshared_account
 from mp_pipelines.calls.call import CallScope
 from mp_pipelines.calls.deadline import TaskTimeout
@@ -33,7 +34,7 @@ from mp_pipelines.factory.partitions import inbox_root
 from mp_pipelines.factory.resources import RunBudget
 from mp_pipelines.llm.types import ChatModel, LimitSettings, LLMError
 from mp_pipelines.spec.inputs import coerce_input
-from mp_pipelines.spec.models import BudgetSpec, InputSpec, TaskSpec, WorkflowSpec
+from mp_pipelines.spec.models import BatchSettings, BudgetSpec, InputSpec, TaskSpec, WorkflowSpec
 from mp_pipelines.spec.paths import InputPathError, input_roots
 from mp_pipelines.spec.problems import WorkflowValidationError
 from mp_pipelines.spec.providers import declared_providers
@@ -150,6 +151,12 @@ def call_scope(context: dg.OpExecutionContext, spec: WorkflowSpec, task: TaskSpe
     refusal = budget_refusal(budget, context.run_config, no_store, [spec.settings_for(task).model or llm.default_model])
     if refusal is not None:
         raise dg.Failure(f"task {task.name}: {refusal}", metadata={"error_kind": "budget"}, allow_retries=False)
+    batch = batch_settings(context, spec, task)
+    if batch.mode == "batch" and budget.max_cost_usd is not None and spec.settings_for(task).max_tokens is None:
+        raise dg.Failure(f"task {task.name} runs in batch mode under a cost budget (max_cost_usd) and needs "
+                         "max_tokens: a batch's cost is admitted before it is sent, with max_tokens as the bound of "
+                         "each answer; set max_tokens on the task or run it with --mode online",
+                         metadata={"error_kind": "budget"}, allow_retries=False)
     run = context.dagster_run
     try:
         router = ModelRouter(llm, declared_providers(spec))
@@ -164,7 +171,8 @@ def call_scope(context: dg.OpExecutionContext, spec: WorkflowSpec, task: TaskSpe
                      step_retry=context.retry_number > 0 and not is_resume(run),
                      workflow=spec.name, task=task.name, repair_attempts=task.repair_attempts, task_timeout=task.timeout,
                      retry_budget=retry_budget(task.retries), fallback=spec.fallback_for(task), router=router,
-                     log=context.log, fleet=fleet_limits(context))
+                     log=context.log, fleet=fleet_limits(context),
+                     batch=BatchCollector(batch, context.log) if batch.mode == "batch" else None)
 
 
 FLEET_LIMITS_ENV = "MP_FLEET_LIMITS"
@@ -220,6 +228,19 @@ def reads_checkpoint(context: dg.OpExecutionContext) -> bool:
     delivered again to another worker (what it answered before the loss is not asked again)."""
     return (is_resume(context.dagster_run) or context.retry_number > 0
             or executor_kind(context.run_config) == "celery")
+
+
+def batch_settings(context: dg.OpExecutionContext, spec: WorkflowSpec, task: TaskSpec) -> BatchSettings:
+    """The task's batch policy, with the run's mode (`--mode`, run config resources.llm.config.mode) over its own."""
+    mode = getattr(chat_model(context), "mode", None)
+    return spec.batch_settings(task, mode if mode in ("batch", "online") else None)
+
+
+def run_batch_settings(context: dg.OpExecutionContext, spec: WorkflowSpec, task: TaskSpec) -> BatchSettings:
+    """`batch_settings` for an op without the LLM resource, from the run config (a fan-out's items op)."""
+    resources = context.run_config.get("resources") or {}
+    mode = ((resources.get(LLM_RESOURCE_KEY) or {}).get("config") or {}).get("mode")
+    return spec.batch_settings(task, mode if mode in ("batch", "online") else None)
 
 
 def budget_refusal(budget: BudgetSpec, run_config: Mapping[str, Any], no_store: str | None,
@@ -333,6 +354,8 @@ def materialization(context: dg.OpExecutionContext, spec: WorkflowSpec, name: st
                  "completion_tokens": usage.completion_tokens, "latency_s": round(usage.latency_s, 3),
                  "cost_usd": round(usage.cost_usd, 9), "retries": usage.retries, "rate_limited": usage.rate_limited,
                  "preview": dg.MetadataValue.text(preview(value))})
+    if usage.batch_requests:  # batch mode: answers through the Batch API and what they saved at online prices
+        meta.update({"batch_requests": usage.batch_requests, "batch_saving_usd": round(usage.batch_saving_usd, 9)})
     return dg.AssetMaterialization(asset_key=asset_key(spec, name), metadata=meta,
                                    partition=context.partition_key if context.has_partition_key else None)
 

@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import dagster as dg
 
-from mp_pipelines.factory.names import INPUTS_OP
+from mp_pipelines.factory.names import INPUTS_OP, LLM_RESOURCE_KEY
+from mp_pipelines.llm.resource import llm_run_config
 from mp_pipelines.spec.models import WorkflowSpec
 
 
 def schedule_run_config(spec: WorkflowSpec) -> dict:
     """Run config of a scheduled run: the schedule's inputs (defaults fill the rest)."""
     inputs = spec.schedule.inputs if spec.schedule else {}
-    return {"ops": {INPUTS_OP: {"config": dict(inputs)}}}
+    config: dict = {"ops": {INPUTS_OP: {"config": dict(inputs)}}}
+    if spec.schedule and spec.schedule.mode:  # the schedule's `mode:` for its runs
+        config["resources"] = {LLM_RESOURCE_KEY: llm_run_config(spec.schedule.mode)}
+    return config
 
 
 def build_schedule(spec: WorkflowSpec, job: dg.JobDefinition) -> dg.ScheduleDefinition | None:

@@ -382,6 +382,34 @@ class LLMClient:
             error.retry_after = retry_after_seconds(response.headers)
         return error
 
+    # -- the Batch API (llm/batches.py) sends requests and reads answers another way than chat.completions --
+    async def async_openai(self) -> openai.AsyncOpenAI:
+        """An AsyncOpenAI client of the running event loop (files and batches go through it)."""
+        lanes = await self._async_lanes()
+        lane = lanes.take()
+        lanes.release(lane)
+        return lanes.clients[lane]
+
+    def openai_client(self) -> openai.OpenAI:
+        """The blocking OpenAI client (a batch cancelled while the process exits)."""
+        return self._sync_client()
+
+    def request_body(self, request: LLMRequest) -> dict[str, Any]:
+        """The chat.completions body `request` makes, as a Batch API input line carries it."""
+        args = self._create_args(request, request.timeout or self.timeout)
+        args.pop("timeout")
+        return args
+
+    def result_from_body(self, body: Any, request: LLMRequest) -> LLMResult:
+        """The result of a chat completion body received as a Batch API output line (validated like an online
+        answer); raises LLMError."""
+        call = _Call(request.label, self.base_url, time.monotonic(), self.max_retries, attempts=1)
+        try:
+            completion = openai.types.chat.ChatCompletion.model_validate(body)
+        except ValueError:
+            completion = body  # reported by _result as not a chat completion
+        return self._result(completion, request, call, 0.0)
+
     def _redact(self, text: str) -> str:
         """Text from the endpoint without the API key, the URL's password or any authorization value."""
         return redact(text, (self._secret or "", *self._credentials.secrets()))

@@ -18,6 +18,7 @@ from typing import Literal, get_args
 import dagster as dg
 from pydantic import Field, PrivateAttr
 
+from mp_pipelines.llm.batches import BatchAPI
 from mp_pipelines.llm.client import LLMClient
 from mp_pipelines.llm.provider import resolve_provider
 from mp_pipelines.llm.types import LimitSettings, LLMRequest, LLMResult, ResponseObserver
@@ -75,6 +76,12 @@ class LLMResource(dg.ConfigurableResource):
         default=None, gt=0, description="Most prompt+completion tokens to one model per minute in one process."
     )
 
+    mode: Literal["auto", "batch", "online"] = Field(
+        default="auto",
+        description="'batch' sends the run's calls through the endpoint's Batch API (half the price, answers within "
+        "24 h), 'online' calls at once; 'auto': each task's `mode:` decides (default online).",
+    )
+
     _client: LLMClient | None = PrivateAttr(default=None)
 
     def _build_client(self) -> LLMClient:
@@ -124,6 +131,10 @@ class LLMResource(dg.ConfigurableResource):
         """One chat call on the running event loop; raises LLMError."""
         return await self.get_client().acomplete(self._with_default_model(request), on_response)
 
+    def batch_api(self) -> BatchAPI:
+        """Files and batches of this endpoint (the Batch API)."""
+        return BatchAPI(self.get_client())
+
     def limit_settings(self) -> LimitSettings:
         """This process's caps per model (also the defaults of a workflow's `limits`)."""
         return LimitSettings(self.max_in_flight, self.requests_per_minute, self.tokens_per_minute)
@@ -161,6 +172,20 @@ def build_llm_resource() -> LLMResource:
 
     SettingsError names an MP_* variable whose value cannot be used, and what it may be.
     """
+    return LLMResource(**_settings_from_env())
+
+
+def llm_run_config(mode: str) -> dict[str, object]:
+    """`resources.llm` run config for a run in `mode` (batch or online), with the settings the environment gives.
+
+    Dagster replaces a resource's configured values as a whole when run config sets any field, so a run config
+    of only `mode` would lose the endpoint; secrets appear as `{"env": NAME}`, never as values."""
+    config = {name: ({"env": value.env_var_name} if isinstance(value, dg.EnvVar) else value)
+              for name, value in _settings_from_env().items()}
+    return {"config": {**config, "mode": mode}}
+
+
+def _settings_from_env() -> dict[str, object]:
     settings: dict[str, object] = {}
     if os.environ.get("OPENAI_API_KEY"):
         settings["api_key"] = dg.EnvVar("OPENAI_API_KEY")
@@ -176,4 +201,4 @@ def build_llm_resource() -> LLMResource:
     for variable, (field, *_) in _NUMBERS.items():
         if os.environ.get(variable):
             settings[field] = _number_setting(variable)
-    return LLMResource(**settings)
+    return settings

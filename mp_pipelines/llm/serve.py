@@ -1,6 +1,7 @@
 """The simulated model as a real OpenAI-compatible HTTP endpoint, for `mp-pipelines serve-model`.
 
-`build_app` answers /v1/chat/completions and /v1/models from a `SimulatedModel`; its `before_answer`
+`build_app` answers /v1/chat/completions and /v1/models from a `SimulatedModel`, and its Batch API
+(/v1/files, /v1/batches: `simulated_batches.py`); its `before_answer`
 hook lets a caller answer a chat request itself (the test suite's fault server scripts errors this
 way). Latency is an async sleep, so one process holds thousands of concurrent requests without a
 thread per request.
@@ -54,8 +55,17 @@ def build_app(model: SimulatedModel, *, before_answer: BeforeAnswer | None = Non
     async def models(request: Request) -> JSONResponse:
         return JSONResponse(model.models())
 
+    async def batches(request: Request) -> Response:
+        status, headers, payload = model.batches.route(request.method, request.url.path, await request.body(),
+                                                       request.headers.get("content-type", ""))
+        if isinstance(payload, bytes):
+            return Response(payload, status_code=status, headers=headers)
+        return JSONResponse(payload, status_code=status, headers=headers)
+
     return Starlette(
-        routes=[Route("/v1/chat/completions", chat, methods=["POST"]), Route("/v1/models", models, methods=["GET"])]
+        routes=[Route("/v1/chat/completions", chat, methods=["POST"]), Route("/v1/models", models, methods=["GET"]),
+                Route("/v1/files{rest:path}", batches, methods=["GET", "POST"]),
+                Route("/v1/batches{rest:path}", batches, methods=["GET", "POST"])]
     )
 
 

@@ -21,6 +21,8 @@ from typing import Any
 
 import httpx
 
+from mp_pipelines.llm.simulated_batches import SimulatedBatches, is_batch_path
+
 SIMULATED_TAG = "[simulated]"
 _DEFAULT_ITEMS = 3
 # How much of a prompt an answer quotes: whole up to these lengths, else its head and tail. Prompts of one task
@@ -194,6 +196,7 @@ class SimulatedModel:
         self.latency, self.failure_rate, self.seed = latency, failure_rate, seed
         self._rng = random.Random(seed)
         self._lock = threading.Lock()
+        self.batches = SimulatedBatches(self, seed=seed)  # its Batch API: files and batches
 
     def __repr__(self) -> str:
         return f"SimulatedModel(latency={self.latency}, failure_rate={self.failure_rate}, seed={self.seed})"
@@ -290,6 +293,8 @@ class SimulatedTransport(httpx.BaseTransport, httpx.AsyncBaseTransport):
 
     def _route(self, request: httpx.Request, raw: bytes) -> tuple[int, dict[str, str], dict[str, Any]]:
         path = request.url.path.rstrip("/")
+        if is_batch_path(path):
+            return self.model.batches.route(request.method, path, raw, request.headers.get("content-type", ""))
         if request.method == "POST" and path.endswith("/chat/completions"):
             try:
                 body = json.loads(raw or b"null")
@@ -312,6 +317,8 @@ class SimulatedTransport(httpx.BaseTransport, httpx.AsyncBaseTransport):
         if timed_out:
             raise http.ReadTimeout("The simulated model took longer than the read timeout.", request=request)
         status, headers, body = result
+        if isinstance(body, bytes):  # a Batch API file's content
+            return http.Response(status, headers=headers, content=body, request=request)
         return http.Response(status, headers=headers, json=body, request=request)
 
     def handle_request(self, request: httpx.Request) -> httpx.Response:

@@ -23,6 +23,7 @@ from typing import Any
 
 import dagster as dg
 
+from mp_pipelines.factory.names import LLM_RESOURCE_KEY
 from mp_pipelines.factory.partitions import (
     inbox_folder,
     inbox_input,
@@ -31,6 +32,7 @@ from mp_pipelines.factory.partitions import (
     inbox_run_config,
     partitions_name,
 )
+from mp_pipelines.llm.resource import llm_run_config
 from mp_pipelines.spec.models import WorkflowSpec
 from mp_pipelines.spec.paths import (
     InputPathError,
@@ -47,6 +49,7 @@ INBOX_SUFFIXES = (".csv", ".jsonl", ".ndjson", ".parquet", ".pq")
 PARTIAL_SUFFIXES = (".tmp", ".part", ".partial", ".crdownload", ".download", ".swp", "~")
 SETTLE_ENV = "MP_INBOX_SETTLE_SECONDS"
 INTERVAL_ENV = "MP_INBOX_INTERVAL_SECONDS"
+MODE_ENV = "MP_INBOX_MODE"  # batch | online: the call mode of the runs the inbox starts (unset: each task's)
 DEFAULT_SETTLE_SECONDS = 5.0
 DEFAULT_INTERVAL_SECONDS = 30
 FILE_TAG = "mp_pipelines/inbox_file"
@@ -405,7 +408,13 @@ def _new_partition_keys(context: dg.SensorEvaluationContext, spec: WorkflowSpec,
 
 
 def _run_request(spec: WorkflowSpec, batch: Batch) -> dg.RunRequest:
-    """The run for one new file: its hash the run key, its name the partition."""
-    return dg.RunRequest(run_key=batch.sha256, partition_key=batch.name,
-                         run_config=inbox_run_config(spec, batch.path),
+    """The run for one new file: its hash the run key, its name the partition; MP_INBOX_MODE its call mode."""
+    config = inbox_run_config(spec, batch.path)
+    mode = os.environ.get(MODE_ENV, "").strip()
+    if mode:
+        if mode not in ("batch", "online"):
+            raise ValueError(f"{MODE_ENV}={mode!r} is not valid: it must be batch or online (or unset, for each "
+                             "task's `mode:`)")
+        config = {**config, "resources": {LLM_RESOURCE_KEY: llm_run_config(mode)}}
+    return dg.RunRequest(run_key=batch.sha256, partition_key=batch.name, run_config=config,
                          tags={FILE_TAG: batch.name, SHA256_TAG: batch.sha256})

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import keyword
 import re
+from dataclasses import dataclass
 from typing import Annotated, Any, Literal, Union
 
 from croniter import croniter
@@ -35,6 +36,7 @@ OutputKind = Literal["text", "json"]
 # read_write: answer from the cache when it can and store new answers; read / write: only one of the two.
 CachePolicy = Literal["read_write", "read", "write", "off"]
 ItemFailurePolicy = Literal["fail", "skip"]
+CallMode = Literal["batch", "online"]
 
 
 def is_valid_cron(value: str) -> bool:
@@ -250,7 +252,34 @@ class FailurePolicy(_Strict):
         return "off" if value is False else value
 
 
-class TaskSpec(ModelSettings, FailurePolicy):
+class BatchPolicy(_Strict):
+    """How calls are sent: online (at once) or through the endpoint's Batch API (workflow default, task override)."""
+
+    mode: CallMode | None = Field(
+        default=None, description="online (default): calls go out at once; batch: through the Batch API at half the "
+        "price, answers within 24 hours (docs/batch.md).")
+    batch_repair: Literal["batch", "online"] | None = Field(
+        default=None, description="In batch mode, where repair requests for unusable JSON go: a follow-up batch "
+        "(default) or online calls.")
+    batch_fallback: Literal["online"] | None = Field(
+        default=None, description="online: on an endpoint without the Batch API, make the calls online instead of "
+        "failing.")
+    batch_on_expiry: Literal["resubmit", "fail"] | None = Field(
+        default=None, description="What happens to the requests of a batch that expired unfinished: resubmitted "
+        "once (default) or failed.")
+
+
+@dataclass(frozen=True)
+class BatchSettings:
+    """A task's resolved batch policy (see BatchPolicy)."""
+
+    mode: CallMode = "online"
+    repair: Literal["batch", "online"] = "batch"
+    fallback: Literal["online"] | None = None
+    on_expiry: Literal["resubmit", "fail"] = "resubmit"
+
+
+class TaskSpec(ModelSettings, FailurePolicy, BatchPolicy):
     """One prompt task: one op of the generated job and one asset `[workflow, task]`."""
 
     name: str
@@ -334,6 +363,7 @@ class ScheduleSpec(_Strict):
     timezone: str = "UTC"
     enabled: bool = False
     inputs: dict[str, Any] = Field(default_factory=dict)
+    mode: CallMode | None = Field(default=None, description="batch or online for the scheduled runs (--mode).")
 
     @field_validator("cron")
     @classmethod
@@ -343,7 +373,7 @@ class ScheduleSpec(_Strict):
         return value
 
 
-class WorkflowSpec(FailurePolicy):
+class WorkflowSpec(FailurePolicy, BatchPolicy):
     """A whole workflow: inputs, defaults, limits and the DAG of tasks."""
 
     name: str
@@ -421,6 +451,26 @@ class WorkflowSpec(FailurePolicy):
         policy = task.on_item_failure or self.on_item_failure or "fail"
         ratio = task.min_success_ratio if task.min_success_ratio is not None else self.min_success_ratio
         return policy, ratio
+
+    def batch_settings(self, task: TaskSpec, run_mode: CallMode | None = None) -> BatchSettings:
+        """The task's batch policy, the workflow's filling its gaps; `run_mode` (the run's `--mode`) wins."""
+        def pick(name: str, default: Any) -> Any:
+            own = getattr(task, name)
+            return own if own is not None else getattr(self, name) if getattr(self, name) is not None else default
+        return BatchSettings(run_mode or pick("mode", "online"), pick("batch_repair", "batch"),
+                             pick("batch_fallback", None), pick("batch_on_expiry", "resubmit"))
+
+    @model_validator(mode="after")
+    def _batch_cost_needs_max_tokens(self) -> WorkflowSpec:
+        # A batch's cost is admitted before it is sent, so every answer needs a bound (max_tokens).
+        if self.budget is None or self.budget.max_cost_usd is None:
+            return self
+        for task in self.all_tasks():
+            if self.batch_settings(task).mode == "batch" and self.settings_for(task).max_tokens is None:
+                raise ValueError(f"task {task.name!r} runs in batch mode under a cost budget (budget.max_cost_usd), "
+                                 "so it needs max_tokens (on the task or in defaults): a batch's cost is admitted "
+                                 "before it is sent, with max_tokens as the bound of each answer")
+        return self
 
     def to_yaml(self) -> str:
         """The spec as YAML that loads back to an equal spec."""

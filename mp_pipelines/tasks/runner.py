@@ -98,7 +98,11 @@ def build_request(spec: WorkflowSpec, task: TaskSpec, context: Mapping[str, Any]
 async def arun_task(model: ChatModel, spec: WorkflowSpec, task: TaskSpec, context: Mapping[str, Any], *, label: str,
                     scope: CallScope, deadline: float | None = None) -> TaskRun:
     """The task's answer for `context`, through the call path (cache, limits, budget, repair, the model);
-    nothing outlives the task's deadline. Runs on the shared loop."""
+    nothing outlives the task's deadline. Runs on the shared loop.
+
+    In batch mode the task's `timeout` does not bound the wait: the Batch API's 24-hour window does."""
+    if scope.batch is not None:
+        deadline = None
     left = remaining_time(deadline, label)
     timeout = model.timeout if left is None else min(model.timeout, left)
     request = build_request(spec, task, context, default_model=model.default_model, timeout=timeout, label=label,
@@ -123,7 +127,19 @@ def run_task(model: ChatModel, spec: WorkflowSpec, task: TaskSpec, context: Mapp
              should_stop: Callable[[], bool] | None = None) -> TaskRun:
     """`arun_task` from a synchronous op: run it on the shared loop and wait (cancelled by `should_stop`)."""
     coro = arun_task(model, spec, task, context, label=label, scope=scope, deadline=deadline)
+    if scope.batch is not None:
+        coro = _one_item(coro, scope)
     return shared_loop().run(coro, should_stop=should_stop)
+
+
+async def _one_item(coro: Any, scope: CallScope) -> TaskRun:
+    """A single task's call in batch mode: its step's only item."""
+    assert scope.batch is not None
+    scope.batch.expect(1)
+    try:
+        return await coro
+    finally:
+        scope.batch.item_done()
 
 
 def preview(value: Any, limit: int = PREVIEW_CHARS) -> str:

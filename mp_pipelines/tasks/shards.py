@@ -29,21 +29,24 @@ MAX_STEPS_PER_FANOUT = 32  # default: small fan-outs keep one step per item, lar
 WAVES_PER_SHARD = 4  # default shards hold at least this many times the fan-out's breadth
 # Errors that every other item of the fan-out would meet too (a refused key): the shard stops at the first one
 # instead of recording, and paying for, the same refusal item by item.
-STOPS_THE_FAN_OUT = frozenset({"authentication"})
+STOPS_THE_FAN_OUT = frozenset({"authentication", "batch_unsupported"})
 # Failures the call path has already retried within the item's retry budget (calls/retry.py): the item is not
 # run again here; a step retry (the task's `retries:`) re-runs only the shard's failed items.
 RETRIED_BY_THE_CALL = RETRIED_KINDS | {"circuit_open"}
 
 
-def shard_size(task: TaskSpec, items: int, breadth: int = 1) -> int:
-    """Items per Dagster step: the task's `shard_size`; else one item per step up to 32 items; else shards of
-    at least four waves of the fan-out's breadth, and never more than 32 steps.
+def shard_size(task: TaskSpec, items: int, breadth: int = 1, *, batch: bool = False) -> int:
+    """Items per Dagster step: the task's `shard_size`; in batch mode all items in one step (one batch per
+    MP_BATCH_MAX_LINES requests); else one item per step up to 32 items; else shards of at least four waves of
+    the fan-out's breadth, and never more than 32 steps.
 
     A step costs about a dozen event writes and a thread that competes for the GIL with the shared loop
     doing the calls; steps beyond those that keep `breadth` calls in flight add cost, not concurrency.
     """
     if task.shard_size is not None:
         return task.shard_size
+    if batch:
+        return max(items, 1)
     if items <= MAX_STEPS_PER_FANOUT:
         return 1
     return max(math.ceil(items / MAX_STEPS_PER_FANOUT), min(items, WAVES_PER_SHARD * breadth))
@@ -91,6 +94,19 @@ async def run_item(model: ChatModel, spec: WorkflowSpec, task: TaskSpec, base_co
                    retries: RetrySpec | None, row: Any, log: logging.Logger | Any) -> ItemRecord:
     """One item: its `when`, then its call with up to `retries.max_retries` retries. Item errors are recorded, except
     those in STOPS_THE_FAN_OUT, which are raised."""
+    if scope.batch is None:
+        return await _run_item(model, spec, task, base_context, index, item, scope=scope, label=label,
+                               deadline_of=deadline_of, retries=retries, row=row, log=log)
+    try:  # in batch mode, an item that is done no longer holds back its step's batch
+        return await _run_item(model, spec, task, base_context, index, item, scope=scope, label=label,
+                               deadline_of=deadline_of, retries=retries, row=row, log=log)
+    finally:
+        scope.batch.item_done()
+
+
+async def _run_item(model: ChatModel, spec: WorkflowSpec, task: TaskSpec, base_context: Mapping[str, Any], index: int,
+                    item: Any, *, scope: CallScope, label: str, deadline_of: Callable[[], float | None],
+                    retries: RetrySpec | None, row: Any, log: logging.Logger | Any) -> ItemRecord:
     context = {**base_context, "item": item, "item_index": index}
     record = ItemRecord(index=index, status="failed", row=row)
     try:
@@ -148,6 +164,8 @@ async def run_shard(model: ChatModel, spec: WorkflowSpec, task: TaskSpec, base_c
 
     An error in STOPS_THE_FAN_OUT cancels the other items and is raised as itself."""
     retries = task.retries if len(items) > 1 else None
+    if scope.batch is not None:
+        scope.batch.expect(len(items))
     # A TaskGroup, not gather: when one item raises, the others are cancelled rather than left making paid calls
     # for a step that has already failed.
     try:
