@@ -204,3 +204,27 @@ def test_where_later_checks_cannot_run_validate_says_so(tmp_path: Path) -> None:
     assert f"error {path}: tasks[0]" in result.output
     assert f"note  {path}: references, cycles, templates and answer shapes were not checked because tasks.0 " \
            "is not a task or loop mapping" in result.output
+
+
+def test_a_repeated_key_is_one_problem_among_the_others(tmp_path: Path) -> None:
+    path = tmp_path / "twice.yaml"
+    path.write_text("name: twice\ntasks:\n  - name: a\n    prompt: 'x'\n    prompt: '{{ inputs.nope }}'\n"
+                    "    output: jsn\n")
+    result = CliRunner().invoke(main, ["validate", str(path)])
+    assert result.exit_code == 1
+    lines = [line for line in result.output.splitlines() if line.startswith("error ")]
+    assert lines == [
+        f"error {path}: line 5, column 5: invalid YAML: key 'prompt' appears twice in one mapping; the later value "
+        "is used for the other checks",
+        f"error {path}: tasks[0] (a).output: input should be 'text' or 'json' (got 'jsn')",
+        f"error {path}: tasks[0] (a).prompt: inputs.nope is not a declared input; declared inputs: none",
+    ]
+
+
+def test_a_file_that_is_not_yaml_says_nothing_else_was_checked(tmp_path: Path) -> None:
+    path = tmp_path / "cut.yaml"
+    path.write_text("name: cut\ntasks: [\n")
+    result = CliRunner().invoke(main, ["validate", str(path)])
+    assert result.exit_code == 1 and f"error {path}: line 3, column 1: invalid YAML" in result.output
+    assert f"note  {path}: the file could not be read as YAML, so its fields, references and templates were not " \
+           "checked" in result.output

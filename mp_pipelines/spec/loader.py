@@ -73,34 +73,69 @@ def _every_problem(exc: ValidationError, data: dict[str, Any], source: str | Non
 def read_yaml(path: str | Path) -> Any:
     """The data of a YAML file; WorkflowValidationError naming the file, line and column on failure."""
     source = str(path)
+    data, repeats = _load_text(_read_text(path, source), source)
+    if repeats:
+        raise WorkflowValidationError(repeats, source)
+    return data
+
+
+def _read_text(path: str | Path, source: str) -> str:
+    """A workflow file's text, within MP_MAX_SPEC_BYTES; WorkflowValidationError when it cannot be read."""
     try:
         MAX_SPEC_BYTES.check(Path(path).stat().st_size, "the workflow file")
-        text = Path(path).read_text(encoding="utf-8")
+        return Path(path).read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         reason = "does not exist" if isinstance(exc, FileNotFoundError) else f"cannot be read ({exc})"
         raise WorkflowValidationError([Problem(source, "", f"workflow file {reason}")], source) from None
     except ValueError as exc:  # larger than MP_MAX_SPEC_BYTES, or that variable is no number
         raise WorkflowValidationError([Problem(source, "", str(exc))], source) from None
+
+
+_NOT_READ = "the file could not be read as YAML, so its fields, references and templates were not checked"
+
+
+def _load_text(text: str, source: str) -> tuple[Any, list[Problem]]:
+    """The data of a workflow file's text, and its repeated keys as problems (the later value wins meanwhile)."""
+    repeated: list[tuple[int, int, Any]] = []
     try:
-        data = yaml.load(text, Loader=UniqueKeyLoader)  # a SafeLoader subclass: as safe as yaml.safe_load
+        loader = UniqueKeyLoader(text, collect_repeats=True)  # a SafeLoader subclass: as safe as yaml.safe_load
+        try:
+            data = loader.get_single_data()
+            repeated = loader.repeats
+        finally:
+            loader.dispose()
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         reason = " ".join(part for part in (exc.context, exc.problem) if part)
-        raise WorkflowValidationError([Problem(source, where, f"invalid YAML: {reason}")], source) from None
+        raise WorkflowValidationError([Problem(source, where, f"invalid YAML: {reason}")], source,
+                                      [f"{source}: {_NOT_READ}"]) from None
     except yaml.YAMLError as exc:
-        raise WorkflowValidationError([Problem(source, "", f"invalid YAML: {exc}")], source) from None
+        raise WorkflowValidationError([Problem(source, "", f"invalid YAML: {exc}")], source,
+                                      [f"{source}: {_NOT_READ}"]) from None
     except RecursionError:  # PyYAML builds nested collections recursively
         message = f"mappings and lists are nested too deeply to read (the limit is {MAX_DEPTH} levels)"
         raise WorkflowValidationError([Problem(source, "", message)], source) from None
     if data is None:
         raise WorkflowValidationError([Problem(source, "", "the file is empty; a workflow needs name and tasks")])
-    return data
+    repeats = [Problem(source, f"line {line}, column {column}", f"invalid YAML: key {key!r} appears twice in one "
+                       "mapping; the later value is used for the other checks") for line, column, key in repeated]
+    return data, repeats
 
 
 def load_workflow_file(path: str | Path) -> WorkflowSpec:
-    """Read and validate one workflow YAML file; WorkflowValidationError names the file."""
-    return parse_workflow(read_yaml(path), source=str(path))
+    """Read and validate one workflow YAML file; WorkflowValidationError names the file and lists every problem
+    (a repeated key included)."""
+    source = str(path)
+    text = _read_text(path, source)
+    data, repeats = _load_text(text, source)
+    try:
+        spec = parse_workflow(data, source=source)
+    except WorkflowValidationError as exc:
+        raise WorkflowValidationError([*repeats, *exc.problems], source, exc.notes) from None
+    if repeats:
+        raise WorkflowValidationError(repeats, source)
+    return spec
 
 
 def workflow_dirs() -> list[Path]:

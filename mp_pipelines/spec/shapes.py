@@ -170,3 +170,49 @@ def guessed_type(read: Read, expression: bool, reads: TemplateReads, key_index: 
     if expression and len(reads.reads) == 1 and len(read.path) == key_index + 1:
         return "boolean"
     return "string"
+
+
+class AnswerShapes:
+    """Checks reads of one workflow's templates against its tasks' answers; `uncertain` tasks are not checked."""
+
+    def __init__(self, spec: WorkflowSpec, uncertain: frozenset[str] = frozenset()) -> None:
+        self.spec, self.uncertain = spec, uncertain
+        self.steps = {step.name: step for step in spec.tasks}
+        self.owner = {t.name: s for s in spec.tasks if isinstance(s, LoopSpec) for t in s.tasks}  # body → loop
+
+    def problem(self, read: Read, found: TemplateReads, task: TaskSpec | None,
+                loop: LoopSpec | None) -> Finding | str | None:
+        """Why `read` (in a template of `task`, inside `loop` if any) fails at run time, or None when it should not."""
+        name, path = read.root, read.path
+        if name in self.uncertain or (path and path[0] in self.uncertain):
+            return None
+        if name == "item" and task is not None and task.for_each is not None:
+            source = graph.for_each_source(task)
+            step = self.steps.get(source[1]) if source is not None and source[0] == "step" else None
+            if step is None or isinstance(step, LoopSpec) or step.name in self.uncertain:
+                return None
+            return follow(element_shape(step_shape(self.spec, step)), read, 0, "item")
+        if name == "loop" and loop is not None:
+            return self.previous_problem(read, found, loop)
+        step = self.steps.get(name)
+        if step is not None:
+            return follow(step_shape(self.spec, step), read, 0, name)
+        owner = self.owner.get(name)
+        if owner is not None and owner is loop:
+            body = next(t for t in owner.tasks if t.name == name)
+            return follow(answer_shape(self.spec, body), read, 0, name)
+        return None
+
+    def previous_problem(self, read: Read, found: TemplateReads, loop: LoopSpec) -> Finding | str | None:
+        """loop.previous is none on the first round: reading into it needs a test of it or a default."""
+        path = read.path
+        if len(path) < 2 or path[0] != "previous" or not isinstance(path[1], str):
+            return None
+        task = next((t for t in loop.tasks if t.name == path[1]), None)
+        if task is None or task.name in self.uncertain:
+            return None
+        shown = f"loop.previous.{task.name}"
+        if not read.guarded and ("loop", ("previous",)) not in found.tested:
+            return (f"{shown}: loop.previous is none on the first round of loop {loop.name!r}; write "
+                    f"`{shown} if loop.previous else ...` or `{shown} | default(...)`")
+        return follow(answer_shape(self.spec, task), read, 2, shown)

@@ -14,7 +14,7 @@ from mp_pipelines.spec.inputs import coerce_input
 from mp_pipelines.spec.models import LoopSpec, TaskSpec, WorkflowSpec
 from mp_pipelines.spec.problems import Problem, suggest
 from mp_pipelines.spec.providers import check_models
-from mp_pipelines.spec.reads import Read, TemplateReads, template_reads
+from mp_pipelines.spec.reads import template_reads
 from mp_pipelines.spec.templates import TemplateError
 
 FAN_OUT_INPUT_TYPES = ("list", "table")
@@ -53,6 +53,7 @@ class _Checker:
         # JSON answers without a schema read by attribute: task → attribute → guessed type, and where each is read
         self.schemaless: dict[str, dict[str, str]] = {}
         self.schemaless_reads: list[tuple[int, str, shapes.Finding]] = []
+        self.answers = shapes.AnswerShapes(spec, uncertain)
         self.steps = {step.name: step for step in spec.tasks}
         self.owner = {t.name: s for s in spec.tasks if isinstance(s, LoopSpec) for t in s.tasks}  # body → loop
         self.position = {t.name: j for s in spec.tasks if isinstance(s, LoopSpec) for j, t in enumerate(s.tasks)}
@@ -235,7 +236,7 @@ class _Checker:
         for read in found.reads:
             if read.root in bad:
                 continue
-            finding = self.shape_problem(read, found, scope)
+            finding = self.answers.problem(read, found, scope.task, scope.loop)
             if finding is None:
                 continue
             if isinstance(finding, shapes.Finding):
@@ -250,42 +251,6 @@ class _Checker:
             if finding not in seen:
                 seen.add(finding)
                 self.add(path, finding)
-
-    def shape_problem(self, read: Read, found: TemplateReads, scope: _Scope) -> shapes.Finding | str | None:
-        """Why `read` fails at run time given what the task it reads answers, or None when it should not."""
-        name, path = read.root, read.path
-        if name in self.uncertain or (path and path[0] in self.uncertain):
-            return None
-        if name == "item" and scope.task is not None and scope.task.for_each is not None:
-            source = graph.for_each_source(scope.task)
-            step = self.steps.get(source[1]) if source is not None and source[0] == "step" else None
-            if step is None or isinstance(step, LoopSpec) or step.name in self.uncertain:
-                return None
-            return shapes.follow(shapes.element_shape(shapes.step_shape(self.spec, step)), read, 0, "item")
-        if name == "loop" and scope.loop is not None:
-            return self.previous_problem(read, found, scope.loop)
-        step = self.steps.get(name)
-        if step is not None:
-            return shapes.follow(shapes.step_shape(self.spec, step), read, 0, name)
-        owner = self.owner.get(name)
-        if owner is not None and owner is scope.loop:
-            task = next(t for t in owner.tasks if t.name == name)
-            return shapes.follow(shapes.answer_shape(self.spec, task), read, 0, name)
-        return None
-
-    def previous_problem(self, read: Read, found: TemplateReads, loop: LoopSpec) -> shapes.Finding | str | None:
-        """loop.previous is none on the first round: reading into it needs a test of it or a default."""
-        path = read.path
-        if len(path) < 2 or path[0] != "previous" or not isinstance(path[1], str):
-            return None
-        task = next((t for t in loop.tasks if t.name == path[1]), None)
-        if task is None or task.name in self.uncertain:
-            return None
-        shown = f"loop.previous.{task.name}"
-        if not read.guarded and ("loop", ("previous",)) not in found.tested:
-            return (f"{shown}: loop.previous is none on the first round of loop {loop.name!r}; write "
-                    f"`{shown} if loop.previous else ...` or `{shown} | default(...)`")
-        return shapes.follow(shapes.answer_shape(self.spec, task), read, 2, shown)
 
     def reference_problem(self, name: str, refs: graph.Refs, scope: _Scope) -> str | None:
         """Why a template in `scope` may not read `name`, or None when it may."""

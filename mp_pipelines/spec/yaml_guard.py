@@ -50,9 +50,13 @@ class UniqueKeyLoader(yaml.SafeLoader):
     """yaml.safe_load, except that a key repeated in one mapping is an error instead of a silent overwrite,
     and a mapping or list as a key (what an unquoted `{{ template }}` is) gets a hint."""
 
-    def __init__(self, stream: Any) -> None:
+    def __init__(self, stream: Any, *, collect_repeats: bool = False) -> None:
         super().__init__(stream)
         self._checked: set[int] = set()  # mappings whose own keys were checked (their nodes live as long as this)
+        # With collect_repeats, a repeated key is noted here as (line, column, key), the later value winning as in
+        # plain YAML, so that the file's other problems are still found; else it is an error at once.
+        self.collect_repeats = collect_repeats
+        self.repeats: list[tuple[int, int, Any]] = []
 
     def construct_object(self, node: yaml.Node, deep: bool = False) -> Any:
         try:
@@ -100,6 +104,10 @@ class UniqueKeyLoader(yaml.SafeLoader):
                     None, None, f"a {kind} cannot be a key (an unquoted template such as {{{{ x }}}} reads as a mapping "
                     "inside a mapping); put templates in quotes", key_node.start_mark
                 )
+            if key in seen and self.collect_repeats:
+                mark = key_node.start_mark
+                self.repeats.append((mark.line + 1, mark.column + 1, key))
+                continue
             if key in seen:
                 raise yaml.constructor.ConstructorError(
                     None, None, f"key {key!r} appears twice in one mapping", key_node.start_mark
