@@ -44,7 +44,7 @@ class _Responses:
 
 
 class CallTelemetry:
-    """A span per call (GenAI conventions), the call's metrics, and its line in the step's tally."""
+    """A span per call (GenAI conventions) and the call's line in the step's tally (which the metrics count)."""
 
     def __call__(self, call: Call, proceed: Proceed) -> Awaitable[Answer]:
         tally = current_tally()
