@@ -165,8 +165,8 @@ def test_latest_names_content_retries_and_cache_hits_on_spans(tmp_path: Path, in
         assert a["gen_ai.provider.name"] == "openai" and "gen_ai.system" not in a
         assert json.loads(a["gen_ai.input.messages"])[-1]["role"] == "user"
         assert json.loads(a["gen_ai.output.messages"])[0]["content"]
-        assert a["mp.cache_hit"] is False
-    retried = [c for c in first_chats if c.attributes["mp.rate_limited"]]
+        assert "mp.cache_hit" not in a  # project counters appear when not 0 (or 1 for mp.calls)
+    retried = [c for c in first_chats if c.attributes.get("mp.rate_limited")]
     assert len(retried) == 1 and retried[0].attributes["mp.http_attempts"] == 2
     assert [(name, attrs["http.response.status_code"]) for name, attrs in retried[0].events] == [("mp.retry", 429)]
     assert all(h.attributes["mp.cache_hit"] is True and h.attributes["gen_ai.usage.input_tokens"] == 0 for h in hits)

@@ -13,11 +13,11 @@ from collections.abc import Awaitable, Mapping
 from typing import Any
 
 from mp_pipelines.calls.call import Answer, Call, Proceed
+from mp_pipelines.calls.deadline import TaskTimeout
 from mp_pipelines.calls.usage import Usage
 from mp_pipelines.llm.headers import retry_after_seconds
 from mp_pipelines.llm.types import LLMError, LLMResult
 from mp_pipelines.telemetry import names as n
-from mp_pipelines.telemetry.metrics import CallFacts
 from mp_pipelines.telemetry.setup import Telemetry
 from mp_pipelines.telemetry.tally import StepTally, current_tally
 
@@ -44,7 +44,7 @@ class _Responses:
 
 
 class CallTelemetry:
-    """A span per call (GenAI conventions), the call's metrics, and its line in the step's tally."""
+    """A span per call (GenAI conventions) and the call's line in the step's tally (which the metrics count)."""
 
     def __call__(self, call: Call, proceed: Proceed) -> Awaitable[Answer]:
         tally = current_tally()
@@ -64,8 +64,12 @@ class CallTelemetry:
             _told(telemetry, tally, span, call, exc.result, usage, responses, exc)
             raise
         except BaseException as exc:
+            if isinstance(exc, TaskTimeout):
+                model = call.request.model or call.model.default_model
+                tally.add(model, _provider(call), 0, 0, 0, 0, 0.0, 0.0, responses.rate_limited, 0, responses.wait_s,
+                          "timeout")
             if span is not None:
-                _end_error(span, type(exc).__name__, str(exc))
+                _end_error(span, "timeout" if isinstance(exc, TaskTimeout) else type(exc).__name__, str(exc))
             raise
         _told(telemetry, tally, span, call, answer.result, answer.usage, responses, None)
         return answer
@@ -94,43 +98,36 @@ def _start_span(telemetry: Telemetry, call: Call) -> Any:
     return span
 
 
-def _told(telemetry: Telemetry | None, tally: Any, span: Any, call: Call, result: LLMResult | None, usage: Usage,
-          responses: _Responses, error: LLMError | None) -> None:
-    """Tell the span, the metrics and the step's tally what the call amounted to."""
-    scope = call.scope
+def _told(telemetry: Telemetry | None, tally: StepTally, span: Any, call: Call, result: LLMResult | None,
+          usage: Usage, responses: _Responses, error: LLMError | None) -> None:
+    """Tell the step's tally (and through it, the metrics) and the span what the call amounted to."""
     model = result.model if result is not None else (call.request.model or call.model.default_model)
     provider = result.provider if result is not None else _provider(call)
     attempts = result.attempts if result is not None else (error.attempts if error is not None else 0)
     retries = max(attempts - 1, 0)
-    if tally is not None:
-        tally.add(model, provider, calls=usage.calls, cache_hits=usage.cache_hits, prompt_tokens=usage.prompt_tokens,
-                  completion_tokens=usage.completion_tokens, cost_usd=usage.cost_usd, latency_s=usage.latency_s,
-                  rate_limited=responses.rate_limited, error=error is not None)
-    if telemetry is None:
+    tally.add(model, provider, usage.calls, usage.cache_hits, usage.prompt_tokens, usage.completion_tokens,
+              usage.cost_usd, usage.latency_s, responses.rate_limited, retries, responses.wait_s,
+              error.kind if error is not None else None)
+    if span is None:  # metrics are counted from the tally when the step ends, off this loop
         return
-    if telemetry.metrics is not None:
-        telemetry.metrics.record(CallFacts(scope.workflow, scope.task, model, provider, calls=usage.calls,
-                                           cache_hits=usage.cache_hits, prompt_tokens=usage.prompt_tokens,
-                                           completion_tokens=usage.completion_tokens, cost_usd=usage.cost_usd,
-                                           latency_s=usage.latency_s, retries=retries,
-                                           rate_limited=responses.rate_limited, wait_s=responses.wait_s,
-                                           error_kind=error.kind if error is not None else None),
-                                 telemetry.names["provider"])
-    if span is None:
-        return
-    names = telemetry.names
-    span.set_attribute(names["provider"], provider)
-    span.set_attribute(names["input_tokens"], usage.prompt_tokens)
-    span.set_attribute(names["output_tokens"], usage.completion_tokens)
-    span.set_attribute(n.COST, usage.cost_usd)
-    span.set_attribute(n.CALLS, usage.calls)
-    span.set_attribute(n.CACHE_HIT, bool(usage.cache_hits))
-    span.set_attribute(n.HTTP_ATTEMPTS, attempts)
-    span.set_attribute(n.RATE_LIMITED, responses.rate_limited)
+    names = telemetry.names if telemetry is not None else None
+    assert names is not None
+    # One call, few attributes: each costs CPU on the loop every call shares. Project counters only when not 0/1.
+    attributes: dict[str, Any] = {names["provider"]: provider, names["input_tokens"]: usage.prompt_tokens,
+                                  names["output_tokens"]: usage.completion_tokens, n.COST: usage.cost_usd}
+    if usage.cache_hits:
+        attributes[n.CACHE_HIT] = True
+    if usage.calls > 1:
+        attributes[n.CALLS] = usage.calls
+    if attempts > 1:
+        attributes[n.HTTP_ATTEMPTS] = attempts
+    if responses.rate_limited:
+        attributes[n.RATE_LIMITED] = responses.rate_limited
     if result is not None:
-        span.set_attribute(names["response_model"], result.model)
+        attributes[names["response_model"]] = result.model
         if result.finish_reason:
-            span.set_attribute(names["finish_reasons"], [result.finish_reason])
+            attributes[names["finish_reasons"]] = (result.finish_reason,)
+    span.set_attributes(attributes)
     if usage.cache_hits:
         span.add_event(n.EVENT_CACHE_HIT)
     for status, wait in responses.failed[: max(retries, 0)]:

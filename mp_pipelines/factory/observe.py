@@ -35,37 +35,54 @@ def observed(spec: WorkflowSpec, name: str, compute: Compute, *, prompts: bool) 
         step_key = mapped_step(name, mapping_key) if mapping_key is not None else name
         tally = StepTally(spec.name, task, telemetry)
         told = False
-        with ExitStack() as stack:
-            span = _step_span(stack, telemetry, context, spec, task, step_key)
-            stack.enter_context(tallying(tally))
-            try:
-                for event in compute(context, inputs):
-                    if isinstance(event, dg.Output) and not told:
-                        told = True
-                        failures = 0 if collects else int(_raw(event.metadata.get("failed_items")) or 0)
-                        _count_items(telemetry, spec, task, event.metadata, failures, collects)
-                        event = _with_tally(event, tally, failures)
-                    yield event
-            except dg.Failure as failure:
-                failures = 0 if collects else int(_raw(failure.metadata.get("failed_items")) or 1)
-                if not collects:
-                    _count(telemetry, spec, task, "failed", failures)
-                if span is not None:
-                    span.set_attribute(n.ATTRIBUTES["error_type"][0], str(_raw(failure.metadata.get("error_kind")) or "failure"))
-                if tally.models or failures:
-                    raise dg.Failure(failure.description, metadata={**failure.metadata,
-                                                                    TALLY_METADATA_KEY: tally.as_metadata(failures)},
-                                     allow_retries=failure.allow_retries) from failure.__cause__
-                raise
-            finally:
-                if span is not None:
-                    span.set_attribute(n.CALLS, sum(t.calls for t in tally.models.values()))
-        if telemetry is not None and os.getpid() not in RUN_WORKER_PIDS:
-            telemetry.flush()  # a step process (multiprocess executor) may exit without running atexit hooks
-        elif telemetry is not None and telemetry.metrics is not None:
-            telemetry.metrics.push()
+        try:
+            with ExitStack() as stack:
+                span = _step_span(stack, telemetry, context, spec, task, step_key)
+                stack.enter_context(tallying(tally))
+                try:
+                    for event in compute(context, inputs):
+                        if isinstance(event, dg.Output) and not told:
+                            told = True
+                            failures = 0 if collects else int(_raw(event.metadata.get("failed_items")) or 0)
+                            _count_items(telemetry, spec, task, event.metadata, failures, collects)
+                            event = _with_tally(event, tally, failures)
+                        yield event
+                except dg.Failure as failure:
+                    raise _told_failure(failure, span, tally, telemetry, spec, task, collects) from failure.__cause__
+                finally:
+                    if span is not None:
+                        span.set_attribute(n.CALLS, sum(t.calls for t in tally.models.values()))
+        finally:
+            _finish(telemetry, tally)
 
     return traced
+
+
+def _told_failure(failure: dg.Failure, span: Any, tally: StepTally, telemetry: Telemetry | None, spec: WorkflowSpec,
+                  task: str, collects: bool) -> dg.Failure:
+    """The step's failure with its tally in the metadata (its failed items: 1 for a plain task)."""
+    failures = 0 if collects else int(_raw(failure.metadata.get("failed_items")) or 1)
+    if not collects:
+        _count(telemetry, spec, task, "failed", failures)
+    if span is not None:
+        span.set_attribute(n.ATTRIBUTES["error_type"][0], str(_raw(failure.metadata.get("error_kind")) or "failure"))
+    if not tally.models and not failures:
+        return failure
+    return dg.Failure(failure.description, metadata={**failure.metadata,
+                                                     TALLY_METADATA_KEY: tally.as_metadata(failures)},
+                      allow_retries=failure.allow_retries)
+
+
+def _finish(telemetry: Telemetry | None, tally: StepTally) -> None:
+    """Count the step's calls in the metrics and send them (and, in a step process, the spans) on their way."""
+    if telemetry is None:
+        return
+    if telemetry.metrics is not None:
+        telemetry.metrics.record_step(tally, telemetry.names["provider"])
+    if os.getpid() not in RUN_WORKER_PIDS:
+        telemetry.flush()  # a step process (multiprocess executor) may exit without running atexit hooks
+    elif telemetry.metrics is not None:
+        telemetry.metrics.push()
 
 
 def _step_span(stack: ExitStack, telemetry: Telemetry | None, context: dg.OpExecutionContext, spec: WorkflowSpec,

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import threading
-from dataclasses import dataclass
 from typing import Any
 
 from mp_pipelines.telemetry.names import (
@@ -29,34 +28,15 @@ from mp_pipelines.telemetry.names import (
     TOKEN_TYPES,
     WORKFLOW,
 )
+from mp_pipelines.telemetry.tally import ModelTally, StepTally
 
 log = logging.getLogger(__name__)
 PUSH_TIMEOUT_SECONDS = 5.0
 DURATION_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 
 
-@dataclass(frozen=True)
-class CallFacts:
-    """What one call through the call path amounted to (a cache hit, an answer, or an error)."""
-
-    workflow: str
-    task: str
-    model: str
-    provider: str
-    calls: int = 0
-    cache_hits: int = 0
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    cost_usd: float = 0.0
-    latency_s: float = 0.0
-    retries: int = 0
-    rate_limited: int = 0
-    wait_s: float = 0.0
-    error_kind: str | None = None
-
-
 class Metrics:
-    """The process's instruments; `record` adds one call, `push` sends the Prometheus registry to the gateway."""
+    """The process's instruments; `record_step` adds a step's calls, `push` sends the Prometheus registry."""
 
     def __init__(self, *, otel: Any = None, pushgateway: str | None = None) -> None:
         self._meter_provider = otel
@@ -65,12 +45,15 @@ class Metrics:
         self._otel = _otel_instruments(otel.get_meter("mp_pipelines")) if otel is not None else None
         self._registry, self._prom = _prometheus_instruments() if pushgateway else (None, None)
 
-    def record(self, facts: CallFacts, names_provider_key: str) -> None:
-        """Count one call. `names_provider_key` is the GenAI provider attribute's name (by conventions version)."""
-        if self._otel is not None:
-            self._record_otel(facts, names_provider_key)
-        if self._prom is not None:
-            self._record_prometheus(facts)
+    def record_step(self, tally: StepTally, provider_key: str) -> None:
+        """Count the calls of one step (from its tally, when the step ends: nothing on the calls' event loop).
+        `provider_key` is the GenAI provider attribute's name in the conventions version in use."""
+        for (model, provider), counts in tally.models.items():
+            if self._otel is not None:
+                self._record_otel(tally.workflow, tally.task, model, provider, counts, provider_key)
+            if self._prom is not None:
+                with self._lock:
+                    self._record_prometheus((tally.workflow, tally.task, model, provider), counts)
 
     def items(self, workflow: str, task: str, status: str, count: int) -> None:
         """Count finished items (fan-out items, or a plain task as one item) by status."""
@@ -81,55 +64,45 @@ class Metrics:
         if self._prom is not None:
             self._prom["items"].labels(workflow, task, status).inc(count)
 
-    def _record_otel(self, f: CallFacts, provider_key: str) -> None:
-        attrs = {ATTRIBUTES["operation"][0]: OPERATION, provider_key: f.provider,
-                 ATTRIBUTES["request_model"][0]: f.model, WORKFLOW: f.workflow, TASK: f.task}
-        counters = self._otel
-        assert counters is not None
-        if f.calls:
-            counters["calls"].add(f.calls, attrs)
-            counters["cost"].add(f.cost_usd, attrs)
-            counters["duration"].record(f.latency_s, attrs)
+    def _record_otel(self, workflow: str, task: str, model: str, provider: str, t: ModelTally,
+                     provider_key: str) -> None:
+        attrs = {ATTRIBUTES["operation"][0]: OPERATION, provider_key: provider,
+                 ATTRIBUTES["request_model"][0]: model, WORKFLOW: workflow, TASK: task}
+        instruments = self._otel
+        assert instruments is not None
+        if t.calls:
+            instruments["calls"].add(t.calls, attrs)
+            instruments["cost"].add(t.cost_usd, attrs)
             token_type = ATTRIBUTES["token_type"][0]
-            counters["tokens"].record(f.prompt_tokens, {**attrs, token_type: TOKEN_TYPES["input"][0]})
-            counters["tokens"].record(f.completion_tokens, {**attrs, token_type: TOKEN_TYPES["output"][0]})
-        if f.cache_hits:
-            counters["cache_hits"].add(f.cache_hits, attrs)
-        if f.retries:
-            counters["retries"].add(f.retries, attrs)
-        if f.rate_limited:
-            counters["rate_limited"].add(f.rate_limited, attrs)
-        if f.wait_s:
-            counters["waits"].add(f.wait_s, attrs)
-        if f.error_kind:
-            counters["errors"].add(1, {**attrs, ATTRIBUTES["error_type"][0]: f.error_kind})
-            if f.error_kind == "budget":
-                counters["budget_stops"].add(1, attrs)
+            inputs, outputs = {**attrs, token_type: TOKEN_TYPES["input"][0]}, {**attrs, token_type: TOKEN_TYPES["output"][0]}
+            for latency, prompt, completion in zip(t.latencies, t.input_tokens, t.output_tokens):
+                instruments["duration"].record(latency, attrs)
+                instruments["tokens"].record(prompt, inputs)
+                instruments["tokens"].record(completion, outputs)
+        for key, value in (("cache_hits", t.cache_hits), ("retries", t.retries), ("rate_limited", t.rate_limited),
+                           ("waits", t.wait_s), ("budget_stops", t.errors.get("budget", 0))):
+            if value:
+                instruments[key].add(value, attrs)
+        for kind, count in t.errors.items():
+            instruments["errors"].add(count, {**attrs, ATTRIBUTES["error_type"][0]: kind})
 
-    def _record_prometheus(self, f: CallFacts) -> None:
+    def _record_prometheus(self, labels: tuple[str, str, str, str], t: ModelTally) -> None:
         prom = self._prom
         assert prom is not None
-        labels = (f.workflow, f.task, f.model, f.provider)
-        with self._lock:
-            if f.calls:
-                prom["calls"].labels(*labels).inc(f.calls)
-                prom["cost"].labels(*labels).inc(f.cost_usd)
-                prom["tokens"].labels(*labels, TOKEN_TYPES["input"][1]).inc(f.prompt_tokens)
-                prom["tokens"].labels(*labels, TOKEN_TYPES["output"][1]).inc(f.completion_tokens)
-                for _ in range(f.calls):
-                    prom["duration"].labels(*labels).observe(f.latency_s / f.calls)
-            if f.cache_hits:
-                prom["cache_hits"].labels(*labels).inc(f.cache_hits)
-            if f.retries:
-                prom["retries"].labels(*labels).inc(f.retries)
-            if f.rate_limited:
-                prom["rate_limited"].labels(*labels).inc(f.rate_limited)
-            if f.wait_s:
-                prom["waits"].labels(*labels).inc(f.wait_s)
-            if f.error_kind:
-                prom["errors"].labels(*labels, f.error_kind).inc()
-                if f.error_kind == "budget":
-                    prom["budget_stops"].labels(*labels).inc()
+        if t.calls:
+            prom["calls"].labels(*labels).inc(t.calls)
+            prom["cost"].labels(*labels).inc(t.cost_usd)
+            prom["tokens"].labels(*labels, TOKEN_TYPES["input"][1]).inc(t.prompt_tokens)
+            prom["tokens"].labels(*labels, TOKEN_TYPES["output"][1]).inc(t.completion_tokens)
+            duration = prom["duration"].labels(*labels)
+            for latency in t.latencies:
+                duration.observe(latency)
+        for key, value in (("cache_hits", t.cache_hits), ("retries", t.retries), ("rate_limited", t.rate_limited),
+                           ("waits", t.wait_s), ("budget_stops", t.errors.get("budget", 0))):
+            if value:
+                prom[key].labels(*labels).inc(value)
+        for kind, count in t.errors.items():
+            prom["errors"].labels(*labels, kind).inc(count)
 
     def push(self) -> None:
         """Send this process's counts to the Pushgateway (a failure is logged: it never fails a run)."""

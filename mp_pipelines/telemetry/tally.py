@@ -29,8 +29,12 @@ class ModelTally:
     completion_tokens: int = 0
     cost_usd: float = 0.0
     rate_limited: int = 0
-    errors: int = 0
+    retries: int = 0  # HTTP attempts beyond the first
+    wait_s: float = 0.0  # Retry-After seconds asked by 429s
+    errors: dict[str, int] = field(default_factory=dict)  # failed calls by error kind
     latencies: list[float] = field(default_factory=list)  # seconds, one per model answer
+    input_tokens: list[int] = field(default_factory=list)  # per answer (metrics' token histogram)
+    output_tokens: list[int] = field(default_factory=list)
 
 
 @dataclass
@@ -42,8 +46,10 @@ class StepTally:
     telemetry: Any = None  # the process's telemetry.setup.Telemetry when exporting, read once per step
     models: dict[tuple[str, str], ModelTally] = field(default_factory=dict)
 
-    def add(self, model: str, provider: str, *, calls: int, cache_hits: int, prompt_tokens: int,
-            completion_tokens: int, cost_usd: float, latency_s: float, rate_limited: int, error: bool) -> None:
+    def add(self, model: str, provider: str, calls: int, cache_hits: int, prompt_tokens: int, completion_tokens: int,
+            cost_usd: float, latency_s: float, rate_limited: int, retries: int, wait_s: float,
+            error_kind: str | None) -> None:
+        """Count one call through the call path (on the shared loop: plain arithmetic, nothing exported)."""
         tally = self.models.get((model, provider))
         if tally is None:
             tally = self.models[(model, provider)] = ModelTally()
@@ -53,16 +59,21 @@ class StepTally:
         tally.completion_tokens += completion_tokens
         tally.cost_usd += cost_usd
         tally.rate_limited += rate_limited
-        tally.errors += error
+        tally.retries += retries
+        tally.wait_s += wait_s
+        if error_kind is not None:
+            tally.errors[error_kind] = tally.errors.get(error_kind, 0) + 1
         if calls:
             tally.latencies.extend([round(latency_s / calls, LATENCY_DIGITS)] * calls)
+            tally.input_tokens.append(prompt_tokens)
+            tally.output_tokens.append(completion_tokens)
 
     def as_metadata(self, failures: int) -> dict[str, Any]:
         """The JSON value stored under TALLY_METADATA_KEY."""
         return {"workflow": self.workflow, "task": self.task, "failures": failures,
                 "models": [{"model": model, "provider": provider, "calls": t.calls, "cache_hits": t.cache_hits,
                             "prompt_tokens": t.prompt_tokens, "completion_tokens": t.completion_tokens,
-                            "cost_usd": round(t.cost_usd, 9), "rate_limited": t.rate_limited, "errors": t.errors,
+                            "cost_usd": round(t.cost_usd, 9), "rate_limited": t.rate_limited, "errors": dict(t.errors),
                             "latencies": t.latencies}
                            for (model, provider), t in sorted(self.models.items())]}
 
