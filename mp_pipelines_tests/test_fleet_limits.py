@@ -159,10 +159,12 @@ def check_fleet_rate_and_pause(server: RunningServer, results: list[subprocess.C
     throttled = [r.time for r in server.requests if r.fault is not None]
     assert len(throttled) == 1
     per_second = LIMIT_PER_MINUTE / 60
-    # the total rate: over any 5 s, at most the limit's share (+5%) plus the one turn at the window's edge
+    # the total rate: over any 10 s, at most the limit's share + 5%, plus 2 for the turns at the window's edges
+    # (turns are evenly spaced; a send leaves when its process's event loop gets to it, a little late on a busy
+    # machine, so two turns can leave close together)
     for start in times:
-        in_window = sum(start <= t < start + 5 for t in times)
-        assert in_window <= 5 * per_second * 1.05 + 1, (start - times[0], in_window)
+        in_window = sum(start <= t < start + 10 for t in times)
+        assert in_window <= 10 * per_second * 1.05 + 2, (start - times[0], in_window)
     # ... and the limit is what held the three back (alone, each would send its 60 items within a second)
     busy = times[-1] - times[0] - 2.0  # minus the pause
     assert len(times) / busy >= 0.8 * per_second, len(times) / busy

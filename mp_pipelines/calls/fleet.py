@@ -63,7 +63,7 @@ class FleetLimits:
     """A `SharedLimits` store seen from the shared event loop: its blocking calls run on a few threads of their
     own, the slots this process holds are renewed while it lives (a killed process frees them within a lease)."""
 
-    LEASE_SECONDS = 30.0
+    LEASE_SECONDS = 10.0  # a slot of a process that died is free again after this; renewed every third of it
     _POLL_START, _POLL_MAX = 0.01, 0.2  # seconds between tries for a full in-flight slot set
 
     def __init__(self, shared: SharedLimits) -> None:

@@ -31,7 +31,6 @@ __all__ = ["LIMITS_REDIS_URL_ENV", "RedisLimits", "SqlLimits", "fleet_key", "ope
 log = logging.getLogger(__name__)
 
 LIMITS_REDIS_URL_ENV = "MP_LIMITS_REDIS_URL"
-LEASE_SECONDS = 30.0  # an in-flight slot of a process that died is free again after this
 _RATES = "mp_fleet_limits"
 _SLOTS = "mp_fleet_slots"
 _EXPIRE_SECONDS = 3600  # Redis keys of limits nobody used for an hour go away
