@@ -129,7 +129,8 @@ async def _run_item(model: ChatModel, spec: WorkflowSpec, task: TaskSpec, base_c
                 raise
             _record_failure(record, exc)
             if (record.status == "stopped" or not record.retryable or attempt == max_attempts or retries is None
-                    or record.error_kind in RETRIED_BY_THE_CALL):  # the call path spent its retry budget on it
+                    # the call path spent its retry budget on it (a batch's failed line was not retried there)
+                    or (record.error_kind in RETRIED_BY_THE_CALL and scope.batch is None)):
                 return record
             delay = retry_delay(retries, attempt)
             log.warning(f"retrying task {label} in {delay:.1f} s after {record.error_kind}, "
