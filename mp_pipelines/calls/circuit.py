@@ -37,7 +37,6 @@ class CircuitOpen(LLMError):
 
     def __init__(self, message: str) -> None:
         super().__init__(message, kind="circuit_open")
-        self.retryable = True
 
 
 @dataclass(eq=False)

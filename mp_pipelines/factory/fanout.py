@@ -171,7 +171,7 @@ def _shard_failure(task: TaskSpec, items: list[tuple[int, Any]], failed: list[It
     # A step retry (the task's RetryPolicy) re-runs the shard with the run's checkpoint: the items that were
     # answered are not asked again, only the failed ones.
     return dg.Failure(f"task {task.name}: {len(failed)} of {len(items)} item(s) failed after "
-                      f"{first.http_attempts} attempt(s): {_listing([r.as_row() for r in failed])}",
+                      f"{max(first.attempts, first.http_attempts)} attempt(s): {_listing([r.as_row() for r in failed])}",
                       metadata={**metadata, "error_kind": first.error_kind or ""},
                       allow_retries=any(r.retryable for r in failed))
 

@@ -8,7 +8,7 @@ from dataclasses import dataclass, replace
 from typing import Any, Protocol, runtime_checkable
 
 ResponseObserver = Callable[[int, Mapping[str, str]], None]  # (HTTP status, headers) of every attempt
-RETRYABLE_KINDS = frozenset({"rate_limit", "timeout", "server_error", "connection", "invalid_output"})
+RETRYABLE_KINDS = frozenset({"rate_limit", "timeout", "server_error", "connection", "invalid_output", "circuit_open"})
 
 
 @dataclass(frozen=True)
