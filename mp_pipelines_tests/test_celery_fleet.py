@@ -122,7 +122,9 @@ def test_worker_killed_mid_run_its_shard_finishes_on_the_other_without_paying_tw
     # (FLUSH_SECONDS, 50 ms) are asked again; every item answered well before the kill is not
     settled = [item for item, n in before.items() if n == 1 and answered_at(server, item) < killed_at - 1.0]
     assert settled and not set(settled) & set(twice), twice
-    assert len(twice) <= BREADTH, twice
+    # in flight at the kill: at most breadth; answered in its last second: not yet settled in the store for sure
+    recent = [item for item, n in before.items() if n == 1 and answered_at(server, item) >= killed_at - 1.0]
+    assert len(twice) <= BREADTH + len(recent), (twice, recent)
 
 
 def test_celery_without_a_broker_is_bad_usage_not_a_traceback(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

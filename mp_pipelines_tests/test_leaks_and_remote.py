@@ -298,7 +298,8 @@ def test_a_loop_stopped_by_the_budget_is_reported_failed_with_the_reason(
     assert tasks["refine"]["status"] == "failed" and reason in tasks["refine"]["error"]
     assert tasks[stopped]["status"] == "failed" and reason in tasks[stopped]["error"]
     # the body task that did answer (in the last iteration that ran) reports that answer
-    assert tasks[finished] == {"status": "success", "error": None, "output": tasks[finished]["output"]}
+    assert tasks[finished] == {"status": "success", "error": None, "output": tasks[finished]["output"],
+                               "models": {"gpt-4o-mini": tasks[finished]["models"]["gpt-4o-mini"]}}
     assert tasks[finished]["output"].startswith("[simulated] Response to: ")
     assert tasks["report"]["status"] == "not_run" and tasks["plan"]["status"] == "success"
     assert "could not be loaded" not in result.stdout
