@@ -140,6 +140,21 @@ class DagsterServices:
         return "\n".join(f"--- {s.name} (exit code {s.process.poll()}) log {s.log_path}:\n{s.log_tail(lines)}"
                          for s in self.services)
 
+    def run_errors(self, run_id: str) -> str:
+        """The error-level messages and errors of a run's event log, for error messages."""
+        query = """query ($runId: ID!) { logsForRun(runId: $runId) { __typename
+            ... on EventConnection { events { __typename
+                ... on MessageEvent { message level stepKey }
+                ... on ErrorEvent { error { message stack } } } } } }"""
+        try:
+            events = self.graphql(query, {"runId": run_id})["logsForRun"].get("events") or []
+        except Exception as exc:  # noqa: BLE001 - diagnostics only
+            return f"run {run_id}: its events could not be read ({exc})"
+        lines = [f"{e.get('level')} {e.get('stepKey') or ''} {e['__typename']}: {e.get('message')}"
+                 + (f"\n{e['error']['message']}{''.join(e['error']['stack'] or [])}" if e.get("error") else "")
+                 for e in events if e.get("error") or e.get("level") in ("ERROR", "CRITICAL")]
+        return f"--- run {run_id} errors:\n" + "\n".join(lines)
+
     def check_alive(self) -> None:
         for service in self.services:
             if service.process.poll() is not None:

@@ -134,7 +134,8 @@ def test_the_run_queue_keeps_at_most_two_runs_in_progress(deployment: Deployment
         assert time.monotonic() < deadline, f"runs not finished after 240 s: {statuses}\n{services.diagnostics()}"
         time.sleep(0.3)
     finished = {run["runId"]: run for run in runs(services)}
-    assert [finished[rid]["status"] for rid in run_ids] == ["SUCCESS"] * 6, services.diagnostics()
+    failed = [rid for rid in run_ids if finished[rid]["status"] != "SUCCESS"]
+    assert not failed, "\n".join(services.run_errors(rid) for rid in failed) + "\n" + services.diagnostics()
     intervals = [(run["startTime"], run["endTime"]) for run in finished.values() if run["startTime"]]
     assert max_overlap(intervals) <= MAX_RUNS  # also between polls, from the recorded start and end times
     assert peak == MAX_RUNS  # the runs did overlap: the limit, not luck, kept them to two
