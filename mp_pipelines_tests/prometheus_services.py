@@ -17,7 +17,7 @@ from typing import Any
 
 import requests
 
-from mp_pipelines_tests.services import free_port, wait_for
+from mp_pipelines_tests.services import free_port, unavailable, wait_for
 
 
 @dataclass
@@ -45,7 +45,7 @@ class Prometheus:
 def _binary(name: str) -> str:
     path = shutil.which(name)
     if path is None:
-        raise RuntimeError(f"{name} is not installed: apt-get install -y {name} (.ci/run installs it)")
+        unavailable(f"{name} is not installed: apt-get install -y {name} (.ci/run installs it)")
     return path
 
 

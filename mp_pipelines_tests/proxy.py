@@ -19,7 +19,7 @@ from pathlib import Path
 
 import httpx
 
-from mp_pipelines_tests.services import REPO, free_port
+from mp_pipelines_tests.services import REPO, free_port, unavailable
 
 DEPLOY = REPO / "deploy" / "nginx"
 SITE = DEPLOY / "mp-pipelines.conf"
@@ -76,8 +76,9 @@ def nginx_proxy(upstream: str, users: Mapping[str, Mapping[str, str]]) -> Iterat
 
     Run as `nobody` when the tests run as root, so nginx never has root's rights here either.
     """
-    if not JS_MODULE.exists():
-        raise RuntimeError(f"{JS_MODULE} is missing: apt-get install nginx-light libnginx-mod-http-js (.ci/run does)")
+    if not JS_MODULE.exists() or not Path(NGINX).exists():
+        unavailable(f"nginx or its njs module ({JS_MODULE}) is missing: apt-get install nginx-light "
+                    "libnginx-mod-http-js (.ci/run does)")
     folder = Path(tempfile.mkdtemp(prefix="mp-nginx-"))
     port = free_port()
     for role in ("viewers", "operators"):

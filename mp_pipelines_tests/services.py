@@ -20,8 +20,9 @@ from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
+import pytest
 import requests
 import yaml
 
@@ -160,6 +161,13 @@ class DagsterServices:
             if service.process.poll() is not None:
                 raise RuntimeError(f"{service.name} exited with code {service.process.returncode}\n"
                                    + self.diagnostics())
+
+
+def unavailable(problem: str) -> NoReturn:
+    """A service or package a test needs is missing: a failure under CI (`.ci/run` provides it), a skip locally."""
+    if os.environ.get("CI"):
+        pytest.fail(f"required under CI: {problem}")
+    pytest.skip(problem)
 
 
 def service_env(home: Path, extra: Mapping[str, str]) -> dict[str, str]:
