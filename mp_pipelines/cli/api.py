@@ -37,21 +37,9 @@ def resolve_spec(spec_or_name: WorkflowSpec | WorkflowBuilder | str | Path) -> t
 
 def check_inputs(spec: WorkflowSpec, values: Mapping[str, Any]) -> dict[str, Any]:
     """`values` typed by the spec's inputs; one ValueError naming every unknown, invalid or missing input."""
-    from mp_pipelines.spec.inputs import coerce_input
+    from mp_pipelines.cli.args import input_problems
 
-    problems: list[str] = []
-    for name in sorted(set(values) - set(spec.inputs)):
-        known = ", ".join(f"{n} ({declared.type})" for n, declared in spec.inputs.items()) or "none"
-        problems.append(f"unknown input {name!r} for {spec.name}; its inputs: {known}{suggest(name, spec.inputs)}")
-    checked: dict[str, Any] = {}
-    for name, declared in spec.inputs.items():
-        if name in values:
-            try:
-                checked[name] = coerce_input(declared.type, values[name], name)
-            except ValueError as exc:
-                problems.append(str(exc))
-        elif declared.required:
-            problems.append(f"input {name!r} of {spec.name} is required ({declared.type})")
+    checked, problems = input_problems(spec, values)
     if problems:
         raise ValueError("; ".join(problems))
     return checked

@@ -6,7 +6,7 @@ Nothing here imports Dagster, so `list`, `validate` and `show` stay quick.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -70,8 +70,10 @@ def _nested_deeper_than(value: Any, levels: int) -> bool:
     return any(isinstance(v, (dict, list)) for v in level)
 
 
-def check_inputs(spec: WorkflowSpec, values: dict[str, Any]) -> dict[str, Any]:
-    """`values` typed by the spec's inputs; one BadParameter listing every unknown, invalid or missing input."""
+def input_problems(spec: WorkflowSpec, values: Mapping[str, Any],
+                   how_to_pass: str = "") -> tuple[dict[str, Any], list[str]]:
+    """`values` typed by the spec's inputs, and every unknown, invalid or missing input as one sentence each
+    (`how_to_pass` ends the sentence of a missing input, e.g. ": pass --input topic=...")."""
     from mp_pipelines.spec.inputs import coerce_input
     from mp_pipelines.spec.problems import suggest
 
@@ -91,7 +93,14 @@ def check_inputs(spec: WorkflowSpec, values: dict[str, Any]) -> dict[str, Any]:
             except ValueError as exc:
                 problems.append(str(exc))
         elif input_spec.required:
-            problems.append(f"input {name!r} of {spec.name} is required ({input_spec.type}): pass --input {name}=...")
+            problems.append(f"input {name!r} of {spec.name} is required ({input_spec.type})"
+                            + how_to_pass.replace("{name}", name))
+    return checked, problems
+
+
+def check_inputs(spec: WorkflowSpec, values: dict[str, Any]) -> dict[str, Any]:
+    """`values` typed by the spec's inputs; one BadParameter listing every unknown, invalid or missing input."""
+    checked, problems = input_problems(spec, values, ": pass --input {name}=...")
     if problems:
         raise click.BadParameter("; ".join(problems), param_hint="--input")
     return checked
