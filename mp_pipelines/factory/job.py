@@ -15,9 +15,19 @@ from mp_pipelines.dagster_ext.celery import CELERY_EXECUTOR_CONFIG
 from mp_pipelines.dagster_ext.executor import selectable_executor
 from mp_pipelines.factory.assets import build_assets
 from mp_pipelines.factory.logs import LOGGER_DEFS
-from mp_pipelines.factory.names import FANOUT_TAG, INPUTS_OP, PROVIDER_TAG, WORKFLOW_TAG, inputs_step
+from mp_pipelines.factory.names import (
+    BUDGET_RESOURCE_KEY,
+    FANOUT_TAG,
+    INPUTS_OP,
+    LLM_RESOURCE_KEY,
+    PROVIDER_TAG,
+    WORKFLOW_TAG,
+    inputs_step,
+)
 from mp_pipelines.factory.ops import input_field
 from mp_pipelines.factory.partitions import inbox_partitioned_config
+from mp_pipelines.factory.resources import RunBudget
+from mp_pipelines.llm.resource import build_llm_resource
 from mp_pipelines.spec.graph import loop_iterations
 from mp_pipelines.spec.models import LoopSpec, WorkflowSpec
 
@@ -147,7 +157,10 @@ def build_job_definition(spec: WorkflowSpec, assets: list[dg.AssetsDefinition],
 
 def build_job(spec: WorkflowSpec, *, provider: str = "simulated", base_dir: Path | None = None,
               resources: dict[str, Any] | None = None) -> dg.JobDefinition:
-    """The workflow's job resolved on its own (with `resources`, else none bound), e.g. for a schedule's target."""
+    """The workflow's job resolved on its own, with `resources` (default: the LLM resource from the environment and
+    the workflow's budget), e.g. for a schedule's target or a test."""
+    if resources is None:
+        resources = {LLM_RESOURCE_KEY: build_llm_resource(), BUDGET_RESOURCE_KEY: RunBudget()}
     assets = build_assets(spec, provider=provider, base_dir=base_dir)
     with recursion_headroom(op_count(spec)):
         defs = dg.Definitions(assets=assets, jobs=[build_job_definition(spec, assets, provider)],
