@@ -29,7 +29,9 @@ PooledSqliteStorage, config: {base_dir: ...}}`; `mp-pipelines run` uses it for i
 
 from __future__ import annotations
 
+import functools
 import os
+import sqlite3
 import weakref
 from collections import OrderedDict
 from collections.abc import Iterator
@@ -37,14 +39,19 @@ from contextlib import contextmanager
 from typing import Any
 
 import sqlalchemy as db
+import sqlalchemy.exc as db_exc
 import yaml
+from alembic.migration import MigrationContext
+from alembic.script import ScriptDirectory
 from dagster import StringSource
 from dagster._config.config_schema import UserConfigSchema
 from dagster._core.storage.base_storage import DagsterStorage
+from dagster._core.storage.event_log.schema import SqlEventLogStorageMetadata
 from dagster._core.storage.event_log.sqlite.sqlite_event_log import SqliteEventLogStorage
 from dagster._core.storage.runs.sqlite.sqlite_run_storage import SqliteRunStorage
 from dagster._core.storage.schedules.sqlite.sqlite_schedule_storage import SqliteScheduleStorage
-from dagster._core.storage.sqlite import SQLITE_BUSY_TIMEOUT_SECONDS
+from dagster._core.storage.sql import get_alembic_config
+from dagster._core.storage.sqlite import SQLITE_BUSY_TIMEOUT_SECONDS, create_db_conn_string
 from dagster._core.storage.sqlite_storage import DagsterSqliteStorage
 from dagster._serdes import ConfigurableClassData
 from sqlalchemy import event
@@ -83,6 +90,36 @@ def pooled_sqlite_engine(conn_string: str) -> db.engine.Engine:
     return engine
 
 
+@functools.lru_cache(maxsize=1)
+def _alembic_scripts() -> ScriptDirectory:
+    """Dagster's migration scripts, read once per process (reading them costs ~50 ms; Dagster reads them again
+    for every database it opens)."""
+    from dagster._core.storage.event_log.sqlite import sqlite_event_log
+
+    return ScriptDirectory.from_config(get_alembic_config(sqlite_event_log.__file__))
+
+
+def _stamped(conn: Connection) -> bool:
+    """Whether the database carries an alembic revision: Dagster set it up (the stock code then changes nothing)."""
+    return MigrationContext.configure(conn).get_current_revision() is not None
+
+
+def _set_up_already(conn_string: str, path: str, tables: tuple[str, ...]) -> bool:
+    """Whether the SQLite file at `path` exists, is stamped and has `tables`: then Dagster's `from_local` would only
+    read the migration scripts to find that out."""
+    if not os.path.exists(path):
+        return False
+    engine = db.create_engine(conn_string, poolclass=db.pool.NullPool,
+                              connect_args={"timeout": SQLITE_BUSY_TIMEOUT_SECONDS})
+    try:
+        with engine.connect() as conn:
+            return _stamped(conn) and set(tables) <= set(db.inspect(conn).get_table_names())
+    except (db_exc.DatabaseError, sqlite3.DatabaseError):
+        return False
+    finally:
+        engine.dispose()
+
+
 @checked_overrides
 class PooledSqliteEventLogStorage(SqliteEventLogStorage):
     """`SqliteEventLogStorage` whose per-shard connections stay open (see the module docstring)."""
@@ -117,6 +154,25 @@ class PooledSqliteEventLogStorage(SqliteEventLogStorage):
                 with conn.begin():
                     yield conn
 
+    def _initdb(self, engine: db.engine.Engine, for_index_shard: bool = False) -> None:
+        """Dagster's set-up of a shard, without reading the migration scripts when the shard is set up already, and
+        reading them once per process when a new run's shard is created (create tables, WAL, stamp head: what the
+        stock code does for a new file). Anything else (the index shard, an unstamped file with tables, another
+        process creating the same file) goes to Dagster's own code and its retries."""
+        try:
+            with engine.connect() as conn:
+                if _stamped(conn):
+                    return
+                if not for_index_shard and not db.inspect(conn).get_table_names():
+                    conn.exec_driver_sql("PRAGMA journal_mode=WAL")
+                    SqlEventLogStorageMetadata.create_all(conn)
+                    MigrationContext.configure(conn).stamp(_alembic_scripts(), "head")
+                    conn.commit()
+                    return
+        except (db_exc.DatabaseError, sqlite3.DatabaseError):
+            pass
+        super()._initdb(engine, for_index_shard=for_index_shard)
+
     def _dispose_engines(self) -> None:
         with self._db_lock:
             engines, self._engines = list(self._engines.values()), OrderedDict()
@@ -144,6 +200,13 @@ class PooledSqliteRunStorage(SqliteRunStorage):
     def from_config_value(cls, inst_data: ConfigurableClassData | None, config_value: Any) -> PooledSqliteRunStorage:
         return cls.from_local(inst_data=inst_data, **config_value)
 
+    @classmethod
+    def from_local(cls, base_dir: str, inst_data: ConfigurableClassData | None = None) -> PooledSqliteRunStorage:
+        conn_string = create_db_conn_string(base_dir, "runs")
+        if _set_up_already(conn_string, os.path.join(base_dir, "runs.db"), ("runs", "instance_info")):
+            return cls(conn_string, inst_data)
+        return super().from_local(base_dir, inst_data=inst_data)  # creates, stamps and migrates as Dagster does
+
     @contextmanager
     def connect(self) -> Iterator[Connection]:
         with self._engine.connect() as conn:
@@ -156,15 +219,46 @@ class PooledSqliteRunStorage(SqliteRunStorage):
 
 
 @checked_overrides
+@checked_overrides
+class PooledSqliteScheduleStorage(SqliteScheduleStorage):
+    """`SqliteScheduleStorage` whose connection to schedules.db stays open (see the module docstring)."""
+
+    def __init__(self, conn_string: str, inst_data: ConfigurableClassData | None = None):
+        super().__init__(conn_string, inst_data=inst_data)
+        self._engine = pooled_sqlite_engine(conn_string)
+
+    @classmethod
+    def from_config_value(cls, inst_data: ConfigurableClassData | None, config_value: Any
+                          ) -> PooledSqliteScheduleStorage:
+        return cls.from_local(inst_data=inst_data, **config_value)
+
+    @classmethod
+    def from_local(cls, base_dir: str, inst_data: ConfigurableClassData | None = None) -> PooledSqliteScheduleStorage:
+        conn_string = create_db_conn_string(base_dir, "schedules")
+        if _set_up_already(conn_string, os.path.join(base_dir, "schedules.db"), ("jobs", "job_ticks")):
+            return cls(conn_string, inst_data)
+        return super().from_local(base_dir, inst_data=inst_data)
+
+    @contextmanager
+    def connect(self) -> Iterator[Connection]:
+        with self._engine.connect() as conn:
+            with conn.begin():
+                yield conn
+
+    def dispose(self) -> None:
+        super().dispose()
+        self._engine.dispose()
+
+
 class PooledSqliteStorage(DagsterSqliteStorage):
     """Dagster's SQLite storage (`storage: sqlite:`, the same files under `base_dir`) with the pooled event
-    log and run storages; schedules stay Dagster's own (they are written rarely)."""
+    log, run and schedule storages."""
 
     def __init__(self, base_dir: str, inst_data: ConfigurableClassData | None = None):
         self.base_dir = base_dir
         self._run_storage = PooledSqliteRunStorage.from_local(os.path.join(base_dir, "history", ""))
         self._event_log_storage = PooledSqliteEventLogStorage(os.path.join(base_dir, "history", "runs", ""))
-        self._schedule_storage = SqliteScheduleStorage.from_local(os.path.join(base_dir, "schedules"))
+        self._schedule_storage = PooledSqliteScheduleStorage.from_local(os.path.join(base_dir, "schedules"))
         self._inst_data = inst_data
         DagsterStorage.__init__(self)
 
@@ -185,6 +279,11 @@ class PooledSqliteStorage(DagsterSqliteStorage):
     def run_storage_data(self) -> ConfigurableClassData | None:
         return ConfigurableClassData(__name__, "PooledSqliteRunStorage",
                                      yaml.safe_dump({"base_dir": os.path.join(self.base_dir, "history", "")}))
+
+    @property
+    def schedule_storage_data(self) -> ConfigurableClassData | None:
+        return ConfigurableClassData(__name__, "PooledSqliteScheduleStorage",
+                                     yaml.safe_dump({"base_dir": os.path.join(self.base_dir, "schedules")}))
 
 
 def pooled_storage_config(base_dir: str) -> dict[str, Any]:
