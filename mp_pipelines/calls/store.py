@@ -90,6 +90,7 @@ class ResponseStore:
         self._queue: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
         self._pending = 0
         self._idle = threading.Condition()
+        self._flush_now = threading.Event()  # someone waits in flush(): write what is queued without gathering
         self._writer = threading.Thread(target=self._write_loop, name="mp-cache-write", daemon=True)
         self._writer.start()
 
@@ -163,6 +164,7 @@ class ResponseStore:
         failures = self.write_failures
         with self._idle:
             while self._pending:
+                self._flush_now.set()
                 left = deadline - time.monotonic()
                 if left <= 0:
                     return False
@@ -177,7 +179,8 @@ class ResponseStore:
     def _write_loop(self) -> None:
         while True:
             batch = [self._queue.get()]
-            time.sleep(FLUSH_SECONDS)  # let a burst gather into one transaction
+            self._flush_now.wait(FLUSH_SECONDS)  # let a burst gather into one transaction, unless flush() waits
+            self._flush_now.clear()
             while len(batch) < _BATCH:
                 try:
                     batch.append(self._queue.get_nowait())

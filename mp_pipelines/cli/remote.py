@@ -9,7 +9,6 @@ password nor the user:password part of a URL is ever shown. Errors are one sente
 
 from __future__ import annotations
 
-import asyncio
 import functools
 import json
 import os
@@ -131,6 +130,8 @@ def post_json(endpoint: Endpoint, payload: dict[str, Any], deadline: Deadline) -
         async with httpx.AsyncClient(auth=auth, timeout=remaining) as client:
             response = await client.post(f"{endpoint.url}/graphql", json=payload)
             return response.status_code, response.content
+
+    import asyncio  # here: `list`, `validate` and `show` import this module and need no event loop
 
     try:
         return asyncio.run(asyncio.wait_for(send(), remaining))

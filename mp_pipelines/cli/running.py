@@ -14,6 +14,7 @@ import dagster as dg
 from mp_pipelines.calls.usage import Usage
 from mp_pipelines.cli.config import CLI_CONSOLE_LOG_LEVEL, run_config, with_budget
 from mp_pipelines.cli.reporting import family_step_states, run_usage, step_states, summarize_tasks, task_output
+from mp_pipelines.dagster_ext.sqlite import pooled_storage_config
 from mp_pipelines.factory.names import RESUME_RETRY_TAG, task_of_step
 from mp_pipelines.spec.graph import topological_order
 from mp_pipelines.spec.models import WorkflowSpec
@@ -27,13 +28,39 @@ _POLL_SECONDS = 0.25
 
 
 def local_instance() -> dg.DagsterInstance:
-    """The instance at DAGSTER_HOME, else a persistent one under ./.mp_pipelines/dagster_home."""
-    if os.environ.get("DAGSTER_HOME"):
-        return dg.DagsterInstance.get()
+    """The instance at DAGSTER_HOME, else a persistent one under ./.mp_pipelines/dagster_home.
+
+    Where the home's dagster.yaml names no storage (Dagster's default: SQLite files in the home), the same files
+    are opened through `PooledSqliteStorage`, which keeps one connection per database file open instead of one
+    per event (see mp_pipelines/dagster_ext/sqlite.py)."""
+    configured = os.environ.get("DAGSTER_HOME")
+    if configured:
+        home = Path(configured).expanduser().resolve()
+        if not home.is_dir() or _names_storage(home):
+            return dg.DagsterInstance.get()  # Dagster's own errors and storage choice
+        return dg.DagsterInstance.local_temp(str(home), overrides={"storage": pooled_storage_config(str(home))})
     home = (Path.cwd() / LOCAL_HOME).resolve()
     home.mkdir(parents=True, exist_ok=True)
     return dg.DagsterInstance.local_temp(str(home), overrides={"telemetry": {"enabled": False},
-                                                               "python_logs": {"python_log_level": "INFO"}})
+                                                               "python_logs": {"python_log_level": "INFO"},
+                                                               "storage": pooled_storage_config(str(home))})
+
+
+_STORAGE_KEYS = ("storage", "run_storage", "event_log_storage", "schedule_storage")
+
+
+def _names_storage(home: Path) -> bool:
+    """Whether the home's dagster.yaml chooses a storage itself (then it is used as written)."""
+    import yaml
+
+    config = home / "dagster.yaml"
+    if not config.exists():
+        return False
+    try:
+        loaded = yaml.safe_load(config.read_text(encoding="utf-8")) or {}
+    except (OSError, yaml.YAMLError):
+        return True  # let Dagster report it
+    return not isinstance(loaded, dict) or any(key in loaded for key in _STORAGE_KEYS)
 
 
 @dataclass

@@ -21,13 +21,23 @@ import click
 
 CODE_LOCATION = "mp_pipelines.definitions"
 LOCAL_HOME = Path(".mp_pipelines") / "dagster_home"  # the same folder as cli.running.LOCAL_HOME
-# The instance config written to a home that has none: Dagster's SQLite storage in the home, a run queue,
+# The instance config written to a home that has none: Dagster's SQLite storage in the home (pooled), a run queue,
 # telemetry off (the settings of the repository's dagster.yaml). Without one, Dagster warns on every start.
 INSTANCE_CONFIG = """\
 # Written by `mp-pipelines ui` for the instance `mp-pipelines run` and the UI share: SQLite storage in this
 # folder, a run queue, telemetry off. Edit freely; it is never overwritten.
 telemetry:
   enabled: false
+
+# Dagster's SQLite files in this folder, opened with one connection per file kept open instead of one per
+# event (mp_pipelines/dagster_ext/sqlite.py); `storage: {sqlite: {base_dir: ...}}` opens the same files.
+storage:
+  custom:
+    module: mp_pipelines.dagster_ext.sqlite
+    class: PooledSqliteStorage
+    config:
+      base_dir:
+        env: DAGSTER_HOME
 
 concurrency:
   runs:

@@ -40,6 +40,7 @@ _STEP_THREADS = "mp_pipelines.dagster_ext.step_threads"
 _TRACED = "mp_pipelines.dagster_ext.traced"
 _POSTGRES = "mp_pipelines.dagster_ext.postgres"
 _PG_ENGINES = "mp_pipelines.dagster_ext.pg_engines"
+_SQLITE = "mp_pipelines.dagster_ext.sqlite"
 
 
 @dataclass(frozen=True)
@@ -136,6 +137,22 @@ PRIVATE_IMPORTS: tuple[Private, ...] = (
     Private("dagster._serdes", "ConfigurableClass", _POSTGRES, members=("config_type", "from_config_value")),
     Private("dagster._serdes", "ConfigurableClassData", _POSTGRES),
     Private("dagster._utils.concurrency", "ConcurrencySlotStatus", _POSTGRES, members=("CLAIMED", "BLOCKED")),
+    # sqlite.py: Dagster's SQLite storages with connections kept open
+    Private("dagster._config.config_schema", "UserConfigSchema", _SQLITE),
+    Private("dagster._core.storage.base_storage", "DagsterStorage", _SQLITE),
+    Private("dagster._core.storage.event_log.sqlite.sqlite_event_log", "SqliteEventLogStorage", _SQLITE, members=(
+        "_initdb", "conn_string_for_shard", "run_connection", "index_connection")),
+    Private("dagster._core.storage.runs.sqlite.sqlite_run_storage", "SqliteRunStorage", _SQLITE, members=(
+        "from_local",)),
+    Private("dagster._core.storage.schedules.sqlite.sqlite_schedule_storage", "SqliteScheduleStorage", _SQLITE,
+            members=("from_local",)),
+    Private("dagster._core.storage.sqlite", "SQLITE_BUSY_TIMEOUT_SECONDS", _SQLITE),
+    Private("dagster._core.storage.sqlite", "create_db_conn_string", _SQLITE),
+    Private("dagster._core.storage.sql", "get_alembic_config", _SQLITE),
+    Private("dagster._core.storage.event_log.schema", "SqlEventLogStorageMetadata", _SQLITE, members=("create_all",)),
+    Private("dagster._core.storage.sqlite_storage", "DagsterSqliteStorage", _SQLITE, members=(
+        "from_local", "event_log_storage", "run_storage", "schedule_storage", "register_instance", "dispose")),
+    Private("dagster._serdes", "ConfigurableClassData", _SQLITE),
 )
 
 _EVENT_LOG = "dagster_postgres.event_log.event_log:PostgresEventLogStorage"
@@ -144,6 +161,9 @@ _SCHEDULE = "dagster_postgres.schedule_storage.schedule_storage:PostgresSchedule
 _POOLED_EVENT_LOG = f"{_POSTGRES}:PooledPostgresEventLogStorage"
 _POOLED_RUN = f"{_POSTGRES}:PooledPostgresRunStorage"
 _POOLED_SCHEDULE = f"{_POSTGRES}:PooledPostgresScheduleStorage"
+_SQLITE_EVENT_LOG = "dagster._core.storage.event_log.sqlite.sqlite_event_log:SqliteEventLogStorage"
+_SQLITE_RUN = "dagster._core.storage.runs.sqlite.sqlite_run_storage:SqliteRunStorage"
+_SQLITE_SCHEDULE = "dagster._core.storage.schedules.sqlite.sqlite_schedule_storage:SqliteScheduleStorage"
 _STOCK_INIT = ("self", "postgres_url", "should_autocreate_tables", "inst_data", "token_provider")
 _OPTIMIZE = ("self", "statement_timeout", "pool_recycle", "max_overflow")
 
@@ -162,6 +182,29 @@ OVERRIDES: tuple[Override, ...] = (
     Override(_EVENT_LOG, "dispose", _POOLED_EVENT_LOG, ("self",)),
     Override("dagster._core.storage.runs.base:RunStorage", "dispose", _POOLED_RUN, ("self",)),
     Override("dagster._core.storage.schedules.base:ScheduleStorage", "dispose", _POOLED_SCHEDULE, ("self",)),
+    # the SQLite storages that keep their connections open (sqlite.py)
+    Override(_SQLITE_EVENT_LOG, "_connect", f"{_SQLITE}:PooledSqliteEventLogStorage", ("self", "shard")),
+    Override(_SQLITE_EVENT_LOG, "__init__", f"{_SQLITE}:PooledSqliteEventLogStorage", ("self", "base_dir", "inst_data")),
+    Override(_SQLITE_EVENT_LOG, "dispose", f"{_SQLITE}:PooledSqliteEventLogStorage", ("self",)),
+    Override(_SQLITE_EVENT_LOG, "wipe", f"{_SQLITE}:PooledSqliteEventLogStorage", ("self",)),
+    Override(_SQLITE_EVENT_LOG, "_initdb", f"{_SQLITE}:PooledSqliteEventLogStorage", ("self", "engine", "for_index_shard")),
+    Override(_SQLITE_RUN, "from_local", f"{_SQLITE}:PooledSqliteRunStorage", ("cls", "base_dir", "inst_data")),
+    Override(_SQLITE_SCHEDULE, "from_local", f"{_SQLITE}:PooledSqliteScheduleStorage", ("cls", "base_dir", "inst_data")),
+    Override(_SQLITE_SCHEDULE, "connect", f"{_SQLITE}:PooledSqliteScheduleStorage", ("self",)),
+    Override(_SQLITE_SCHEDULE, "__init__", f"{_SQLITE}:PooledSqliteScheduleStorage", ("self", "conn_string", "inst_data")),
+    Override("dagster._core.storage.schedules.base:ScheduleStorage", "dispose",
+             f"{_SQLITE}:PooledSqliteScheduleStorage", ("self",)),
+    Override("dagster._core.storage.sqlite_storage:DagsterSqliteStorage", "schedule_storage_data",
+             f"{_SQLITE}:PooledSqliteStorage", None),
+    Override(_SQLITE_RUN, "connect", f"{_SQLITE}:PooledSqliteRunStorage", ("self",)),
+    Override(_SQLITE_RUN, "__init__", f"{_SQLITE}:PooledSqliteRunStorage", ("self", "conn_string", "inst_data")),
+    Override("dagster._core.storage.runs.base:RunStorage", "dispose", f"{_SQLITE}:PooledSqliteRunStorage", ("self",)),
+    Override("dagster._core.storage.sqlite_storage:DagsterSqliteStorage", "__init__", f"{_SQLITE}:PooledSqliteStorage",
+             ("self", "base_dir", "inst_data")),
+    Override("dagster._core.storage.sqlite_storage:DagsterSqliteStorage", "event_storage_data",
+             f"{_SQLITE}:PooledSqliteStorage", None),
+    Override("dagster._core.storage.sqlite_storage:DagsterSqliteStorage", "run_storage_data",
+             f"{_SQLITE}:PooledSqliteStorage", None),
     # concurrent executor
     Override("dagster._core.executor.base:Executor", "execute", f"{_EXECUTOR}:ConcurrentExecutor",
              ("self", "plan_context", "execution_plan")),
@@ -228,6 +271,7 @@ def _resolve_class(path: str) -> type:
 
 
 def _parameters(function: Callable[..., Any]) -> list[inspect.Parameter]:
+    function = getattr(function, "__func__", function)  # a classmethod's function, `cls` included
     return list(inspect.signature(function).parameters.values())
 
 

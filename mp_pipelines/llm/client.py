@@ -34,7 +34,6 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 import httpx
-import jsonschema
 import openai
 
 from mp_pipelines.llm.headers import retry_after_seconds
@@ -331,12 +330,12 @@ class LLMClient:
                            detail=f"it is not valid JSON ({exc})") from None
         if request.json_schema is None:
             return parsed
-        validator_cls = jsonschema.validators.validator_for(request.json_schema)
-        try:
-            validator_cls.check_schema(request.json_schema)
-        except jsonschema.SchemaError as exc:
-            raise LLMError(f"{where} has an invalid JSON schema: {exc.message}.", kind="bad_request") from None
-        error = jsonschema.exceptions.best_match(validator_cls(request.json_schema).iter_errors(parsed))
+        import jsonschema  # here, not at import: ~0.2 s that runs without a JSON schema never need
+
+        validator = _validator(request.json_schema)
+        if isinstance(validator, jsonschema.SchemaError):
+            raise LLMError(f"{where} has an invalid JSON schema: {validator.message}.", kind="bad_request") from None
+        error = jsonschema.exceptions.best_match(validator.iter_errors(parsed))
         if error is not None:
             raise LLMError(f"{where} returned JSON that does not match the schema ({error.message} at "
                            f"{error.json_path}); the answer began {excerpt!r}.", kind="invalid_output",
@@ -434,3 +433,27 @@ class LLMClient:
             entry = self._async.pop(asyncio.get_running_loop(), None)
         if entry is not None:
             await entry[1].aclose()
+
+
+_VALIDATORS: dict[int, tuple[Any, Any]] = {}  # id(schema) -> (schema, its checked validator or SchemaError)
+_VALIDATORS_KEPT = 256
+
+
+def _validator(schema: Any) -> Any:
+    """The validator of a JSON schema, checked once per schema object (a task's items share one), or the
+    SchemaError that checking it raised."""
+    import jsonschema
+
+    cached = _VALIDATORS.get(id(schema))
+    if cached is not None and cached[0] is schema:
+        return cached[1]
+    validator_cls = jsonschema.validators.validator_for(schema)
+    try:
+        validator_cls.check_schema(schema)
+        found: Any = validator_cls(schema)
+    except jsonschema.SchemaError as exc:
+        found = exc
+    if len(_VALIDATORS) >= _VALIDATORS_KEPT:
+        _VALIDATORS.clear()
+    _VALIDATORS[id(schema)] = (schema, found)  # holding the schema keeps its id from being reused
+    return found
