@@ -18,7 +18,8 @@ from typing import Annotated, Any
 import dagster as dg
 from pydantic import Field
 
-from mp_pipelines.definitions import build_shared_definitions, build_workflow_parts
+from mp_pipelines.definitions import build_shared_resources, build_workflow_parts
+from mp_pipelines.sensors.failures import build_failure_sensor
 from mp_pipelines.spec.loader import load_workflow_file, parse_workflow
 from mp_pipelines.spec.problems import Problem, WorkflowValidationError
 
@@ -32,10 +33,10 @@ class PromptWorkflowError(dg.DagsterError):
 
 
 @functools.cache
-def _shared_definitions() -> dg.Definitions:
+def _shared_resources() -> dict[str, Any]:
     # Definitions.merge accepts a resource key twice only when both hold the same object, so every
-    # PromptWorkflow of a project contributes the one set of shared resources and the one failure sensor.
-    return build_shared_definitions()
+    # PromptWorkflow of a project contributes the one set of shared resources.
+    return build_shared_resources()
 
 
 class ScaffoldParams(dg.Model):
@@ -76,8 +77,8 @@ class PromptWorkflowScaffolder(dg.Scaffolder[ScaffoldParams]):
 
 @dg.scaffold_with(PromptWorkflowScaffolder)
 class PromptWorkflow(dg.Component, dg.Resolvable, dg.Model):
-    """One mp-pipelines prompt workflow: its job, task assets, schedule and inbox sensor, with the LLM and
-    budget resources and the run-failure sensor."""
+    """One mp-pipelines prompt workflow: its job, task assets, schedule, inbox and run-failure sensors, with the
+    LLM and budget resources."""
 
     workflow_file: Annotated[
         str | None,
@@ -92,7 +93,11 @@ class PromptWorkflow(dg.Component, dg.Resolvable, dg.Model):
 
     def build_defs(self, context: dg.ComponentLoadContext) -> dg.Definitions:
         spec, base_dir = self.load_spec(context.path)
-        return dg.Definitions.merge(build_workflow_parts(spec, base_dir), _shared_definitions())
+        parts = build_workflow_parts(spec, base_dir)
+        # Dagster copies each component's sensors (to note their defs.yaml), so one location-wide failure sensor
+        # would be defined once per component: each workflow gets its own, watching its job.
+        failure_sensor = build_failure_sensor(f"{spec.name}_run_failure_sensor", jobs=list(parts.jobs or []))
+        return dg.Definitions.merge(parts, dg.Definitions(resources=_shared_resources(), sensors=[failure_sensor]))
 
     def load_spec(self, folder: Path) -> tuple[Any, Path]:
         """The validated workflow and the folder its prompt files are relative to; PromptWorkflowError otherwise."""

@@ -42,7 +42,8 @@ def build_definitions(loaded: LoadResult) -> dg.Definitions:
             problems.append(Problem(str(loaded.sources.get(name, name)), "", f"could not build job: {exc}"))
     for problem in problems:
         logger.warning("workflow not loaded: %s", problem)
-    return dg.Definitions.merge(*parts, build_shared_definitions())
+    shared = dg.Definitions(resources=build_shared_resources(), sensors=[build_failure_sensor()])
+    return dg.Definitions.merge(*parts, shared)
 
 
 def build_workflow_parts(spec: WorkflowSpec, base_dir: Path | None) -> dg.Definitions:
@@ -53,14 +54,13 @@ def build_workflow_parts(spec: WorkflowSpec, base_dir: Path | None) -> dg.Defini
     return dg.Definitions.merge(parts, dg.Definitions(sensors=[inbox_sensor] if inbox_sensor else []))
 
 
-def build_shared_definitions() -> dg.Definitions:
-    """What every workflow's runs share: the LLM and budget resources, the step storage when set, and the
-    run-failure sensor."""
+def build_shared_resources() -> dict[str, Any]:
+    """The resources every workflow's runs use: LLM, budget, and the step storage when set."""
     resources: dict[str, Any] = {LLM_RESOURCE_KEY: build_llm_resource(), BUDGET_RESOURCE_KEY: RunBudget()}
     step_storage = step_storage_io_manager()
     if step_storage is not None:
         resources["io_manager"] = step_storage
-    return dg.Definitions(resources=resources, sensors=[build_failure_sensor()])
+    return resources
 
 
 STEP_STORAGE_DIR_ENV = "MP_STEP_STORAGE_DIR"
