@@ -15,6 +15,7 @@ import textwrap
 from pathlib import Path
 from typing import Annotated, Any
 
+import click
 import dagster as dg
 from pydantic import Field
 
@@ -64,11 +65,14 @@ class PromptWorkflowScaffolder(dg.Scaffolder[ScaffoldParams]):
 
     def scaffold(self, request: dg.ScaffoldRequest[ScaffoldParams]) -> None:
         folder = request.target_path
+        copy_from = Path(request.params.copy_from).expanduser() if request.params and request.params.copy_from else None
+        if copy_from is not None and not copy_from.is_file():
+            # dg runs scaffolders inside its click command: a click error is shown as a usage error, exit 2
+            raise click.BadParameter(f"{copy_from.resolve()} is not a workflow file", param_hint="--copy-from")
         folder.mkdir(parents=True, exist_ok=True)
         workflow_path = folder / "workflow.yaml"
-        copy_from = request.params.copy_from if request.params else None
-        if copy_from:
-            shutil.copyfile(Path(copy_from).expanduser(), workflow_path)
+        if copy_from is not None:
+            shutil.copyfile(copy_from, workflow_path)
         else:
             workflow_path.write_text(_STARTER.format(name=folder.name.replace("-", "_")), encoding="utf-8")
         (folder / DEFS_FILE).write_text(
@@ -82,8 +86,8 @@ class PromptWorkflow(dg.Component, dg.Resolvable, dg.Model):
 
     workflow_file: Annotated[
         str | None,
-        dg.Resolver.default(description="The workflow YAML file, relative to this defs.yaml (its prompt files "
-                                        "resolve relative to it)."),
+        dg.Resolver.default(description="The workflow YAML file, relative to this defs.yaml (relative table "
+                                        "inputs resolve against its folder)."),
     ] = None
     workflow: Annotated[
         dict[str, Any] | None,
@@ -100,7 +104,8 @@ class PromptWorkflow(dg.Component, dg.Resolvable, dg.Model):
         return dg.Definitions.merge(parts, dg.Definitions(resources=_shared_resources(), sensors=[failure_sensor]))
 
     def load_spec(self, folder: Path) -> tuple[Any, Path]:
-        """The validated workflow and the folder its prompt files are relative to; PromptWorkflowError otherwise."""
+        """The validated workflow and the folder its relative table inputs resolve against; PromptWorkflowError
+        otherwise."""
         defs_file = str(folder / DEFS_FILE)
         if (self.workflow_file is None) == (self.workflow is None):
             given = "both" if self.workflow is not None else "neither"

@@ -47,8 +47,8 @@ def build_definitions(loaded: LoadResult) -> dg.Definitions:
 
 
 def build_workflow_parts(spec: WorkflowSpec, base_dir: Path | None) -> dg.Definitions:
-    """One workflow's job, assets and schedule, and its inbox sensor when it has a table input; `base_dir` is
-    where its prompt files are found (the folder of its spec file)."""
+    """One workflow's job, assets and schedule, and its inbox sensor when it has a table input; relative table
+    inputs resolve against `base_dir` (the folder of its spec file)."""
     parts = build_workflow_definitions(spec, provider=provider_from_env(), base_dir=base_dir)
     inbox_sensor = build_inbox_sensor(spec)  # workflows with a table input start runs from files
     return dg.Definitions.merge(parts, dg.Definitions(sensors=[inbox_sensor] if inbox_sensor else []))
