@@ -47,7 +47,14 @@ setup(
             "import-linter>=2.1",  # `lint-imports`: the layer contracts in .importlinter
             "websockets>=12",  # test_access_control.py: GraphQL over the proxied websocket
             "opentelemetry-proto>=1.30",  # the loopback OTLP receiver of test_observability.py decodes with it
+            # test_component.py: a throw-away `dg` project using mp_pipelines.PromptWorkflow; the dg family moves
+            # with dagster (1.13.N), and unpinned pip may pick a dg that wants another dagster
+            "dagster-dg-cli==1.13.27", "create-dagster==1.13.27",
         ],
     },
-    entry_points={"console_scripts": ["mp-pipelines=mp_pipelines.cli:main"]},
+    entry_points={
+        "console_scripts": ["mp-pipelines=mp_pipelines.cli:main"],
+        # `dg list components` / `dg scaffold defs`: the mp_pipelines.PromptWorkflow component (components.py)
+        "dagster_dg_cli.registry_modules": ["mp_pipelines = mp_pipelines"],
+    },
 )

@@ -1,6 +1,8 @@
 """mp-pipelines: declarative multi-step LLM prompt workflows that run as Dagster jobs.
 
-`import mp_pipelines` stays light: `run_workflow` imports Dagster only when it is called.
+`import mp_pipelines` stays light: `run_workflow` imports Dagster only when it is called, and `PromptWorkflow` (the
+Dagster Component of `dg` projects, found by `dg` through this package's `dagster_dg_cli.registry_modules` entry
+point) only when it is first looked up.
 """
 
 from __future__ import annotations
@@ -20,4 +22,17 @@ def run_workflow(spec_or_name: Any, inputs: dict[str, Any] | None = None, **opti
     return run(spec_or_name, inputs, **options)
 
 
-__all__ = ["run_workflow"]
+def __getattr__(name: str) -> Any:
+    if name == "PromptWorkflow":
+        from mp_pipelines.components import PromptWorkflow
+
+        return PromptWorkflow
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    # dg lists a registry module's components from dir(module), so the lazy name must be listed here
+    return sorted([*globals(), "PromptWorkflow"])
+
+
+__all__ = ["PromptWorkflow", "run_workflow"]

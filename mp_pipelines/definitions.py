@@ -38,21 +38,31 @@ def build_definitions(loaded: LoadResult) -> dg.Definitions:
     for name, spec in loaded.specs.items():
         try:
             source = loaded.sources.get(name)
-            parts.append(build_workflow_definitions(spec, provider=provider_from_env(),
-                                                    base_dir=Path(source).parent if source else None))
-            inbox_sensor = build_inbox_sensor(spec)  # workflows with a table input start runs from files
-            parts.append(dg.Definitions(sensors=[inbox_sensor] if inbox_sensor else []))
+            parts.append(build_workflow_parts(spec, Path(source).parent if source else None))
         except Exception as exc:  # a bug for one workflow must not take the code location down
             problems.append(Problem(str(loaded.sources.get(name, name)), "", f"could not build job: {exc}"))
     for problem in problems:
         logger.warning("workflow not loaded: %s", problem)
+    # `console` for every job: with the trace id, or JSON lines (MP_LOG_FORMAT=json)
+    shared = dg.Definitions(resources=build_shared_resources(), sensors=[build_failure_sensor()], loggers=LOGGER_DEFS)
+    return dg.Definitions.merge(*parts, shared)
+
+
+def build_workflow_parts(spec: WorkflowSpec, base_dir: Path | None) -> dg.Definitions:
+    """One workflow's job, assets and schedule, and its inbox sensor when it has a table input; relative table
+    inputs resolve against `base_dir` (the folder of its spec file)."""
+    parts = build_workflow_definitions(spec, provider=provider_from_env(), base_dir=base_dir)
+    inbox_sensor = build_inbox_sensor(spec)  # workflows with a table input start runs from files
+    return dg.Definitions.merge(parts, dg.Definitions(sensors=[inbox_sensor] if inbox_sensor else []))
+
+
+def build_shared_resources() -> dict[str, Any]:
+    """The resources every workflow's runs use: LLM, budget, and the step storage when set."""
     resources: dict[str, Any] = {LLM_RESOURCE_KEY: build_llm_resource(), BUDGET_RESOURCE_KEY: RunBudget()}
     step_storage = step_storage_io_manager()
     if step_storage is not None:
         resources["io_manager"] = step_storage
-    # `console` for every job: with the trace id, or JSON lines (MP_LOG_FORMAT=json)
-    return dg.Definitions.merge(*parts, dg.Definitions(resources=resources, sensors=[build_failure_sensor()],
-                                                       loggers=LOGGER_DEFS))
+    return resources
 
 
 STEP_STORAGE_DIR_ENV = "MP_STEP_STORAGE_DIR"
