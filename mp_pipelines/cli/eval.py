@@ -16,7 +16,15 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from mp_pipelines.cli.args import budget_options, executor_option
-from mp_pipelines.cli.eval_data import DatasetError, Example, judge_score, matches, read_dataset, task_names
+from mp_pipelines.cli.eval_data import (
+    DatasetError,
+    Example,
+    compared_answer,
+    judge_score,
+    matches,
+    read_dataset,
+    task_names,
+)
 from mp_pipelines.cli.eval_store import (
     EvalNotFound,
     compare_evals,
@@ -229,6 +237,7 @@ def score(eval_id: str, workflow: str, dataset: str, examples: list[Example], ru
             if name in example.expected:
                 expected = example.expected[name]
                 right = error is None and matches(expected, got)
+                got = compared_answer(expected, got)
                 task["n"] += 1
                 task["right"] += right
                 entry["results"][name] = {"expected": expected, "got": got, "match": right}
