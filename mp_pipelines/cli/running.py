@@ -124,9 +124,9 @@ def mark_local_run() -> None:
 def run_workflow(spec: WorkflowSpec, inputs: dict[str, Any], *, source: str | None = None,
                  executor: str | None = None, instance: dg.DagsterInstance | None = None,
                  progress: Callable[[str], None] | None = None, budget: dict[str, Any] | None = None,
-                 verbose: bool = False, mode: str | None = None) -> RunOutcome:
+                 verbose: bool = False, mode: str | None = None, tags: dict[str, str] | None = None) -> RunOutcome:
     """Execute the workflow's job with its own executor and summarize the finished run (Dagster's console log
-    only shows critical errors unless `verbose`)."""
+    only shows critical errors unless `verbose`); `tags` are added to the run's tags."""
     from mp_pipelines.definitions import reconstructable_job
     from mp_pipelines.llm.provider import provider_from_env
 
@@ -147,7 +147,7 @@ def run_workflow(spec: WorkflowSpec, inputs: dict[str, Any], *, source: str | No
         if progress:
             watcher.start()
         with dg.execute_job(job, instance=instance, run_config=config,
-                            tags={RUN_TOKEN_TAG: token}, raise_on_error=False) as result:
+                            tags={**(tags or {}), RUN_TOKEN_TAG: token}, raise_on_error=False) as result:
             done.set()
             if progress:
                 watcher.join(timeout=5)
