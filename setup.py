@@ -6,7 +6,9 @@ setup(
     description="Multi-step LLM prompt workflows that run as Dagster jobs.",
     python_requires=">=3.11",
     packages=find_packages(exclude=["mp_pipelines_tests", "mp_pipelines_tests.*"]),
-    package_data={"mp_pipelines": ["workflows/*.yaml", "workflows/data/*", "workflows/data/*/*"]},
+    package_data={"mp_pipelines": ["workflows/*.yaml", "workflows/data/*", "workflows/data/*/*", "workflows/prompts/*",
+                                   "workflows/templates/*/*", "workflows/templates/*/data/*/*",
+                                   "workflows/templates/*/data/*/*/*"]},
     install_requires=[
         # dagster, dagster-webserver, dagster-graphql and dagster-postgres move together (dagster-postgres
         # 0.29.N goes with dagster 1.13.N): with an unpinned dagster, pip can pick a dagster for which no

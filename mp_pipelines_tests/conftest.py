@@ -87,6 +87,8 @@ def _no_ambient_llm_env(monkeypatch: pytest.MonkeyPatch) -> None:
         "MP_MAX_CELL_CHARS",
         "MP_MAX_PROMPT_CHARS",
         "MP_MAX_SPEC_BYTES",
+        "MP_PROMPTS_PATH",
+        "MP_MAX_PROMPT_FILE_BYTES",
         "MP_CELERY_BROKER",
         "MP_CELERY_BACKEND",
         "MP_STEP_STORAGE_DIR",

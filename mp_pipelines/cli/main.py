@@ -12,6 +12,7 @@ import click
 from mp_pipelines.cli import remote
 from mp_pipelines.cli.args import budget_options, executor_option, input_options, mode_option, parse_inputs
 from mp_pipelines.cli.eval import eval_command
+from mp_pipelines.cli.new import new_command
 from mp_pipelines.cli.stats import stats_command
 from mp_pipelines.cli.ui import ui
 from mp_pipelines.spec.loader import LoadResult, WorkflowValidationError, load_workflow_file, load_workflows
@@ -276,6 +277,7 @@ for _command in remote.COMMANDS:  # launch, status, cancel, reload: runs on a Da
 main.add_command(ui)
 main.add_command(stats_command)  # usage over time from the instance's database (cli/stats.py)
 main.add_command(eval_command)  # labelled examples, accuracy and comparisons (cli/eval.py)
+main.add_command(new_command)  # a workflow from a template (cli/new.py)
 
 if __name__ == "__main__":
     main()

@@ -17,6 +17,7 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
+from mp_pipelines.spec.library import library_folders
 from mp_pipelines.spec.models import WorkflowSpec
 from mp_pipelines.spec.problems import Problem, WorkflowValidationError, pydantic_problems
 from mp_pipelines.spec.salvage import salvage
@@ -48,6 +49,7 @@ def parse_workflow(data: Any, source: str | None = None) -> WorkflowSpec:
     except ValidationError as exc:
         problems, notes = _every_problem(exc, data, source)
         raise WorkflowValidationError(problems, source, notes) from None
+    spec.with_prompt_library(library_folders(source))
     problems = validate_workflow(spec, source)
     if problems:
         raise WorkflowValidationError(problems, source)
@@ -66,7 +68,7 @@ def _every_problem(exc: ValidationError, data: dict[str, Any], source: str | Non
                 f"because {rest.blocker}; fix the problems above and validate again")
         return problems, [note]
     seen = {(p.path, p.message) for p in problems}
-    later = validate_workflow(rest.spec, source, frozenset(rest.uncertain))
+    later = validate_workflow(rest.spec.with_prompt_library(library_folders(source)), source, frozenset(rest.uncertain))
     return problems + [p for p in later if (p.path, p.message) not in seen], []
 
 

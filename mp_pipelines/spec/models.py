@@ -15,6 +15,7 @@ from croniter import croniter
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, PrivateAttr, Tag, field_validator, model_validator
 
 from mp_pipelines.spec.inputs import coerce_input
+from mp_pipelines.spec.library import library_folders
 from mp_pipelines.spec.templates import JINJA_GLOBALS, JINJA_SPECIAL_NAMES
 
 IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -390,11 +391,23 @@ class WorkflowSpec(FailurePolicy, BatchPolicy):
     schedule: ScheduleSpec | None = None
     tags: dict[str, str] = Field(default_factory=dict)
     tasks: list[Step] = Field(min_length=1)
+    # Folders `{% include %}` reads from, set from the workflow file when it is loaded (spec/library.py).
+    _prompt_library: tuple[str, ...] | None = PrivateAttr(default=None)
 
     @field_validator("name")
     @classmethod
     def _name(cls, value: str) -> str:
         return check_name(value, "workflow")
+
+    @property
+    def prompt_library(self) -> tuple[str, ...]:
+        """The prompt library's folders: the workflow file's prompts/ folder, then MP_PROMPTS_PATH's."""
+        return self._prompt_library if self._prompt_library is not None else library_folders(None)
+
+    def with_prompt_library(self, folders: tuple[str, ...]) -> WorkflowSpec:
+        """The spec, its prompt library set to `folders` (the loader sets the workflow file's)."""
+        self._prompt_library = folders
+        return self
 
     @field_validator("inputs")
     @classmethod

@@ -14,9 +14,10 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any
 
-from jinja2 import StrictUndefined, TemplateSyntaxError, nodes
+from jinja2 import BaseLoader, StrictUndefined, TemplateSyntaxError, nodes
 
 from mp_pipelines.spec import sandbox
+from mp_pipelines.spec.library import Library, LibraryError, statements, walk
 from mp_pipelines.spec.size_limits import MAX_PROMPT_CHARS, SizeLimitError
 
 
@@ -35,10 +36,10 @@ def _tojson(value: Any, indent: int | None = None) -> str:
     return json.dumps(value, indent=indent, ensure_ascii=False, default=str)
 
 
-def make_environment() -> sandbox.BoundedEnvironment:
-    """The one Jinja environment every prompt, system message and condition uses."""
+def make_environment(loader: BaseLoader | None = None) -> sandbox.BoundedEnvironment:
+    """The Jinja environment prompts, system messages and conditions use (with `loader`: one prompt library's)."""
     env = sandbox.BoundedEnvironment(
-        undefined=StrictUndefined, autoescape=False, keep_trailing_newline=False, trim_blocks=False
+        undefined=StrictUndefined, autoescape=False, keep_trailing_newline=False, trim_blocks=False, loader=loader
     )
     env.filters["tojson"] = _tojson  # the stock filter HTML-escapes, which corrupts prompts
     env.guard_filters()
@@ -131,10 +132,64 @@ def as_template(expression: str) -> str:
     return "{{ (" + expression_body(expression) + ") }}"
 
 
+class _LibraryLoader(BaseLoader):
+    """Loads `{% include %}`d and `{% import %}`ed files from one prompt library, checked like any prompt.
+
+    Jinja keeps what it loaded and asks `uptodate` before reusing it, so an edited file is read again.
+    """
+
+    def __init__(self, library: Library) -> None:
+        self.library = library
+
+    def get_source(self, environment: Any, template: str) -> tuple[str, str, Any]:
+        try:
+            file = self.library.read(template)
+        except LibraryError as exc:
+            raise TemplateError(str(exc)) from None
+        return file.text, str(file.path), self.library.up_to_date(file)
+
+    def load(self, environment: Any, name: str, globals: Any = None) -> Any:
+        text, filename, uptodate = self.get_source(environment, name)
+        try:
+            tree = parse(text)
+        except TemplateError as exc:
+            raise TemplateError(f"prompt file {name!r} ({filename}): {exc}") from None
+        # Checked again whenever the file is (re)read: it may have changed since the workflow was validated.
+        check_library(tree, self.library, start=name)
+        code = environment.compile(sandbox.bound_loops(tree), name, filename)
+        return environment.template_class.from_code(environment, code, environment.make_globals(globals), uptodate)
+
+
+def check_library(tree: nodes.Template, library: Library, *, start: str | None = None) -> None:
+    """TemplateError with the first problem of what `tree` includes and imports (library.walk), if any."""
+    found = walk(tree, library, parse, start=start)
+    if found.problems:
+        raise TemplateError(found.problems[0])
+
+
+def library_problems(source: str, library: tuple[str, ...]) -> list[str]:
+    """What is wrong with what the template `source` includes and imports from `library`: a missing file, a path
+    leaving the library, a broken file, an undefined macro, a cycle; each naming the file and line."""
+    try:
+        tree = parsed(source)
+    except TemplateError:
+        return []  # reported on its own
+    return walk(tree, Library(library), parse).problems if statements(tree) else []
+
+
+@lru_cache(maxsize=64)
+def _environment(folders: tuple[str, ...]) -> sandbox.BoundedEnvironment:
+    return make_environment(_LibraryLoader(Library(folders))) if folders else _ENV
+
+
 @lru_cache(maxsize=1024)
-def _compiled(source: str) -> Any:
-    # A fan-out renders one template thousands of times; compiling it once saves ~0.4 ms a call.
-    return _ENV.from_string(sandbox.bound_loops(parse(source)))
+def _compiled(source: str, library: tuple[str, ...] = ()) -> Any:
+    # A fan-out renders one template thousands of times; compiling it once saves ~0.4 ms a call. What it includes
+    # is loaded when it renders, and read again when the file changed (_LibraryLoader).
+    tree = parse(source)
+    if statements(tree):
+        check_library(tree, Library(library))
+    return _environment(library).from_string(sandbox.bound_loops(tree))
 
 
 @lru_cache(maxsize=1024)
@@ -149,6 +204,8 @@ def _render_error(exc: Exception) -> TemplateError:
         return RenderTimeout(str(exc))
     if isinstance(exc, (sandbox.TooBig, SizeLimitError)):
         return TemplateError(str(exc))
+    if isinstance(exc, RecursionError):
+        return TemplateError("the template calls its macros (or includes files) too deeply to render")
     return TemplateError(f"{type(exc).__name__}: {exc}")
 
 
@@ -159,9 +216,9 @@ def _prompt_limit() -> int:
         raise TemplateError(str(exc)) from None
 
 
-def _produce(source: str, context: dict[str, Any], limit: int) -> str:
+def _produce(source: str, context: dict[str, Any], limit: int, library: tuple[str, ...]) -> str:
     """The rendered text, stopped as soon as it passes `limit` characters (SizeLimitError then)."""
-    template = _compiled(source)
+    template = _compiled(source, library)
     size, parts = 0, []
     # What Template.render does, one chunk at a time; its traceback rewriting is not needed here.
     chunks = template.root_render_func(template.new_context(context))
@@ -176,8 +233,10 @@ def _produce(source: str, context: dict[str, Any], limit: int) -> str:
     return "".join(parts)
 
 
-def render(source: str, context: dict[str, Any], *, deadline: float | None = None) -> str:
-    """Render a template with `context`, within `deadline` (a time.monotonic() value) and the sandbox's bounds.
+def render(source: str, context: dict[str, Any], *, deadline: float | None = None,
+           library: tuple[str, ...] = ()) -> str:
+    """Render a template with `context`, within `deadline` (a time.monotonic() value) and the sandbox's bounds;
+    `{% include %}` and `{% import %}` read from the `library` folders (`spec/library.py`).
 
     Undefined names, sandbox violations, a value too large to build and a prompt too long raise TemplateError;
     passing the deadline (or the sandbox's longest render) raises RenderTimeout, a TemplateError.
@@ -185,7 +244,7 @@ def render(source: str, context: dict[str, Any], *, deadline: float | None = Non
     limit = _prompt_limit()
     try:
         with sandbox.bounded(deadline, limit):
-            return _produce(source, context, limit)
+            return _produce(source, context, limit, library)
     except TemplateError:
         raise
     except Exception as exc:  # UndefinedError, SecurityError, errors inside filters, the sandbox's bounds

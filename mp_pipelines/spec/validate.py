@@ -15,7 +15,7 @@ from mp_pipelines.spec.models import LoopSpec, TaskSpec, WorkflowSpec
 from mp_pipelines.spec.problems import Problem, suggest
 from mp_pipelines.spec.providers import check_models
 from mp_pipelines.spec.reads import template_reads
-from mp_pipelines.spec.templates import TemplateError
+from mp_pipelines.spec.templates import TemplateError, library_problems
 
 FAN_OUT_INPUT_TYPES = ("list", "table")
 # Most tasks a workflow may have, a loop's tasks counted once per iteration since each becomes an op of the
@@ -223,6 +223,9 @@ class _Checker:
         except TemplateError as exc:
             self.add(path, str(exc))
             return
+        if not expression:
+            for message in library_problems(source, self.spec.prompt_library):
+                self.add(path, message)
         bad = set()
         for name in sorted(refs.names):
             message = self.reference_problem(name, refs, scope)

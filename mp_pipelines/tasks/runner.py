@@ -77,8 +77,10 @@ def build_request(spec: WorkflowSpec, task: TaskSpec, context: Mapping[str, Any]
     messages = []
     try:
         if settings.system:
-            messages.append({"role": "system", "content": render(settings.system, dict(context), deadline=deadline)})
-        messages.append({"role": "user", "content": render(task.prompt, dict(context), deadline=deadline)})
+            messages.append({"role": "system", "content": render(settings.system, dict(context), deadline=deadline,
+                                                                 library=spec.prompt_library)})
+        messages.append({"role": "user", "content": render(task.prompt, dict(context), deadline=deadline,
+                                                           library=spec.prompt_library)})
     except RenderTimeout as exc:
         if deadline is None or time.monotonic() < deadline:
             raise  # the sandbox's own bound on one render, not the task's timeout
