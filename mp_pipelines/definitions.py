@@ -42,8 +42,7 @@ def build_definitions(loaded: LoadResult) -> dg.Definitions:
             problems.append(Problem(str(loaded.sources.get(name, name)), "", f"could not build job: {exc}"))
     for problem in problems:
         logger.warning("workflow not loaded: %s", problem)
-    shared = dg.Definitions(resources=build_shared_resources(), sensors=[build_failure_sensor()])
-    return dg.Definitions.merge(*parts, shared)
+    return dg.Definitions.merge(*parts, build_shared_parts(build_shared_resources(), build_failure_sensor()))
 
 
 def build_workflow_parts(spec: WorkflowSpec, base_dir: Path | None) -> dg.Definitions:
@@ -52,6 +51,11 @@ def build_workflow_parts(spec: WorkflowSpec, base_dir: Path | None) -> dg.Defini
     parts = build_workflow_definitions(spec, provider=provider_from_env(), base_dir=base_dir)
     inbox_sensor = build_inbox_sensor(spec)  # workflows with a table input start runs from files
     return dg.Definitions.merge(parts, dg.Definitions(sensors=[inbox_sensor] if inbox_sensor else []))
+
+
+def build_shared_parts(resources: dict[str, Any], failure_sensor: dg.SensorDefinition) -> dg.Definitions:
+    """What the workflows of a code location share, with its run-failure sensor (also used by components.py)."""
+    return dg.Definitions(resources=resources, sensors=[failure_sensor])
 
 
 def build_shared_resources() -> dict[str, Any]:
