@@ -19,9 +19,10 @@ import click
 import dagster as dg
 from pydantic import Field
 
-from mp_pipelines.definitions import build_shared_resources, build_workflow_parts
+from mp_pipelines.definitions import build_shared_parts, build_shared_resources, build_workflow_parts
 from mp_pipelines.sensors.failures import build_failure_sensor
 from mp_pipelines.spec.loader import load_workflow_file, parse_workflow
+from mp_pipelines.spec.models import WorkflowSpec
 from mp_pipelines.spec.problems import Problem, WorkflowValidationError
 
 __all__ = ["PromptWorkflow", "PromptWorkflowError", "PromptWorkflowScaffolder"]
@@ -101,9 +102,9 @@ class PromptWorkflow(dg.Component, dg.Resolvable, dg.Model):
         # Dagster copies each component's sensors (to note their defs.yaml), so one location-wide failure sensor
         # would be defined once per component: each workflow gets its own, watching its job.
         failure_sensor = build_failure_sensor(f"{spec.name}_run_failure_sensor", jobs=list(parts.jobs or []))
-        return dg.Definitions.merge(parts, dg.Definitions(resources=_shared_resources(), sensors=[failure_sensor]))
+        return dg.Definitions.merge(parts, build_shared_parts(_shared_resources(), failure_sensor))
 
-    def load_spec(self, folder: Path) -> tuple[Any, Path]:
+    def load_spec(self, folder: Path) -> tuple[WorkflowSpec, Path]:
         """The validated workflow and the folder its relative table inputs resolve against; PromptWorkflowError
         otherwise."""
         defs_file = str(folder / DEFS_FILE)

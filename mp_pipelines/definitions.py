@@ -43,9 +43,7 @@ def build_definitions(loaded: LoadResult) -> dg.Definitions:
             problems.append(Problem(str(loaded.sources.get(name, name)), "", f"could not build job: {exc}"))
     for problem in problems:
         logger.warning("workflow not loaded: %s", problem)
-    # `console` for every job: with the trace id, or JSON lines (MP_LOG_FORMAT=json)
-    shared = dg.Definitions(resources=build_shared_resources(), sensors=[build_failure_sensor()], loggers=LOGGER_DEFS)
-    return dg.Definitions.merge(*parts, shared)
+    return dg.Definitions.merge(*parts, build_shared_parts(build_shared_resources(), build_failure_sensor()))
 
 
 def build_workflow_parts(spec: WorkflowSpec, base_dir: Path | None) -> dg.Definitions:
@@ -54,6 +52,12 @@ def build_workflow_parts(spec: WorkflowSpec, base_dir: Path | None) -> dg.Defini
     parts = build_workflow_definitions(spec, provider=provider_from_env(), base_dir=base_dir)
     inbox_sensor = build_inbox_sensor(spec)  # workflows with a table input start runs from files
     return dg.Definitions.merge(parts, dg.Definitions(sensors=[inbox_sensor] if inbox_sensor else []))
+
+
+def build_shared_parts(resources: dict[str, Any], failure_sensor: dg.SensorDefinition) -> dg.Definitions:
+    """What the workflows of a code location share, with its run-failure sensor (also used by components.py)."""
+    # `console` for every job: with the trace id, or JSON lines (MP_LOG_FORMAT=json)
+    return dg.Definitions(resources=resources, sensors=[failure_sensor], loggers=LOGGER_DEFS)
 
 
 def build_shared_resources() -> dict[str, Any]:

@@ -163,7 +163,7 @@ def test_dg_check_defs_passes_and_list_defs_shows_jobs_assets_and_sensors(projec
     assert jobs["briefs"]["source"].endswith("defs/briefs/defs.yaml:1")
     assets = {asset["asset_key"]: asset for asset in listed["assets"]}
     assert {"briefs/summary", "inline_example/facts", "inline_example/haiku"} <= set(assets), sorted(assets)
-    assert assets["inline_example/haiku"]["dependency_keys"] == ["inline_example/facts"]
+    assert "inline_example/facts" in assets["inline_example/haiku"]["dependency_keys"]
     # Dagster renders {{ }} in defs.yaml; the inline workflow's prompts must arrive as written
     assert "{{ inputs.topic }}" in assets["inline_example/facts"]["description"]
     sensors = {sensor["name"] for sensor in listed["sensors"]}
@@ -176,7 +176,7 @@ def test_the_jobs_run_offline_and_materialize_their_assets(project: DgProject) -
 
     status, materialized = launched_run(project, "briefs")
     assert status == dg.DagsterRunStatus.SUCCESS
-    assert set(materialized) == {("briefs", "summary")}
+    assert ("briefs", "summary") in materialized, sorted(materialized)
     metadata = materialized[("briefs", "summary")]
     assert metadata["provider"].value == "simulated"
     assert "tide pools" in metadata["preview"].value  # the starter's default topic, rendered at run time
@@ -184,7 +184,7 @@ def test_the_jobs_run_offline_and_materialize_their_assets(project: DgProject) -
     config = json.dumps({"ops": {"inputs": {"config": {"topic": "sea otters"}}}})
     status, materialized = launched_run(project, "inline_example", "--config-json", config)
     assert status == dg.DagsterRunStatus.SUCCESS
-    assert set(materialized) == {("inline_example", "facts"), ("inline_example", "haiku")}
+    assert {("inline_example", "facts"), ("inline_example", "haiku")} <= set(materialized), sorted(materialized)
     assert "sea otters" in materialized[("inline_example", "facts")]["preview"].value
 
 

@@ -93,10 +93,9 @@ def record_failure(context: dg.RunFailureSensorContext) -> dict[str, Any] | None
     return record
 
 
-def build_failure_sensor(name: str = FAILURE_SENSOR_NAME,
-                         jobs: list[dg.JobDefinition] | None = None) -> dg.SensorDefinition:
-    """`mp_pipelines_run_failure_sensor`, running by default, watching every job of this code location (or only
-    `jobs`, under another `name`: one per workflow of a `dg` project, whose components each bring their own)."""
+def build_failure_sensor(name: str = FAILURE_SENSOR_NAME, jobs: list[Any] | None = None) -> dg.SensorDefinition:
+    """`mp_pipelines_run_failure_sensor`, running by default, watching every job of this code location; or, named
+    `name`, only `jobs` (jobs or asset jobs): one per workflow of a `dg` project, whose components each bring one."""
 
     @dg.run_failure_sensor(name=name, default_status=dg.DefaultSensorStatus.RUNNING, monitored_jobs=jobs,
                            description="Records each failed workflow run: the failing task and its error, as a "
