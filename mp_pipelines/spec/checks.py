@@ -32,7 +32,7 @@ _MEANING = {"value": "a number of characters", "pattern": "a regular expression"
 class CheckSpec(BaseModel):
     """One quality check of a task's answers; a fan-out's answers are checked one by one (see README)."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, populate_by_name=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, populate_by_name=True, serialize_by_alias=True)
 
     type: CheckType
     name: str | None = Field(default=None, description="Shown in the asset's Checks tab; default: the type, "
