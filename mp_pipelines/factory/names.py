@@ -4,7 +4,8 @@ Every spelling lives here, with a function to build it and, where others parse i
 
 - a plain task `t` is step `t`; the workflow inputs are step `inputs`;
 - a fan-out `t` is `t__items` (the items), mapped steps `t[k]` (one per item or shard), `t__collect`;
-- iteration `n` of loop body task `t` is `t__n`, and the loop's result step is the loop's name.
+- iteration `n` of loop body task `t` is `t__n`, and the loop's result step is the loop's name;
+- task `t`'s quality checks of workflow `w` run in step `w__t__checks`.
 
 No Dagster here, so the command line and the sensors can read step keys without building a job.
 """
@@ -65,6 +66,12 @@ def shard_mapping_key(first: int, last: int, shard_size: int) -> str:
 def body_step(task: str, iteration: int) -> str:
     """Loop body task `task` in iteration `iteration` (1-based)."""
     return f"{task}{RESERVED_SEPARATOR}{iteration}"
+
+
+def checks_step(workflow: str, task: str) -> str:
+    """The step running task `task`'s quality checks: op names of asset checks are unique in a code location, so
+    it carries the workflow's name too."""
+    return f"{workflow}{RESERVED_SEPARATOR}{task}{RESERVED_SEPARATOR}checks"
 
 
 def task_of_step(step_key: str) -> str:

@@ -7,6 +7,7 @@ from pathlib import Path
 import dagster as dg
 
 from mp_pipelines.factory.assets import build_asset_specs
+from mp_pipelines.factory.checks import build_asset_checks
 from mp_pipelines.factory.job import build_job
 from mp_pipelines.factory.schedules import build_schedule
 from mp_pipelines.spec.models import WorkflowSpec
@@ -17,4 +18,5 @@ def build_workflow_definitions(spec: WorkflowSpec, *, provider: str = "simulated
     """Everything one workflow contributes to the code location; `provider` names the LLM provider runs use."""
     job = build_job(spec, provider=provider, base_dir=base_dir)
     schedule = build_schedule(spec, job)
-    return dg.Definitions(jobs=[job], assets=build_asset_specs(spec), schedules=[schedule] if schedule else [])
+    return dg.Definitions(jobs=[job], assets=build_asset_specs(spec), schedules=[schedule] if schedule else [],
+                          asset_checks=build_asset_checks(spec))

@@ -340,9 +340,11 @@ def describe(task: TaskSpec, check: CheckSpec, passed: bool, verdicts: Sequence[
     return f"{share}; failing: {shown}{more}"
 
 
-def evaluate_all(task: TaskSpec, value: Any, judges: Mapping[str, Judged] | None = None) -> list[CheckOutcome]:
-    """Every check of `task` over its stored `value`; judge checks take their verdicts from `judges` by name."""
+def evaluate_all(task: TaskSpec, value: Any, judges: Mapping[str, Judged] | None = None,
+                 only: set[str] | None = None) -> list[CheckOutcome]:
+    """Every check of `task` (those named in `only`, when given) over its stored `value`; judge checks take their
+    verdicts from `judges` by name."""
     answers, skipped = task_answers(task, value)
     names = check_names(task.checks)
     return [evaluate(task, check, name, answers, skipped, (judges or {}).get(name))
-            for check, name in zip(task.checks, names)]
+            for check, name in zip(task.checks, names) if only is None or name in only]
