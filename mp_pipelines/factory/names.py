@@ -35,6 +35,7 @@ RESUME_RETRY_TAG = "dagster/is_resume_retry"
 
 EXECUTORS = ("concurrent", "multiprocess", "in_process", "celery")  # the job's selectable executors; the first is the default
 SPREAD_EXECUTORS = frozenset({"multiprocess", "celery"})  # executors that run a run's steps in several processes
+CHECKS_SUFFIX = f"{RESERVED_SEPARATOR}checks"  # ends the step key of a task's quality checks (checks_step)
 _TASK_OF_STEP = re.compile(r"\[|" + re.escape(RESERVED_SEPARATOR))
 
 
@@ -71,7 +72,7 @@ def body_step(task: str, iteration: int) -> str:
 def checks_step(workflow: str, task: str) -> str:
     """The step running task `task`'s quality checks: op names of asset checks are unique in a code location, so
     it carries the workflow's name too."""
-    return f"{workflow}{RESERVED_SEPARATOR}{task}{RESERVED_SEPARATOR}checks"
+    return f"{workflow}{RESERVED_SEPARATOR}{task}{CHECKS_SUFFIX}"
 
 
 def task_of_step(step_key: str) -> str:

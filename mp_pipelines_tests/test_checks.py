@@ -1,0 +1,271 @@
+"""Quality checks (`checks:` on a task): the spec and its validation, each built-in check over hand-made answers,
+the judge through the real call path, the Dagster asset checks (blocking or not) and `run --json`'s report."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import dagster as dg
+import pandas as pd
+import pytest
+from click.testing import CliRunner
+
+from mp_pipelines.cli.check_report import attach_checks, check_evaluations, failed_check_lines
+from mp_pipelines.cli.main import main
+from mp_pipelines.cli.reporting import step_states
+from mp_pipelines.factory.checks import build_asset_checks
+from mp_pipelines.factory.names import checks_step
+from mp_pipelines.factory.ops import asset_key
+from mp_pipelines.factory.resources import RunBudget
+from mp_pipelines.llm.resource import build_llm_resource
+from mp_pipelines.spec.checks import check_names
+from mp_pipelines.spec.loader import load_workflow_file, parse_workflow
+from mp_pipelines.spec.models import WorkflowSpec
+from mp_pipelines.spec.problems import WorkflowValidationError
+from mp_pipelines.tasks.checks import evaluate_all, parse_score, task_answers
+
+
+def _spec(checks: list[dict[str, Any]], *, fan_out: bool = False, **task: Any) -> WorkflowSpec:
+    first = {"name": "draft", "prompt": "Say {{ item }}" if fan_out else "Say hi", "checks": checks, **task}
+    if fan_out:
+        first["for_each"] = "inputs.topics"
+    return parse_workflow({"name": "checked", "inputs": {"topics": {"type": "list", "default": ["a", "b", "c"]}},
+                           "tasks": [first, {"name": "final", "prompt": "Use {{ draft }}", "depends_on": ["draft"]}]})
+
+
+def _outcome(check: dict[str, Any], value: Any, **task: Any) -> Any:
+    spec = _spec([check], **task)
+    (outcome,) = evaluate_all(spec.tasks[0], value)
+    return outcome
+
+
+# --- each built-in check, passing and failing, on hand-made answers --------------------------------------------
+
+CASES = [
+    ({"type": "non_empty"}, "some text", "   "),
+    ({"type": "non_empty"}, {"a": 1}, {}),
+    ({"type": "max_chars", "value": 5}, "12345", "123456"),
+    ({"type": "min_chars", "value": 3}, "abc", "ab"),
+    ({"type": "matches", "pattern": r"^Category: \w+$"}, "Category: billing", "category billing"),
+    ({"type": "in_set", "values": ["billing", "bug"]}, " billing\n", "refund"),
+    ({"type": "json_schema", "schema": {"type": "object", "required": ["label"]}}, {"label": "x"}, {"name": "x"}),
+    ({"type": "json_schema", "schema": {"type": "object"}}, '{"label": "x"}', "not json"),
+]
+
+
+@pytest.mark.parametrize(("check", "good", "bad"), CASES, ids=[f"{c['type']}-{i}" for i, (c, _, _) in enumerate(CASES)])
+def test_each_check_passes_on_a_good_answer_and_fails_on_a_bad_one(check: dict[str, Any], good: Any, bad: Any) -> None:
+    passing, failing = _outcome(check, good), _outcome(check, bad)
+    assert passing.passed and passing.metadata["failed_answers"] == 0 and "failing_items" not in passing.metadata
+    assert not failing.passed and failing.metadata["failed_answers"] == 1
+    assert failing.metadata["failing_items"][0]["item"] == "draft"
+    assert failing.description.startswith("failed: ")
+
+
+def test_json_schema_check_uses_the_task_output_schema_and_min_ratio() -> None:
+    schema = {"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"]}
+    spec = _spec([{"type": "json_schema", "min_ratio": 0.6}], fan_out=True, output="json", output_schema=schema)
+    (outcome,) = evaluate_all(spec.tasks[0], [{"n": 1}, {"n": "two"}, {"n": 3}])
+    assert outcome.passed and outcome.metadata["ratio"] == pytest.approx(2 / 3, abs=1e-3)
+    assert outcome.metadata["schema"] == "task output_schema"
+    assert outcome.metadata["failing_items"][0]["item"] == "draft[1]"
+    assert "/n" in outcome.metadata["failing_items"][0]["reason"]
+    (strict,) = evaluate_all(_spec([{"type": "json_schema", "min_ratio": 0.7}], fan_out=True, output="json",
+                                   output_schema=schema).tasks[0], [{"n": 1}, {"n": "two"}, {"n": 3}])
+    assert not strict.passed
+
+
+def test_unique_ratio_counts_distinct_answers_and_names_the_repeats() -> None:
+    spec = _spec([{"type": "unique_ratio", "min_ratio": 0.75}], fan_out=True)
+    (outcome,) = evaluate_all(spec.tasks[0], ["a", "b", "a ", "c"])
+    assert outcome.passed and outcome.metadata["ratio"] == 0.75
+    assert outcome.metadata["failing_items"] == [{"item": "draft[2]", "index": 2, "reason": "same answer as [0]",
+                                                  "answer": "a "}]
+    (strict,) = evaluate_all(_spec([{"type": "unique_ratio"}], fan_out=True).tasks[0], ["a", "b", "a ", "c"])
+    assert not strict.passed and "draft[2]: same answer as [0]" in strict.description
+
+
+def test_a_fan_out_is_checked_per_item_with_the_failing_items_named_first_n() -> None:
+    spec = _spec([{"type": "max_chars", "value": 3}], fan_out=True)
+    answers = ["ok", None, *[f"long answer {i}" for i in range(30)]]
+    (outcome,) = evaluate_all(spec.tasks[0], answers)
+    assert not outcome.passed
+    assert outcome.metadata["answers"] == 31 and outcome.metadata["skipped_items"] == 1  # None: skipped by `when`
+    assert len(outcome.metadata["failing_items"]) == 20 and outcome.metadata["failing_items"][0]["item"] == "draft[2]"
+    assert "1 of 31 answers pass" in outcome.description and "… 25 more" in outcome.description
+    json.dumps(outcome.metadata)  # JSON-ready
+
+
+def test_a_table_fan_out_checks_its_result_column_and_leaves_out_skipped_rows() -> None:
+    spec = _spec([{"type": "in_set", "values": ["bug", "billing"]}], fan_out=True)
+    frame = pd.DataFrame({"ticket": ["t1", "t2", "t3"], "result": ["bug", "spam", None],
+                          "item_status": ["success", "success", "skipped"]})
+    answers, skipped = task_answers(spec.tasks[0], frame)
+    assert [(a.index, a.value) for a in answers] == [(0, "bug"), (1, "spam")] and skipped == 1
+    (outcome,) = evaluate_all(spec.tasks[0], frame)
+    assert not outcome.passed and outcome.metadata["failing_items"][0]["item"] == "draft[1]"
+
+
+def test_check_names_default_to_the_type_numbered_when_repeated() -> None:
+    spec = _spec([{"type": "matches", "pattern": "a"}, {"type": "matches", "pattern": "b", "name": "matches_2"},
+                  {"type": "matches", "pattern": "c"}, {"type": "non_empty", "name": "filled"}])
+    assert check_names(spec.tasks[0].checks) == ["matches", "matches_2", "matches_3", "filled"]
+
+
+@pytest.mark.parametrize(("text", "score"), [
+    ({"score": 4, "reason": "fine"}, 4.0), ({"score": "5"}, 5.0), ('{"score": 2}', 2.0), ("Score: 3/5", 3.0),
+    ("I would give it a 4 out of 5.", 4.0), ({"score": 9}, None), ("no idea", None), ("", None),
+])
+def test_judge_scores_are_parsed_robustly(text: Any, score: float | None) -> None:
+    assert parse_score(text) == score
+
+
+# --- validation: file, field path, reason --------------------------------------------------------------------
+
+BAD_CHECKS = """
+name: bad_checks
+tasks:
+  - name: draft
+    prompt: Write a note.
+    checks:
+      - {type: matches, pattern: "(unclosed"}
+      - {type: judge}
+      - {type: no_such_check}
+      - {type: unique_ratio, min_ratio: 1.5}
+      - {type: judge, rubric: "Is it kind?", min_score: 6}
+      - {type: json_schema, schema: {type: 12}}
+      - {type: json_schema}
+      - {type: max_chars}
+      - {type: max_chars, value: 10, pattern: x}
+      - {type: non_empty, name: filled}
+      - {type: non_empty, name: filled}
+"""
+
+EXPECTED_PROBLEMS = [
+    ("tasks[0] (draft).checks[0].pattern", "is not a valid regular expression"),
+    ("tasks[0] (draft).checks[1].rubric", "a judge check needs rubric"),
+    ("tasks[0] (draft).checks[2].type", "input should be 'non_empty', 'max_chars'"),
+    ("tasks[0] (draft).checks[3].min_ratio", "less than or equal to 1"),
+    ("tasks[0] (draft).checks[4].min_score", "less than or equal to 5"),
+    ("tasks[0] (draft).checks[5].schema", "schema is not a valid JSON Schema"),
+    ("tasks[0] (draft).checks[6].schema", "a json_schema check needs schema"),
+    ("tasks[0] (draft).checks[7].value", "a max_chars check needs value"),
+    ("tasks[0] (draft).checks[8].pattern", "pattern does not apply to a max_chars check"),
+    ("tasks[0] (draft).checks[10] (filled).name", "check name 'filled' is already used by checks[9]"),
+]
+
+
+def test_every_check_problem_is_reported_with_file_field_path_and_reason(tmp_path: Path) -> None:
+    path = tmp_path / "bad_checks.yaml"
+    path.write_text(BAD_CHECKS)
+    with pytest.raises(WorkflowValidationError) as caught:
+        load_workflow_file(path)
+    problems = caught.value.problems
+    assert all(p.file == str(path) for p in problems)
+    for want, reason in EXPECTED_PROBLEMS:
+        assert any(p.path == want and reason in p.message for p in problems), (want, [str(p) for p in problems])
+    assert len(problems) == len(EXPECTED_PROBLEMS) and not caught.value.notes
+
+
+def test_validate_command_reports_check_problems_without_a_traceback(tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "bad_checks.yaml").write_text(BAD_CHECKS)
+    result = CliRunner().invoke(main, ["validate", "bad_checks.yaml"])
+    assert result.exit_code == 1, result.output  # `validate`: 1 when a workflow has problems (see --help)
+    assert "bad_checks.yaml: tasks[0] (draft).checks[1].rubric: a judge check needs rubric" in result.output
+    assert "Traceback" not in result.output
+
+
+def test_a_valid_spec_with_checks_round_trips_through_yaml() -> None:
+    spec = _spec([{"type": "json_schema", "schema": {"type": "object"}}, {"type": "judge", "rubric": "Kind?",
+                                                                          "severity": "warn", "blocking": True}])
+    assert "schema:" in spec.to_yaml() and "schema_" not in spec.to_yaml()
+    assert parse_workflow(__import__("yaml").safe_load(spec.to_yaml())) == spec
+
+
+# --- Dagster asset checks over the task assets -----------------------------------------------------------------
+
+def _task_assets(spec: WorkflowSpec, value: Any) -> list[dg.AssetsDefinition]:
+    """Stand-ins for the workflow's task assets: `draft` stores `value`, `final` depends on it."""
+
+    @dg.asset(key=asset_key(spec, "draft"))
+    def draft() -> Any:
+        return value
+
+    @dg.asset(key=asset_key(spec, "final"), deps=[asset_key(spec, "draft")])
+    def final() -> str:
+        return "done"
+
+    return [draft, final]
+
+
+def _materialize(spec: WorkflowSpec, value: Any, instance: dg.DagsterInstance, **budget: Any) -> dg.ExecuteInProcessResult:
+    return dg.materialize([*_task_assets(spec, value), *build_asset_checks(spec)], instance=instance,
+                          resources={"llm": build_llm_resource(), "budget": RunBudget(**budget)}, raise_on_error=False)
+
+
+def _materialized(result: dg.ExecuteInProcessResult) -> set[str]:
+    return {e.asset_key.path[-1] for e in result.get_asset_materialization_events()}
+
+
+def test_a_failed_blocking_error_check_stops_the_downstream_task_and_names_the_items(instance: dg.DagsterInstance) -> None:
+    spec = _spec([{"type": "max_chars", "value": 5, "blocking": True}, {"type": "non_empty", "severity": "warn"}],
+                 fan_out=True)
+    result = _materialize(spec, ["short", "far too long", "tiny"], instance)
+    assert not result.success and _materialized(result) == {"draft"}
+    evaluations = {e.check_name: e for e in result.get_asset_check_evaluations()}
+    assert not evaluations["max_chars"].passed and evaluations["max_chars"].severity == dg.AssetCheckSeverity.ERROR
+    assert evaluations["max_chars"].metadata["failing_items"].value[0]["item"] == "draft[1]"
+    assert evaluations["non_empty"].passed and evaluations["non_empty"].severity == dg.AssetCheckSeverity.WARN
+    failure = next(e for e in result.all_events if e.is_step_failure)
+    assert failure.step_key == checks_step("checked", "draft")
+    assert "draft[1]: 12 characters, more than 5" in failure.step_failure_data.user_failure_data.description
+    states = step_states(instance, result.run_id)
+    tasks: dict[str, dict[str, Any]] = {"draft": {"status": "success"}, "final": {"status": "not_run"}}
+    attach_checks(tasks, check_evaluations(instance, result.run_id, spec), spec, states)
+    assert [(c["name"], c["passed"], c["severity"]) for c in tasks["draft"]["checks"]] == [
+        ("max_chars", False, "error"), ("non_empty", True, "warn")]
+    assert "draft[1]" in tasks["draft"]["checks_error"]
+    assert failed_check_lines(tasks["draft"]) == [
+        "      check max_chars failed (error): 2 of 3 answers pass (67%, needs 100%); failing: draft[1]: 12 "
+        "characters, more than 5"]
+
+
+def test_failed_warn_and_non_blocking_checks_do_not_stop_the_run(instance: dg.DagsterInstance) -> None:
+    spec = _spec([{"type": "max_chars", "value": 5, "severity": "warn", "blocking": True},
+                  {"type": "matches", "pattern": "^x"}])
+    result = _materialize(spec, "far too long", instance)
+    assert result.success and _materialized(result) == {"draft", "final"}
+    assert sorted((e.check_name, e.passed) for e in result.get_asset_check_evaluations()) == [
+        ("matches", False), ("max_chars", False)]
+
+
+def test_judge_scores_through_the_call_path_with_its_usage_apart_and_counted_in_the_budget(
+        instance: dg.DagsterInstance) -> None:
+    spec = _spec([{"type": "judge", "rubric": "Is the answer polite?", "min_score": 1}], fan_out=True)
+    answers = ["Thank you kindly.", "Go away.", "Please hold."]
+    result = _materialize(spec, answers, instance)
+    (evaluation,) = result.get_asset_check_evaluations()
+    meta = {k: v.value for k, v in evaluation.metadata.items()}
+    assert evaluation.passed and meta["calls"] == 3 and meta["prompt_tokens"] > 0 and meta["cost_usd"] > 0
+    assert all(1 <= s <= 5 for s in meta["scores"]) and meta["mean_score"] == pytest.approx(sum(meta["scores"]) / 3,
+                                                                                          abs=1e-3)
+    again = _materialize(spec, answers, instance)  # the simulated judge is deterministic; the answers are cached
+    meta2 = {k: v.value for k, v in again.get_asset_check_evaluations()[0].metadata.items()}
+    assert meta2["scores"] == meta["scores"] and meta2["calls"] == 0 and meta2["cache_hits"] == 3
+    # A threshold above the lowest score fails the items scored below it, by name.
+    low = min(range(3), key=lambda i: meta["scores"][i])
+    strict = _spec([{"type": "judge", "rubric": "Is the answer polite?", "min_score": meta["scores"][low] + 0.5}],
+                   fan_out=True)
+    (failed,) = _materialize(strict, answers, instance).get_asset_check_evaluations()
+    assert not failed.passed and f"draft[{low}]" in failed.description
+    # The judge's calls are the run's: a budget of 2 calls stops the third (a fresh rubric: no cache hits).
+    tight = _spec([{"type": "judge", "rubric": "Is it short?"}], fan_out=True)
+    stopped = _materialize(tight, answers, instance, max_calls=2)
+    failure = next(e for e in stopped.all_events if e.is_step_failure)
+    assert failure.step_key == checks_step("checked", "draft")
+    assert "budget" in failure.step_failure_data.user_failure_data.description
+    assert _materialized(stopped) == {"draft", "final"}  # a non-blocking check: downstream ran
