@@ -269,3 +269,21 @@ def test_judge_scores_through_the_call_path_with_its_usage_apart_and_counted_in_
     assert failure.step_key == checks_step("checked", "draft")
     assert "budget" in failure.step_failure_data.user_failure_data.description
     assert _materialized(stopped) == {"draft", "final"}  # a non-blocking check: downstream ran
+
+
+def test_judge_over_a_real_openai_client_reads_json_and_text_scores(openai_env: Any,
+                                                                   instance: dg.DagsterInstance) -> None:
+    openai_env.faults.add_for("Thank you kindly.", content='{"score": 5, "reason": "polite"}')
+    openai_env.faults.add_for("Go away.", content="Score: 2 (rude)", times=2)  # not JSON, nor after the repair
+    spec = _spec([{"type": "judge", "rubric": "Is the answer polite?"}], fan_out=True)
+    result = _materialize(spec, ["Thank you kindly.", "Go away."], instance)
+    (evaluation,) = result.get_asset_check_evaluations()
+    meta = {k: v.value for k, v in evaluation.metadata.items()}
+    assert meta["scores"] == [5.0, 2.0] and meta["mean_score"] == 3.5 and meta["min_score"] == 3.0
+    assert not evaluation.passed and "draft[1]: score 2 below 3" in evaluation.description
+    assert meta["calls"] == 3  # two answers and one repair request, all paid for
+    assert len(openai_env.requests) == 3
+    first = openai_env.requests[0].body
+    assert first["temperature"] == 0 and first["response_format"]["type"] == "json_schema"
+    assert first["messages"][0]["role"] == "system" and "Rubric:\nIs the answer polite?" in first["messages"][1]["content"]
+    assert _materialized(result) == {"draft", "final"}  # not blocking
