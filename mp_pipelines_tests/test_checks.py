@@ -287,3 +287,75 @@ def test_judge_over_a_real_openai_client_reads_json_and_text_scores(openai_env: 
     assert first["temperature"] == 0 and first["response_format"]["type"] == "json_schema"
     assert first["messages"][0]["role"] == "system" and "Rubric:\nIs the answer polite?" in first["messages"][1]["content"]
     assert _materialized(result) == {"draft", "final"}  # not blocking
+
+
+# --- whole workflow runs (the job over the task assets, checks included) ----------------------------------------
+
+RUN_SPEC = """
+name: checked_run
+inputs:
+  notes: {type: list, default: ["first note", "second note"]}
+tasks:
+  - name: summary
+    for_each: inputs.notes
+    prompt: "Summarise: {{ item }}"
+    checks: CHECKS
+  - name: final
+    prompt: "Digest of {{ summary }}"
+"""
+
+
+def _run(tmp_path: Path, instance: dg.DagsterInstance, checks: str, **budget: Any) -> dict[str, Any]:
+    from mp_pipelines.cli.api import run_workflow
+
+    path = tmp_path / "checked_run.yaml"
+    path.write_text(RUN_SPEC.replace("CHECKS", checks))
+    return run_workflow(path, instance=instance, **budget)
+
+
+def test_a_run_whose_blocking_check_fails_does_not_run_the_downstream_task(tmp_path: Path,
+                                                                          instance: dg.DagsterInstance) -> None:
+    payload = _run(tmp_path, instance, "[{type: max_chars, value: 10, blocking: true}, {type: non_empty}]")
+    assert payload["status"] == "failure"
+    summary, final = payload["tasks"]["summary"], payload["tasks"]["final"]
+    assert summary["status"] == "success" and final["status"] in ("not_run", "skipped")
+    assert [(c["name"], c["passed"], c["severity"]) for c in summary["checks"]] == [
+        ("max_chars", False, "error"), ("non_empty", True, "error")]
+    failing = summary["checks"][0]["metadata"]["failing_items"]
+    assert [f["item"] for f in failing] == ["summary[0]", "summary[1]"]
+    assert "summary[0]" in summary["checks_error"] and "max_chars" in summary["checks_error"]
+    assert payload["checks_usage"]["calls"] == 0 and payload["usage"]["calls"] == 2
+
+
+def test_a_failed_warn_check_is_reported_and_the_run_goes_on(tmp_path: Path, instance: dg.DagsterInstance) -> None:
+    payload = _run(tmp_path, instance, "[{type: max_chars, value: 10, severity: warn, blocking: true}]")
+    assert payload["status"] == "success" and payload["tasks"]["final"]["status"] == "success"
+    (check,) = payload["tasks"]["summary"]["checks"]
+    assert check["passed"] is False and check["severity"] == "warn"
+    assert "checks" not in payload["tasks"]["final"]
+
+
+def test_a_judge_in_a_run_is_counted_apart_and_in_the_run_budget(tmp_path: Path, instance: dg.DagsterInstance) -> None:
+    judge = '[{type: judge, rubric: "Is it a faithful summary?", min_score: 1, blocking: true}]'
+    payload = _run(tmp_path, instance, judge, max_calls=10)
+    assert payload["status"] == "success"
+    (check,) = payload["tasks"]["summary"]["checks"]
+    assert check["passed"] and check["metadata"]["calls"] == 2 and len(check["metadata"]["scores"]) == 2
+    assert payload["checks_usage"]["calls"] == 2 and payload["usage"]["calls"] == 3  # the tasks' own: 2 + 1
+    # 3 calls: both summaries, then one judge call; the second is refused, so `final` (behind the check) waits.
+    stopped = _run(tmp_path, instance, judge.replace("faithful", "short"), max_calls=3)
+    assert stopped["status"] == "failure" and stopped["tasks"]["final"]["status"] in ("not_run", "skipped")
+    assert "budget" in stopped["tasks"]["summary"]["checks_error"]
+
+
+def test_run_command_prints_failed_checks_and_json(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "checked_run.yaml").write_text(RUN_SPEC.replace("CHECKS", "[{type: matches, pattern: '^ok$', "
+                                                                          "severity: warn}]"))
+    text = CliRunner().invoke(main, ["run", "checked_run.yaml"])
+    assert text.exit_code == 0, text.output
+    assert "check matches failed (warn): 0 of 2 answers pass" in text.output and "summary[0]" in text.output
+    result = CliRunner().invoke(main, ["run", "checked_run.yaml", "--json"])
+    payload = json.loads(result.stdout)
+    (check,) = payload["tasks"]["summary"]["checks"]
+    assert set(check) >= {"name", "passed", "severity", "metadata"} and check["metadata"]["pattern"] == "^ok$"

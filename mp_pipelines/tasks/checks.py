@@ -259,7 +259,13 @@ async def ajudge(model: ChatModel, spec: WorkflowSpec, task: TaskSpec, check: Ch
         reason = str(run.output.get("reason", "")) if isinstance(run.output, Mapping) else ""
         return _scored(check, answer, parse_score(run.output), reason), run.usage
 
-    results = await asyncio.gather(*(one(answer) for answer in answers))
+    # A TaskGroup, not gather: when one call raises (the budget), the others are cancelled, not left running.
+    try:
+        async with asyncio.TaskGroup() as group:
+            tasks = [group.create_task(one(answer)) for answer in answers]
+    except BaseExceptionGroup as errors:
+        raise errors.exceptions[0] from None
+    results = [task.result() for task in tasks]
     return Judged([verdict for verdict, _ in results], sum((usage for _, usage in results), Usage()))
 
 
