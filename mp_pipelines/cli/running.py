@@ -196,7 +196,7 @@ def summarize(result: dg.ExecuteJobResult, spec: WorkflowSpec, instance: dg.Dags
                     task["output_in_run"] = run.parent_run_id  # finished before the resume: its output is there
                 else:
                     task["error"] = f"output could not be loaded: {exc}"
-    checks_usage = attach_checks(tasks, check_evaluations(instance, result.run_id, spec), spec, states)
+    checks_usage = attach_checks(tasks, check_evaluations(instance, result.run_id, spec), spec, own)
     order = topological_order(spec)
     status = run.status.value.lower() if run else ("success" if result.success else "failure")
     task_steps = {key: state for key, state in own.items() if not key.endswith(CHECKS_SUFFIX)}
