@@ -359,3 +359,16 @@ def test_run_command_prints_failed_checks_and_json(tmp_path: Path, monkeypatch: 
     payload = json.loads(result.stdout)
     (check,) = payload["tasks"]["summary"]["checks"]
     assert set(check) >= {"name", "passed", "severity", "metadata"} and check["metadata"]["pattern"] == "^ok$"
+
+
+def test_a_run_stopped_by_a_blocking_check_exits_1_with_a_summary_naming_the_check_and_items(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "checked_run.yaml").write_text(RUN_SPEC.replace("CHECKS", "[{type: max_chars, value: 10, "
+                                                                          "blocking: true}]"))
+    result = CliRunner().invoke(main, ["run", "checked_run.yaml"])
+    assert result.exit_code == 1, result.output
+    assert "check max_chars failed (error)" in result.stdout
+    assert "final                not_run" in result.stdout
+    assert "failed at the quality checks of task summary: blocking check(s) failed" in result.stderr
+    assert "summary[0]" in result.stderr and "Traceback" not in result.output
