@@ -372,3 +372,12 @@ def test_a_run_stopped_by_a_blocking_check_exits_1_with_a_summary_naming_the_che
     assert "final                not_run" in result.stdout
     assert "failed at the quality checks of task summary: blocking check(s) failed" in result.stderr
     assert "summary[0]" in result.stderr and "Traceback" not in result.output
+
+
+def test_show_lists_a_task_s_checks_and_which_block() -> None:
+    from mp_pipelines.cli.show import render_workflow
+
+    spec = _spec([{"type": "non_empty", "blocking": True}, {"type": "matches", "pattern": "x", "blocking": True,
+                                                             "severity": "warn"}])
+    line = next(line for line in render_workflow(spec).splitlines() if line.startswith("  draft:"))
+    assert "checks non_empty (blocking), matches" in line and "matches (blocking)" not in line
