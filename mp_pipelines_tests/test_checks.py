@@ -381,3 +381,19 @@ def test_show_lists_a_task_s_checks_and_which_block() -> None:
                                                              "severity": "warn"}])
     line = next(line for line in render_workflow(spec).splitlines() if line.startswith("  draft:"))
     assert "checks non_empty (blocking), matches" in line and "matches (blocking)" not in line
+
+
+def test_items_left_out_by_on_item_failure_skip_keep_their_input_index(openai_env: Any, tmp_path: Path,
+                                                                      instance: dg.DagsterInstance) -> None:
+    from mp_pipelines.cli.api import run_workflow
+
+    openai_env.faults.add_for("note two", status=400, times=5)  # refused: the item fails, not retried
+    path = tmp_path / "skipping.yaml"
+    path.write_text(RUN_SPEC.replace('["first note", "second note"]', '["note one", "note two", "note three"]')
+                    .replace("    checks: CHECKS", "    on_item_failure: skip\n    checks: [{type: max_chars, value: 10, "
+                                                   "severity: warn}]"))
+    payload = run_workflow(path, instance=instance)
+    assert payload["status"] == "success", payload
+    (check,) = payload["tasks"]["summary"]["checks"]
+    assert check["metadata"]["answers"] == 2
+    assert [f["item"] for f in check["metadata"]["failing_items"]] == ["summary[0]", "summary[2]"]

@@ -68,8 +68,22 @@ def blocking_failure(task: TaskSpec, outcomes: list[CheckOutcome]) -> dg.Failure
                       allow_retries=False)
 
 
+def item_indices(context: dg.AssetCheckExecutionContext, key: dg.AssetKey) -> list[int] | None:
+    """Input index of each entry of a fan-out's value, from its latest item table, when the table lists every
+    item: with `on_item_failure: skip` failed items are left out of the value, so positions and indices differ."""
+    event = context.instance.get_latest_materialization_event(key)
+    materialization = event.asset_materialization if event is not None else None
+    if materialization is None or "item_table" not in materialization.metadata:
+        return None
+    rows = [record.data for record in materialization.metadata["item_table"].value.records]
+    items = getattr(materialization.metadata.get("items"), "value", None)
+    if items is not None and items != len(rows):
+        return None  # the table shows the first items only
+    return [int(row["index"]) for row in rows if row.get("status") in ("success", "skipped")]
+
+
 def _judges(context: dg.AssetCheckExecutionContext, spec: WorkflowSpec, task: TaskSpec, value: Any,
-            selected: set[str]) -> dict[str, Judged]:
+            selected: set[str], indices: list[int] | None) -> dict[str, Judged]:
     """The verdicts of the task's selected judge checks, each answer scored through the call path."""
     wanted = [(c, n) for c, n in zip(task.checks, check_names(task.checks)) if c.type == "judge" and n in selected]
     if not wanted:
@@ -77,7 +91,7 @@ def _judges(context: dg.AssetCheckExecutionContext, spec: WorkflowSpec, task: Ta
     op_context = context.op_execution_context
     # The judge's calls are online, whatever the run's --mode: a check waits for its answers.
     scope = dataclasses.replace(call_scope(op_context, spec, judge_task(spec, task)), batch=None)
-    answers, _ = task_answers(task, value)
+    answers, _ = task_answers(task, value, indices)
     judged = {}
     try:
         for check, name in wanted:
@@ -113,7 +127,9 @@ def build_task_checks(spec: WorkflowSpec, task: TaskSpec) -> dg.AssetChecksDefin
                           op_tags={WORKFLOW_TAG: spec.name}, description=f"Quality checks of {task.name}.")
     def task_checks(context: dg.AssetCheckExecutionContext, value: Any) -> Iterator[dg.AssetCheckResult]:
         selected = {k.name for k in context.selected_asset_check_keys if k.asset_key == key}
-        outcomes = evaluate_all(task, value, _judges(context, spec, task, value, selected), only=selected)
+        indices = item_indices(context, key) if task.for_each else None
+        outcomes = evaluate_all(task, value, _judges(context, spec, task, value, selected, indices), only=selected,
+                                indices=indices)
         for outcome in outcomes:
             if not outcome.passed:
                 context.log.warning(f"{task.name}: check {outcome.name} failed ({outcome.severity}): "

@@ -72,19 +72,21 @@ class Verdict:
     score: float | None = None  # a judge's
 
 
-def task_answers(task: TaskSpec, value: Any) -> tuple[list[TaskAnswer], int]:
-    """The answers of a task's stored value and how many fan-out items were skipped (`when` false, or left out
-    by `on_item_failure: skip`): a plain task's value is one answer; a fan-out's list or table has one per item."""
+def task_answers(task: TaskSpec, value: Any, indices: Sequence[int] | None = None) -> tuple[list[TaskAnswer], int]:
+    """The answers of a task's stored value and how many fan-out items it skipped (`when` false): a plain task's
+    value is one answer; a fan-out's list or table has one per item. `indices` gives each entry's input index
+    (with `on_item_failure: skip` the failed items are left out of the value); default: its position."""
     if task.for_each is None:
         return [TaskAnswer(None, value)], 0
     if hasattr(value, "to_dict") and hasattr(value, "columns"):  # a fan-out over a table: rows with result columns
-        rows = value.to_dict(orient="records")
-        answers = [TaskAnswer(i, _row_answer(task, row)) for i, row in enumerate(rows)
-                   if row.get("item_status", "success") == "success"]
-        return answers, len(rows) - len(answers)
-    items = list(value or [])
-    answers = [TaskAnswer(i, item) for i, item in enumerate(items) if item is not None]
-    return answers, len(items) - len(answers)
+        entries = value.to_dict(orient="records")
+        kept = [(i, _row_answer(task, row)) for i, row in enumerate(entries)
+                if row.get("item_status", "success") == "success"]
+    else:
+        entries = list(value or [])
+        kept = [(i, item) for i, item in enumerate(entries) if item is not None]
+    number = list(indices) if indices is not None and len(indices) == len(entries) else list(range(len(entries)))
+    return [TaskAnswer(number[i], answer) for i, answer in kept], len(entries) - len(kept)
 
 
 def _row_answer(task: TaskSpec, row: Mapping[str, Any]) -> Any:
@@ -347,10 +349,10 @@ def describe(task: TaskSpec, check: CheckSpec, passed: bool, verdicts: Sequence[
 
 
 def evaluate_all(task: TaskSpec, value: Any, judges: Mapping[str, Judged] | None = None,
-                 only: set[str] | None = None) -> list[CheckOutcome]:
-    """Every check of `task` (those named in `only`, when given) over its stored `value`; judge checks take their
-    verdicts from `judges` by name."""
-    answers, skipped = task_answers(task, value)
+                 only: set[str] | None = None, indices: Sequence[int] | None = None) -> list[CheckOutcome]:
+    """Every check of `task` (those named in `only`, when given) over its stored `value` (entries numbered by
+    `indices`, see task_answers); judge checks take their verdicts from `judges` by name."""
+    answers, skipped = task_answers(task, value, indices)
     names = check_names(task.checks)
     return [evaluate(task, check, name, answers, skipped, (judges or {}).get(name))
             for check, name in zip(task.checks, names) if only is None or name in only]
