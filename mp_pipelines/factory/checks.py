@@ -8,7 +8,6 @@ the run's LLM and budget resources.
 """
 
 import dataclasses
-import warnings
 from collections.abc import Iterator
 from typing import Any
 
@@ -16,7 +15,6 @@ import dagster as dg
 
 from mp_pipelines.factory.names import PROMPT_RESOURCE_KEYS, WORKFLOW_TAG, checks_step
 from mp_pipelines.factory.ops import asset_key, call_scope, chat_model, failure_metadata, run_is_stopping, settle_writes
-from mp_pipelines.factory.partitions import inbox_partitions_def
 from mp_pipelines.llm.types import LLMError
 from mp_pipelines.spec.checks import CheckSpec, check_names
 from mp_pipelines.spec.models import TaskSpec, WorkflowSpec
@@ -113,12 +111,9 @@ def build_task_checks(spec: WorkflowSpec, task: TaskSpec) -> dg.AssetChecksDefin
     """The asset checks of one task, run together in one step."""
     key = asset_key(spec, task.name)
     names = check_names(task.checks)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # a partitions_def on a check spec is a preview feature of Dagster 1.13
-        specs = [dg.AssetCheckSpec(name, asset=key, blocking=check.blocking, description=describe_check(check),
-                                   metadata={"type": check.type, "severity": check.severity},
-                                   partitions_def=inbox_partitions_def(spec))
-                 for check, name in zip(task.checks, names)]
+    specs = [dg.AssetCheckSpec(name, asset=key, blocking=check.blocking, description=describe_check(check),
+                               metadata={"type": check.type, "severity": check.severity})
+             for check, name in zip(task.checks, names)]
     judges = any(check.type == "judge" for check in task.checks)
 
     @dg.multi_asset_check(name=checks_step(spec.name, task.name), specs=specs, can_subset=True,
