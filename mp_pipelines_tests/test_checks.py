@@ -397,3 +397,30 @@ def test_items_left_out_by_on_item_failure_skip_keep_their_input_index(openai_en
     (check,) = payload["tasks"]["summary"]["checks"]
     assert check["metadata"]["answers"] == 2
     assert [f["item"] for f in check["metadata"]["failing_items"]] == ["summary[0]", "summary[2]"]
+
+
+def test_a_fan_out_over_a_table_checks_each_row_s_answer(tmp_path: Path, instance: dg.DagsterInstance) -> None:
+    from mp_pipelines.cli.api import run_workflow
+
+    (tmp_path / "tickets.csv").write_text("id,text\n1,The app crashes\n2,Refund please\n")
+    path = tmp_path / "tabled.yaml"
+    path.write_text("""
+name: tabled
+inputs:
+  tickets: {type: table}
+tasks:
+  - name: classify
+    for_each: inputs.tickets
+    prompt: "Classify: {{ item.text }}"
+    output: json
+    output_schema: {type: object, properties: {category: {type: string, enum: [bug, billing]}}, required: [category]}
+    checks:
+      - {type: json_schema}
+      - {type: json_schema, schema: {type: object, required: [priority]}, severity: warn}
+""")
+    payload = run_workflow(path, {"tickets": str(tmp_path / "tickets.csv")}, instance=instance)
+    assert payload["status"] == "success", payload
+    own, other = payload["tasks"]["classify"]["checks"]
+    assert own["passed"] and own["metadata"]["answers"] == 2  # each row's result columns, not the input columns
+    assert not other["passed"] and [f["item"] for f in other["metadata"]["failing_items"]] == ["classify[0]",
+                                                                                              "classify[1]"]
