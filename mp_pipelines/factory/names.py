@@ -7,7 +7,8 @@ Every spelling lives here, with a function to build it and, where others parse i
   `w__t`; the workflow inputs are step `w__inputs` (asset `[w, inputs]`);
 - a fan-out `t` is a graph `w__t` of steps `w__t.t__items` (the items), mapped steps `w__t.t[k]` (one per item
   or shard), `w__t.t__collect` and `w__t.t__publish` (outputs the asset);
-- a loop `l` is a graph `w__l`: iteration `n` of its body task `t` is step `w__l.t__n`, its result `w__l.l`.
+- a loop `l` is a graph `w__l`: iteration `n` of its body task `t` is step `w__l.t__n`, its result `w__l.l`;
+- task `t`'s quality checks (asset checks of `[w, t]`) run in step `w__t__checks`.
 
 No Dagster here, so the command line and the sensors can read step keys without building a job.
 """
@@ -37,6 +38,7 @@ RESUME_RETRY_TAG = "dagster/is_resume_retry"
 
 EXECUTORS = ("concurrent", "multiprocess", "in_process", "celery")  # the job's selectable executors; the first is the default
 SPREAD_EXECUTORS = frozenset({"multiprocess", "celery"})  # executors that run a run's steps in several processes
+CHECKS_SUFFIX = f"{RESERVED_SEPARATOR}checks"  # ends the step key of a task's quality checks (checks_step)
 _TASK_OF_STEP = re.compile(r"\[|" + re.escape(RESERVED_SEPARATOR))
 
 
@@ -109,6 +111,12 @@ def body_step(workflow: str, loop: str, task: str, iteration: int) -> str:
 def loop_step(workflow: str, loop: str) -> str:
     """The step that publishes a loop's result."""
     return f"{node_name(workflow, loop)}.{loop}"
+
+
+def checks_step(workflow: str, task: str) -> str:
+    """The step running task `task`'s quality checks: op names of asset checks are unique in a code location, so
+    it carries the workflow's name too."""
+    return f"{workflow}{RESERVED_SEPARATOR}{task}{CHECKS_SUFFIX}"
 
 
 def task_of_step(step_key: str) -> str:
