@@ -111,7 +111,7 @@ def test_every_way_out_of_the_library_is_refused(tmp_path: Path) -> None:
     for prompt, reason in cases.items():
         (found,) = problems(workflow(tmp_path, prompt))
         assert found.startswith("tasks[0] (write).prompt: line 1: include") and reason in found, (prompt, found)
-    spec = load_workflow_file(workflow(tmp_path, '{% include "inside_link.j2" %}'))
+    spec = load_workflow_file(workflow(tmp_path, '{% include "inside_link.j2" %}{% include "gone.j2" ignore missing %}'))
     assert rendered(spec, spec.tasks[0].prompt) == "fine"
     # rendering checks the same way (a spec built without validation, or a file changed since)
     for prompt, reason in cases.items():

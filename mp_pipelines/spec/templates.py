@@ -5,6 +5,8 @@ stays literal text. Templates may not name `__` attributes (`__class__`, `__glob
 refuses them, so a spec that tries is invalid, and the sandbox refuses any other unsafe attribute
 when rendering. A render stops as soon as its output passes MP_MAX_PROMPT_CHARS, and `spec/sandbox.py`
 bounds what it may build and how long it may take, so a prompt too long is an error, never sent.
+`{% include %}` and `{% import %}` read files of the workflow's prompt library (`spec/library.py`), which are
+checked and bounded the same way.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any
 
-from jinja2 import BaseLoader, StrictUndefined, TemplateSyntaxError, nodes
+from jinja2 import BaseLoader, StrictUndefined, TemplateNotFound, TemplateSyntaxError, nodes
 
 from mp_pipelines.spec import sandbox
 from mp_pipelines.spec.library import Library, LibraryError, statements, walk
@@ -145,6 +147,8 @@ class _LibraryLoader(BaseLoader):
         try:
             file = self.library.read(template)
         except LibraryError as exc:
+            if exc.missing:  # what `{% include ... ignore missing %}` lets pass
+                raise TemplateNotFound(template, str(exc)) from None
             raise TemplateError(str(exc)) from None
         return file.text, str(file.path), self.library.up_to_date(file)
 
@@ -204,6 +208,8 @@ def _render_error(exc: Exception) -> TemplateError:
         return RenderTimeout(str(exc))
     if isinstance(exc, (sandbox.TooBig, SizeLimitError)):
         return TemplateError(str(exc))
+    if isinstance(exc, TemplateNotFound):
+        return TemplateError(str(exc.message))
     if isinstance(exc, RecursionError):
         return TemplateError("the template calls its macros (or includes files) too deeply to render")
     return TemplateError(f"{type(exc).__name__}: {exc}")
