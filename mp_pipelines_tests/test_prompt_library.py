@@ -263,3 +263,34 @@ def test_the_shipped_workflows_share_the_house_style() -> None:
             if any("house_style.j2" in (t.system or "") + t.prompt for t in spec.all_tasks())
             or "house_style.j2" in (spec.defaults.system or "")]
     assert sorted(uses) == ["classify_tickets", "research_report", "summarize_documents"]
+
+
+def test_names_an_included_file_reads_are_checked_as_the_templates_own(tmp_path: Path) -> None:
+    library(tmp_path, {"reads.j2": "Facts: {{ facts }}\n{{ inputs.nope }}", "shared.j2": "{{ inputs.topic }}"})
+    text = textwrap.dedent("""\
+        name: reads_lib
+        inputs: {topic: {type: string, default: owls}}
+        defaults: {system: '{% include "reads.j2" %}'}
+        tasks:
+          - name: facts
+            prompt: '{% include "shared.j2" %}'
+          - name: hidden
+            prompt: '{% include "reads.j2" %}'
+          - name: named
+            prompt: '{% set facts = facts %}{% include "reads.j2" %}'
+        """)
+    path = tmp_path / "reads_lib.yaml"
+    path.write_text(text)
+    found = problems(path)
+    assert found == [
+        "defaults.system: prompt file 'reads.j2', line 1: defaults.system is used by every task, so it may read only "
+        "inputs and workflow, not 'facts'",
+        "defaults.system: prompt file 'reads.j2', line 2: inputs.nope is not a declared input; declared inputs: topic",
+        "tasks[1] (hidden).prompt: prompt file 'reads.j2', line 1: reads task 'facts', which the including template "
+        "does not name, so it may not have run; name it there too (pass it to a macro, or {% set facts = facts %} "
+        "before the include)",
+        "tasks[1] (hidden).prompt: prompt file 'reads.j2', line 2: inputs.nope is not a declared input; declared "
+        "inputs: topic",
+        "tasks[2] (named).prompt: prompt file 'reads.j2', line 2: inputs.nope is not a declared input; declared "
+        "inputs: topic",
+    ]
