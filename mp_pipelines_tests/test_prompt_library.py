@@ -294,3 +294,17 @@ def test_names_an_included_file_reads_are_checked_as_the_templates_own(tmp_path:
         "tasks[2] (named).prompt: prompt file 'reads.j2', line 2: inputs.nope is not a declared input; declared "
         "inputs: topic",
     ]
+
+
+def test_editing_an_included_file_changes_the_tasks_code_version(tmp_path: Path) -> None:
+    """The asset code version (spec/versions.py) covers the library files a task's templates use."""
+    versions = pytest.importorskip("mp_pipelines.spec.versions")
+    root = library(tmp_path, {"style.j2": STYLE, "other.j2": "unused"})
+    path = workflow(tmp_path, '{% from "style.j2" import house_rules %}{{ house_rules("x") }}')
+    spec = load_workflow_file(path)
+    task = spec.tasks[0]
+    before = versions.task_code_version(spec, task)
+    (root / "other.j2").write_text("changed, but not included")
+    assert versions.task_code_version(spec, task) == before
+    (root / "style.j2").write_text(STYLE.replace("plain", "warm"))
+    assert versions.task_code_version(spec, task) != before
