@@ -92,6 +92,7 @@ def test_new_writes_to_dir_else_the_first_workflow_folder_else_workflows(runner:
     (["new", "fine", "-t", "nope"], "'nope' is not one of"),
     (["new", "fine"], "give --template"),
     (["new", "-t", "classify"], "give the new workflow's NAME"),
+    (["new", "research_report", "-t", "classify"], "a workflow named 'research_report' already exists"),
 ])
 def test_bad_names_and_templates_exit_2(args: list[str], reason: str, runner: CliRunner, tmp_path: Path) -> None:
     result = runner.invoke(main, args)

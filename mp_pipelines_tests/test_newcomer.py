@@ -2,7 +2,8 @@
 
 Every ```yaml block of README.md and docs/*.md whose top level has `name:` and `tasks:` is copied into a file and
 checked with `mp-pipelines validate`; each one whose inputs all have defaults or are strings is run with
-`mp-pipelines run --json` against the simulated model, as a user would from a fresh clone. The README's Python
+`mp-pipelines run --json` against the simulated model, as a user would from a fresh clone. A ```jinja block titled
+`prompts/NAME` is a prompt library file the examples include: it is written next to them. The README's Python
 example runs as written.
 """
 
@@ -25,6 +26,7 @@ REPO = Path(__file__).resolve().parent.parent
 DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
 FENCE = re.compile(r"^```(\w*)[^\n]*\n(.*?)^```", re.S | re.M)
 STRING_VALUE = "a newcomer's first topic"
+PROMPT_FILE = re.compile(r'^```jinja title="(prompts/[\w./-]+)"\n(.*?)^```', re.S | re.M)
 
 
 def fenced_blocks(language: str) -> list[tuple[str, int, str]]:
@@ -49,6 +51,18 @@ def workflow_blocks() -> list[tuple[str, dict[str, Any]]]:
 
 
 WORKFLOWS = workflow_blocks()
+
+
+def write_prompt_files(folder: Path) -> list[Path]:
+    """Write every ```jinja title="prompts/NAME"``` block of the docs into `folder`, as the examples' prompt library."""
+    written = []
+    for doc in DOCS:
+        for match in PROMPT_FILE.finditer(doc.read_text(encoding="utf-8")):
+            path = folder / match.group(1)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(match.group(2), encoding="utf-8")
+            written.append(path)
+    return written
 
 
 def cli() -> list[str]:
@@ -81,6 +95,7 @@ def test_the_docs_show_workflows() -> None:
 
 
 def test_every_workflow_in_the_docs_validates(tmp_path: Path) -> None:
+    assert write_prompt_files(tmp_path), "the README shows a prompt library file"
     files = []
     for index, (where, data) in enumerate(WORKFLOWS):
         path = tmp_path / f"doc_{index}.yaml"
@@ -97,6 +112,7 @@ def test_every_workflow_in_the_docs_validates(tmp_path: Path) -> None:
 def test_every_runnable_workflow_in_the_docs_runs_offline(where: str, data: dict[str, Any], tmp_path: Path) -> None:
     path = tmp_path / "from_docs.yaml"
     path.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
+    write_prompt_files(tmp_path)
     pairs = [arg for name, value in (runnable_inputs(data) or {}).items() for arg in ("--input", f"{name}={value}")]
     completed = subprocess.run([*cli(), "run", str(path), *pairs, "--json"], cwd=tmp_path, env=offline_env(),
                                capture_output=True, text=True, timeout=600)

@@ -111,7 +111,7 @@ def test_every_way_out_of_the_library_is_refused(tmp_path: Path) -> None:
     for prompt, reason in cases.items():
         (found,) = problems(workflow(tmp_path, prompt))
         assert found.startswith("tasks[0] (write).prompt: line 1: include") and reason in found, (prompt, found)
-    spec = load_workflow_file(workflow(tmp_path, '{% include "inside_link.j2" %}'))
+    spec = load_workflow_file(workflow(tmp_path, '{% include "inside_link.j2" %}{% include "gone.j2" ignore missing %}'))
     assert rendered(spec, spec.tasks[0].prompt) == "fine"
     # rendering checks the same way (a spec built without validation, or a file changed since)
     for prompt, reason in cases.items():
@@ -263,3 +263,48 @@ def test_the_shipped_workflows_share_the_house_style() -> None:
             if any("house_style.j2" in (t.system or "") + t.prompt for t in spec.all_tasks())
             or "house_style.j2" in (spec.defaults.system or "")]
     assert sorted(uses) == ["classify_tickets", "research_report", "summarize_documents"]
+
+
+def test_names_an_included_file_reads_are_checked_as_the_templates_own(tmp_path: Path) -> None:
+    library(tmp_path, {"reads.j2": "Facts: {{ facts }}\n{{ inputs.nope }}", "shared.j2": "{{ inputs.topic }}"})
+    text = textwrap.dedent("""\
+        name: reads_lib
+        inputs: {topic: {type: string, default: owls}}
+        defaults: {system: '{% include "reads.j2" %}'}
+        tasks:
+          - name: facts
+            prompt: '{% include "shared.j2" %}'
+          - name: hidden
+            prompt: '{% include "reads.j2" %}'
+          - name: named
+            prompt: '{% set facts = facts %}{% include "reads.j2" %}'
+        """)
+    path = tmp_path / "reads_lib.yaml"
+    path.write_text(text)
+    found = problems(path)
+    assert found == [
+        "defaults.system: prompt file 'reads.j2', line 1: defaults.system is used by every task, so it may read only "
+        "inputs and workflow, not 'facts'",
+        "defaults.system: prompt file 'reads.j2', line 2: inputs.nope is not a declared input; declared inputs: topic",
+        "tasks[1] (hidden).prompt: prompt file 'reads.j2', line 1: reads task 'facts', which the including template "
+        "does not name, so it may not have run; name it there too (pass it to a macro, or {% set facts = facts %} "
+        "before the include)",
+        "tasks[1] (hidden).prompt: prompt file 'reads.j2', line 2: inputs.nope is not a declared input; declared "
+        "inputs: topic",
+        "tasks[2] (named).prompt: prompt file 'reads.j2', line 2: inputs.nope is not a declared input; declared "
+        "inputs: topic",
+    ]
+
+
+def test_editing_an_included_file_changes_the_tasks_code_version(tmp_path: Path) -> None:
+    """The asset code version (spec/versions.py) covers the library files a task's templates use."""
+    versions = pytest.importorskip("mp_pipelines.spec.versions")
+    root = library(tmp_path, {"style.j2": STYLE, "other.j2": "unused"})
+    path = workflow(tmp_path, '{% from "style.j2" import house_rules %}{{ house_rules("x") }}')
+    spec = load_workflow_file(path)
+    task = spec.tasks[0]
+    before = versions.task_code_version(spec, task)
+    (root / "other.j2").write_text("changed, but not included")
+    assert versions.task_code_version(spec, task) == before
+    (root / "style.j2").write_text(STYLE.replace("plain", "warm"))
+    assert versions.task_code_version(spec, task) != before

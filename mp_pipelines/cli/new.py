@@ -13,7 +13,7 @@ from pathlib import Path
 
 import click
 
-from mp_pipelines.spec.loader import PATH_ENV, SHIPPED_WORKFLOWS_DIR, load_workflow_file
+from mp_pipelines.spec.loader import PATH_ENV, SHIPPED_WORKFLOWS_DIR, load_workflow_file, load_workflows
 from mp_pipelines.spec.models import check_name
 from mp_pipelines.spec.problems import WorkflowValidationError, suggest
 
@@ -107,6 +107,10 @@ def new_command(name: str | None, template: str | None, folder: str | None, forc
     if not template:
         raise NewRefused(f"give --template, one of: {', '.join(TEMPLATES)}")
     target = target_dir(folder)
+    taken = load_workflows().sources.get(name)
+    if taken is not None and taken.resolve() != (target / f"{name}.yaml").resolve():
+        raise NewRefused(f"a workflow named {name!r} already exists ({taken}); workflow names must be unique, "
+                         "so choose another name")
     written = write_workflow(name, template, target, force=force)
     try:
         spec = load_workflow_file(written.workflow)

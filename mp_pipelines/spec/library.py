@@ -128,6 +128,7 @@ class Statement:
     imported: tuple[str, ...] = ()  # `from` imports: the names taken from the file
     alias: str | None = None  # `import ... as alias`
     ignore_missing: bool = False
+    with_context: bool = False  # the file sees the including template's names (include; import `with context`)
 
 
 _KINDS = {nodes.Include: "include", nodes.Import: "import", nodes.FromImport: "from", nodes.Extends: "extends"}
@@ -141,7 +142,8 @@ def statements(tree: nodes.Template) -> list[Statement]:
         name = target.value if isinstance(target, nodes.Const) and isinstance(target.value, str) else None
         imported = tuple(n if isinstance(n, str) else n[0] for n in getattr(node, "names", ()))
         found.append(Statement(_KINDS[type(node)], name, node.lineno, imported, getattr(node, "target", None),
-                               bool(getattr(node, "ignore_missing", False))))
+                               bool(getattr(node, "ignore_missing", False)),
+                               bool(getattr(node, "with_context", isinstance(node, nodes.Extends)))))
     return found
 
 
@@ -177,6 +179,7 @@ class Walk:
 
     files: list[LibraryFile] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
+    shared: list[LibraryFile] = field(default_factory=list)  # files that see the template's names (by include)
 
 
 Parse = Callable[[str], nodes.Template]  # raises ValueError saying the line and reason
@@ -205,7 +208,7 @@ def walk(tree: nodes.Template, library: Library, parse: Parse, *, start: str | N
                 result.problems.append(f"prompt file {name!r} ({file.path}): {exc}")
         return parsed[name]
 
-    def visit(current: nodes.Template, name: str | None, chain: tuple[str, ...]) -> None:
+    def visit(current: nodes.Template, name: str | None, chain: tuple[str, ...], shared: bool) -> None:
         for statement in statements(current):
             here = where(name, statement.line)
             if statement.name is None:
@@ -239,9 +242,11 @@ def walk(tree: nodes.Template, library: Library, parse: Parse, *, start: str | N
                     result.problems.append(f"{where(name, line)}: prompt file {statement.name!r} defines no macro "
                                            f"or variable {macro!r} (it defines {known})")
             if not seen:  # a file met before was followed then
-                visit(included, statement.name, (*chain, statement.name))
+                if shared and statement.with_context:
+                    result.shared.append(next(f for f in result.files if f.name == statement.name))
+                visit(included, statement.name, (*chain, statement.name), shared and statement.with_context)
 
-    visit(tree, start, (start,) if start else ())
+    visit(tree, start, (start,) if start else (), True)
     return result
 
 

@@ -376,6 +376,9 @@ class ScheduleSpec(_Strict):
         return value
 
 
+_PROMPT_LIBRARY = "_mp_prompt_library"
+
+
 class WorkflowSpec(FailurePolicy, BatchPolicy):
     """A whole workflow: inputs, defaults, limits and the DAG of tasks."""
 
@@ -393,8 +396,6 @@ class WorkflowSpec(FailurePolicy, BatchPolicy):
     schedule: ScheduleSpec | None = None
     tags: dict[str, str] = Field(default_factory=dict)
     tasks: list[Step] = Field(min_length=1)
-    # Folders `{% include %}` reads from, set from the workflow file when it is loaded (spec/library.py).
-    _prompt_library: tuple[str, ...] | None = PrivateAttr(default=None)
 
     @field_validator("name")
     @classmethod
@@ -404,11 +405,14 @@ class WorkflowSpec(FailurePolicy, BatchPolicy):
     @property
     def prompt_library(self) -> tuple[str, ...]:
         """The prompt library's folders: the workflow file's prompts/ folder, then MP_PROMPTS_PATH's."""
-        return self._prompt_library if self._prompt_library is not None else library_folders(None)
+        folders = self.__dict__.get(_PROMPT_LIBRARY)
+        return folders if folders is not None else library_folders(None)
 
     def with_prompt_library(self, folders: tuple[str, ...]) -> WorkflowSpec:
         """The spec, its prompt library set to `folders` (the loader sets the workflow file's)."""
-        self._prompt_library = folders
+        # Kept beside the fields, not as one: where a spec was loaded from is not part of what it is, so two
+        # specs of the same content stay equal (Pydantic compares fields and private attributes, not this).
+        self.__dict__[_PROMPT_LIBRARY] = folders
         return self
 
     @field_validator("inputs")

@@ -5,6 +5,8 @@ stays literal text. Templates may not name `__` attributes (`__class__`, `__glob
 refuses them, so a spec that tries is invalid, and the sandbox refuses any other unsafe attribute
 when rendering. A render stops as soon as its output passes MP_MAX_PROMPT_CHARS, and `spec/sandbox.py`
 bounds what it may build and how long it may take, so a prompt too long is an error, never sent.
+`{% include %}` and `{% import %}` read files of the workflow's prompt library (`spec/library.py`), which are
+checked and bounded the same way.
 """
 
 from __future__ import annotations
@@ -14,10 +16,10 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any
 
-from jinja2 import BaseLoader, StrictUndefined, TemplateSyntaxError, nodes
+from jinja2 import BaseLoader, StrictUndefined, TemplateNotFound, TemplateSyntaxError, nodes
 
 from mp_pipelines.spec import sandbox
-from mp_pipelines.spec.library import Library, LibraryError, statements, walk
+from mp_pipelines.spec.library import Library, LibraryError, Walk, statements, walk
 from mp_pipelines.spec.size_limits import MAX_PROMPT_CHARS, SizeLimitError
 
 
@@ -145,6 +147,8 @@ class _LibraryLoader(BaseLoader):
         try:
             file = self.library.read(template)
         except LibraryError as exc:
+            if exc.missing:  # what `{% include ... ignore missing %}` lets pass
+                raise TemplateNotFound(template, str(exc)) from None
             raise TemplateError(str(exc)) from None
         return file.text, str(file.path), self.library.up_to_date(file)
 
@@ -167,14 +171,30 @@ def check_library(tree: nodes.Template, library: Library, *, start: str | None =
         raise TemplateError(found.problems[0])
 
 
-def library_problems(source: str, library: tuple[str, ...]) -> list[str]:
-    """What is wrong with what the template `source` includes and imports from `library`: a missing file, a path
-    leaving the library, a broken file, an undefined macro, a cycle; each naming the file and line."""
+def library_walk(source: str, library: tuple[str, ...]) -> Walk:
+    """What the template `source` includes and imports from `library`, and what is wrong with it: a missing file, a
+    path leaving the library, a broken file, an undefined macro, a cycle; each problem naming the file and line."""
     try:
         tree = parsed(source)
     except TemplateError:
-        return []  # reported on its own
-    return walk(tree, Library(library), parse).problems if statements(tree) else []
+        return Walk()  # reported on its own
+    return walk(tree, Library(library), parse) if statements(tree) else Walk()
+
+
+def first_read(source: str, name: str) -> int:
+    """The line a template first reads `name` on (1 if it cannot tell)."""
+    return next((node.lineno for node in parsed(source).find_all(nodes.Name) if node.name == name and node.ctx == "load"),
+                1)
+
+
+def assigned_names(source: str) -> frozenset[str]:
+    """Names a template sets itself (`{% set %}`, loop variables, macros, imports): an included file may read them."""
+    tree = parsed(source)
+    names = {node.name for node in tree.find_all(nodes.Name) if node.ctx in ("store", "param")}
+    names |= {node.name for node in tree.find_all(nodes.Macro)}
+    names |= {node.target for node in tree.find_all(nodes.Import)}
+    names |= {n if isinstance(n, str) else n[1] for node in tree.find_all(nodes.FromImport) for n in node.names}
+    return frozenset(names)
 
 
 @lru_cache(maxsize=64)
@@ -204,6 +224,8 @@ def _render_error(exc: Exception) -> TemplateError:
         return RenderTimeout(str(exc))
     if isinstance(exc, (sandbox.TooBig, SizeLimitError)):
         return TemplateError(str(exc))
+    if isinstance(exc, TemplateNotFound):
+        return TemplateError(str(exc.message))
     if isinstance(exc, RecursionError):
         return TemplateError("the template calls its macros (or includes files) too deeply to render")
     return TemplateError(f"{type(exc).__name__}: {exc}")

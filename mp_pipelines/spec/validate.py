@@ -16,7 +16,7 @@ from mp_pipelines.spec.models import LoopSpec, TaskSpec, WorkflowSpec
 from mp_pipelines.spec.problems import Problem, suggest
 from mp_pipelines.spec.providers import check_models
 from mp_pipelines.spec.reads import template_reads
-from mp_pipelines.spec.templates import TemplateError, library_problems
+from mp_pipelines.spec.templates import TemplateError, assigned_names, first_read, library_walk
 
 FAN_OUT_INPUT_TYPES = ("list", "table")
 # Most tasks a workflow may have, a loop's tasks counted once per iteration since each becomes an op of the
@@ -227,8 +227,7 @@ class _Checker:
             self.add(path, str(exc))
             return
         if not expression:
-            for message in library_problems(source, self.spec.prompt_library):
-                self.add(path, message)
+            self.check_library(path, source, refs, scope)
         bad = set()
         for name in sorted(refs.names):
             message = self.reference_problem(name, refs, scope)
@@ -257,6 +256,27 @@ class _Checker:
             if finding not in seen:
                 seen.add(finding)
                 self.add(path, finding)
+
+    def check_library(self, path: str, source: str, refs: graph.Refs, scope: _Scope) -> None:
+        """The template's library files: what is wrong with them, and the names the included ones read, checked as if
+        the template read them; a task they read must be named by the template too, or it may not have run."""
+        found = library_walk(source, self.spec.prompt_library)
+        for message in found.problems:
+            self.add(path, message)
+        assigned = assigned_names(source) if found.shared else frozenset()
+        for file in found.shared:
+            try:
+                reads = graph.template_refs(file.text)
+            except TemplateError:
+                continue  # reported with the file
+            for name in sorted(reads.names - assigned):
+                message = self.reference_problem(name, reads, scope)
+                if message is None and (name in self.steps or name in self.owner) and name not in refs.names:
+                    message = (f"reads task {name!r}, which the including template does not name, so it may not have "
+                               f"run; name it there too (pass it to a macro, or {{% set {name} = {name} %}} before the "
+                               "include)")
+                if message is not None:
+                    self.add(path, f"prompt file {file.name!r}, line {first_read(file.text, name)}: {message}")
 
     def reference_problem(self, name: str, refs: graph.Refs, scope: _Scope) -> str | None:
         """Why a template in `scope` may not read `name`, or None when it may."""
