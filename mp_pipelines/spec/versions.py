@@ -12,6 +12,7 @@ import hashlib
 import json
 from typing import Any
 
+from mp_pipelines.spec.library import library_sources
 from mp_pipelines.spec.models import LoopSpec, TaskSpec, WorkflowSpec
 
 _DIGEST_CHARS = 16
@@ -21,9 +22,10 @@ _SCHEME = 1
 
 def template_sources(spec: WorkflowSpec, task: TaskSpec) -> list[str]:
     """The unrendered template texts the task's answer depends on: its prompt and its system message (its own or
-    the workflow default's). Extend this, not `task_code_version`, when templates can include others."""
+    the workflow default's), then every prompt-library file they include or import, with its name."""
     system = spec.settings_for(task).system
-    return [task.prompt, system or ""]
+    texts = [task.prompt, system or ""]
+    return texts + [f"{name}\n{text}" for source in texts for name, text in library_sources(spec, source)]
 
 
 def _task_fields(spec: WorkflowSpec, task: TaskSpec) -> dict[str, Any]:
