@@ -14,7 +14,9 @@ _DESCRIPTION_CHARS = 300
 
 
 def _describe(task: TaskSpec) -> str:
-    prompt = task.prompt.strip()
+    if task.workflow is not None:
+        return task.description or f"Result of workflow {task.workflow}."
+    prompt = task.prompt.strip() if task.prompt else ""
     excerpt = prompt if len(prompt) <= _DESCRIPTION_CHARS else prompt[: _DESCRIPTION_CHARS - 1] + "…"
     return task.description or f"Prompt: {excerpt}"
 

@@ -284,7 +284,12 @@ class TaskSpec(ModelSettings, FailurePolicy, BatchPolicy):
 
     name: str
     description: str = ""
-    prompt: str = Field(min_length=1)
+    prompt: str | None = Field(default=None, min_length=1)
+    workflow: str | None = Field(
+        default=None, description="Run this workflow (by name) instead of a prompt; its result is the task's output.")
+    inputs: dict[str, Any] = Field(
+        default_factory=dict, description="With workflow: the called workflow's inputs (templates, typed by its "
+        "input declarations).")
     depends_on: list[str] = Field(default_factory=list)
     for_each: str | None = Field(default=None, description="Fan out over a task's list output or inputs.<name>.")
     when: str | None = Field(default=None, description="Jinja expression; the task is skipped when it is false.")
@@ -307,6 +312,29 @@ class TaskSpec(ModelSettings, FailurePolicy, BatchPolicy):
     def _name(cls, value: str) -> str:
         return check_name(value, "task")
 
+    @property
+    def calls_workflow(self) -> bool:
+        """Whether the task runs another workflow (`workflow:`) instead of a prompt."""
+        return self.workflow is not None
+
+    @model_validator(mode="after")
+    def _prompt_or_workflow(self) -> TaskSpec:
+        if self.workflow is None:
+            if self.prompt is None:
+                raise ValueError("a task needs a prompt (or workflow: <name> to run another workflow)")
+            if self.inputs:
+                raise ValueError("inputs is set but the task has no workflow; inputs pass values to a called workflow")
+            return self
+        if self.prompt is not None:
+            raise ValueError(f"the task has both prompt and workflow {self.workflow!r}; a task either sends a prompt "
+                             "or runs a workflow")
+        prompt_only = [key for key in PROMPT_ONLY_FIELDS if key in self.model_fields_set]
+        if prompt_only:
+            raise ValueError(f"{', '.join(prompt_only)} {'is' if len(prompt_only) == 1 else 'are'} set but the task "
+                             f"runs workflow {self.workflow!r}; set {'it' if len(prompt_only) == 1 else 'them'} on "
+                             "that workflow's tasks")
+        return self
+
     @model_validator(mode="after")
     def _schema_needs_json(self) -> TaskSpec:
         for key in ("shard_size", "on_item_failure", "min_success_ratio"):
@@ -323,6 +351,11 @@ class TaskSpec(ModelSettings, FailurePolicy, BatchPolicy):
             except SchemaError as exc:
                 raise ValueError(f"output_schema is not a valid JSON schema: {exc.message}") from None
         return self
+
+
+# Fields that shape one prompt: a task that runs a workflow (`workflow:`) has none of them.
+PROMPT_ONLY_FIELDS = ("system", "model", "temperature", "max_tokens", "output", "output_schema", "repair_attempts",
+                      "mode", "batch_repair", "batch_fallback", "batch_on_expiry", "fallback", "cache")
 
 
 class LoopControl(_Strict):
@@ -389,7 +422,12 @@ class WorkflowSpec(FailurePolicy, BatchPolicy):
     budget: BudgetSpec | None = None
     schedule: ScheduleSpec | None = None
     tags: dict[str, str] = Field(default_factory=dict)
+    outputs: dict[str, str] = Field(
+        default_factory=dict, description="When another workflow runs this one: its result, name → task (default: "
+        "the output of its only final task).")
     tasks: list[Step] = Field(min_length=1)
+    # Workflows its tasks run (`workflow:`), by name, found when the workflow was loaded (spec/subworkflows.py).
+    _callees: dict[str, WorkflowSpec] = PrivateAttr(default_factory=dict)
 
     @field_validator("name")
     @classmethod
@@ -407,6 +445,15 @@ class WorkflowSpec(FailurePolicy, BatchPolicy):
     @classmethod
     def _cron_shorthand(cls, value: Any) -> Any:
         return {"cron": value} if isinstance(value, str) else value
+
+    def callee(self, name: str) -> WorkflowSpec:
+        """The workflow a task of this one runs by `name` (KeyError when it was not resolved at load)."""
+        return self._callees[name]
+
+    def with_callees(self, callees: dict[str, WorkflowSpec]) -> WorkflowSpec:
+        """This workflow, knowing the workflows its tasks run."""
+        self._callees = dict(callees)
+        return self
 
     def all_tasks(self) -> list[TaskSpec]:
         """Every task, loop bodies included, in file order."""
