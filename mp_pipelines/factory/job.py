@@ -19,6 +19,7 @@ from mp_pipelines.factory.loops import build_body_op, build_loop_result_op
 from mp_pipelines.factory.names import FANOUT_TAG, INPUTS_OP, PROVIDER_TAG, WORKFLOW_TAG
 from mp_pipelines.factory.ops import build_inputs_op, build_task_op, llm_pool
 from mp_pipelines.factory.partitions import inbox_partitioned_config, inbox_partitions_def
+from mp_pipelines.factory.subworkflows import compose_call
 from mp_pipelines.spec.graph import (
     body_dependencies,
     for_each_source,
@@ -79,6 +80,8 @@ def build_executor(spec: WorkflowSpec) -> dg.ExecutorDefinition:
 def _compose_task(spec: WorkflowSpec, task: TaskSpec, upstream: list[str], handles: Handles, provider: str) -> Any:
     kwargs = {INPUTS_OP: handles[INPUTS_OP], **{name: handles[name] for name in upstream}}
     source = for_each_source(task)
+    if task.workflow is not None and source is None:  # a workflow run once: a nested graph (factory/subworkflows.py)
+        return compose_call(spec, task, upstream, kwargs, provider, compose_steps)
     if source is None:
         return build_task_op(spec, task, upstream, pool=llm_pool(provider, spec, task))(**kwargs)
     kind, name = source
@@ -114,6 +117,20 @@ def _compose_loop(spec: WorkflowSpec, loop: LoopSpec, handles: Handles, step_nam
     return build_loop_result_op(spec, loop)(states=finished)
 
 
+def compose_steps(spec: WorkflowSpec, handles: Handles, provider: str) -> Handles:
+    """Compose every step of `spec` in dependency order after `handles[INPUTS_OP]`; the handles by step name."""
+    dependencies = step_dependencies(spec)
+    step_names = set(dependencies)
+    steps = {step.name: step for step in spec.tasks}
+    for name in topological_order(spec, dependencies):
+        step = steps[name]
+        if isinstance(step, LoopSpec):
+            handles[name] = _compose_loop(spec, step, handles, step_names, provider)
+        else:
+            handles[name] = _compose_task(spec, step, dependencies[name], handles, provider)
+    return handles
+
+
 def op_count(spec: WorkflowSpec) -> int:
     """Most ops the job of `spec` has: three per fan-out (items, shards, collect), one per task otherwise, a
     loop's tasks once per iteration plus the loop's result, and the inputs op."""
@@ -121,6 +138,8 @@ def op_count(spec: WorkflowSpec) -> int:
     for step in spec.tasks:
         if isinstance(step, LoopSpec):
             count += 3 * len(step.tasks) * loop_iterations(spec, step) + 1
+        elif step.workflow is not None and not step.for_each:
+            count += 2 + op_count(spec.callee(step.workflow))
         else:
             count += 3 if step.for_each else 1
     return count
@@ -153,18 +172,8 @@ def build_job(spec: WorkflowSpec, *, provider: str = "simulated", base_dir: Path
 
     `provider` ("simulated" or "openai") goes into the job's tags (for run queue limits) and op pools.
     """
-    dependencies = step_dependencies(spec)
-    step_names = set(dependencies)
-    steps = {step.name: step for step in spec.tasks}
-
     def compose() -> None:
-        handles: Handles = {INPUTS_OP: build_inputs_op(spec, base_dir)()}
-        for name in topological_order(spec, dependencies):
-            step = steps[name]
-            if isinstance(step, LoopSpec):
-                handles[name] = _compose_loop(spec, step, handles, step_names, provider)
-            else:
-                handles[name] = _compose_task(spec, step, dependencies[name], handles, provider)
+        compose_steps(spec, {INPUTS_OP: build_inputs_op(spec, base_dir)()}, provider)
 
     compose.__name__ = job_name(spec)
     with recursion_headroom(op_count(spec)):

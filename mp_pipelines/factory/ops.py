@@ -63,14 +63,15 @@ def make_op(spec: WorkflowSpec, name: str, compute: Compute, *, ins: Mapping[str
     and the node (the step key users see) is aliased to `name`.
     """
     prompts = kwargs.get("required_resource_keys") == PROMPT_RESOURCE_KEYS
-    op_def = dg.OpDefinition(compute_fn=observed(spec, name, compute, prompts=prompts), name=f"{spec.name}__{name}",
+    prefix = "__".join(spec.asset_prefix)  # the workflow, or caller__task… for a workflow another one runs
+    op_def = dg.OpDefinition(compute_fn=observed(spec, name, compute, prompts=prompts), name=f"{prefix}__{name}",
                              ins=dict(ins or {}),
                              outs=dict(outs or {"result": dg.Out(dg.Any)}), **kwargs)
     return op_def.alias(name)
 
 
 def asset_key(spec: WorkflowSpec, name: str) -> dg.AssetKey:
-    return dg.AssetKey([spec.name, name])
+    return dg.AssetKey([*spec.asset_prefix, name])
 
 
 def input_field(spec: InputSpec) -> dg.Field:

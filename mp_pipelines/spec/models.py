@@ -428,6 +428,8 @@ class WorkflowSpec(FailurePolicy, BatchPolicy):
     tasks: list[Step] = Field(min_length=1)
     # Workflows its tasks run (`workflow:`), by name, found when the workflow was loaded (spec/subworkflows.py).
     _callees: dict[str, WorkflowSpec] = PrivateAttr(default_factory=dict)
+    # Where its assets and ops live when another workflow runs it: (caller, task, ...); () when it runs itself.
+    _call_path: tuple[str, ...] = PrivateAttr(default=())
 
     @field_validator("name")
     @classmethod
@@ -454,6 +456,19 @@ class WorkflowSpec(FailurePolicy, BatchPolicy):
         """This workflow, knowing the workflows its tasks run."""
         self._callees = dict(callees)
         return self
+
+    @property
+    def asset_prefix(self) -> tuple[str, ...]:
+        """The asset key prefix of its tasks: (workflow,), or (caller, task, ...) when another workflow runs it."""
+        return self._call_path or (self.name,)
+
+    def called_at(self, prefix: tuple[str, ...], caller: WorkflowSpec) -> WorkflowSpec:
+        """A copy of this workflow as run by the task at `prefix` (caller's asset prefix + the task's name) of
+        `caller`: the run's budget and limits are the caller's, since they hold for the whole run."""
+        copy = self.model_copy(update={"budget": caller.budget, "limits": caller.limits})
+        copy._call_path = tuple(prefix)
+        copy._callees = dict(self._callees)
+        return copy
 
     def all_tasks(self) -> list[TaskSpec]:
         """Every task, loop bodies included, in file order."""
