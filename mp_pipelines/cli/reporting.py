@@ -8,7 +8,15 @@ from typing import Any
 import dagster as dg
 
 from mp_pipelines.calls.usage import Usage
-from mp_pipelines.factory.names import ITEM_RECORDS, body_step, collect_step, is_mapped_step, items_step
+from mp_pipelines.factory.names import (
+    CALL_RESULT_OP,
+    ITEM_RECORDS,
+    body_step,
+    call_step,
+    collect_step,
+    is_mapped_step,
+    items_step,
+)
 from mp_pipelines.spec.graph import loop_iterations
 from mp_pipelines.spec.models import LoopSpec, TaskSpec, WorkflowSpec
 from mp_pipelines.tasks.runner import records
@@ -106,13 +114,15 @@ def task_steps(spec: WorkflowSpec, step: TaskSpec | LoopSpec) -> dict[str, list[
         return {step.name: [*(key for body in keys.values() for key in body), step.name], **keys}
     if step.for_each:
         return {step.name: [items_step(step.name), f"{step.name}[", collect_step(step.name)]}
+    if step.workflow is not None:  # a nested graph: every step inside it, its result step last
+        return {step.name: [call_step(step.name, ""), call_step(step.name, CALL_RESULT_OP)]}
     return {step.name: [step.name]}
 
 
 def _matching(states: dict[str, StepState], keys: list[str]) -> list[StepState]:
     found = []
     for key in keys:
-        if key.endswith("["):
+        if key.endswith(("[", ".")):  # every mapped step of a fan-out, every step of a nested graph
             found.extend(state for step_key, state in states.items() if step_key.startswith(key))
         elif key in states:
             found.append(states[key])

@@ -4,7 +4,8 @@ Every spelling lives here, with a function to build it and, where others parse i
 
 - a plain task `t` is step `t`; the workflow inputs are step `inputs`;
 - a fan-out `t` is `t__items` (the items), mapped steps `t[k]` (one per item or shard), `t__collect`;
-- iteration `n` of loop body task `t` is `t__n`, and the loop's result step is the loop's name.
+- iteration `n` of loop body task `t` is `t__n`, and the loop's result step is the loop's name;
+- a workflow run once by task `t` is steps `t.inputs`, `t.<its own steps>` and `t.call__result`.
 
 No Dagster here, so the command line and the sensors can read step keys without building a job.
 """
@@ -60,6 +61,15 @@ def is_mapped_step(step_key: str, task: str) -> bool:
 def shard_mapping_key(first: int, last: int, shard_size: int) -> str:
     """The mapping key of the step holding items first..last: `3` with one item per step, else `0_31`."""
     return str(first) if shard_size == 1 else f"{first}_{last}"
+
+
+# A workflow run once by task `t` is a graph node `t`: its steps are `t.inputs`, `t.<callee step>` and this one.
+CALL_RESULT_OP = f"call{RESERVED_SEPARATOR}result"
+
+
+def call_step(task: str, inner: str) -> str:
+    """Step `inner` (a step key of the called workflow) inside the graph of call task `task`."""
+    return f"{task}.{inner}"
 
 
 def body_step(task: str, iteration: int) -> str:

@@ -16,9 +16,10 @@ import dagster as dg
 
 from mp_pipelines.calls.call import CallScope
 from mp_pipelines.calls.loop import shared_loop
-from mp_pipelines.factory.names import INPUTS_OP, WORKFLOW_TAG
+from mp_pipelines.factory.names import CALL_RESULT_OP, INPUTS_OP, WORKFLOW_TAG
 from mp_pipelines.factory.ops import (
     Node,
+    asset_key,
     call_scope,
     chat_model,
     check_condition,
@@ -31,6 +32,7 @@ from mp_pipelines.factory.ops import (
     split_inputs,
     upstream_ins,
 )
+from mp_pipelines.factory.partitions import inbox_partitions_def
 from mp_pipelines.llm.types import LLMError
 from mp_pipelines.spec.models import RESERVED_SEPARATOR, TaskSpec, WorkflowSpec
 from mp_pipelines.spec.subworkflows import result_steps
@@ -38,7 +40,7 @@ from mp_pipelines.tasks.runner import build_context, preview
 from mp_pipelines.tasks.shards import ItemRecord
 from mp_pipelines.tasks.subworkflow import call_inputs, run_call_shard
 
-RESULT_OP = f"call{RESERVED_SEPARATOR}result"  # inside a call's graph; "__" keeps it apart from task names
+RESULT_OP = CALL_RESULT_OP  # inside a call's graph; "__" keeps it apart from task names
 
 ComposeSteps = Callable[[WorkflowSpec, dict[str, Any], str], dict[str, Any]]
 
@@ -142,3 +144,21 @@ def run_call_items(context: dg.OpExecutionContext, caller: WorkflowSpec, task: T
         record.run_id = context.run_id
     return outcome
 
+
+
+def call_asset_specs(caller: WorkflowSpec, task: TaskSpec, upstream: list[str], build_specs: Callable[..., list[Any]],
+                     *, outside: tuple[dg.AssetKey, ...], root: WorkflowSpec | None) -> list[dg.AssetSpec]:
+    """The assets of a workflow run once by `task`: its tasks under [caller, task, ...] reading what the call
+    passes in (the caller's upstream steps), and [caller, task] reading the callee's result steps."""
+    callee = called_spec(caller, task)
+    passed_in = tuple(asset_key(caller, name) for name in upstream) or outside
+    chosen = result_steps(callee)
+    results = list(dict.fromkeys(chosen.values())) if isinstance(chosen, dict) else [chosen]
+    inner = build_specs(callee, outside=passed_in, root=root or caller)
+    own = dg.AssetSpec(
+        key=asset_key(caller, task.name), deps=[asset_key(callee, name) for name in results],
+        description=task.description or f"Result of workflow {callee.name}.", group_name=(root or caller).name,
+        kinds={"llm"}, tags={WORKFLOW_TAG: (root or caller).name},
+        metadata={"workflow": caller.name, "runs_workflow": callee.name},
+        partitions_def=inbox_partitions_def(root or caller))
+    return [*inner, own]
