@@ -10,6 +10,7 @@ final task). Run per item (`for_each`), the callee's tasks run inside each shard
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Any, Iterator
 
 import dagster as dg
@@ -51,7 +52,17 @@ def called_spec(caller: WorkflowSpec, task: TaskSpec) -> WorkflowSpec:
     return caller.callee(task.workflow).called_at((*caller.asset_prefix, task.name), caller)
 
 
-def build_call_inputs_op(caller: WorkflowSpec, task: TaskSpec, callee: WorkflowSpec, upstream: list[str]) -> Node:
+def _path_check(callee: WorkflowSpec, caller_dir: Path | None) -> Callable[[str, str, str | None], str]:
+    """The input-path check of a table input passed to `callee` (as for any input: inside the allowed roots),
+    relative paths resolving against `folder` (the caller's for values it passes, the callee's for defaults)."""
+    def check(name: str, path: str, folder: str | None) -> str:
+        base = Path(folder) if folder else caller_dir
+        return checked_table_path(callee, name, path, base)
+    return check
+
+
+def build_call_inputs_op(caller: WorkflowSpec, task: TaskSpec, callee: WorkflowSpec, upstream: list[str],
+                         base_dir: Path | None = None) -> Node:
     """The call's first op: its `inputs:` rendered and typed by the callee's inputs (table paths checked as any
     input's); nothing when the task's `when` is false, which skips the whole call."""
 
@@ -62,8 +73,7 @@ def build_call_inputs_op(caller: WorkflowSpec, task: TaskSpec, callee: WorkflowS
             context.log.info(f"{task.name}: skipped because `when: {task.when}` is false")
             return
         try:
-            found = call_inputs(caller, task, callee, template_context,
-                                lambda name, path: checked_table_path(callee, name, path, None))
+            found = call_inputs(caller, task, callee, template_context, _path_check(callee, base_dir))
         except ValueError as exc:
             raise dg.Failure(str(exc), allow_retries=False) from None
         yield dg.Output(found, metadata={name: dg.MetadataValue.text(preview(v, 200)) for name, v in found.items()})
@@ -127,7 +137,7 @@ def run_call_items(context: dg.OpExecutionContext, caller: WorkflowSpec, task: T
 
     base = build_context(caller, workflow_inputs, values)
     coro = run_call_shard(chat_model(context), caller, task, base, items, is_table=is_table, scope_for=scope_for,
-                          log=context.log, check_path=lambda name, path: checked_table_path(callee, name, path, None))
+                          log=context.log, check_path=_path_check(callee, None))
     try:
         outcome = shared_loop().run(coro, should_stop=lambda: run_is_stopping(context))
     except LLMError as exc:

@@ -430,6 +430,8 @@ class WorkflowSpec(FailurePolicy, BatchPolicy):
     _callees: dict[str, WorkflowSpec] = PrivateAttr(default_factory=dict)
     # Where its assets and ops live when another workflow runs it: (caller, task, ...); () when it runs itself.
     _call_path: tuple[str, ...] = PrivateAttr(default=())
+    # The folder of its file, for a workflow that runs or is run by another: relative table paths resolve there.
+    _folder: str | None = PrivateAttr(default=None)
 
     @field_validator("name")
     @classmethod
@@ -452,10 +454,24 @@ class WorkflowSpec(FailurePolicy, BatchPolicy):
         """The workflow a task of this one runs by `name` (KeyError when it was not resolved at load)."""
         return self._callees[name]
 
-    def with_callees(self, callees: dict[str, WorkflowSpec]) -> WorkflowSpec:
-        """This workflow, knowing the workflows its tasks run."""
+    def with_callees(self, callees: dict[str, WorkflowSpec], folders: dict[str, str | None] | None = None
+                     ) -> WorkflowSpec:
+        """This workflow, knowing the workflows its tasks run (and the folder of each one's file)."""
         self._callees = dict(callees)
+        for name, folder in (folders or {}).items():
+            if name in self._callees:
+                self._callees[name]._folder = folder
         return self
+
+    def in_folder(self, folder: str | None) -> WorkflowSpec:
+        """This workflow, knowing the folder of its file (relative table paths of its calls resolve there)."""
+        self._folder = folder
+        return self
+
+    @property
+    def folder(self) -> str | None:
+        """The folder of its file, for a workflow that runs or is run by another (None when unknown)."""
+        return self._folder
 
     @property
     def asset_prefix(self) -> tuple[str, ...]:
@@ -468,6 +484,7 @@ class WorkflowSpec(FailurePolicy, BatchPolicy):
         copy = self.model_copy(update={"budget": caller.budget, "limits": caller.limits})
         copy._call_path = tuple(prefix)
         copy._callees = dict(self._callees)
+        copy._folder = self._folder
         return copy
 
     def all_tasks(self) -> list[TaskSpec]:

@@ -218,8 +218,14 @@ def resolve_calls(targets: Mapping[str, WorkflowSpec], sources: Mapping[str, str
                                             "a workflow it calls has problems")))
     for name, spec in known.items():
         if name not in broken:
-            spec.with_callees({callee: known[callee] for callee in calls[name]})
+            spec.with_callees({callee: known[callee] for callee in calls[name]},
+                              {callee: _folder_of(known_sources.get(callee)) for callee in calls[name]})
+            spec.in_folder(_folder_of(known_sources.get(name)))
     return {name: problems[name] for name in targets if problems[name]}
+
+
+def _folder_of(source: str | None) -> str | None:
+    return str(Path(source).resolve().parent) if source else None
 
 
 def _check_cycles(known: Mapping[str, WorkflowSpec], sources: Mapping[str, str | None], calls: dict[str, list[str]],

@@ -27,8 +27,9 @@ from mp_pipelines.tasks.shards import STOPS_THE_FAN_OUT, ItemRecord, run_shard
 
 # (workflow, task) → the scope its calls run under; made by the caller's step (factory/).
 ScopeFor = Callable[[WorkflowSpec, TaskSpec], CallScope]
-# (input name, path) → the checked real path of a table input, or ValueError (the input-path checks).
-CheckPath = Callable[[str, str], str]
+# (input name, path, folder relative paths resolve against) → the checked real path of a table input, or an error
+# (the input-path checks).
+CheckPath = Callable[[str, str, "str | None"], str]
 
 
 class CalleeFailed(Exception):
@@ -47,10 +48,9 @@ def call_inputs(caller: WorkflowSpec, task: TaskSpec, callee: WorkflowSpec, cont
     for the rest; table paths pass `check_path`. ValueError naming the task and input on a bad value."""
     values: dict[str, Any] = {}
     for name, declared in callee.inputs.items():
-        if name not in task.inputs:
-            values[name] = declared.default
-            continue
-        raw = task.inputs[name]
+        raw, folder = declared.default, callee.folder  # a default's relative path is the callee file's
+        if name in task.inputs:
+            raw, folder = task.inputs[name], caller.folder
         try:
             expression = single_expression(raw)
             if expression is not None:
@@ -59,7 +59,7 @@ def call_inputs(caller: WorkflowSpec, task: TaskSpec, callee: WorkflowSpec, cont
                 raw = render(raw, dict(context))
             value = coerce_input(declared.type, raw, name)
             if declared.type == "table" and check_path is not None:
-                value = check_path(name, value)
+                value = check_path(name, value, folder)
         except (TemplateError, ValueError) as exc:
             raise ValueError(f"task {task.name}: input {name!r} of workflow {callee.name!r}: {exc}") from None
         values[name] = value
