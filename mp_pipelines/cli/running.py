@@ -110,7 +110,10 @@ def run_workflow(spec: WorkflowSpec, inputs: dict[str, Any], *, source: str | No
     token = uuid.uuid4().hex
     done = threading.Event()
     watcher = threading.Thread(target=_watch, args=(instance, token, done, progress), daemon=True)
-    config = run_config(inputs, executor, budget, console_log_level=_console_level(verbose), mode=mode)
+    from mp_pipelines.factory.partitions import inputs_config_key
+
+    config = run_config(inputs, executor, budget, console_log_level=_console_level(verbose), mode=mode,
+                        inputs_key=inputs_config_key(spec))
     try:
         refuse_inputs_outside_roots(spec, inputs, source)
         refuse_unsafe_run(spec, config, instance)
@@ -179,7 +182,7 @@ def summarize(result: dg.ExecuteJobResult, spec: WorkflowSpec, instance: dg.Dags
         task["output"] = None
         if task["status"] == "success":
             try:
-                task["output"] = task_output(result, spec, name, states)
+                task["output"] = task_output(result, spec, name, states, instance)
             except Exception as exc:  # an output the IO manager cannot load is reported, not fatal
                 if run is not None and run.parent_run_id and not _ran_here(name, own):
                     task["output_in_run"] = run.parent_run_id  # finished before the resume: its output is there

@@ -12,7 +12,7 @@ from typing import Any
 
 import dagster as dg
 
-from mp_pipelines.factory.names import INPUTS_OP
+from mp_pipelines.factory.names import INPUTS_OP, inputs_step
 from mp_pipelines.spec.models import WorkflowSpec
 
 INBOX_ENV = "MP_INBOX_DIR"
@@ -62,7 +62,18 @@ def inbox_run_config(spec: WorkflowSpec, path: Path | str) -> dict[str, Any]:
     if name is None:
         raise ValueError(f"workflow {spec.name!r} takes no inbox batches: it needs exactly one table input "
                          "and defaults for every other input")
-    return {"ops": {INPUTS_OP: {"config": {name: str(path)}}}}
+    return inputs_run_config(spec, {name: str(path)})
+
+
+def inputs_run_config(spec: WorkflowSpec, values: dict[str, Any]) -> dict[str, Any]:
+    """The run config holding the workflow inputs `values`: `ops.inputs.config`, or `ops.<workflow>__inputs.config`
+    for a workflow fed by the inbox (a partitioned job, which Dagster gives no config mapping; see factory/job.py)."""
+    return {"ops": {inputs_config_key(spec): {"config": dict(values)}}}
+
+
+def inputs_config_key(spec: WorkflowSpec) -> str:
+    """The key under `ops` of the run config that holds the inputs of `spec`."""
+    return inputs_step(spec.name) if inbox_input(spec) is not None else INPUTS_OP
 
 
 def inbox_partitioned_config(spec: WorkflowSpec) -> dg.PartitionedConfig | None:
