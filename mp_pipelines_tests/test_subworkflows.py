@@ -16,7 +16,7 @@ from mp_pipelines.cli.config import run_config
 from mp_pipelines.cli.main import main
 from mp_pipelines.cli.reporting import step_states
 from mp_pipelines.cli.running import run_workflow
-from mp_pipelines.factory.assets import build_asset_specs
+from mp_pipelines.factory.assets import build_assets
 from mp_pipelines.factory.job import build_job
 from mp_pipelines.factory.names import ITEM_RECORDS, collect_step
 from mp_pipelines.spec.loader import load_workflow_file, load_workflows
@@ -92,10 +92,10 @@ def test_a_workflow_calling_a_fan_out_workflow_is_a_nested_graph_with_namespaced
     write_workflow(folder, SUMMARIZE)
     outer = write_workflow(folder, OUTER)
     spec = load_workflow_file(outer)
-    node = build_job(spec).graph.node_named("summaries")
+    node = build_job(spec).graph.node_named("outer__summaries")
     assert isinstance(node.definition, dg.GraphDefinition)  # a collapsible subgraph in the UI
-    assert {n.name for n in node.definition.nodes} >= {"inputs", "each__items", "each", "each__collect", "overall",
-                                                       "call__result"}
+    assert {n.name for n in node.definition.nodes} == {"inputs", "each", "overall", "call__result"}
+    assert isinstance(node.definition.node_named("each").definition, dg.GraphDefinition)  # the callee's fan-out
 
     outcome = run_file(outer, {}, instance)
     assert outcome.success, outcome.as_text()
@@ -107,19 +107,22 @@ def test_a_workflow_calling_a_fan_out_workflow_is_a_nested_graph_with_namespaced
     assert outcome.usage.calls == 1 + 3 + 1 + 1
 
     states = step_states(instance, outcome.run_id)
-    assert {"summaries.inputs", "summaries.each__items", "summaries.each[0]", "summaries.each__collect",
-            "summaries.overall", "summaries.call__result"} <= set(states)
+    assert {"outer__summaries.inputs", "outer__summaries.each.each__items", "outer__summaries.each.each[0]",
+            "outer__summaries.each.each__collect", "outer__summaries.overall", "outer__summaries.call__result"} <= set(states)
     events = {tuple(e.asset_key.path): e for e in materializations(instance, outcome.run_id)}
-    assert {("outer", "plan"), ("outer", "summaries", "each"), ("outer", "summaries", "overall"),
-            ("outer", "summaries"), ("outer", "report")} <= set(events)
-    assert events[("outer", "summaries", "each")].metadata["items"].value == 3
+    nested = ("outer", "summaries__summarize_list")
+    assert {("outer", "plan"), (*nested, "each"), (*nested, "overall"), ("outer", "summaries"),
+            ("outer", "report")} <= set(events)
+    assert events[(*nested, "each")].metadata["items"].value == 3
     assert summary.startswith(events[("outer", "summaries")].metadata["preview"].value.rstrip("…"))
+    assert events[(*nested, "overall")].metadata["calls"].value == 1
 
-    lineage = {tuple(a.key.path): {tuple(d.asset_key.path) for d in a.deps} for a in build_asset_specs(spec)}
-    assert lineage[("outer", "summaries", "each")] == {("outer", "plan")}  # into the sub-workflow
-    assert lineage[("outer", "summaries", "overall")] == {("outer", "summaries", "each")}
-    assert lineage[("outer", "summaries")] == {("outer", "summaries", "overall")}  # out of it
-    assert lineage[("outer", "report")] == {("outer", "summaries")}
+    lineage = {tuple(key.path): {tuple(d.path) for d in asset.asset_deps[key]}
+               for asset in build_assets(spec) for key in asset.keys}
+    assert lineage[(*nested, "each")] == {("outer", "inputs"), ("outer", "plan")}  # into the sub-workflow
+    assert lineage[(*nested, "overall")] == {(*nested, "each")}
+    assert lineage[("outer", "summaries")] == {(*nested, "overall")}  # out of it
+    assert lineage[("outer", "report")] == {("outer", "inputs"), ("outer", "summaries")}
 
 
 def test_a_workflow_run_per_item_runs_its_tasks_inside_the_callers_shards(
@@ -129,9 +132,9 @@ def test_a_workflow_run_per_item_runs_its_tasks_inside_the_callers_shards(
     job = dg.build_reconstructable_job("mp_pipelines.definitions", "get_job", reconstructable_args=("per_item", str(path)))
     with dg.execute_job(job, instance=instance, run_config=run_config({}, "in_process")) as result:
         assert result.success
-        item_records = result.output_for_node(collect_step("briefs"), ITEM_RECORDS)
-        briefs = result.output_for_node("briefs__collect")
+        item_records = result.output_for_node(collect_step("per_item", "briefs"), ITEM_RECORDS)
         states = step_states(instance, result.run_id)
+    briefs = list(item_records["output"])
     assert [b["outline"].split(" (#")[0] for b in briefs] == [f"[simulated] Response to: Outline {t}"
                                                              for t in ("tea", "coffee", "cocoa")]
     assert all(b["text"].startswith(f"[simulated] Response to: Draft from {b['outline']}") for b in briefs)
@@ -139,7 +142,8 @@ def test_a_workflow_run_per_item_runs_its_tasks_inside_the_callers_shards(
     assert [s["outline"] for s in steps] == [b["outline"] for b in briefs]  # each callee task's answer, per item
     assert [s["draft"] for s in steps] == [b["text"] for b in briefs]
     assert list(item_records["calls"]) == [2, 2, 2]
-    assert not any(key.startswith(("briefs.", "outline", "draft")) for key in states)  # no graph per item
+    assert not any("outline" in key or "draft" in key for key in states)  # no graph per item: inside the shards
+    assert "per_item__briefs.briefs[0]" in states
 
 
 def test_a_fan_out_workflow_runs_per_item_inside_the_callers_shards(folder: Path, instance: dg.DagsterInstance) -> None:
