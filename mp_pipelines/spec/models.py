@@ -12,7 +12,18 @@ from dataclasses import dataclass
 from typing import Annotated, Any, Literal, Union
 
 from croniter import croniter
-from pydantic import BaseModel, ConfigDict, Discriminator, Field, PrivateAttr, Tag, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    PrivateAttr,
+    Tag,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import InitErrorDetails
 
 from mp_pipelines.spec.inputs import coerce_input
 from mp_pipelines.spec.templates import JINJA_GLOBALS, JINJA_SPECIAL_NAMES
@@ -320,8 +331,9 @@ class TaskSpec(ModelSettings, FailurePolicy, BatchPolicy):
     @model_validator(mode="after")
     def _prompt_or_workflow(self) -> TaskSpec:
         if self.workflow is None:
-            if self.prompt is None:
-                raise ValueError("a task needs a prompt (or workflow: <name> to run another workflow)")
+            if self.prompt is None:  # said as the missing key it is, at its own path
+                raise ValidationError.from_exception_data(
+                    type(self).__name__, [InitErrorDetails(type="missing", loc=("prompt",), input={})])
             if self.inputs:
                 raise ValueError("inputs is set but the task has no workflow; inputs pass values to a called workflow")
             return self
