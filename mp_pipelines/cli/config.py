@@ -14,16 +14,14 @@ CLI_CONSOLE_LOG_LEVEL = "WARNING"  # Dagster's console logger repeats every step
 
 
 def run_config(inputs: Mapping[str, Any], executor: str | None = None, budget: Mapping[str, Any] | None = None, *,
-               console_log_level: str | None = CLI_CONSOLE_LOG_LEVEL, mode: str | None = None,
-               inputs_key: str = INPUTS_OP) -> dict[str, Any]:
+               console_log_level: str | None = CLI_CONSOLE_LOG_LEVEL, mode: str | None = None) -> dict[str, Any]:
     """Run config for a workflow run: its inputs, the chosen executor, a budget and the console log level.
 
     `executor` is one of `EXECUTORS` (None: the job's default); `budget` ({max_cost_usd, max_tokens,
     max_calls}, None values unset) overrides the workflow's `budget:`; `console_log_level` None leaves
-    Dagster's console logger as configured. `inputs_key` is where under `ops` the inputs go (see
-    `factory.partitions.inputs_config_key`: `inputs`, or `<workflow>__inputs` for a workflow fed by the inbox).
+    Dagster's console logger as configured.
     """
-    config: dict[str, Any] = {"ops": {inputs_key: {"config": dict(inputs)}}}
+    config: dict[str, Any] = {"ops": {INPUTS_OP: {"config": dict(inputs)}}}
     if console_log_level:
         try:
             level = "INFO" if json_logs() else console_log_level  # JSON lines are for a collector: all step lines

@@ -207,25 +207,17 @@ def task_output(result: dg.ExecuteJobResult, spec: WorkflowSpec, name: str, stat
     return records(value) if hasattr(value, "columns") else value
 
 
-PARTITION_TAG = "dagster/partition"  # the run tag naming the partition a run materializes
-
-
 def stored_asset_value(result: dg.ExecuteJobResult, spec: WorkflowSpec, name: str,
                        instance: dg.DagsterInstance) -> Any:
     """The value the run stored for the asset of task or loop `name`, read through the job's IO manager.
 
     (`output_for_node` cannot read an asset output: it asks the IO manager for it without its asset key.)"""
     from mp_pipelines.factory.ops import asset_key
-    from mp_pipelines.factory.partitions import inbox_partitions_def
 
     key = asset_key(spec, name)
-    run = instance.get_run_by_id(result.run_id)
-    partition = run.tags.get(PARTITION_TAG) if run is not None else None
-    partitions_def = inbox_partitions_def(spec) if partition else None
     with dg.build_resources({"io_manager": result.job_def.resource_defs["io_manager"]}, instance=instance) as resources:
-        upstream = dg.build_output_context(asset_key=key, partition_key=partition)
-        context = dg.build_input_context(asset_key=key, partition_key=partition, asset_partitions_def=partitions_def,
-                                         upstream_output=upstream, instance=instance)
+        context = dg.build_input_context(asset_key=key, upstream_output=dg.build_output_context(asset_key=key),
+                                         instance=instance)
         return resources.io_manager.load_input(context)
 
 

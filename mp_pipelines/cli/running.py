@@ -110,10 +110,7 @@ def run_workflow(spec: WorkflowSpec, inputs: dict[str, Any], *, source: str | No
     token = uuid.uuid4().hex
     done = threading.Event()
     watcher = threading.Thread(target=_watch, args=(instance, token, done, progress), daemon=True)
-    from mp_pipelines.factory.partitions import inputs_config_key
-
-    config = run_config(inputs, executor, budget, console_log_level=_console_level(verbose), mode=mode,
-                        inputs_key=inputs_config_key(spec))
+    config = run_config(inputs, executor, budget, console_log_level=_console_level(verbose), mode=mode)
     try:
         refuse_inputs_outside_roots(spec, inputs, source)
         refuse_unsafe_run(spec, config, instance)

@@ -29,7 +29,6 @@ from mp_pipelines.factory.names import (
     publish_local,
 )
 from mp_pipelines.factory.ops import asset_key, build_inputs_op, build_task_op, llm_pool, node_prefix
-from mp_pipelines.factory.partitions import inbox_partitions_def
 from mp_pipelines.spec.graph import body_dependencies, for_each_source, loop_iterations, step_dependencies
 from mp_pipelines.spec.models import LoopSpec, TaskSpec, WorkflowSpec
 from mp_pipelines.spec.versions import body_code_version, loop_code_version, task_code_version
@@ -71,7 +70,7 @@ def build_inputs_asset(spec: WorkflowSpec, base_dir: Path | None) -> dg.AssetsDe
     """`[workflow, inputs]`: the op whose run config (`ops.inputs.config`) holds the workflow inputs."""
     return dg.AssetsDefinition.from_op(
         build_inputs_op(spec, base_dir), keys_by_output_name={"result": asset_key(spec, INPUTS_OP)},
-        group_name=spec.name, partitions_def=inbox_partitions_def(spec),
+        group_name=spec.name,
         descriptions_by_output_name={"result": f"The inputs of workflow {spec.name} (checked)."},
         tags_by_output_name={"result": {WORKFLOW_TAG: spec.name}},
         metadata_by_output_name={"result": {"workflow": spec.name}})
@@ -82,7 +81,7 @@ def build_task_asset(spec: WorkflowSpec, task: TaskSpec, upstream: list[str], pr
     op = build_task_op(spec, task, upstream, pool=llm_pool(provider, spec, task))
     return dg.AssetsDefinition.from_op(
         op, keys_by_input_name=_input_keys(spec, upstream), keys_by_output_name={"result": asset_key(spec, task.name)},
-        group_name=spec.name, partitions_def=inbox_partitions_def(spec),
+        group_name=spec.name,
         descriptions_by_output_name={"result": _describe(task)}, tags_by_output_name={"result": _tags(spec)},
         metadata_by_output_name={"result": {"workflow": spec.name, "output": task.output}})
 
@@ -114,7 +113,7 @@ def build_fanout_asset(spec: WorkflowSpec, task: TaskSpec, upstream: list[str],
     graph = fanout_graph(spec, task, upstream, provider)
     return dg.AssetsDefinition.from_graph(
         graph, keys_by_input_name=_input_keys(spec, upstream), keys_by_output_name={"result": asset_key(spec, task.name)},
-        group_name=spec.name, partitions_def=inbox_partitions_def(spec),
+        group_name=spec.name,
         descriptions_by_output_name={"result": _describe(task)}, tags_by_output_name={"result": _tags(spec)},
         metadata_by_output_name={"result": {"workflow": spec.name, "output": task.output,
                                             "for_each": task.for_each or ""}},
@@ -177,7 +176,7 @@ def build_loop_assets(spec: WorkflowSpec, loop: LoopSpec, step_names: set[str], 
     return dg.AssetsDefinition.from_graph(
         graph, keys_by_input_name=_input_keys(spec, upstream),
         keys_by_output_name={name: asset_key(spec, name) for name in outputs}, internal_asset_deps=deps,
-        group_name=spec.name, partitions_def=inbox_partitions_def(spec), descriptions_by_output_name=descriptions,
+        group_name=spec.name, descriptions_by_output_name=descriptions,
         tags_by_output_name={name: _tags(spec) for name in outputs}, metadata_by_output_name=metadata,
         code_versions_by_output_name=versions, can_subset=False)
 

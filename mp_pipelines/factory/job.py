@@ -25,7 +25,6 @@ from mp_pipelines.factory.names import (
     inputs_step,
 )
 from mp_pipelines.factory.ops import input_field
-from mp_pipelines.factory.partitions import inbox_partitioned_config
 from mp_pipelines.factory.resources import RunBudget
 from mp_pipelines.llm.resource import build_llm_resource
 from mp_pipelines.spec.graph import loop_iterations
@@ -113,17 +112,13 @@ def recursion_headroom(ops: int) -> Iterator[None]:
             sys.setrecursionlimit(before)
 
 
-def job_config(spec: WorkflowSpec) -> dg.ConfigMapping | dg.PartitionedConfig:
+def job_config(spec: WorkflowSpec) -> dg.ConfigMapping:
     """The run config users write for the workflow's job.
 
     Inputs go under `ops.inputs.config`, mapped onto the inputs op `<workflow>__inputs` (op names are unique in the
-    code location); `execution`, `resources` and `loggers` pass through as given. A workflow fed by the inbox has
-    partitions, and Dagster takes no config mapping for a partitioned job: its runs give the inputs under
-    `ops.<workflow>__inputs.config` (`inputs_run_config` spells either form), and a partition's config names its file.
+    code location); `execution`, `resources` and `loggers` pass through as given and are checked against the job's
+    own schema. Inputs may be left out: a run of a subset of the assets without the inputs needs none.
     """
-    partitioned = inbox_partitioned_config(spec)
-    if partitioned is not None:
-        return partitioned
     inputs = {name: input_field(input_spec) for name, input_spec in spec.inputs.items()}
     passed = {key: dg.Field(dg.Permissive(), is_required=False) for key in ("execution", "resources", "loggers")}
     schema = {"ops": dg.Field({INPUTS_OP: dg.Field({"config": dg.Field(inputs, is_required=False)}, is_required=False,

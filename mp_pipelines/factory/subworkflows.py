@@ -36,7 +36,6 @@ from mp_pipelines.factory.ops import (
     split_inputs,
     upstream_ins,
 )
-from mp_pipelines.factory.partitions import inbox_partitions_def
 from mp_pipelines.llm.types import LLMError
 from mp_pipelines.spec.graph import body_dependencies, step_dependencies, topological_order
 from mp_pipelines.spec.models import RESERVED_SEPARATOR, LoopSpec, TaskSpec, WorkflowSpec
@@ -206,7 +205,7 @@ def build_call_assets(caller: WorkflowSpec, task: TaskSpec, upstream: list[str],
         found.graph, keys_by_input_name={INPUTS_OP: asset_key(caller, INPUTS_OP),
                                          **{name: asset_key(caller, name) for name in upstream}},
         keys_by_output_name=found.keys, internal_asset_deps=found.deps, group_name=caller.name,
-        partitions_def=inbox_partitions_def(caller), descriptions_by_output_name=descriptions,
+        descriptions_by_output_name=descriptions,
         tags_by_output_name=tags, metadata_by_output_name=metadata,
         code_versions_by_output_name={CALL_RESULT_OP: task_code_version(caller, task)}, can_subset=False)
 
