@@ -314,3 +314,58 @@ def test_show_prints_nested_steps(folder: Path) -> None:
     assert lines[start + 1].startswith("      each: text, default model, for_each inputs.docs")
     assert lines[start + 2] == "      overall: text, default model  ← inputs, each"
     assert lines[start + 3].startswith("  report: text")
+
+
+ROWS = """
+name: read_rows
+inputs:
+  rows: {type: table}
+tasks:
+  - name: each_row
+    for_each: inputs.rows
+    prompt: "Row: {{ item.text }}"
+"""
+
+PASS_PATH = """
+name: pass_path
+inputs:
+  where: {type: string}
+  go: {type: boolean, default: true}
+tasks:
+  - name: read
+    workflow: read_rows
+    when: inputs.go
+    inputs: {rows: "{{ inputs.where }}"}
+  - name: after
+    prompt: "After: {{ read }}"
+"""
+
+
+def test_a_table_path_passed_to_a_callee_passes_the_input_path_checks(folder: Path, tmp_path: Path,
+                                                                       instance: dg.DagsterInstance) -> None:
+    write_workflow(folder, ROWS)
+    path = write_workflow(folder, PASS_PATH)
+    (folder / "rows.csv").write_text("text\nfirst\nsecond\n")
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "secret.csv").write_text("text\nCANARY-secret\n")
+
+    refused = run_file(path, {"where": str(outside / "secret.csv")}, instance)
+    assert not refused.success
+    assert "is outside the allowed input roots" in refused.tasks["read"]["error"]
+    assert refused.usage.calls == 0  # nothing of it was read or sent
+
+    ok = run_file(path, {"where": str(folder / "rows.csv")}, instance)
+    assert ok.success, ok.as_text()
+    rows = ok.tasks["read"]["output"]  # over a table: the rows with a result column
+    assert [(r["text"], r["result"].split(" (#")[0]) for r in rows] == [
+        ("first", "[simulated] Response to: Row: first"), ("second", "[simulated] Response to: Row: second")]
+
+
+def test_a_call_whose_when_is_false_is_skipped_with_its_dependants(folder: Path, instance: dg.DagsterInstance) -> None:
+    write_workflow(folder, ROWS)
+    path = write_workflow(folder, PASS_PATH)
+    outcome = run_file(path, {"where": "nowhere.csv", "go": False}, instance)
+    assert outcome.success, outcome.as_text()
+    assert outcome.tasks["read"]["status"] == "skipped" and outcome.tasks["after"]["status"] == "skipped"
+    assert outcome.usage.calls == 0
