@@ -369,3 +369,19 @@ def test_a_call_whose_when_is_false_is_skipped_with_its_dependants(folder: Path,
     assert outcome.success, outcome.as_text()
     assert outcome.tasks["read"]["status"] == "skipped" and outcome.tasks["after"]["status"] == "skipped"
     assert outcome.usage.calls == 0
+
+
+def test_a_spec_made_in_code_finds_its_callee_in_the_workflow_folders(folder: Path,
+                                                                      instance: dg.DagsterInstance) -> None:
+    from mp_pipelines.cli.api import run_workflow as run_from_python
+    from mp_pipelines.spec.loader import parse_workflow
+    from mp_pipelines.spec.problems import WorkflowValidationError
+
+    write_workflow(folder, BRIEF)
+    spec = parse_workflow({"name": "in_code", "tasks": [{"name": "one", "workflow": "brief", "inputs": {"topic": "x"}}]})
+    result = run_from_python(spec, instance=instance, executor="in_process")
+    assert result["status"] == "success"
+    assert result["tasks"]["one"]["output"]["outline"].startswith("[simulated] Response to: Outline x")
+    with pytest.raises(WorkflowValidationError, match=r"tasks\[0\] \(one\)\.workflow: unknown workflow 'brf'"):
+        run_from_python(parse_workflow({"name": "bad_call", "tasks": [{"name": "one", "workflow": "brf"}]}),
+                        instance=instance)

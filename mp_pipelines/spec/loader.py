@@ -25,7 +25,8 @@ from mp_pipelines.spec.subworkflows import call_sites, folder_lookup, resolve_ca
 from mp_pipelines.spec.validate import validate_workflow
 from mp_pipelines.spec.yaml_guard import MAX_DEPTH, UniqueKeyLoader, shape_problem
 
-__all__ = ["LoadResult", "Problem", "WorkflowValidationError", "load_workflow_file", "load_workflows", "parse_workflow"]
+__all__ = ["LoadResult", "Problem", "WorkflowValidationError", "load_workflow_file", "load_workflows", "parse_workflow",
+           "resolve_callees"]
 
 # The package's workflows folder, found from this file: importing the package itself would tie spec/ to what
 # mp_pipelines/__init__.py may import.
@@ -132,6 +133,18 @@ def load_workflow_file(path: str | Path) -> WorkflowSpec:
         problems = resolve_calls({spec.name: spec}, {spec.name: str(path)}, _callee_lookup([Path(path)]))
         if problems:
             raise WorkflowValidationError(problems[spec.name], str(path))
+    return spec
+
+
+def resolve_callees(spec: WorkflowSpec, source: str | None = None) -> WorkflowSpec:
+    """`spec` (parsed from data or built in code) with the workflows its tasks run found in the workflow folders (and
+    `source`'s folder); WorkflowValidationError when a call is wrong. A spec with callees already is returned as is."""
+    sites = call_sites(spec)
+    if not sites or all(site.task.workflow in spec._callees for site in sites):
+        return spec
+    problems = resolve_calls({spec.name: spec}, {spec.name: source}, _callee_lookup([Path(source)] if source else []))
+    if problems:
+        raise WorkflowValidationError(problems[spec.name], source)
     return spec
 
 
