@@ -102,7 +102,7 @@ def test_a_run_outside_the_cli_does_not_get_its_working_folder_as_a_root(
     workflows.mkdir()
     write_workflow(workflows, NOTES)
     monkeypatch.chdir(tmp_path)
-    job = build_definitions(load_workflows([workflows])).get_job_def("notes_digest")
+    job = build_definitions(load_workflows([workflows])).resolve_job_def("notes_digest")
 
     def run(notes: str) -> dg.ExecuteInProcessResult:
         return job.execute_in_process(run_config={"ops": {"inputs": {"config": {"notes": notes}}}},
