@@ -385,3 +385,42 @@ def test_a_spec_made_in_code_finds_its_callee_in_the_workflow_folders(folder: Pa
     with pytest.raises(WorkflowValidationError, match=r"tasks\[0\] \(one\)\.workflow: unknown workflow 'brf'"):
         run_from_python(parse_workflow({"name": "bad_call", "tasks": [{"name": "one", "workflow": "brf"}]}),
                         instance=instance)
+
+
+def test_three_levels_with_a_loop_inside(folder: Path, instance: dg.DagsterInstance) -> None:
+    write_workflow(folder, """
+        name: polish
+        inputs: {text: {type: string}}
+        tasks:
+          - {name: draft, prompt: "Draft {{ inputs.text }}"}
+          - name: refine
+            depends_on: [draft]
+            loop: {max_iterations: 2}
+            tasks: [{name: revise, prompt: "Revise {{ loop.previous.revise if loop.previous else draft }}"}]
+        """)
+    write_workflow(folder, """
+        name: middle
+        inputs: {topic: {type: string}}
+        outputs: {final: polished}
+        tasks:
+          - {name: seed, prompt: "Seed {{ inputs.topic }}"}
+          - {name: polished, workflow: polish, inputs: {text: "{{ seed }}"}}
+        """)
+    path = write_workflow(folder, """
+        name: top
+        tasks:
+          - {name: mid, workflow: middle, inputs: {topic: tea}}
+          - {name: wrap, prompt: "Wrap {{ mid.final.revise }}"}
+        """)
+    outcome = run_file(path, {}, instance)
+    assert outcome.success, outcome.as_text()
+    revised = outcome.tasks["mid"]["output"]["final"]["revise"]
+    assert revised.startswith("[simulated] Response to: Revise [simulated] Response to: Revise [simulated] Response "
+                              "to: Draft [simulated] Response to: Seed tea")
+    assert outcome.tasks["wrap"]["output"].startswith(f"[simulated] Response to: Wrap {revised}")
+    assert {"top__mid.seed", "top__mid.polished.draft", "top__mid.polished.refine.revise__2",
+            "top__mid.polished.call__result", "top__mid.call__result"} <= set(step_states(instance, outcome.run_id))
+    keys = {tuple(e.asset_key.path) for e in materializations(instance, outcome.run_id)}
+    assert {("top", "mid"), ("top", "mid__middle", "seed"), ("top", "mid__middle", "polished"),
+            ("top", "mid__middle", "polished__polish", "draft"), ("top", "mid__middle", "polished__polish", "revise"),
+            ("top", "mid__middle", "polished__polish", "refine")} <= keys
