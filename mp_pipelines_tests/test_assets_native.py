@@ -253,7 +253,8 @@ def test_the_catalog_shows_a_materialized_task_asset_that_can_be_materialized_ag
             assert page.get_by_text(re.compile("external", re.IGNORECASE)).count() == 0
             # the lineage view draws the asset with its status, and Materialize there is enabled too
             page.goto(f"{services.url}/assets/research_report/draft?view=lineage")
-            page.locator("button", has_text=re.compile(r"^\W*Materialize")).first.wait_for()
+            page.locator("foreignObject", has_text="plan").first.wait_for()  # the graph is drawn (in a web worker)
+            page.locator("foreignObject", has_text="report").first.wait_for()
             page.screenshot(path=str(shots / "lineage.png"))
             assert page.locator("button", has_text=re.compile(r"^\W*Materialize")).first.is_enabled()
         finally:
