@@ -72,7 +72,7 @@ def cli_run(services: DagsterServices, *args: str) -> dict[str, Any]:
 
 def asset_nodes(services: DagsterServices, workflow: str) -> dict[str, dict[str, Any]]:
     data = services.graphql("""{ assetNodes { assetKey { path } isMaterializable isExecutable isObservable
-        jobNames opNames staleStatus codeVersion assetMaterializations(limit: 1) { runId } } }""")
+        jobNames opNames staleStatus opVersion assetMaterializations(limit: 1) { runId } } }""")
     return {node["assetKey"]["path"][1]: node for node in data["assetNodes"] if node["assetKey"]["path"][0] == workflow}
 
 
@@ -125,7 +125,7 @@ def test_after_a_cli_run_every_task_is_a_materializable_asset_with_its_latest_ma
         assert node["isMaterializable"] and node["isExecutable"] and not node["isObservable"], node
         assert "research_report" in node["jobNames"], node  # the workflow's job materializes it
         assert node["assetMaterializations"] == [{"runId": outcome["run_id"]}], node
-        assert node["codeVersion"] and node["staleStatus"] == "FRESH", node
+        assert node["opVersion"] and node["staleStatus"] == "FRESH", node
 
 
 def test_materializing_only_report_through_graphql_runs_only_its_step(services: DagsterServices) -> None:
@@ -150,7 +150,7 @@ def test_a_fan_out_and_what_is_downstream_can_be_materialized_together(services:
     assert materialized_in(services, "research_report", run_id) == {"research", "draft"}
 
 
-def test_a_changed_prompt_marks_its_asset_and_what_is_downstream_unsynced(services: DagsterServices) -> None:
+def test_a_changed_prompt_marks_its_asset_unsynced_and_then_what_is_downstream(services: DagsterServices) -> None:
     cli_run(services, "versioned")
     before = asset_nodes(services, "versioned")
     assert {name: n["staleStatus"] for name, n in before.items()} == dict.fromkeys(
@@ -163,12 +163,19 @@ def test_a_changed_prompt_marks_its_asset_and_what_is_downstream_unsynced(servic
         reloaded = services.graphql("""mutation($name: String!) { reloadRepositoryLocation(repositoryLocationName: $name)
             { __typename } }""", {"name": LOCATION})
         assert reloaded["reloadRepositoryLocation"]["__typename"] == "WorkspaceLocationEntry", reloaded
-        after = wait_for(lambda: (lambda n: n if n["expand"]["codeVersion"] != before["expand"]["codeVersion"] else None)(
+        after = wait_for(lambda: (lambda n: n if n["expand"]["opVersion"] != before["expand"]["opVersion"] else None)(
             asset_nodes(services, "versioned")), 60, "the reloaded code location", interval=1)
-        # only the changed task's version moves; Dagster marks it and what reads it (from the lineage) unsynced
-        assert {n for n in after if after[n]["codeVersion"] != before[n]["codeVersion"]} == {"expand"}
+        # only the changed task's version moves, and Dagster marks that asset unsynced (a new code version)
+        assert {n for n in after if after[n]["opVersion"] != before[n]["opVersion"]} == {"expand"}
         assert {name: n["staleStatus"] for name, n in after.items()} == {
-            "inputs": "FRESH", "outline": "FRESH", "aside": "FRESH", "expand": "STALE", "polish": "STALE"}
+            "inputs": "FRESH", "outline": "FRESH", "aside": "FRESH", "expand": "STALE", "polish": "FRESH"}
+        # materializing it gives it a new data version, which marks what reads it unsynced (Dagster's lineage)
+        run_id = launch(services, "versioned", [["versioned", "expand"]], {})
+        assert finished(services, run_id) == "SUCCESS", services.run_errors(run_id)
+        assert run_steps(services, run_id) == {task_step("versioned", "expand"): "SUCCESS"}
+        again = asset_nodes(services, "versioned")
+        assert {name: n["staleStatus"] for name, n in again.items()} == {
+            "inputs": "FRESH", "outline": "FRESH", "aside": "FRESH", "expand": "FRESH", "polish": "STALE"}
     finally:
         write_workflow(folder, CHAIN)
 
@@ -227,7 +234,7 @@ def test_a_fan_out_shows_its_items_as_a_table_of_at_most_the_first_thousand() ->
 def test_the_catalog_shows_a_materialized_task_asset_that_can_be_materialized_again(
         services: DagsterServices, tmp_path: Path) -> None:
     sync_playwright = require_browser()
-    outcome = cli_run(services, "research_report", "--input", "topic=tides", "--input", "max_questions=2")
+    cli_run(services, "research_report", "--input", "topic=tides", "--input", "max_questions=2")
     shots = tmp_path / "screenshots"
     shots.mkdir()
     with sync_playwright() as playwright:
@@ -237,12 +244,19 @@ def test_the_catalog_shows_a_materialized_task_asset_that_can_be_materialized_ag
             page.set_default_timeout(60_000)
             page.add_locator_handler(page.get_by_role("button", name="Skip"), lambda button: button.click())
             page.goto(f"{services.url}/assets/research_report/draft")
-            materialize = page.get_by_role("button", name=re.compile(r"^Materialize"))
+            materialize = page.locator("button", has_text=re.compile(r"^\W*Materialize$"))
             materialize.first.wait_for()
-            page.get_by_text(outcome["run_id"][:8]).first.wait_for()  # the latest materialization's run
+            page.get_by_text("Latest materialization").first.wait_for()
+            page.get_by_text(re.compile(r"^\d+ (seconds?|minutes?) ago$")).first.wait_for()  # this run's
             page.screenshot(path=str(shots / "asset.png"))
             assert materialize.first.is_enabled()
-            assert page.get_by_text("External asset", exact=False).count() == 0
+            assert page.get_by_text(re.compile("external", re.IGNORECASE)).count() == 0
+            # the lineage view draws the asset with its status, and Materialize there is enabled too
+            page.goto(f"{services.url}/assets/research_report/draft?view=lineage")
+            page.locator("foreignObject", has_text="plan").first.wait_for()  # the graph is drawn (in a web worker)
+            page.locator("foreignObject", has_text="report").first.wait_for()
+            page.screenshot(path=str(shots / "lineage.png"))
+            assert page.locator("button", has_text=re.compile(r"^\W*Materialize")).first.is_enabled()
         finally:
             browser.close()
-    assert (shots / "asset.png").stat().st_size > 0
+    assert sorted(p.name for p in shots.iterdir()) == ["asset.png", "lineage.png"]
