@@ -19,7 +19,7 @@ import dagster as dg
 
 from mp_pipelines.factory.logs import LOGGER_DEFS
 from mp_pipelines.factory.names import BUDGET_RESOURCE_KEY, LLM_RESOURCE_KEY
-from mp_pipelines.factory.resources import RunBudget
+from mp_pipelines.factory.resources import RunBudget, StepStorage
 from mp_pipelines.factory.workflow import build_workflow_definitions
 from mp_pipelines.llm.provider import provider_from_env
 from mp_pipelines.llm.resource import build_llm_resource
@@ -63,20 +63,19 @@ def build_shared_parts(resources: dict[str, Any], failure_sensor: dg.SensorDefin
 def build_shared_resources() -> dict[str, Any]:
     """The resources every workflow's runs use: LLM, budget, and the step storage when set."""
     resources: dict[str, Any] = {LLM_RESOURCE_KEY: build_llm_resource(), BUDGET_RESOURCE_KEY: RunBudget()}
-    step_storage = step_storage_io_manager()
-    if step_storage is not None:
-        resources["io_manager"] = step_storage
+    resources["io_manager"] = step_storage_io_manager()
     return resources
 
 
 STEP_STORAGE_DIR_ENV = "MP_STEP_STORAGE_DIR"
 
 
-def step_storage_io_manager() -> dg.ConfigurableIOManager | None:
-    """Where steps hand their outputs to the next: a folder every worker mounts at the same path when
-    `MP_STEP_STORAGE_DIR` is set (None: Dagster's default, `$DAGSTER_HOME/storage` of the machine)."""
+def step_storage_io_manager() -> StepStorage:
+    """Where steps hand their outputs to the next and task assets keep their values: a folder every worker mounts at
+    the same path when `MP_STEP_STORAGE_DIR` is set (unset: Dagster's default, `$DAGSTER_HOME/storage` of the
+    machine)."""
     folder = os.environ.get(STEP_STORAGE_DIR_ENV, "").strip()
-    return dg.FilesystemIOManager(base_dir=folder) if folder else None
+    return StepStorage(base_dir=folder or None)
 
 
 def load_specs(source: str | None = None) -> LoadResult:

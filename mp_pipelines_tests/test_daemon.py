@@ -1,7 +1,7 @@
 """The production set-up at work: webserver and dagster-daemon on PostgreSQL with deploy/dagster.yaml.
 
 One deployment serves the module: the run queue keeps at most 2 runs in progress, a due schedule
-launches its run, and a file dropped into the inbox starts a run of its own partition.
+launches its run, and a file dropped into the inbox starts a run of its own.
 """
 
 from __future__ import annotations
@@ -157,7 +157,7 @@ def test_a_due_schedule_launches_its_run(deployment: Deployment) -> None:
     assert services.run_status(run["runId"]) == "SUCCESS"
 
 
-def test_an_inbox_file_starts_a_run_of_its_own_partition(deployment: Deployment) -> None:
+def test_an_inbox_file_starts_a_run_that_materializes_the_assets(deployment: Deployment) -> None:
     services = deployment.services
     tickets = pd.read_csv(SHIPPED_WORKFLOWS_DIR / "data" / "tickets.csv").head(3)
     path = deployment.inbox / "classify_tickets" / "tuesday.csv"
@@ -166,16 +166,14 @@ def test_an_inbox_file_starts_a_run_of_its_own_partition(deployment: Deployment)
                      120, "the inbox sensor to start a run for tuesday.csv", interval=1,
                      diagnostics=services.diagnostics)
     (run,) = found
-    assert tags(run)["dagster/partition"] == "tuesday.csv"
     assert str(path) in run["runConfigYaml"]
     wait_for(lambda: services.run_status(run["runId"]) in FINISHED, 180, "the inbox run to finish",
              diagnostics=services.diagnostics)
     assert services.run_status(run["runId"]) == "SUCCESS", services.diagnostics()
     data = services.graphql("""{ assetNodeOrError(assetKey: {path: ["classify_tickets", "classify"]}) {
-        ... on AssetNode { partitionKeys assetMaterializations(limit: 5) { partition runId } } } }""")
+        ... on AssetNode { isMaterializable assetMaterializations(limit: 5) { runId } } } }""")
     node = data["assetNodeOrError"]
-    assert node["partitionKeys"] == ["tuesday.csv"]
-    assert {"partition": "tuesday.csv", "runId": run["runId"]} in node["assetMaterializations"]
+    assert node["isMaterializable"] and {"runId": run["runId"]} in node["assetMaterializations"]
     # the same content under another name is not processed again: wait for two sensor ticks that started after the
     # copy was written, one of them (the first, unless the copy was younger than MP_INBOX_SETTLE_SECONDS) deciding on it
     (deployment.inbox / "classify_tickets" / "tuesday_again.csv").write_bytes(path.read_bytes())
@@ -198,5 +196,5 @@ def test_an_inbox_file_starts_a_run_of_its_own_partition(deployment: Deployment)
     assert decisions == [decisions[0]] * len(decisions)  # decided once, then left alone
     assert not runs(services, tags=[{"key": "mp_pipelines/inbox_file", "value": "tuesday_again.csv"}])
     again = services.graphql('{ assetNodeOrError(assetKey: {path: ["classify_tickets", "classify"]}) '
-                             '{ ... on AssetNode { partitionKeys } } }')
-    assert again["assetNodeOrError"]["partitionKeys"] == ["tuesday.csv"]
+                             '{ ... on AssetNode { assetMaterializations(limit: 5) { runId } } } }')
+    assert [m["runId"] for m in again["assetNodeOrError"]["assetMaterializations"]] == [run["runId"]]

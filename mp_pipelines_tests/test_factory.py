@@ -90,7 +90,8 @@ def test_inputs_are_typed_run_config_with_defaults() -> None:
         dg.validate_run_config(job, {"ops": {"inputs": {"config": {"topic": "x", "max_questions": "five"}}}})
     resolved = dg.validate_run_config(job, {"ops": {"inputs": {"config": {"topic": "x"}}}})
     # `ops.inputs.config` reaches the inputs op, whose name is unique in the code location
-    assert resolved["ops"]["research_report__inputs"]["config"] == {"topic": "x", "max_questions": 5, "audience": "a technical reader"}
+    assert resolved["ops"]["research_report__inputs"]["config"] == {"topic": "x", "max_questions": 5,
+                                                                     "audience": "a technical reader"}
     # the executor is selectable per run and defaults to the concurrent one; fan-outs stay within breadth
     breadth_limit = [{"key": "mp_pipelines/fanout", "value": {"applyLimitPerUniqueValue": True}, "limit": 8}]
     concurrent = resolved["execution"]["mp_pipelines_executor"]["concurrent"]

@@ -8,7 +8,6 @@ The last test does it under the real dagster-daemon on PostgreSQL.
 from __future__ import annotations
 
 import os
-import re
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,7 +17,7 @@ import pandas as pd
 import pytest
 
 from mp_pipelines import definitions
-from mp_pipelines.sensors.inbox import scan_inbox
+from mp_pipelines.sensors.inbox import FILE_TAG, scan_inbox
 from mp_pipelines.spec.loader import SHIPPED_WORKFLOWS_DIR, load_workflows
 from mp_pipelines_tests.postgres import temporary_database
 from mp_pipelines_tests.services import DagsterServices, dagster_services, pg_env, wait_for, write_instance_config
@@ -66,7 +65,7 @@ def test_files_the_sensor_cannot_take_are_skipped_and_the_good_ones_run(
     put(inbox, "good.csv", tickets_csv())
     sensor = Inbox(instance)
     result = sensor.tick()
-    assert [r.partition_key for r in result.run_requests] == ["good.csv"]
+    assert [r.tags[FILE_TAG] for r in result.run_requests] == ["good.csv"]
     states = parse_cursor(result.cursor)
     assert {name: state.outcome for name, state in states.items()} == {
         BAD_NAME_SHOWN: "skipped", "linked.csv": "skipped", "env.csv": "skipped", "bomb.parquet": "skipped",
@@ -140,20 +139,15 @@ def test_the_daemons_inbox_sensor_launches_exactly_the_good_files(
     assert {name: cursor_state(ticks[-1], name)["outcome"] for name in expected} == expected
     assert "once decoded is at least" in cursor_state(ticks[-1], "bomb.parquet")["reason"]
     launched = runs(services, tags=[{"key": "dagster/sensor_name", "value": INBOX_SENSOR}])
-    assert sorted(tags(run)["dagster/partition"] for run in launched) == ["good_a.csv", "good_b.jsonl"]
+    assert sorted(tags(run)[FILE_TAG] for run in launched) == ["good_a.csv", "good_b.jsonl"]
     for run in launched:
         wait_for(lambda run=run: services.run_status(run["runId"]) in FINISHED, 180, "the inbox run to finish",
                  diagnostics=services.diagnostics)
         assert services.run_status(run["runId"]) == "SUCCESS", services.diagnostics()
 
 
-def test_a_partition_key_cannot_lead_out_of_the_inbox(inbox: Path) -> None:
-    """A re-run from the UI builds its run config from the partition key: only a file of the inbox folder."""
+def test_no_run_config_is_built_from_a_name_alone(inbox: Path) -> None:
+    """Inbox runs carry their file's resolved path in their run config; the job has no partitions whose key could
+    name a file outside the inbox folder."""
     job = definitions.build_definitions(load_workflows()).resolve_job_def("classify_tickets")
-    assert job.partitioned_config.get_run_config_for_partition_key("a.csv") == {
-        "ops": {"inputs": {"config": {"tickets": str(inbox.resolve() / "a.csv")}}}}
-    for key in ("../secret.csv", "sub/a.csv", ".."):
-        with pytest.raises(Exception, match=rf"partition key {re.escape(repr(key))} of workflow 'classify_tickets' is "
-                                            "not the name of a file in its inbox folder .*; inbox partitions are plain "
-                                            "file names"):
-            job.partitioned_config.get_run_config_for_partition_key(key)
+    assert job.partitions_def is None and job.partitioned_config is None

@@ -16,6 +16,7 @@ from click.testing import CliRunner
 
 from mp_pipelines.cli.main import main
 from mp_pipelines.definitions import build_definitions
+from mp_pipelines.sensors.inbox import FILE_TAG
 from mp_pipelines.spec.loader import load_workflows
 from mp_pipelines.spec.paths import SAMPLE_DATA, InputPathError, input_roots
 from mp_pipelines_tests.fault_server import RunningServer
@@ -101,7 +102,7 @@ def test_a_run_outside_the_cli_does_not_get_its_working_folder_as_a_root(
     workflows.mkdir()
     write_workflow(workflows, NOTES)
     monkeypatch.chdir(tmp_path)
-    job = build_definitions(load_workflows([workflows])).get_job_def("notes_digest")
+    job = build_definitions(load_workflows([workflows])).resolve_job_def("notes_digest")
 
     def run(notes: str) -> dg.ExecuteInProcessResult:
         return job.execute_in_process(run_config={"ops": {"inputs": {"config": {"notes": notes}}}},
@@ -113,7 +114,7 @@ def test_a_run_outside_the_cli_does_not_get_its_working_folder_as_a_root(
     assert f"{str(workflows / 'notes')!r} does not exist" in message and CANARY not in message
     absolute = run(str(tmp_path / "notes"))
     assert not absolute.success
-    message = absolute.failure_data_for_node("inputs").error.message
+    message = absolute.failure_data_for_node("notes_digest__inputs").error.message
     assert f"input 'notes': path {str(tmp_path / 'notes')!r} is outside the allowed input roots" in message
     assert repr(str(workflows)) in message and message.count(repr(str(SAMPLE_DATA))) == 1
 
@@ -126,7 +127,7 @@ def test_the_inbox_sensor_reads_only_inside_the_roots(tmp_path: Path, monkeypatc
     folder = tmp_path / "inbox" / "classify_tickets"
     folder.mkdir(parents=True)
     put(folder, "monday.csv", tickets_csv())
-    assert [r.partition_key for r in Inbox(instance).tick().run_requests] == ["monday.csv"]
+    assert [r.tags[FILE_TAG] for r in Inbox(instance).tick().run_requests] == ["monday.csv"]
 
     monkeypatch.setenv("MP_INPUT_ROOTS", str(tmp_path / "elsewhere"))
     sensor = Inbox(instance)
@@ -137,4 +138,4 @@ def test_the_inbox_sensor_reads_only_inside_the_roots(tmp_path: Path, monkeypatc
     assert "outside the allowed input roots" in state["reason"] and "MP_INPUT_ROOTS" in state["reason"]
 
     monkeypatch.setenv("MP_INPUT_ROOTS", os.pathsep.join([str(tmp_path / "elsewhere"), str(tmp_path / "inbox")]))
-    assert [r.partition_key for r in Inbox(instance).tick().run_requests] == ["monday.csv"]
+    assert [r.tags[FILE_TAG] for r in Inbox(instance).tick().run_requests] == ["monday.csv"]

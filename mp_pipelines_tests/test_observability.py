@@ -24,7 +24,7 @@ from mp_pipelines.telemetry.setup import active, instance_label, shutdown, trace
 from mp_pipelines_tests.fault_server import RunningServer
 from mp_pipelines_tests.otlp_receiver import OTLPReceiver, ReceivedSpan
 from mp_pipelines_tests.prometheus_services import prometheus_with_pushgateway
-from mp_pipelines_tests.workflow_helpers import run_file, write_workflow
+from mp_pipelines_tests.workflow_helpers import materializations, run_file, write_workflow
 
 FAKE_KEY = "sk-test-not-a-real-key"
 TELEMETRY_ENV = ("OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
@@ -283,12 +283,11 @@ def test_materializations_carry_numeric_usage_for_the_plots_tab(tmp_path: Path, 
     """Cost and tokens are numeric asset metadata (the Dagster UI plots numeric metadata per materialization)."""
     path = write_workflow(tmp_path, TWO_TASKS)
     outcome = run_file(path, {}, instance)
-    records = instance.get_records_for_run(outcome.run_id, of_type=dg.DagsterEventType.ASSET_MATERIALIZATION).records
-    for record in records:
-        metadata = record.event_log_entry.asset_materialization.metadata
+    events = materializations(instance, outcome.run_id)  # the task assets (the workflow inputs' asset has no usage)
+    for event in events:
         for key in ("cost_usd", "prompt_tokens", "completion_tokens", "calls"):
-            assert isinstance(metadata[key], (dg.FloatMetadataValue, dg.IntMetadataValue)), (key, metadata[key])
-    assert len(records) == 2
+            assert isinstance(event.metadata[key], (dg.FloatMetadataValue, dg.IntMetadataValue)), (key, event.metadata[key])
+    assert len(events) == 2
 
 
 

@@ -109,7 +109,7 @@ def test_launch_from_the_launchpad_and_see_the_lineage(ui: DagsterServices, tmp_
     shots = tmp_path / "screenshots"
     shots.mkdir()
     names, edges = expected_lineage("research_report")
-    assert {"plan", "research", "draft", "critique", "revise", "refine", "report"} == names
+    assert {"inputs", "plan", "research", "draft", "critique", "revise", "refine", "report"} == names
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         try:

@@ -132,7 +132,7 @@ def test_classify_tickets_without_an_urgent_ticket_skips_the_escalation(instance
     assert ("classify_tickets", "classify") in run.assets
     assert run.escalate_succeeded and run.escalate_outputs == 0 and run.escalated is None
     assert ("classify_tickets", "escalate") not in run.assets
-    logs = [e.user_message for e in instance.all_logs(run.run_id) if e.step_key == "escalate"]
+    logs = [e.user_message for e in instance.all_logs(run.run_id) if e.step_key == "classify_tickets__escalate"]
     assert any("escalate: skipped because `when:" in message for message in logs), logs
 
 

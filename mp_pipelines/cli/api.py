@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from mp_pipelines.spec.builder import WorkflowBuilder
-from mp_pipelines.spec.loader import load_workflow_file, load_workflows
+from mp_pipelines.spec.loader import load_workflow_file, load_workflows, resolve_callees
 from mp_pipelines.spec.models import WorkflowSpec
 from mp_pipelines.spec.problems import Problem, WorkflowValidationError, suggest
 
@@ -18,10 +18,10 @@ def resolve_spec(spec_or_name: WorkflowSpec | WorkflowBuilder | str | Path) -> t
     """(spec, its YAML file or None) from a spec, a builder, a YAML path or a workflow name.
 
     WorkflowValidationError for an invalid spec, LookupError for a name no workflow folder has."""
-    if isinstance(spec_or_name, WorkflowSpec):
-        return spec_or_name, None
+    if isinstance(spec_or_name, WorkflowSpec):  # the workflows its tasks run come from the workflow folders
+        return resolve_callees(spec_or_name), None
     if isinstance(spec_or_name, WorkflowBuilder):
-        return spec_or_name.build(), None
+        return resolve_callees(spec_or_name.build()), None
     text = str(spec_or_name)
     if isinstance(spec_or_name, Path) or text.endswith((".yaml", ".yml")) or Path(text).is_file():
         return load_workflow_file(text), str(Path(text).resolve())

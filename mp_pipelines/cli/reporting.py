@@ -9,8 +9,10 @@ import dagster as dg
 
 from mp_pipelines.calls.usage import Usage
 from mp_pipelines.factory.names import (
+    CALL_RESULT_OP,
     ITEM_RECORDS,
     body_step,
+    call_step,
     collect_step,
     is_mapped_step,
     items_step,
@@ -119,13 +121,15 @@ def task_steps(spec: WorkflowSpec, step: TaskSpec | LoopSpec) -> dict[str, list[
     if step.for_each:
         return {step.name: [items_step(spec.name, step.name), mapped_step(spec.name, step.name, "")[:-1],
                             collect_step(spec.name, step.name), publish_step(spec.name, step.name)]}
+    if step.workflow is not None:  # a graph: every step inside it, its result step last
+        return {step.name: [call_step(spec.name, step.name, ""), call_step(spec.name, step.name, CALL_RESULT_OP)]}
     return {step.name: [task_step(spec.name, step.name)]}
 
 
 def _matching(states: dict[str, StepState], keys: list[str]) -> list[StepState]:
     found = []
     for key in keys:
-        if key.endswith("["):
+        if key.endswith(("[", ".")):  # every mapped step of a fan-out, every step of a called workflow's graph
             found.extend(state for step_key, state in states.items() if step_key.startswith(key))
         elif key in states:
             found.append(states[key])

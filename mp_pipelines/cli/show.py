@@ -16,6 +16,9 @@ def _input_line(name: str, spec: InputSpec) -> str:
 def _task_traits(spec: WorkflowSpec, task: TaskSpec) -> str:
     settings = spec.settings_for(task)
     traits = [task.output, settings.model or "default model"]
+    if task.workflow is not None:
+        inputs = ", ".join(task.inputs)
+        traits = [f"runs workflow {task.workflow}" + (f" with {inputs}" if inputs else "")]
     if task.for_each:
         traits.append(f"for_each {task.for_each} (≤{spec.breadth} at once, ≤{spec.max_items} items)")
     if task.when:
@@ -37,7 +40,8 @@ def _arrow(upstream: list[str]) -> str:
 
 
 def render_workflow(spec: WorkflowSpec) -> str:
-    """Inputs, limits and each step in run order with its upstream steps."""
+    """Inputs, limits and each step in run order with its upstream steps; a called workflow's steps nested
+    under the task that runs it."""
     lines = [f"{spec.name}: {spec.description}".rstrip(": "), "inputs:"]
     lines += [_input_line(n, s) for n, s in spec.inputs.items()] or ["  (none)"]
     lines.append(f"limits: breadth {spec.breadth}, depth {spec.depth}, max_items {spec.max_items}")
@@ -45,6 +49,14 @@ def render_workflow(spec: WorkflowSpec) -> str:
         state = "on" if spec.schedule.enabled else "off"
         lines.append(f"schedule: {spec.schedule.cron} ({spec.schedule.timezone}, {state})")
     lines.append("steps:")
+    lines += _step_lines(spec, "  ")
+    return "\n".join(lines)
+
+
+def _step_lines(spec: WorkflowSpec, indent: str) -> list[str]:
+    """Each step of `spec` in run order; a task that runs a workflow is followed by that workflow's steps, one
+    level deeper (nesting is bounded by spec.subworkflows.MAX_CALL_DEPTH)."""
+    lines: list[str] = []
     dependencies = step_dependencies(spec)
     steps = {step.name: step for step in spec.tasks}
     for name in topological_order(spec, dependencies):
@@ -52,11 +64,14 @@ def render_workflow(spec: WorkflowSpec) -> str:
         upstream = ["inputs", *dependencies[name]]
         if isinstance(step, LoopSpec):
             until = f" until {step.loop.until}" if step.loop.until else ""
-            lines.append(f"  {name}: loop, ≤{loop_iterations(spec, step)} iterations{until}{_arrow(dependencies[name])}")
+            lines.append(f"{indent}{name}: loop, ≤{loop_iterations(spec, step)} iterations{until}"
+                         f"{_arrow(dependencies[name])}")
             body = body_dependencies(step, set(dependencies))
             for task in step.tasks:
                 external, earlier = body[task.name]
-                lines.append(f"    {task.name}: {_task_traits(spec, task)}{_arrow([*external, *earlier])}")
+                lines.append(f"{indent}  {task.name}: {_task_traits(spec, task)}{_arrow([*external, *earlier])}")
         else:
-            lines.append(f"  {name}: {_task_traits(spec, step)}{_arrow(upstream)}")
-    return "\n".join(lines)
+            lines.append(f"{indent}{name}: {_task_traits(spec, step)}{_arrow(upstream)}")
+            if step.workflow is not None:
+                lines += _step_lines(spec.callee(step.workflow), indent + "    ")
+    return lines

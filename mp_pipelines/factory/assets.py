@@ -28,7 +28,7 @@ from mp_pipelines.factory.names import (
     node_name,
     publish_local,
 )
-from mp_pipelines.factory.ops import asset_key, build_inputs_op, build_task_op, llm_pool
+from mp_pipelines.factory.ops import asset_key, build_inputs_op, build_task_op, llm_pool, node_prefix
 from mp_pipelines.spec.graph import body_dependencies, for_each_source, loop_iterations, step_dependencies
 from mp_pipelines.spec.models import LoopSpec, TaskSpec, WorkflowSpec
 from mp_pipelines.spec.versions import body_code_version, loop_code_version, task_code_version
@@ -38,7 +38,9 @@ KIND_TAG = "dagster/kind/llm"  # the kind badge ("llm") on every task asset
 
 
 def _describe(task: TaskSpec) -> str:
-    prompt = task.prompt.strip()
+    if task.workflow is not None:
+        return task.description or f"Result of workflow {task.workflow}."
+    prompt = (task.prompt or "").strip()
     excerpt = prompt if len(prompt) <= _DESCRIPTION_CHARS else prompt[: _DESCRIPTION_CHARS - 1] + "…"
     return task.description or f"Prompt: {excerpt}"
 
@@ -84,9 +86,8 @@ def build_task_asset(spec: WorkflowSpec, task: TaskSpec, upstream: list[str], pr
         metadata_by_output_name={"result": {"workflow": spec.name, "output": task.output}})
 
 
-def build_fanout_asset(spec: WorkflowSpec, task: TaskSpec, upstream: list[str],
-                       provider: str) -> dg.AssetsDefinition:
-    """A fan-out's asset: graph `w__t` of its items op, mapped shard op and collect op."""
+def fanout_graph(spec: WorkflowSpec, task: TaskSpec, upstream: list[str], provider: str) -> dg.GraphDefinition:
+    """Graph `w__t` of a fan-out: its items op, mapped shard op, collect op and publish op."""
     kind, source = for_each_source(task)  # type: ignore[misc]
     pool = llm_pool(provider, spec, task)  # the collector may call the model too (items a failed run left)
     items_op = build_items_op(spec, task, "input" if kind == "input" else "step", source).alias(items_local(task.name))
@@ -102,8 +103,14 @@ def build_fanout_asset(spec: WorkflowSpec, task: TaskSpec, upstream: list[str],
         collected = collect_op(records=mapped.collect(), shards=items.collect(), **values)
         return {"result": publish_op(collected=collected.result, records=getattr(collected, ITEM_RECORDS))}
 
-    graph = _graph(node_name(spec.name, task.name), [INPUTS_OP, *upstream], ["result"], compose,
-                   task.description or None)
+    return _graph(node_name(node_prefix(spec), task.name), [INPUTS_OP, *upstream], ["result"], compose,
+                  task.description or None)
+
+
+def build_fanout_asset(spec: WorkflowSpec, task: TaskSpec, upstream: list[str],
+                       provider: str) -> dg.AssetsDefinition:
+    """A fan-out's asset: graph `w__t` of its items op, mapped shard op and collect op."""
+    graph = fanout_graph(spec, task, upstream, provider)
     return dg.AssetsDefinition.from_graph(
         graph, keys_by_input_name=_input_keys(spec, upstream), keys_by_output_name={"result": asset_key(spec, task.name)},
         group_name=spec.name,
@@ -113,9 +120,10 @@ def build_fanout_asset(spec: WorkflowSpec, task: TaskSpec, upstream: list[str],
         code_versions_by_output_name={"result": task_code_version(spec, task)})
 
 
-def build_loop_assets(spec: WorkflowSpec, loop: LoopSpec, step_names: set[str], provider: str) -> dg.AssetsDefinition:
-    """A loop's multi-asset: graph `w__l` of its unrolled iterations; outputs are each body task's latest answer
-    and the loop's result."""
+def loop_graph(spec: WorkflowSpec, loop: LoopSpec, step_names: set[str], provider: str
+               ) -> tuple[dg.GraphDefinition, list[str]]:
+    """Graph `w__l` of a loop's unrolled iterations, and the top-level steps it reads; its outputs are the loop's
+    result (named after the loop) and each body task's latest answer."""
     body = body_dependencies(loop, step_names)
     upstream = sorted({name for external, _ in body.values() for name in external})
     ops = {(index, iteration): build_body_op(spec, loop, index, iteration, body[task.name][0],
@@ -144,7 +152,17 @@ def build_loop_assets(spec: WorkflowSpec, loop: LoopSpec, step_names: set[str], 
         return {name: getattr(published, name) for name in [loop.name, *(t.name for t in loop.tasks)]}
 
     outputs = [loop.name, *(t.name for t in loop.tasks)]
-    graph = _graph(node_name(spec.name, loop.name), [INPUTS_OP, *upstream], outputs, compose, loop.description or None)
+    graph = _graph(node_name(node_prefix(spec), loop.name), [INPUTS_OP, *upstream], outputs, compose,
+                   loop.description or None)
+    return graph, upstream
+
+
+def build_loop_assets(spec: WorkflowSpec, loop: LoopSpec, step_names: set[str], provider: str) -> dg.AssetsDefinition:
+    """A loop's multi-asset: graph `w__l` of its unrolled iterations; outputs are each body task's latest answer
+    and the loop's result."""
+    body = body_dependencies(loop, step_names)
+    graph, upstream = loop_graph(spec, loop, step_names, provider)
+    outputs = [loop.name, *(t.name for t in loop.tasks)]
     deps = {task.name: {asset_key(spec, INPUTS_OP), *(asset_key(spec, n) for n in [*body[task.name][0],
                                                                                   *body[task.name][1]])}
             for task in loop.tasks}
@@ -171,6 +189,10 @@ def build_assets(spec: WorkflowSpec, *, provider: str = "simulated",
     for step in spec.tasks:
         if isinstance(step, LoopSpec):
             assets.append(build_loop_assets(spec, step, set(dependencies), provider))
+        elif step.workflow is not None and not step.for_each:  # a workflow run once: factory/subworkflows.py
+            from mp_pipelines.factory.subworkflows import build_call_assets
+
+            assets.append(build_call_assets(spec, step, dependencies[step.name], provider))
         elif step.for_each:
             assets.append(build_fanout_asset(spec, step, dependencies[step.name], provider))
         else:

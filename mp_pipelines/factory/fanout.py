@@ -154,6 +154,10 @@ def _run_items(context: dg.OpExecutionContext, spec: WorkflowSpec, task: TaskSpe
     """Run items of the fan-out concurrently on the shared loop; their answers are stored before this returns.
 
     An error that stops the whole fan-out (a refused key) fails the step at once, whatever `on_item_failure` says."""
+    if task.workflow is not None:  # a workflow run per item: its tasks run inside this step
+        from mp_pipelines.factory.subworkflows import run_call_items
+
+        return run_call_items(context, spec, task, workflow_inputs, values, items, is_table, breadth)
     base = build_context(spec, workflow_inputs, values)
     scope = call_scope(context, spec, task, fanout=task.name, breadth=breadth)
     llm = chat_model(context)

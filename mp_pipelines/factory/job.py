@@ -84,6 +84,8 @@ def op_count(spec: WorkflowSpec) -> int:
     for step in spec.tasks:
         if isinstance(step, LoopSpec):
             count += 3 * len(step.tasks) * loop_iterations(spec, step) + 1
+        elif step.workflow is not None and not step.for_each:
+            count += 2 + op_count(spec.callee(step.workflow))
         else:
             count += 3 if step.for_each else 1
     return count

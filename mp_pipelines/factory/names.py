@@ -8,7 +8,9 @@ Every spelling lives here, with a function to build it and, where others parse i
 - a fan-out `t` is a graph `w__t` of steps `w__t.t__items` (the items), mapped steps `w__t.t[k]` (one per item
   or shard), `w__t.t__collect` and `w__t.t__publish` (outputs the asset);
 - a loop `l` is a graph `w__l`: iteration `n` of its body task `t` is step `w__l.t__n`, its result `w__l.l`;
-- task `t`'s quality checks (asset checks of `[w, t]`) run in step `w__t__checks`.
+- task `t`'s quality checks (asset checks of `[w, t]`) run in step `w__t__checks`;
+- a task `t` that runs a workflow once is a graph `w__t` of steps `w__t.inputs`, `w__t.<callee step>` and
+  `w__t.call__result` (factory/subworkflows.py).
 
 No Dagster here, so the command line and the sensors can read step keys without building a job.
 """
@@ -97,6 +99,16 @@ def is_mapped_step(step_key: str, workflow: str, task: str) -> bool:
 def shard_mapping_key(first: int, last: int, shard_size: int) -> str:
     """The mapping key of the step holding items first..last: `3` with one item per step, else `0_31`."""
     return str(first) if shard_size == 1 else f"{first}_{last}"
+
+
+# A workflow run once by task `t` of `w` is a graph `w__t` of steps `w__t.inputs`, `w__t.<its steps>` (fan-outs and
+# loops as graphs nested one level further) and this one, which outputs the asset `[w, t]`.
+CALL_RESULT_OP = f"call{RESERVED_SEPARATOR}result"
+
+
+def call_step(workflow: str, task: str, local: str) -> str:
+    """Step `local` (a step key inside the called workflow's graph) of the graph of call task `task`."""
+    return f"{node_name(workflow, task)}.{local}"
 
 
 def body_local(task: str, iteration: int) -> str:

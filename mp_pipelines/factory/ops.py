@@ -37,7 +37,7 @@ from mp_pipelines.factory.partitions import inbox_root
 from mp_pipelines.factory.resources import RunBudget
 from mp_pipelines.llm.types import ChatModel, LimitSettings, LLMError
 from mp_pipelines.spec.inputs import coerce_input
-from mp_pipelines.spec.models import BatchSettings, BudgetSpec, InputSpec, TaskSpec, WorkflowSpec
+from mp_pipelines.spec.models import RESERVED_SEPARATOR, BatchSettings, BudgetSpec, InputSpec, TaskSpec, WorkflowSpec
 from mp_pipelines.spec.paths import InputPathError, input_roots
 from mp_pipelines.spec.problems import WorkflowValidationError
 from mp_pipelines.spec.providers import declared_providers
@@ -66,12 +66,17 @@ def make_op(spec: WorkflowSpec, name: str, compute: Compute, *, step: str, ins: 
     inside a fan-out's or loop's graph.
     """
     prompts = kwargs.get("required_resource_keys") == PROMPT_RESOURCE_KEYS
-    return dg.OpDefinition(compute_fn=observed(spec, step, compute, prompts=prompts), name=node_name(spec.name, name),
+    return dg.OpDefinition(compute_fn=observed(spec, step, compute, prompts=prompts), name=node_name(node_prefix(spec), name),
                            ins=dict(ins or {}), outs=dict(outs or {"result": dg.Out(dg.Any)}), **kwargs)
 
 
+def node_prefix(spec: WorkflowSpec) -> str:
+    """What its nodes' names start with: the workflow's name, or `caller__task…` for a workflow another one runs."""
+    return RESERVED_SEPARATOR.join(spec.asset_prefix)
+
+
 def asset_key(spec: WorkflowSpec, name: str) -> dg.AssetKey:
-    return dg.AssetKey([spec.name, name])
+    return dg.AssetKey([*spec.asset_prefix, name])
 
 
 def input_field(spec: InputSpec) -> dg.Field:

@@ -37,14 +37,6 @@ def inbox_folder(workflow: str) -> Path:
     return inbox_root() / workflow
 
 
-def inbox_file(workflow: str, key: str) -> Path:
-    """The inbox file of partition `key`; ValueError when the key is no plain file name and would leave the folder."""
-    if key in ("", ".", "..") or Path(key).name != key or (os.altsep and os.altsep in key):
-        raise ValueError(f"partition key {key!r} of workflow {workflow!r} is not the name of a file in its inbox "
-                         f"folder {str(inbox_folder(workflow))!r}; inbox partitions are plain file names")
-    return inbox_folder(workflow) / key
-
-
 def inbox_run_config(spec: WorkflowSpec, path: Path | str) -> dict[str, Any]:
     """Run config of one batch: the file as the table input, defaults for the other inputs."""
     name = inbox_input(spec)

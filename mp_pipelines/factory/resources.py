@@ -52,3 +52,38 @@ class RunBudget(dg.ConfigurableResource):
             if self._calls is None or self._calls.run_id != run_id:
                 self._calls = RunCalls(run_id)
             return self._calls
+
+
+class StepStorage(dg.FilesystemIOManager):
+    """Where steps store their outputs and task assets their values (Dagster's filesystem IO manager: `base_dir`,
+    else the instance's storage folder); reading an asset that has no stored value fails with what to do."""
+
+    def create_io_manager(self, context: dg.InitResourceContext) -> dg.IOManager:
+        return _ExplainedLoads(super().create_io_manager(context))
+
+
+class _ExplainedLoads(dg.IOManager):
+    """An IO manager whose missing upstream values are one sentence naming the asset, not a FileNotFoundError."""
+
+    def __init__(self, inner: dg.IOManager) -> None:
+        self._inner = inner
+
+    def handle_output(self, context: dg.OutputContext, obj: object) -> None:
+        self._inner.handle_output(context, obj)
+
+    def load_input(self, context: dg.InputContext) -> object:
+        try:
+            return self._inner.load_input(context)
+        except FileNotFoundError as exc:
+            if not context.has_asset_key:
+                raise
+            raise dg.Failure(missing_upstream(context.asset_key, exc.filename), allow_retries=False) from None
+
+
+def missing_upstream(key: dg.AssetKey, path: str | None) -> str:
+    """Why a subset cannot run: asset `key` it reads was never materialized (with this step storage)."""
+    workflow = key.path[0]
+    where = f" (nothing stored at {path})" if path else ""
+    return (f"asset {key.to_user_string()} has never been materialized{where}, and the assets selected read it: "
+            f"materialize it too (select it with what is downstream of it, e.g. 'Materialize' on it in the Catalog), "
+            f"or run the whole workflow first (`mp-pipelines run {workflow}`)")

@@ -84,6 +84,8 @@ def _chain(node: nodes.Node) -> tuple[str, ...] | None:
 def task_templates(task: TaskSpec) -> list[tuple[str, str, bool]]:
     """(field, source, is_expression) for every template field a task sets."""
     fields = [("prompt", task.prompt, False), ("system", task.system, False), ("when", task.when, True)]
+    # A called workflow's inputs are templates too: what they read is what the call depends on.
+    fields += [(f"inputs.{name}", value, False) for name, value in task.inputs.items() if isinstance(value, str)]
     return [(name, source, expression) for name, source, expression in fields if source]
 
 

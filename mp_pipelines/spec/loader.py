@@ -9,7 +9,7 @@ up by YAML aliases is refused before it is validated.
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,10 +22,12 @@ from mp_pipelines.spec.models import WorkflowSpec
 from mp_pipelines.spec.problems import Problem, WorkflowValidationError, pydantic_problems
 from mp_pipelines.spec.salvage import salvage
 from mp_pipelines.spec.size_limits import MAX_SPEC_BYTES
+from mp_pipelines.spec.subworkflows import call_sites, folder_lookup, resolve_calls
 from mp_pipelines.spec.validate import validate_workflow
 from mp_pipelines.spec.yaml_guard import MAX_DEPTH, UniqueKeyLoader, shape_problem
 
-__all__ = ["LoadResult", "Problem", "WorkflowValidationError", "load_workflow_file", "load_workflows", "parse_workflow"]
+__all__ = ["LoadResult", "Problem", "WorkflowValidationError", "load_workflow_file", "load_workflows", "parse_workflow",
+           "resolve_callees"]
 
 # The package's workflows folder, found from this file: importing the package itself would tie spec/ to what
 # mp_pipelines/__init__.py may import.
@@ -127,7 +129,42 @@ def _load_text(text: str, source: str) -> tuple[Any, list[Problem]]:
 
 def load_workflow_file(path: str | Path) -> WorkflowSpec:
     """Read and validate one workflow YAML file; WorkflowValidationError names the file and lists every problem
-    (a repeated key included)."""
+    (a repeated key included). The workflows its tasks run are found in its folder and the workflow folders."""
+    spec = _load_one(path)
+    if call_sites(spec):
+        problems = resolve_calls({spec.name: spec}, {spec.name: str(path)}, _callee_lookup([Path(path)]))
+        if problems:
+            raise WorkflowValidationError(problems[spec.name], str(path))
+    return spec
+
+
+def resolve_callees(spec: WorkflowSpec, source: str | None = None) -> WorkflowSpec:
+    """`spec` (parsed from data or built in code) with the workflows its tasks run found in the workflow folders (and
+    `source`'s folder); WorkflowValidationError when a call is wrong. A spec with callees already is returned as is."""
+    sites = call_sites(spec)
+    if not sites or all(site.task.workflow in spec._callees for site in sites):
+        return spec
+    problems = resolve_calls({spec.name: spec}, {spec.name: source}, _callee_lookup([Path(source)] if source else []))
+    if problems:
+        raise WorkflowValidationError(problems[spec.name], source)
+    return spec
+
+
+def _callee_lookup(paths: Sequence[Path]) -> Callable[[str], tuple[WorkflowSpec, str | None] | None]:
+    """Where callees not among the loaded workflows are looked for: the folders of `paths`, then workflow_dirs()."""
+    folders = list(dict.fromkeys([*(p if p.is_dir() else p.parent for p in paths), *workflow_dirs()]))
+
+    def load(file: Path) -> WorkflowSpec | None:
+        try:
+            return _load_one(file)
+        except WorkflowValidationError:
+            return None
+
+    return folder_lookup(folders, load, WORKFLOW_SUFFIXES)
+
+
+def _load_one(path: str | Path) -> WorkflowSpec:
+    """One workflow file, its calls of other workflows not yet resolved."""
     source = str(path)
     text = _read_text(path, source)
     data, repeats = _load_text(text, source)
@@ -173,9 +210,10 @@ def load_workflows(paths: Sequence[str | Path] | None = None) -> LoadResult:
     """Load every workflow file in `paths` (files or folders; default workflow_dirs()), collecting problems."""
     result = LoadResult()
     hint = f" (folders come from {PATH_ENV})" if paths is None else ""
-    for file in _files(workflow_dirs() if paths is None else paths, result.problems, hint):
+    files = _files(workflow_dirs() if paths is None else paths, result.problems, hint)
+    for file in files:
         try:
-            spec = load_workflow_file(file)
+            spec = _load_one(file)
         except WorkflowValidationError as exc:
             result.problems.extend(exc.problems)
             result.notes.extend(exc.notes)
@@ -188,4 +226,16 @@ def load_workflows(paths: Sequence[str | Path] | None = None) -> LoadResult:
             continue
         result.specs[spec.name] = spec
         result.sources[spec.name] = file
+    if any(call_sites(spec) for spec in result.specs.values()):
+        _resolve_calls(result, [Path(p) for p in (workflow_dirs() if paths is None else paths)])
     return result
+
+
+def _resolve_calls(result: LoadResult, paths: list[Path]) -> None:
+    """Attach each workflow's callees; a workflow whose calls are wrong is left out with its problems."""
+    sources = {name: str(file) for name, file in result.sources.items()}
+    refused = resolve_calls(result.specs, sources, _callee_lookup(paths))
+    for name, problems in refused.items():
+        result.problems.extend(problems)
+        del result.specs[name]
+        del result.sources[name]

@@ -12,7 +12,18 @@ from dataclasses import dataclass
 from typing import Annotated, Any, Literal, Union
 
 from croniter import croniter
-from pydantic import BaseModel, ConfigDict, Discriminator, Field, PrivateAttr, Tag, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    PrivateAttr,
+    Tag,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import InitErrorDetails
 
 from mp_pipelines.spec.checks import CheckSpec
 from mp_pipelines.spec.inputs import coerce_input
@@ -286,7 +297,12 @@ class TaskSpec(ModelSettings, FailurePolicy, BatchPolicy):
 
     name: str
     description: str = ""
-    prompt: str = Field(min_length=1)
+    prompt: str | None = Field(default=None, min_length=1)
+    workflow: str | None = Field(
+        default=None, description="Run this workflow (by name) instead of a prompt; its result is the task's output.")
+    inputs: dict[str, Any] = Field(
+        default_factory=dict, description="With workflow: the called workflow's inputs (templates, typed by its "
+        "input declarations).")
     depends_on: list[str] = Field(default_factory=list)
     for_each: str | None = Field(default=None, description="Fan out over a task's list output or inputs.<name>.")
     when: str | None = Field(default=None, description="Jinja expression; the task is skipped when it is false.")
@@ -310,6 +326,30 @@ class TaskSpec(ModelSettings, FailurePolicy, BatchPolicy):
     def _name(cls, value: str) -> str:
         return check_name(value, "task")
 
+    @property
+    def calls_workflow(self) -> bool:
+        """Whether the task runs another workflow (`workflow:`) instead of a prompt."""
+        return self.workflow is not None
+
+    @model_validator(mode="after")
+    def _prompt_or_workflow(self) -> TaskSpec:
+        if self.workflow is None:
+            if self.prompt is None:  # said as the missing key it is, at its own path
+                raise ValidationError.from_exception_data(
+                    type(self).__name__, [InitErrorDetails(type="missing", loc=("prompt",), input={})])
+            if self.inputs:
+                raise ValueError("inputs is set but the task has no workflow; inputs pass values to a called workflow")
+            return self
+        if self.prompt is not None:
+            raise ValueError(f"the task has both prompt and workflow {self.workflow!r}; a task either sends a prompt "
+                             "or runs a workflow")
+        prompt_only = [key for key in PROMPT_ONLY_FIELDS if key in self.model_fields_set]
+        if prompt_only:
+            raise ValueError(f"{', '.join(prompt_only)} {'is' if len(prompt_only) == 1 else 'are'} set but the task "
+                             f"runs workflow {self.workflow!r}; set {'it' if len(prompt_only) == 1 else 'them'} on "
+                             "that workflow's tasks")
+        return self
+
     @model_validator(mode="after")
     def _schema_needs_json(self) -> TaskSpec:
         for key in ("shard_size", "on_item_failure", "min_success_ratio"):
@@ -326,6 +366,11 @@ class TaskSpec(ModelSettings, FailurePolicy, BatchPolicy):
             except SchemaError as exc:
                 raise ValueError(f"output_schema is not a valid JSON schema: {exc.message}") from None
         return self
+
+
+# Fields that shape one prompt: a task that runs a workflow (`workflow:`) has none of them.
+PROMPT_ONLY_FIELDS = ("system", "model", "temperature", "max_tokens", "output", "output_schema", "repair_attempts",
+                      "mode", "batch_repair", "batch_fallback", "batch_on_expiry", "fallback", "cache")
 
 
 class LoopControl(_Strict):
@@ -395,7 +440,16 @@ class WorkflowSpec(FailurePolicy, BatchPolicy):
     budget: BudgetSpec | None = None
     schedule: ScheduleSpec | None = None
     tags: dict[str, str] = Field(default_factory=dict)
+    outputs: dict[str, str] = Field(
+        default_factory=dict, description="When another workflow runs this one: its result, name → task (default: "
+        "the output of its only final task).")
     tasks: list[Step] = Field(min_length=1)
+    # Workflows its tasks run (`workflow:`), by name, found when the workflow was loaded (spec/subworkflows.py).
+    _callees: dict[str, WorkflowSpec] = PrivateAttr(default_factory=dict)
+    # Where its assets and ops live when another workflow runs it: (caller, task, ...); () when it runs itself.
+    _call_path: tuple[str, ...] = PrivateAttr(default=())
+    # The folder of its file, for a workflow that runs or is run by another: relative table paths resolve there.
+    _folder: str | None = PrivateAttr(default=None)
 
     @field_validator("name")
     @classmethod
@@ -426,6 +480,43 @@ class WorkflowSpec(FailurePolicy, BatchPolicy):
     @classmethod
     def _cron_shorthand(cls, value: Any) -> Any:
         return {"cron": value} if isinstance(value, str) else value
+
+    def callee(self, name: str) -> WorkflowSpec:
+        """The workflow a task of this one runs by `name` (KeyError when it was not resolved at load)."""
+        return self._callees[name]
+
+    def with_callees(self, callees: dict[str, WorkflowSpec], folders: dict[str, str | None] | None = None
+                     ) -> WorkflowSpec:
+        """This workflow, knowing the workflows its tasks run (and the folder of each one's file)."""
+        self._callees = dict(callees)
+        for name, folder in (folders or {}).items():
+            if name in self._callees:
+                self._callees[name]._folder = folder
+        return self
+
+    def in_folder(self, folder: str | None) -> WorkflowSpec:
+        """This workflow, knowing the folder of its file (relative table paths of its calls resolve there)."""
+        self._folder = folder
+        return self
+
+    @property
+    def folder(self) -> str | None:
+        """The folder of its file, for a workflow that runs or is run by another (None when unknown)."""
+        return self._folder
+
+    @property
+    def asset_prefix(self) -> tuple[str, ...]:
+        """The asset key prefix of its tasks: (workflow,), or (caller, task, ...) when another workflow runs it."""
+        return self._call_path or (self.name,)
+
+    def called_at(self, prefix: tuple[str, ...], caller: WorkflowSpec) -> WorkflowSpec:
+        """A copy of this workflow as run by the task at `prefix` (caller's asset prefix + the task's name) of
+        `caller`: the run's budget and limits are the caller's, since they hold for the whole run."""
+        copy = self.model_copy(update={"budget": caller.budget, "limits": caller.limits})
+        copy._call_path = tuple(prefix)
+        copy._callees = dict(self._callees)
+        copy._folder = self._folder
+        return copy
 
     def all_tasks(self) -> list[TaskSpec]:
         """Every task, loop bodies included, in file order."""

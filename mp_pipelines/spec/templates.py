@@ -284,3 +284,17 @@ def evaluate(expression: str, context: dict[str, Any], *, deadline: float | None
     except Exception as exc:
         error = exc if isinstance(exc, TemplateError) else _render_error(exc)
         raise type(error)(f"condition {expression!r} failed: {error}") from None
+
+
+def value_of(expression: str, context: dict[str, Any], *, deadline: float | None = None) -> Any:
+    """The value of an expression such as `plan` or `inputs.items[:3]` (braces optional), as it is: a list stays
+    a list. TemplateError when it cannot be evaluated."""
+    limit = _prompt_limit()
+    try:
+        with sandbox.bounded(deadline, limit):
+            return _compiled_expression(expression_body(expression))(context)
+    except TemplateSyntaxError as exc:
+        raise TemplateError(f"Jinja syntax error in {expression!r}: {exc.message}") from None
+    except Exception as exc:
+        error = exc if isinstance(exc, TemplateError) else _render_error(exc)
+        raise type(error)(f"{expression!r} failed: {error}") from None

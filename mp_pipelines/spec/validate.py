@@ -49,7 +49,9 @@ class _Checker:
 
     def __init__(self, spec: WorkflowSpec, source: str | None, uncertain: frozenset[str] = frozenset()) -> None:
         self.spec, self.source = spec, source
-        self.uncertain = uncertain  # tasks with fields the structure checks refused: their shape is not known
+        # Tasks with fields the structure checks refused, and tasks that run a workflow: their shape is not known here.
+        uncertain = uncertain | {task.name for task in spec.all_tasks() if task.workflow is not None}
+        self.uncertain = uncertain
         self.problems: list[Problem] = []
         # JSON answers without a schema read by attribute: task → attribute → guessed type, and where each is read
         self.schemaless: dict[str, dict[str, str]] = {}
@@ -88,6 +90,7 @@ class _Checker:
             else:
                 self.check_task(scope)
         self.check_cycles()
+        self.check_outputs()
         self.check_schedule()
         self.add_schemaless()
         return self.problems
@@ -125,6 +128,9 @@ class _Checker:
             self.check_dependency(f"{scope.path}.depends_on[{index}]", name, scope)
         if task.for_each is not None:
             self.check_for_each(f"{scope.path}.for_each", task, scope)
+        if task.workflow is not None and scope.loop is not None:
+            self.add(f"{scope.path}.workflow", f"a task inside loop {scope.loop.name!r} cannot run a workflow; run it "
+                     "in a top-level task that depends on the loop")
         for field, source, expression in graph.task_templates(task):
             self.check_template(f"{scope.path}.{field}", source, expression, scope)
         for path, message in check_problems(task.checks, scope.path, task.output_schema):
@@ -331,6 +337,18 @@ class _Checker:
         if cycle:
             what = f"{cycle[0]!r} depends on itself" if len(cycle) == 2 else f"dependency cycle {graph.describe_cycle(cycle)}"
             self.add(self.paths[cycle[0]], f"{what}; steps must form a DAG, so repeat work with a loop: block instead")
+
+    def check_outputs(self) -> None:
+        """`outputs:` names top-level steps (what a caller of this workflow gets)."""
+        for name, step in self.spec.outputs.items():
+            path = f"outputs.{name}"
+            if not name.isidentifier():
+                self.add(path, f"output name {name!r} is not an identifier (letters, digits, '_')")
+            if step not in self.steps:
+                where = (f"{step!r} is a task inside loop {self.owner[step].name!r}; name the loop instead"
+                         if step in self.owner else f"unknown step {step!r}")
+                self.add(path, f"{where}; outputs map names to the workflow's tasks or loops "
+                         f"(steps: {_known(self.steps)}){suggest(step, self.steps)}")
 
     def check_schedule(self) -> None:
         schedule = self.spec.schedule

@@ -24,7 +24,7 @@ def template_sources(spec: WorkflowSpec, task: TaskSpec) -> list[str]:
     """The unrendered template texts the task's answer depends on: its prompt and its system message (its own or
     the workflow default's), then every prompt-library file they include or import, with its name."""
     system = spec.settings_for(task).system
-    texts = [task.prompt, system or ""]
+    texts = [task.prompt or "", system or ""]
     return texts + [f"{name}\n{text}" for source in texts for name, text in library_sources(spec, source)]
 
 
@@ -39,7 +39,19 @@ def _task_fields(spec: WorkflowSpec, task: TaskSpec) -> dict[str, Any]:
         "output_schema": task.output_schema,
         "for_each": task.for_each,
         "when": task.when,
+        **(_call_fields(spec, task) if task.workflow is not None else {}),
     }
+
+
+def _call_fields(spec: WorkflowSpec, task: TaskSpec) -> dict[str, Any]:
+    """What decides a sub-workflow's result: the inputs passed, and every task of the called workflow."""
+    try:
+        callee = spec.callee(task.workflow or "")
+    except KeyError:  # not resolved (a spec built in code): its name stands for it
+        return {"workflow": task.workflow, "inputs": task.inputs}
+    steps = [{"loop": loop_code_version(callee, step)} if isinstance(step, LoopSpec) else _task_fields(callee, step)
+             for step in callee.tasks]
+    return {"workflow": task.workflow, "inputs": task.inputs, "callee": steps, "outputs": callee.outputs}
 
 
 def _digest(fields: Any) -> str:

@@ -70,12 +70,13 @@ class ItemRecord:
     row: Any = None  # the input row, for fan-outs over a table
     raw_output: str | None = None  # the last unusable answer of an item that failed with invalid_output
     run_id: str = ""  # the run that produced this record (a re-executed run may carry its parent's)
+    steps: dict[str, Any] | None = None  # an item of a `for_each` call: each task of the called workflow → its answer
 
     def as_row(self) -> dict[str, Any]:
         return {"index": self.index, "status": self.status, "output": self.output, "error": self.error,
                 "error_kind": self.error_kind, "attempts": self.attempts, "http_attempts": self.http_attempts,
                 **self.usage.as_dict(), "model": self.model, "provider": self.provider, "row": self.row,
-                "raw_output": self.raw_output, "run_id": self.run_id}
+                "raw_output": self.raw_output, "run_id": self.run_id, **({"steps": self.steps} if self.steps else {})}
 
 
 def retry_delay(retries: RetrySpec, attempt: int, rand: Callable[[], float] = random.random) -> float:
