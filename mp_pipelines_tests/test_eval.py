@@ -135,7 +135,7 @@ def test_shipped_set_scores_the_hand_computed_accuracy_in_tagged_runs(runner: Cl
     text = runner.invoke(main, ["eval", "classify_tickets", "--dataset", str(SHIPPED_CSV)])
     assert text.exit_code == 0, text.output
     assert any(line.split()[:5] == ["classify", "accuracy", "0.150", "20", "17"] for line in text.stdout.splitlines())
-    assert 'classify example 0: expected {"category": "billing"}; got {"category": "account"' in text.stdout
+    assert 'classify example 0: expected {"category": "billing"}; got {"category": "account"}\n' in text.stdout
     eval_id = text.stdout.split("recorded as ")[1].split(":")[0]
     from_csv = json.loads((home / "evals" / f"{eval_id}.json").read_text())
     assert eval_id != report["eval_id"]
