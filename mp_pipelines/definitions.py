@@ -17,6 +17,7 @@ from typing import Any
 
 import dagster as dg
 
+from mp_pipelines.factory.logs import LOGGER_DEFS
 from mp_pipelines.factory.names import BUDGET_RESOURCE_KEY, LLM_RESOURCE_KEY
 from mp_pipelines.factory.resources import RunBudget
 from mp_pipelines.factory.workflow import build_workflow_definitions
@@ -49,7 +50,9 @@ def build_definitions(loaded: LoadResult) -> dg.Definitions:
     step_storage = step_storage_io_manager()
     if step_storage is not None:
         resources["io_manager"] = step_storage
-    return dg.Definitions.merge(*parts, dg.Definitions(resources=resources, sensors=[build_failure_sensor()]))
+    # `console` for every job: with the trace id, or JSON lines (MP_LOG_FORMAT=json)
+    return dg.Definitions.merge(*parts, dg.Definitions(resources=resources, sensors=[build_failure_sensor()],
+                                                       loggers=LOGGER_DEFS))
 
 
 STEP_STORAGE_DIR_ENV = "MP_STEP_STORAGE_DIR"

@@ -14,6 +14,7 @@ from click.testing import CliRunner
 
 from mp_pipelines.cli.main import main
 from mp_pipelines.cli.running import LOCAL_HOME
+from mp_pipelines.factory.names import mapped_step, publish_step
 from mp_pipelines.llm.simulated import SimulatedModel
 from mp_pipelines_tests.fault_server import RunningServer
 from mp_pipelines_tests.workflow_helpers import run_file, write_workflow
@@ -84,8 +85,8 @@ def test_a_budget_without_a_store_fails_multiprocess_steps_before_any_call(
     assert instance.get_run_by_id(run_id).status == dg.DagsterRunStatus.FAILURE
     assert len(llm_server.requests) == 0, "no call may go out under a budget nothing can enforce"
     failures = step_failures(instance, run_id)
-    assert set(failures) == {"echo[0_3]", "echo[4_7]", "echo[8_11]"}
-    message = failures["echo[0_3]"]
+    assert set(failures) == {mapped_step("split", "echo", k) for k in ("0_3", "4_7", "8_11")}
+    message = failures[mapped_step("split", "echo", "0_3")]
     assert "max_calls" in message and "MP_CACHE_URL is 'none'" in message
     assert "set MP_CACHE_URL to a reachable database" in message and "concurrent executor" in message
 
@@ -93,7 +94,7 @@ def test_a_budget_without_a_store_fails_multiprocess_steps_before_any_call(
     run_id = execute(path, instance)
     assert instance.get_run_by_id(run_id).status == dg.DagsterRunStatus.FAILURE
     assert len(llm_server.requests) == 5
-    assert "max_calls of 5 reached" in step_failures(instance, run_id)["echo__collect"]
+    assert "max_calls of 5 reached" in step_failures(instance, run_id)[publish_step("split", "echo")]
 
 
 @pytest.mark.parametrize("cache_url, reason", [
@@ -156,7 +157,7 @@ def test_a_cost_budget_refuses_a_model_without_a_price_before_any_call(
     # Launched some other way (the UI, a schedule), the prompt steps refuse before their first call.
     run_id = execute(path, instance)
     assert instance.get_run_by_id(run_id).status == dg.DagsterRunStatus.FAILURE
-    assert "model 'house-llama' has no price" in step_failures(instance, run_id)["echo[0]"]
+    assert "model 'house-llama' has no price" in step_failures(instance, run_id)[mapped_step("unpriced", "echo", "0")]
     assert len(llm_server.requests) == 0
 
 

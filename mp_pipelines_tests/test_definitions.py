@@ -25,7 +25,7 @@ def test_defs_have_a_job_and_assets_for_every_shipped_workflow() -> None:
         assert defs.resolve_job_def(name).name == name
         keys = {key for key in defs.resolve_asset_graph().get_all_asset_keys() if key.path[0] == name}
         expected = {dg.AssetKey([name, task.name]) for task in spec.all_tasks()}
-        expected |= {dg.AssetKey([name, step.name]) for step in spec.tasks}
+        expected |= {dg.AssetKey([name, step.name]) for step in spec.tasks} | {dg.AssetKey([name, "inputs"])}
         assert keys == expected
 
 

@@ -16,7 +16,17 @@ SHIPPED = ("research_report", "summarize_documents", "classify_tickets")
 
 
 def upstream_nodes(job: dg.JobDefinition, node: str) -> set[str]:
-    return {out.node_name for out in job.graph.dependency_structure.all_upstream_outputs_from_node(node)}
+    """Nodes feeding `node` (a step key without mapping: `w__t` or `w__t.local`), within the same graph."""
+    graph, _, local = node.rpartition(".")
+    graph_def = job.graph.node_named(graph).definition if graph else job.graph
+    return {out.node_name for out in graph_def.dependency_structure.all_upstream_outputs_from_node(local)}
+
+
+def node_def(job: dg.JobDefinition, node: str) -> dg.NodeDefinition:
+    """The definition of `node`: a top-level node, or `graph.local` one level down."""
+    graph, _, local = node.rpartition(".")
+    return job.graph.node_named(graph).definition.node_named(local).definition if graph else (
+        job.graph.node_named(node).definition)
 
 
 def test_every_shipped_workflow_has_a_job_and_assets() -> None:
@@ -32,37 +42,44 @@ def test_every_shipped_workflow_has_a_job_and_assets() -> None:
 
 def test_research_report_graph_mirrors_the_workflow() -> None:
     job = load_defs().resolve_job_def("research_report")
-    nodes = {node.name for node in job.graph.nodes}
-    assert {"inputs", "plan", "research__items", "research", "research__collect", "draft", "refine", "report"} <= nodes
-    # the loop is unrolled: depth 3 → three critique/revise pairs
-    assert {f"{task}__{i}" for task in ("critique", "revise") for i in (1, 2, 3)} <= nodes
-    assert upstream_nodes(job, "plan") == {"inputs"}
-    assert upstream_nodes(job, "research__items") == {"inputs", "plan"}
-    assert upstream_nodes(job, "draft") == {"inputs", "plan", "research__collect"}
-    assert upstream_nodes(job, "revise__1") == {"inputs", "critique__1", "draft"}
-    assert upstream_nodes(job, "critique__2") == {"inputs", "revise__1", "draft"}
-    assert upstream_nodes(job, "refine") == {"critique__1", "critique__2", "critique__3", "revise__3"}
-    assert upstream_nodes(job, "report") == {"inputs", "refine", "draft"}
+    w = "research_report__"
+    # one node per asset: the inputs, each task, the fan-out's graph and the loop's graph
+    assert {node.name for node in job.graph.nodes} == {w + n for n in ("inputs", "plan", "research", "draft", "refine",
+                                                                     "report")}
+    assert upstream_nodes(job, w + "plan") == {w + "inputs"}
+    assert upstream_nodes(job, w + "research") == {w + "inputs", w + "plan"}
+    assert upstream_nodes(job, w + "draft") == {w + "inputs", w + "plan", w + "research"}
+    assert upstream_nodes(job, w + "refine") == {w + "inputs", w + "draft"}
+    assert upstream_nodes(job, w + "report") == {w + "inputs", w + "refine", w + "draft"}
+    # the loop is unrolled inside its graph: depth 3 → three critique/revise pairs, then the loop's result
+    loop = node_def(job, w + "refine")
+    assert {node.name for node in loop.nodes} == {f"{t}__{i}" for t in ("critique", "revise") for i in (1, 2, 3)} | {
+        "refine"}
+    assert upstream_nodes(job, w + "refine.revise__1") == {"critique__1"}
+    assert upstream_nodes(job, w + "refine.critique__2") == {"revise__1"}
+    assert upstream_nodes(job, w + "refine.refine") == {"critique__1", "critique__2", "critique__3", "revise__3"}
 
 
 def test_fan_out_is_a_dynamic_output_mapped_and_collected() -> None:
     job = load_defs().resolve_job_def("research_report")
-    items_op = job.graph.node_named("research__items").definition
+    fan_out = "research_report__research"
+    items_op = node_def(job, f"{fan_out}.research__items")
     assert items_op.output_defs[0].is_dynamic
-    structure = job.graph.dependency_structure
+    structure = node_def(job, fan_out).dependency_structure
     assert structure.is_dynamic_mapped("research")
-    # The collector also gets every shard's items and inputs, to finish what an earlier attempt left (budget, resume).
-    assert upstream_nodes(job, "research__collect") == {"research", "research__items", "plan", "inputs"}
+    # The collector also gets every shard's items, to finish what an earlier attempt left (budget, resume).
+    assert upstream_nodes(job, f"{fan_out}.research__collect") == {"research", "research__items"}
     assert not structure.is_dynamic_mapped("research__collect")  # collected: back to one step
-    assert job.graph.node_named("research").definition.tags["mp_pipelines/fanout"] == "research_report.research"
+    assert upstream_nodes(job, f"{fan_out}.research__publish") == {"research__collect"}
+    assert node_def(job, f"{fan_out}.research").tags["mp_pipelines/fanout"] == "research_report.research"
 
 
 def test_retries_become_retry_policies() -> None:
     job = load_defs().resolve_job_def("research_report")
-    policy = job.graph.node_named("research").definition.retry_policy
+    policy = node_def(job, "research_report__research.research").retry_policy
     assert policy == dg.RetryPolicy(max_retries=3, delay=1, backoff=dg.Backoff.EXPONENTIAL, jitter=dg.Jitter.PLUS_MINUS)
-    assert job.graph.node_named("plan").definition.retry_policy.max_retries == 2
-    assert job.graph.node_named("draft").definition.retry_policy is None
+    assert node_def(job, "research_report__plan").retry_policy.max_retries == 2
+    assert node_def(job, "research_report__draft").retry_policy is None
 
 
 def test_inputs_are_typed_run_config_with_defaults() -> None:
@@ -72,7 +89,8 @@ def test_inputs_are_typed_run_config_with_defaults() -> None:
     with pytest.raises(dg.DagsterInvalidConfigError, match="max_questions"):
         dg.validate_run_config(job, {"ops": {"inputs": {"config": {"topic": "x", "max_questions": "five"}}}})
     resolved = dg.validate_run_config(job, {"ops": {"inputs": {"config": {"topic": "x"}}}})
-    assert resolved["ops"]["inputs"]["config"] == {"topic": "x", "max_questions": 5, "audience": "a technical reader"}
+    # `ops.inputs.config` reaches the inputs op, whose name is unique in the code location
+    assert resolved["ops"]["research_report__inputs"]["config"] == {"topic": "x", "max_questions": 5, "audience": "a technical reader"}
     # the executor is selectable per run and defaults to the concurrent one; fan-outs stay within breadth
     breadth_limit = [{"key": "mp_pipelines/fanout", "value": {"applyLimitPerUniqueValue": True}, "limit": 8}]
     concurrent = resolved["execution"]["mp_pipelines_executor"]["concurrent"]
@@ -90,8 +108,8 @@ def test_inputs_are_typed_run_config_with_defaults() -> None:
 def test_asset_lineage_mirrors_the_dag() -> None:
     graph = load_defs().resolve_asset_graph()
 
-    def parents(*path: str) -> set[tuple[str, ...]]:
-        return {tuple(key.path) for key in graph.get(dg.AssetKey(list(path))).parent_keys}
+    def parents(*path: str) -> set[tuple[str, ...]]:  # the workflow inputs feed every step: left out here
+        return {tuple(key.path) for key in graph.get(dg.AssetKey(list(path))).parent_keys} - {(path[0], "inputs")}
 
     assert parents("research_report", "plan") == set()
     assert parents("research_report", "research") == {("research_report", "plan")}

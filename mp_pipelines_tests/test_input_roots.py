@@ -109,7 +109,7 @@ def test_a_run_outside_the_cli_does_not_get_its_working_folder_as_a_root(
 
     relative = run("notes")  # resolved against the workflow's folder only, where there is no such folder
     assert not relative.success
-    message = relative.failure_data_for_node("digest__items").error.message
+    message = relative.failure_data_for_node("notes_digest__digest.digest__items").error.message
     assert f"{str(workflows / 'notes')!r} does not exist" in message and CANARY not in message
     absolute = run(str(tmp_path / "notes"))
     assert not absolute.success

@@ -12,6 +12,7 @@ from pathlib import Path
 import dagster as dg
 
 from mp_pipelines.cli.reporting import step_states
+from mp_pipelines.factory.names import body_step
 from mp_pipelines_tests.fault_server import RunningServer
 from mp_pipelines_tests.workflow_helpers import materializations, run_file, write_workflow
 
@@ -57,8 +58,9 @@ def test_loop_stops_early_when_until_holds(openai_env: RunningServer, instance: 
     assert outcome.tasks["polish"]["output"] == {"check": {"done": True}, "fix": "FIX-1"}
     assert outcome.tasks["final"]["output"] == "FINAL"
     states = step_states(instance, outcome.run_id)
-    assert states["check__2"].status == "success"
-    assert {states[k].status for k in ("fix__2", "check__3", "fix__3")} == {"skipped"}
+    assert states[body_step("loop_check", "polish", "check", 2)].status == "success"
+    later = [body_step("loop_check", "polish", t, i) for t, i in (("fix", 2), ("check", 3), ("fix", 3))]
+    assert {states[k].status for k in later} == {"skipped"}
     loop_event = next(e for e in materializations(instance, outcome.run_id) if e.asset_key.path[-1] == "polish")
     assert loop_event.metadata["iterations"].value == 2
     assert loop_event.metadata["stopped_early"].value is True
@@ -88,7 +90,7 @@ def test_loop_max_iterations_below_depth(openai_env: RunningServer, instance: dg
     assert outcome.success
     assert len(openai_env.requests) == 1 + 2 + 1
     assert prompts(openai_env)[-1] == "Final version: F1"
-    assert "check__2" not in step_states(instance, outcome.run_id)  # not even generated
+    assert body_step("loop_check", "polish", "check", 2) not in step_states(instance, outcome.run_id)  # not made
 
 
 CONDITIONAL = """

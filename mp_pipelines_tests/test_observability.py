@@ -203,10 +203,10 @@ def test_json_log_lines_carry_run_step_usage_and_trace_id(tmp_path: Path) -> Non
     lines = [json.loads(line) for line in done.stderr.splitlines() if line.startswith("{")]
     assert lines and all(line["run_id"] == run_id and line["trace_id"] == trace_id_hex(run_id) for line in lines)
     assert all({"timestamp", "level", "job", "message"} <= set(line) for line in lines)
-    plan = next(line for line in lines if line.get("step") == "plan")
+    plan = next(line for line in lines if line.get("step") == "research_report__plan")
     assert plan["task"] == "plan" and plan["model"] == "gpt-4o-mini" and plan["attempt"] == 1
     assert plan["prompt_tokens"] > 0 and plan["completion_tokens"] > 0 and plan["latency_s"] >= 0
-    item = next(line for line in lines if line.get("step") == "research[1]")
+    item = next(line for line in lines if line.get("step") == "research_report__research.research[1]")
     assert item["item_index"] == 1 and item["task"] == "research"
     text = cli_run(tmp_path, ["run", "research_report", "-i", "topic=x", "-i", "max_questions=2", "--json"],
                    MP_LOG_FORMAT="yaml")
@@ -343,9 +343,9 @@ def test_the_instance_logging_config_writes_json_lines(tmp_path: Path, capsys: p
     assert outcome.success and lines
     assert {line["run_id"] for line in lines} == {outcome.run_id}
     assert {line["trace_id"] for line in lines} == {trace_id_hex(outcome.run_id)}
-    summary = next(line for line in lines if line.get("step") == "summary" and "model" in line)
+    summary = next(line for line in lines if line.get("step") == "greetings__summary" and "model" in line)
     assert summary["task"] == "summary" and summary["prompt_tokens"] > 0
-    item = next(line for line in lines if line.get("step") == "greet[2]")
+    item = next(line for line in lines if line.get("step") == "greetings__greet.greet[2]")
     assert item["item_index"] == 2 and item["task"] == "greet" and item["job"] == "greetings"
 
 

@@ -1,4 +1,4 @@
-"""Schedules, the inbox sensors (one run per new table file, a dynamic partition each) and the failure sensor."""
+"""Schedules, the inbox sensors (one run per new table file, tagged with it) and the failure sensor."""
 
 from __future__ import annotations
 
@@ -15,7 +15,16 @@ import pytest
 
 from mp_pipelines import definitions
 from mp_pipelines.cli.running import run_workflow
-from mp_pipelines.factory.partitions import inbox_input, inbox_partitions_def
+from mp_pipelines.factory.names import (
+    ITEM_RECORDS,
+    body_step,
+    collect_step,
+    items_step,
+    loop_step,
+    mapped_step,
+    task_step,
+)
+from mp_pipelines.factory.partitions import inbox_input, inbox_run_config
 from mp_pipelines.factory.schedules import build_schedule
 from mp_pipelines.sensors.failures import (
     FAILURE_SENSOR_NAME,
@@ -101,9 +110,6 @@ class Inbox:
         result = self.sensor(context)
         assert isinstance(result, dg.SensorResult), result
         self.cursor = result.cursor
-        # what the daemon does with the result: add the partitions, record the runs under their keys
-        for request in result.dynamic_partitions_requests or []:
-            self.instance.add_dynamic_partitions(request.partitions_def_name, list(request.partition_keys))
         return result
 
     def launch(self, request: dg.RunRequest) -> dg.DagsterRun:
@@ -129,10 +135,10 @@ def test_a_schedule_tick_requests_a_run_with_the_schedules_inputs() -> None:
     data = schedule.evaluate_tick(context)
     (request,) = data.run_requests
     assert request.run_config == {"ops": {"inputs": {"config": {"topic": spec.schedule.inputs["topic"]}}}}
-    assert dg.validate_run_config(job, request.run_config)["ops"]["inputs"]["config"]["max_questions"] == 5
+    assert dg.validate_run_config(job, request.run_config)["ops"]["research_report__inputs"]["config"]["max_questions"] == 5
 
 
-def test_a_table_workflows_schedule_runs_without_a_partition(tmp_path: Path) -> None:
+def test_a_table_workflows_schedule_runs_its_configured_file(tmp_path: Path) -> None:
     path = write_workflow(tmp_path, {
         "name": "nightly_tickets", "schedule": {"cron": "0 2 * * *", "enabled": True,
                                                 "inputs": {"tickets": str(TICKETS)}},
@@ -140,71 +146,60 @@ def test_a_table_workflows_schedule_runs_without_a_partition(tmp_path: Path) -> 
         "tasks": [{"name": "label", "for_each": "inputs.tickets", "prompt": "Label: {{ item.subject }}"}]})
     spec = load_workflows([path]).specs["nightly_tickets"]
     job = definitions.build_definitions(load_workflows([path])).resolve_job_def("nightly_tickets")
-    assert job.partitions_def is not None  # a table workflow takes inbox batches…
+    assert inbox_input(spec) == "tickets" and job.partitions_def is None  # it takes inbox batches, as runs
     schedule = build_schedule(spec, job)
     assert schedule is not None and schedule.default_status == dg.DefaultScheduleStatus.RUNNING
     (request,) = schedule.evaluate_tick(dg.build_schedule_context()).run_requests
-    assert request.partition_key is None  # …and its schedule still runs the configured file
+    dg.validate_run_config(job, request.run_config)
     assert request.run_config["ops"]["inputs"]["config"]["tickets"] == str(TICKETS)
 
 
-# --- partitions --------------------------------------------------------------------------------------
+# --- inbox workflows ---------------------------------------------------------------------------------
 
 
-def test_table_workflows_are_partitioned_by_inbox_file() -> None:
+def test_table_workflows_take_inbox_files_and_their_assets_are_not_partitioned() -> None:
     assert inbox_input(SPECS["classify_tickets"]) == "tickets"
     assert inbox_input(SPECS["summarize_documents"]) == "documents"
     assert inbox_input(SPECS["research_report"]) is None
     defs = definitions.defs()
-    assert defs.resolve_job_def("research_report").partitions_def is None
-    job = defs.resolve_job_def("classify_tickets")
-    assert job.partitions_def == dg.DynamicPartitionsDefinition(name="classify_tickets_inbox")
-    for node in defs.resolve_asset_graph().asset_nodes:
-        expected = job.partitions_def if node.key.path[0] == "classify_tickets" else None
-        if node.key.path[0] in ("classify_tickets", "research_report"):
-            assert node.partitions_def == expected, node.key
+    # a run of a workflow, however started, materializes its assets' latest values: `ops.inputs.config` is the
+    # inputs' path for every job (a partitioned job would take no config mapping, see factory/job.py)
+    assert defs.resolve_job_def("classify_tickets").partitions_def is None
+    assert all(node.partitions_def is None for node in defs.resolve_asset_graph().asset_nodes
+               if node.key.path[0] in ("classify_tickets", "research_report"))
     names = {s.name for s in defs.sensors}
     assert {"classify_tickets_inbox_sensor", "summarize_documents_inbox_sensor", FAILURE_SENSOR_NAME} <= names
     assert "research_report_inbox_sensor" not in names
 
 
-def test_a_partition_run_reads_its_inbox_file_and_materialises_that_partition(
-        inbox: Path, instance: dg.DagsterInstance) -> None:
-    put(inbox, "batch_1.csv", tickets_csv(2))
-    instance.add_dynamic_partitions("classify_tickets_inbox", ["batch_1.csv"])
+def test_an_inbox_run_reads_its_file_and_materialises_the_assets(inbox: Path, instance: dg.DagsterInstance) -> None:
+    path = put(inbox, "batch_1.csv", tickets_csv(2))
     job = definitions.build_definitions(load_workflows()).resolve_job_def("classify_tickets")
-    result = job.execute_in_process(instance=instance, partition_key="batch_1.csv")
+    result = job.execute_in_process(instance=instance, run_config=inbox_run_config(SPECS["classify_tickets"], path))
     assert result.success
-    frame = result.output_for_node("classify__collect")
-    assert len(frame) == 2 and list(frame["id"]) == list(pd.read_csv(TICKETS)["id"][:2])
+    frame = result.output_for_node(collect_step("classify_tickets", "classify"), ITEM_RECORDS)
+    assert len(frame) == 2 and list(pd.DataFrame(list(frame["row"]))["id"]) == list(pd.read_csv(TICKETS)["id"][:2])
     events = materializations(instance, result.run_id)
-    assert events and {e.partition for e in events} == {"batch_1.csv"}
-    assert instance.get_materialized_partitions(dg.AssetKey(["classify_tickets", "classify"])) == {"batch_1.csv"}
+    assert {tuple(e.asset_key.path) for e in events} >= {("classify_tickets", "classify")}
 
 
 # --- inbox sensor ------------------------------------------------------------------------------------
 
 
-def test_a_new_file_starts_one_run_with_that_file_as_a_new_partition(
+def test_a_new_file_starts_one_run_with_that_file(
         inbox: Path, instance: dg.DagsterInstance) -> None:
     path = put(inbox, "monday.csv", tickets_csv())
     sensor = Inbox(instance)
     result = sensor.tick()
     (request,) = result.run_requests
     assert request.run_key == sha256(path)
-    assert request.partition_key == "monday.csv"
     assert request.run_config == {"ops": {"inputs": {"config": {"tickets": str(path.resolve())}}}}
     assert request.tags[FILE_TAG] == "monday.csv"
-    (partitions,) = result.dynamic_partitions_requests
-    assert partitions.partitions_def_name == "classify_tickets_inbox" and list(partitions.partition_keys) == ["monday.csv"]
-    # the run config is valid for the job, and the partition's own config (a re-run from the UI) matches it
-    job = sensor.defs.resolve_job_def("classify_tickets")
-    dg.validate_run_config(job, request.run_config)
-    assert job.partitioned_config.get_run_config_for_partition_key("monday.csv") == request.run_config
+    # the run config is valid for the job
+    dg.validate_run_config(sensor.defs.resolve_job_def("classify_tickets"), request.run_config)
     # the next tick has nothing to do and does not re-read the file
     again = sensor.tick()
     assert not again.run_requests and "no new files" in again.skip_reason.skip_message
-    assert instance.get_dynamic_partitions("classify_tickets_inbox") == ["monday.csv"]
 
 
 def test_the_sensor_result_is_accepted_by_dagster(inbox: Path, instance: dg.DagsterInstance) -> None:
@@ -213,11 +208,10 @@ def test_the_sensor_result_is_accepted_by_dagster(inbox: Path, instance: dg.Dags
     pd.read_csv(TICKETS).head(2).to_parquet(inbox / "b.parquet")
     os.utime(inbox / "b.parquet", (LONG_AGO, LONG_AGO))
     sensor = Inbox(instance)
-    # as in the daemon: the context has an instance ref, so pending partition requests count as added
     context = dg.build_sensor_context(instance_ref=instance.get_ref(), definitions=sensor.defs)
     with dg.partition_loading_context(dynamic_partitions_store=instance):
-        data = sensor.sensor.evaluate_tick(context)  # Dagster's own checks of run requests and partitions
-    assert sorted(r.partition_key for r in data.run_requests) == ["a.jsonl", "b.parquet"]
+        data = sensor.sensor.evaluate_tick(context)  # Dagster's own checks of run requests
+    assert sorted(r.tags[FILE_TAG] for r in data.run_requests) == ["a.jsonl", "b.parquet"]
     assert parse_cursor(data.cursor)["a.jsonl"].outcome == "submitted"
 
 
@@ -225,7 +219,7 @@ def test_identical_files_run_once(inbox: Path, instance: dg.DagsterInstance, sen
     put(inbox, "copy_a.csv", tickets_csv())
     put(inbox, "copy_b.csv", tickets_csv())
     result = Inbox(instance).tick()
-    assert [r.partition_key for r in result.run_requests] == ["copy_a.csv"]
+    assert [r.tags[FILE_TAG] for r in result.run_requests] == ["copy_a.csv"]
     assert "copy_b.csv: skipped, same content" in sensor_log.text and "as copy_a.csv" in sensor_log.text
 
 
@@ -236,12 +230,12 @@ def test_a_renamed_identical_file_is_not_processed_again(inbox: Path, instance: 
     (request,) = sensor.tick().run_requests
     first.rename(inbox / "upload_renamed.csv")
     result = sensor.tick()
-    assert not result.run_requests and not result.dynamic_partitions_requests
+    assert not result.run_requests
     assert "upload_renamed.csv: skipped, same content" in sensor_log.text
     # changed content under the old name is a new batch
     put(inbox, "upload.csv", tickets_csv(offset=3))
     (changed,) = sensor.tick().run_requests
-    assert changed.partition_key == "upload.csv" and changed.run_key != request.run_key
+    assert changed.tags[FILE_TAG] == "upload.csv" and changed.run_key != request.run_key
 
 
 def test_a_restart_without_the_cursor_does_not_reprocess(inbox: Path, instance: dg.DagsterInstance) -> None:
@@ -266,7 +260,7 @@ def test_malformed_and_unreadable_files_are_skipped_once_with_a_reason(
     put(inbox, "good.csv", tickets_csv())
     sensor = Inbox(instance)
     result = sensor.tick()
-    assert [r.partition_key for r in result.run_requests] == ["good.csv"]
+    assert [r.tags[FILE_TAG] for r in result.run_requests] == ["good.csv"]
     states = parse_cursor(result.cursor)
     assert states["broken.jsonl"].outcome == "skipped" and "malformed" in states["broken.jsonl"].reason
     assert "has no rows" in states["empty.csv"].reason
@@ -283,7 +277,7 @@ def test_malformed_and_unreadable_files_are_skipped_once_with_a_reason(
     put(inbox, "broken.jsonl", pd.read_csv(TICKETS).head(2).to_json(orient="records", lines=True))
     os.utime(inbox / "broken.jsonl", (LONG_AGO + 60, LONG_AGO + 60))
     (fixed,) = sensor.tick().run_requests
-    assert fixed.partition_key == "broken.jsonl"
+    assert fixed.tags[FILE_TAG] == "broken.jsonl"
 
 
 def test_partially_written_files_wait_until_complete(inbox: Path, instance: dg.DagsterInstance,
@@ -302,7 +296,7 @@ def test_partially_written_files_wait_until_complete(inbox: Path, instance: dg.D
     (inbox / "upload.csv.part").rename(inbox / "upload.csv")
     os.utime(inbox / "upload.csv", (LONG_AGO, LONG_AGO))
     (request,) = sensor.tick().run_requests  # identical content: one run
-    assert request.partition_key == "growing.csv"
+    assert request.tags[FILE_TAG] == "growing.csv"
     # a Parquet file cut off mid-write (and then left alone) is malformed, not a crash
     frame = pd.read_csv(TICKETS)
     frame.to_parquet(inbox / "cut.parquet")
@@ -322,17 +316,20 @@ def test_a_missing_inbox_folder_is_a_skip_with_the_path(tmp_path: Path, monkeypa
     monkeypatch.delenv("MP_INBOX_DIR")
     assert build_inbox_sensor(SPECS["classify_tickets"]).default_status == dg.DefaultSensorStatus.STOPPED
     assert inbox_sensor_name(SPECS["classify_tickets"]) == "classify_tickets_inbox_sensor"
-    assert inbox_partitions_def(SPECS["research_report"]) is None
+    assert build_inbox_sensor(SPECS["research_report"]) is None
 
 
 # --- run failure sensor ------------------------------------------------------------------------------
 
 
 def test_task_of_step_keys() -> None:
-    assert task_of_step("research[3]") == "research"
-    assert task_of_step("research__items") == "research"
-    assert task_of_step("critique__2") == "critique"
-    assert task_of_step("plan") == "plan"
+    assert task_of_step(mapped_step("research_report", "research", "3")) == "research"
+    assert task_of_step(items_step("research_report", "research")) == "research"
+    assert task_of_step(collect_step("research_report", "research")) == "research"
+    assert task_of_step(body_step("research_report", "refine", "critique", 2)) == "critique"
+    assert task_of_step(loop_step("research_report", "refine")) == "refine"
+    assert task_of_step(task_step("research_report", "plan")) == "plan"
+    assert task_of_step("research_report__research.research[3]") == "research"  # the spelling users see
 
 
 

@@ -9,6 +9,7 @@ import pytest
 
 from mp_pipelines.cli.reporting import step_states
 from mp_pipelines.cli.running import run_config
+from mp_pipelines.factory.names import is_mapped_step, mapped_step
 from mp_pipelines.llm.simulated import SimulatedModel
 from mp_pipelines.spec.models import RetrySpec, TaskSpec
 from mp_pipelines.tasks.shards import MAX_STEPS_PER_FANOUT, retry_delay, shard_size
@@ -55,9 +56,9 @@ def test_large_fan_out_runs_in_few_steps_in_input_order(instance: dg.DagsterInst
     results = outcome.tasks["echo"]["output"]
     assert len(results) == 100
     assert all(f"Echo w{i:03d}" in r for i, r in enumerate(results))
-    mapped = [key for key in step_states(instance, outcome.run_id) if key.startswith("echo[")]
+    mapped = [key for key in step_states(instance, outcome.run_id) if is_mapped_step(key, "wide", "echo")]
     # 100 items at breadth 8: shards of 4 × breadth = 32 items
-    assert sorted(mapped) == ["echo[0_31]", "echo[32_63]", "echo[64_95]", "echo[96_99]"]
+    assert sorted(mapped) == [mapped_step("wide", "echo", k) for k in ("0_31", "32_63", "64_95", "96_99")]
     assert outcome.usage.calls == 100
     (event,) = [e for e in materializations(instance, outcome.run_id) if e.asset_key.path[-1] == "echo"]
     assert event.metadata["items"].value == 100 and event.metadata["shards"].value == 4
@@ -70,7 +71,7 @@ def test_shard_output_is_a_dataframe_of_item_records(instance: dg.DagsterInstanc
                                        reconstructable_args=("records", str(path)))
     with dg.execute_job(job, instance=instance, run_config=run_config({}, "in_process")) as result:
         assert result.success
-        shards = result.output_for_node("echo")
+        shards = result.output_for_node("records__echo.echo")
     assert sorted(shards) == ["0_2", "3_5"]
     frame = shards["3_5"]
     assert list(frame["index"]) == [3, 4, 5]

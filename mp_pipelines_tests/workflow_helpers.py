@@ -30,7 +30,10 @@ def run_file(path: Path, inputs: dict[str, Any], instance: dg.DagsterInstance,
     return run_workflow(spec, inputs, source=str(path.resolve()), executor=executor, instance=instance)
 
 
-def materializations(instance: dg.DagsterInstance, run_id: str) -> list[dg.AssetMaterialization]:
-    """Every asset materialization the run recorded, in order."""
+def materializations(instance: dg.DagsterInstance, run_id: str, *,
+                     with_inputs: bool = False) -> list[dg.AssetMaterialization]:
+    """Every task asset materialization the run recorded, in order (with the workflow inputs' `[w, inputs]` when
+    `with_inputs`)."""
     records = instance.get_records_for_run(run_id, of_type=dg.DagsterEventType.ASSET_MATERIALIZATION).records
-    return [r.event_log_entry.asset_materialization for r in records]
+    events = [r.event_log_entry.asset_materialization for r in records]
+    return [e for e in events if with_inputs or e.asset_key.path[-1] != "inputs"]

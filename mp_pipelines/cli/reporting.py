@@ -8,7 +8,17 @@ from typing import Any
 import dagster as dg
 
 from mp_pipelines.calls.usage import Usage
-from mp_pipelines.factory.names import ITEM_RECORDS, body_step, collect_step, is_mapped_step, items_step
+from mp_pipelines.factory.names import (
+    ITEM_RECORDS,
+    body_step,
+    collect_step,
+    is_mapped_step,
+    items_step,
+    loop_step,
+    mapped_step,
+    publish_step,
+    task_step,
+)
 from mp_pipelines.spec.graph import loop_iterations
 from mp_pipelines.spec.models import LoopSpec, TaskSpec, WorkflowSpec
 from mp_pipelines.tasks.runner import records
@@ -100,13 +110,16 @@ def task_steps(spec: WorkflowSpec, step: TaskSpec | LoopSpec) -> dict[str, list[
     """Task name → the step keys (prefixes for mapped steps) whose states make up its status."""
     if isinstance(step, LoopSpec):
         count = loop_iterations(spec, step)
-        keys = {task.name: [body_step(task.name, i) for i in range(1, count + 1)] for task in step.tasks}
+        keys = {task.name: [body_step(spec.name, step.name, task.name, i) for i in range(1, count + 1)]
+                for task in step.tasks}
         # The loop's own step runs only once an iteration ends it, so the loop's status and error are its body's
         # too: a budget stop inside the loop fails the loop, with the reason.
-        return {step.name: [*(key for body in keys.values() for key in body), step.name], **keys}
+        return {step.name: [*(key for body in keys.values() for key in body), loop_step(spec.name, step.name)],
+                **keys}
     if step.for_each:
-        return {step.name: [items_step(step.name), f"{step.name}[", collect_step(step.name)]}
-    return {step.name: [step.name]}
+        return {step.name: [items_step(spec.name, step.name), mapped_step(spec.name, step.name, "")[:-1],
+                            collect_step(spec.name, step.name), publish_step(spec.name, step.name)]}
+    return {step.name: [task_step(spec.name, step.name)]}
 
 
 def _matching(states: dict[str, StepState], keys: list[str]) -> list[StepState]:
@@ -171,21 +184,37 @@ def run_usage(states: dict[str, StepState]) -> Usage:
     return sum((s.usage for s in states.values()), Usage())
 
 
-def task_output(result: dg.ExecuteJobResult, spec: WorkflowSpec, name: str, states: dict[str, StepState]) -> Any:
+def task_output(result: dg.ExecuteJobResult, spec: WorkflowSpec, name: str, states: dict[str, StepState],
+                instance: dg.DagsterInstance) -> Any:
     """A finished task's output as JSON-ready data; fan-outs give item results in input order."""
     step = next((s for s in spec.tasks if s.name == name), None)
     if step is None:  # a loop body task: its latest output is in the loop's result
         loop = next(s for s in spec.tasks if isinstance(s, LoopSpec) and name in {t.name for t in s.tasks})
-        if loop.name in states and states[loop.name].status == "success":
-            return result.output_for_node(loop.name).get(name)
+        result_step = loop_step(spec.name, loop.name)
+        if result_step in states and states[result_step].status == "success":
+            return stored_asset_value(result, spec, loop.name, instance).get(name)
         return _latest_of_stopped_loop(result, spec, loop, states).get(name)
     if isinstance(step, TaskSpec) and step.for_each:
-        if not any(is_mapped_step(key, name) for key in states):
+        if not any(is_mapped_step(key, spec.name, name) for key in states):
             return []  # an empty fan-out ran no item step
-        item_records = result.output_for_node(collect_step(name), ITEM_RECORDS)
+        item_records = result.output_for_node(collect_step(spec.name, name), ITEM_RECORDS)
         return list(item_records[item_records["status"].isin(["success", "skipped"])]["output"])
-    value = result.output_for_node(name)
+    value = stored_asset_value(result, spec, name, instance)
     return records(value) if hasattr(value, "columns") else value
+
+
+def stored_asset_value(result: dg.ExecuteJobResult, spec: WorkflowSpec, name: str,
+                       instance: dg.DagsterInstance) -> Any:
+    """The value the run stored for the asset of task or loop `name`, read through the job's IO manager.
+
+    (`output_for_node` cannot read an asset output: it asks the IO manager for it without its asset key.)"""
+    from mp_pipelines.factory.ops import asset_key
+
+    key = asset_key(spec, name)
+    with dg.build_resources({"io_manager": result.job_def.resource_defs["io_manager"]}, instance=instance) as resources:
+        context = dg.build_input_context(asset_key=key, upstream_output=dg.build_output_context(asset_key=key),
+                                         instance=instance)
+        return resources.io_manager.load_input(context)
 
 
 def _latest_of_stopped_loop(result: dg.ExecuteJobResult, spec: WorkflowSpec, loop: LoopSpec,
@@ -194,8 +223,9 @@ def _latest_of_stopped_loop(result: dg.ExecuteJobResult, spec: WorkflowSpec, loo
     state that the last body step to finish passed on (`latest`, see factory/loops.py)."""
     for iteration in range(loop_iterations(spec, loop), 0, -1):
         for task in reversed(loop.tasks):
-            state = states.get(body_step(task.name, iteration))
+            key = body_step(spec.name, loop.name, task.name, iteration)
+            state = states.get(key)
             if state is not None and state.status == "success" and state.outputs:
                 output = "next" if "next" in state.outputs else "done"
-                return result.output_for_node(body_step(task.name, iteration), output)["latest"]
+                return result.output_for_node(key, output)["latest"]
     return {}

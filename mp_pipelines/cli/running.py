@@ -12,9 +12,10 @@ from typing import Any, Callable
 import dagster as dg
 
 from mp_pipelines.calls.usage import Usage
+from mp_pipelines.cli.check_report import attach_checks, check_evaluations, failed_check_lines
 from mp_pipelines.cli.config import CLI_CONSOLE_LOG_LEVEL, run_config, with_budget
 from mp_pipelines.cli.reporting import family_step_states, run_usage, step_states, summarize_tasks, task_output
-from mp_pipelines.factory.names import RESUME_RETRY_TAG, task_of_step
+from mp_pipelines.factory.names import CHECKS_SUFFIX, RESUME_RETRY_TAG, task_of_step
 from mp_pipelines.spec.graph import topological_order
 from mp_pipelines.spec.models import WorkflowSpec
 from mp_pipelines.spec.paths import LOCAL_RUN_DIR_ENV, InputPathError, input_roots
@@ -49,12 +50,16 @@ class RunOutcome:
     final_task: str | None = None
     errors: list[str] = field(default_factory=list)
     order: list[str] = field(default_factory=list)  # top-level steps in run order
+    checks_usage: Usage | None = None  # the quality checks' model calls (judges), apart from the tasks'; None: no checks
 
     def as_json(self) -> dict[str, Any]:
         """What `run --json` prints: run id, status, provider, tasks (without per-task usage) and usage."""
         tasks = {name: {k: v for k, v in task.items() if k != "usage"} for name, task in self.tasks.items()}
-        return {"run_id": self.run_id, "status": self.status, "provider": self.provider, "tasks": tasks,
-                "usage": self.usage.as_dict()}
+        out = {"run_id": self.run_id, "status": self.status, "provider": self.provider, "tasks": tasks,
+               "usage": self.usage.as_dict()}
+        if self.checks_usage is not None:
+            out["checks_usage"] = self.checks_usage.as_dict()
+        return out
 
     def failure_summary(self) -> str:
         """One paragraph for a failed run: the task, the item, the reason and what to do."""
@@ -72,7 +77,10 @@ class RunOutcome:
                 lines.append(f"      error: {task['error']}")
             for item in task.get("failed_items", [])[:5]:
                 lines.append(f"      item {item['index']} failed after {item['attempts']} attempt(s): {item['error']}")
+            lines += failed_check_lines(task)
         lines.append(f"usage: {_usage_text(self.usage)}")
+        if self.checks_usage is not None and (self.checks_usage.calls or self.checks_usage.cache_hits):
+            lines.append(f"checks usage (judges): {_usage_text(self.checks_usage)}")
         if self.final_task and self.final_task in self.tasks and self.success:
             lines += ["", f"{self.final_task}:", preview(self.tasks[self.final_task].get("output"), 20_000)]
         return "\n".join(lines)
@@ -179,16 +187,19 @@ def summarize(result: dg.ExecuteJobResult, spec: WorkflowSpec, instance: dg.Dags
         task["output"] = None
         if task["status"] == "success":
             try:
-                task["output"] = task_output(result, spec, name, states)
+                task["output"] = task_output(result, spec, name, states, instance)
             except Exception as exc:  # an output the IO manager cannot load is reported, not fatal
                 if run is not None and run.parent_run_id and not _ran_here(name, own):
                     task["output_in_run"] = run.parent_run_id  # finished before the resume: its output is there
                 else:
                     task["error"] = f"output could not be loaded: {exc}"
+    checks_usage = attach_checks(tasks, check_evaluations(instance, result.run_id, spec), spec, own)
     order = topological_order(spec)
     status = run.status.value.lower() if run else ("success" if result.success else "failure")
-    return RunOutcome(result.run_id, status, result.success, tasks, run_usage(own), provider,
-                      final_task=order[-1] if order else None, order=order)
+    task_steps = {key: state for key, state in own.items() if not key.endswith(CHECKS_SUFFIX)}
+    return RunOutcome(result.run_id, status, result.success, tasks, run_usage(task_steps), provider,
+                      final_task=order[-1] if order else None, order=order,
+                      checks_usage=checks_usage if any(t.checks for t in spec.all_tasks()) else None)
 
 
 def _console_level(verbose: bool) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from mp_pipelines.spec.checks import check_names
 from mp_pipelines.spec.graph import body_dependencies, loop_iterations, step_dependencies, topological_order
 from mp_pipelines.spec.models import InputSpec, LoopSpec, TaskSpec, WorkflowSpec
 
@@ -24,6 +25,10 @@ def _task_traits(spec: WorkflowSpec, task: TaskSpec) -> str:
                       + (f" {task.retries.backoff}" if task.retries.backoff else ""))
     if task.timeout:
         traits.append(f"timeout {task.timeout:g} s")
+    if task.checks:
+        named = [f"{name}{' (blocking)' if check.blocking and check.severity == 'error' else ''}"
+                 for check, name in zip(task.checks, check_names(task.checks))]
+        traits.append(f"checks {', '.join(named)}")
     return ", ".join(traits)
 
 

@@ -50,6 +50,13 @@ def failure_summary(run_id: str, tasks: Mapping[str, Mapping[str, Any]], order: 
     in the Dagster UI and with --verbose."""
     failed = [name for name in order if tasks.get(name, {}).get("status") == "failed"]
     failed += [name for name, task in tasks.items() if task.get("status") == "failed" and name not in failed]
+    checked = [name for name, task in tasks.items() if task.get("checks_error")]
+    if not failed and checked:
+        name = checked[0]
+        reason = " ".join(str(tasks[name]["checks_error"]).split()).removeprefix(f"task {name}: ")
+        advice = ("To continue: improve the task's prompt, or loosen the check (severity: warn, or blocking: false), "
+                  "then run it again." if "blocking check" in reason else _advice(reason, run_id))
+        return f"Run {run_id} failed at the quality checks of task {name}: {reason}. {advice}"
     if not failed:
         return (f"Run {run_id} failed before any task did (see the Dagster UI, or run again with --verbose for "
                 "Dagster's log).")

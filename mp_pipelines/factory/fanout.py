@@ -1,4 +1,5 @@
-"""Breadth: a for_each task as `task__items` → mapped shard steps `task[k]` → `task__collect` (names.py).
+"""Breadth: a for_each task as a graph of `task__items` → mapped shard steps `task[k]` → `task__collect` (names.py),
+made into the task's asset by factory/assets.py.
 
 Small fan-outs keep one step per item; larger ones group items into shards (see tasks/shards.py)
 so the number of Dagster steps, and their event-log cost, stays small. Every step outputs a
@@ -18,20 +19,24 @@ from mp_pipelines.factory.names import (
     PROMPT_RESOURCE_KEYS,
     SPREAD_EXECUTORS,
     WORKFLOW_TAG,
+    collect_local,
     collect_step,
     executor_kind,
+    items_local,
     items_step,
+    node_name,
+    publish_local,
+    publish_step,
     shard_mapping_key,
 )
 from mp_pipelines.factory.ops import (
-    Node,
+    asset_metadata,
     call_scope,
     chat_model,
     failure_metadata,
     fleet_limits,
     log_fields,
     make_op,
-    materialization,
     retry_policy,
     run_batch_settings,
     run_is_stopping,
@@ -47,7 +52,7 @@ from mp_pipelines.tasks.runner import build_context, preview, records
 from mp_pipelines.tasks.shards import ItemRecord, run_shard, shard_size
 
 
-def build_items_op(spec: WorkflowSpec, task: TaskSpec, source_kind: str, source: str) -> Node:
+def build_items_op(spec: WorkflowSpec, task: TaskSpec, source_kind: str, source: str) -> dg.OpDefinition:
     """The fan-out: one dynamic output per shard of (index, item) pairs."""
 
     def compute(context: dg.OpExecutionContext, inputs: Mapping[str, Any]) -> Iterator[Any]:
@@ -70,7 +75,8 @@ def build_items_op(spec: WorkflowSpec, task: TaskSpec, source_kind: str, source:
                                    mapping_key=key, output_name="items")
 
     ins = upstream_ins([] if source_kind == "input" else [source])
-    return make_op(spec, items_step(task.name), compute, ins=ins, outs={"items": dg.DynamicOut(dg.Any)},
+    return make_op(spec, items_local(task.name), compute, step=items_step(spec.name, task.name), ins=ins,
+                   outs={"items": dg.DynamicOut(dg.Any)},
                    description=f"Items that {task.name} fans out over.", tags={WORKFLOW_TAG: spec.name})
 
 
@@ -103,7 +109,8 @@ def _breadth_share(context: dg.OpExecutionContext, spec: WorkflowSpec, shards: i
     return max(1, spec.breadth // max(1, min(shards, spec.breadth)))
 
 
-def build_shard_op(spec: WorkflowSpec, task: TaskSpec, upstream: list[str], pool: str | None = None) -> Node:
+def build_shard_op(spec: WorkflowSpec, task: TaskSpec, upstream: list[str],
+                   pool: str | None = None) -> dg.OpDefinition:
     """The mapped step of a fan-out: one shard of items, run concurrently under breadth and limits.
 
     Items that still fail after their retries fail the step (`on_item_failure: fail`) or are kept as
@@ -134,7 +141,9 @@ def build_shard_op(spec: WorkflowSpec, task: TaskSpec, upstream: list[str], pool
                                                  task.name)})
         yield dg.Output(frame, metadata=metadata)
 
-    return make_op(spec, task.name, compute, ins={"item": dg.In(dg.Any), **upstream_ins(upstream)},
+    # Aliased to `task` inside the fan-out's graph, so its mapped steps read `<graph>.task[k]`.
+    return make_op(spec, shard_local(task.name), compute, step=f"{node_name(spec.name, task.name)}.{task.name}",
+                   ins={"item": dg.In(dg.Any), **upstream_ins(upstream)},
                    description=task.description or None, retry_policy=retry_policy(task),
                    required_resource_keys=PROMPT_RESOURCE_KEYS, pool=pool,
                    tags={WORKFLOW_TAG: spec.name, FANOUT_TAG: f"{spec.name}.{task.name}"})
@@ -200,7 +209,13 @@ def failed_items(item_records: pd.DataFrame, items: Mapping[int, Any], limit: in
             for r in failed.head(limit).to_dict(orient="records")]
 
 
-def build_collect_op(spec: WorkflowSpec, task: TaskSpec, upstream: list[str], pool: str | None = None) -> Node:
+def shard_local(task: str) -> str:
+    """The shard op's own name (unique, since task names have no `__`); its node in the graph is `task`."""
+    return f"{task}__shard"
+
+
+def build_collect_op(spec: WorkflowSpec, task: TaskSpec, upstream: list[str],
+                     pool: str | None = None) -> dg.OpDefinition:
     """Gathers the fan-out's item records in input order into a list (or a DataFrame for tables).
 
     It also finishes what an earlier attempt left: items the budget stopped, items that failed in the
@@ -230,24 +245,27 @@ def build_collect_op(spec: WorkflowSpec, task: TaskSpec, upstream: list[str], po
         failure = _policy_failure(task, policy, min_ratio, item_records, counts, step_meta)
         if failure is not None:
             raise failure
-        if stopped:
+        stop = None
+        if stopped:  # the partial result is still published (materialized) before the task fails
             reason = item_records[item_records["status"] == "stopped"]["error"].iloc[0]
-            yield materialization(context, spec, task.name, value, {**metadata, "complete": False})
-            raise dg.Failure(f"task {task.name}: {stopped} of {len(item_records)} item(s) not run: {reason}",
-                             metadata={**step_meta, "error_kind": "budget", "completed_items": done},
-                             allow_retries=False)
-        if failed:
+            stop = {"description": f"task {task.name}: {stopped} of {len(item_records)} item(s) not run: {reason}",
+                    "metadata": {"error_kind": "budget", "completed_items": done}}
+        elif failed:
             context.log.warning(f"{task.name}: {failed} of {done + failed} item(s) failed and are left out "
                                 f"(on_item_failure: skip): {_failed_text(item_records)}")
-        yield materialization(context, spec, task.name, value, metadata)
-        yield dg.Output(value, metadata={**step_meta, "items": len(item_records),
-                                         "skipped_items": metadata["skipped_items"], "failed_items": failed})
-        yield dg.Output(item_records, ITEM_RECORDS)
+        counts_meta = {"items": len(item_records), "skipped_items": metadata["skipped_items"], "failed_items": failed}
+        # The asset's metadata: the whole fan-out's usage in this run (summed up, see asset_metadata) and its item
+        # table. What this step itself spent (`llm/`) and the failed items stay on this step's output, counted once.
+        summary = {k: v for k, v in asset_metadata(metadata, value).items() if not k.startswith("llm/") and k != "failed"}
+        asset_meta = {**summary, **counts_meta, **fanout_metadata(item_records, all_items),
+                      **({"complete": False} if stop else {})}
+        yield dg.Output(item_records, ITEM_RECORDS, metadata={**step_meta, **counts_meta})
+        yield dg.Output({"value": value, "metadata": asset_meta, "stop": stop})
 
-    outs = {"result": dg.Out(dg.Any), ITEM_RECORDS: dg.Out(dg.Any, description="One row per item: status, output, "
-                                                                                 "error, attempts, usage.")}
+    outs = {ITEM_RECORDS: dg.Out(dg.Any, description="One row per item: status, output, error, attempts, usage."),
+            "result": dg.Out(dg.Any, description="The value to publish, its metadata and whether the budget stopped it.")}
     ins = {"records": dg.In(dg.List[dg.Any]), "shards": dg.In(dg.List[dg.Any]), **upstream_ins(upstream)}
-    return make_op(spec, collect_step(task.name), compute, ins=ins,
+    return make_op(spec, collect_local(task.name), compute, step=collect_step(spec.name, task.name), ins=ins,
                    outs=outs, description=f"Results of {task.name}, in input order.", pool=pool,
                    required_resource_keys=PROMPT_RESOURCE_KEYS, tags={WORKFLOW_TAG: spec.name})
 
@@ -339,3 +357,54 @@ def collected_value(item_records: pd.DataFrame) -> Any:
         frame["result"] = outputs
     frame["item_status"] = list(item_records["status"])
     return frame
+
+
+TABLE_ROWS = 1_000  # items shown in a fan-out asset's table; every record stays in the stored value
+_TABLE_PREVIEW_CHARS = 200
+ITEM_TABLE_SCHEMA = dg.TableSchema(columns=[
+    dg.TableColumn("index", "int", description="The item's position in the input."),
+    dg.TableColumn("item", "string", description="The item (a preview)."),
+    dg.TableColumn("status", "string", description="success, skipped, failed or stopped."),
+    dg.TableColumn("answer", "string", description="The answer (a preview), or the error."),
+    dg.TableColumn("tokens", "int", description="Prompt + completion tokens."),
+    dg.TableColumn("cost_usd", "float", description="US dollars, from the price table."),
+])
+
+
+def fanout_metadata(item_records: pd.DataFrame, items: Mapping[int, Any]) -> dict[str, Any]:
+    """A fan-out asset's item table (the first TABLE_ROWS items) and how many of its items it shows."""
+    shown = item_records.head(TABLE_ROWS)
+    rows = []
+    for record in shown.to_dict(orient="records"):
+        answer = record["output"] if record["status"] in ("success", "skipped") else record["error"]
+        rows.append(dg.TableRecord({
+            "index": int(record["index"]),
+            "item": preview(items.get(int(record["index"])), _TABLE_PREVIEW_CHARS),
+            "status": str(record["status"]),
+            "answer": preview(answer if answer is not None else "", _TABLE_PREVIEW_CHARS),
+            "tokens": int((record.get("prompt_tokens") or 0) + (record.get("completion_tokens") or 0)),
+            "cost_usd": float(record.get("cost_usd") or 0.0),
+        }))
+    total = len(item_records)
+    return {"item_table": dg.MetadataValue.table(rows, schema=ITEM_TABLE_SCHEMA),
+            "items_shown": f"{len(rows):,} of {total:,}" + (f" (the first {TABLE_ROWS:,})" if total > TABLE_ROWS else "")}
+
+
+def build_publish_op(spec: WorkflowSpec, task: TaskSpec) -> dg.OpDefinition:
+    """The fan-out's last step: outputs the collected value as the task's asset, with its item table; fails after
+    that when the budget stopped items (the partial result stays materialized).
+
+    A separate step because Dagster only lets an op inside an asset's graph output what leads to an asset: it takes
+    the collector's item records too, so they are stored for `mp-pipelines run` to report."""
+
+    def compute(context: dg.OpExecutionContext, inputs: Mapping[str, Any]) -> Iterator[Any]:
+        collected = inputs["collected"]
+        yield dg.Output(collected["value"], metadata=collected["metadata"])
+        if collected["stop"] is not None:
+            raise dg.Failure(collected["stop"]["description"], metadata=collected["stop"]["metadata"],
+                             allow_retries=False)
+
+    ins = {"collected": dg.In(dg.Any), "records": dg.In(dg.Any)}
+    return make_op(spec, publish_local(task.name), compute, step=publish_step(spec.name, task.name), ins=ins,
+                   outs={"result": dg.Out(dg.Any)}, description=f"Publishes {task.name} as its asset.",
+                   tags={WORKFLOW_TAG: spec.name})

@@ -1,4 +1,4 @@
-"""Spec → Dagster job: compose the ops of every step in dependency order."""
+"""Spec → Dagster job: the asset job over a workflow's assets, its executor and run config."""
 
 from __future__ import annotations
 
@@ -13,22 +13,23 @@ import dagster as dg
 
 from mp_pipelines.dagster_ext.celery import CELERY_EXECUTOR_CONFIG
 from mp_pipelines.dagster_ext.executor import selectable_executor
-from mp_pipelines.factory.fanout import build_collect_op, build_items_op, build_shard_op
+from mp_pipelines.factory.assets import build_assets
+from mp_pipelines.factory.checks import build_asset_checks
 from mp_pipelines.factory.logs import LOGGER_DEFS
-from mp_pipelines.factory.loops import build_body_op, build_loop_result_op
-from mp_pipelines.factory.names import FANOUT_TAG, INPUTS_OP, PROVIDER_TAG, WORKFLOW_TAG
-from mp_pipelines.factory.ops import build_inputs_op, build_task_op, llm_pool
-from mp_pipelines.factory.partitions import inbox_partitioned_config, inbox_partitions_def
-from mp_pipelines.spec.graph import (
-    body_dependencies,
-    for_each_source,
-    loop_iterations,
-    step_dependencies,
-    topological_order,
+from mp_pipelines.factory.names import (
+    BUDGET_RESOURCE_KEY,
+    FANOUT_TAG,
+    INPUTS_OP,
+    LLM_RESOURCE_KEY,
+    PROVIDER_TAG,
+    WORKFLOW_TAG,
+    inputs_step,
 )
-from mp_pipelines.spec.models import LoopSpec, TaskSpec, WorkflowSpec
-
-Handles = dict[str, Any]  # step name → the composition handle carrying its value
+from mp_pipelines.factory.ops import input_field
+from mp_pipelines.factory.resources import RunBudget
+from mp_pipelines.llm.resource import build_llm_resource
+from mp_pipelines.spec.graph import loop_iterations
+from mp_pipelines.spec.models import LoopSpec, WorkflowSpec
 
 
 def job_name(spec: WorkflowSpec) -> str:
@@ -76,44 +77,6 @@ def build_executor(spec: WorkflowSpec) -> dg.ExecutorDefinition:
     return selectable_executor.configured(to_selected_config, name="mp_pipelines_executor", config_schema=schema)
 
 
-def _compose_task(spec: WorkflowSpec, task: TaskSpec, upstream: list[str], handles: Handles, provider: str) -> Any:
-    kwargs = {INPUTS_OP: handles[INPUTS_OP], **{name: handles[name] for name in upstream}}
-    source = for_each_source(task)
-    if source is None:
-        return build_task_op(spec, task, upstream, pool=llm_pool(provider, spec, task))(**kwargs)
-    kind, name = source
-    items_kwargs = {INPUTS_OP: handles[INPUTS_OP]} if kind == "input" else {INPUTS_OP: handles[INPUTS_OP], name: handles[name]}
-    items = build_items_op(spec, task, "input" if kind == "input" else "step", name)(**items_kwargs)
-    pool = llm_pool(provider, spec, task)  # the collector may call the model too (items a failed run left)
-    item_op = build_shard_op(spec, task, upstream, pool=pool)
-    mapped = items.map(lambda item: item_op(item=item, **kwargs))
-    collect = build_collect_op(spec, task, upstream, pool=pool)
-    return collect(records=mapped.collect(), shards=items.collect(), **kwargs).result
-
-
-def _compose_loop(spec: WorkflowSpec, loop: LoopSpec, handles: Handles, step_names: set[str], provider: str) -> Any:
-    body = body_dependencies(loop, step_names)
-    state = None
-    finished = []
-    for iteration in range(1, loop_iterations(spec, loop) + 1):
-        for index, task in enumerate(loop.tasks):
-            external = body[task.name][0]
-            op = build_body_op(spec, loop, index, iteration, external, pool=llm_pool(provider, spec, task))
-            kwargs = {INPUTS_OP: handles[INPUTS_OP], **{name: handles[name] for name in external}}
-            if state is not None:
-                kwargs["state"] = state
-            result = op(**kwargs)
-            outputs = set(op.node_def.outs)
-            if outputs == {"next", "done"}:
-                state, done = result.next, result.done
-                finished.append(done)
-            elif outputs == {"done"}:
-                finished.append(result)
-            else:
-                state = result
-    return build_loop_result_op(spec, loop)(states=finished)
-
-
 def op_count(spec: WorkflowSpec) -> int:
     """Most ops the job of `spec` has: three per fan-out (items, shards, collect), one per task otherwise, a
     loop's tasks once per iteration plus the loop's result, and the inputs op."""
@@ -148,32 +111,54 @@ def recursion_headroom(ops: int) -> Iterator[None]:
             sys.setrecursionlimit(before)
 
 
-def build_job(spec: WorkflowSpec, *, provider: str = "simulated", base_dir: Path | None = None) -> dg.JobDefinition:
-    """The job of a workflow: an `inputs` op, then one op per task in dependency order.
+def job_config(spec: WorkflowSpec) -> dg.ConfigMapping:
+    """The run config users write for the workflow's job.
+
+    Inputs go under `ops.inputs.config`, mapped onto the inputs op `<workflow>__inputs` (op names are unique in the
+    code location); `execution`, `resources` and `loggers` pass through as given and are checked against the job's
+    own schema. Inputs may be left out: a run of a subset of the assets without the inputs needs none.
+    """
+    inputs = {name: input_field(input_spec) for name, input_spec in spec.inputs.items()}
+    passed = {key: dg.Field(dg.Permissive(), is_required=False) for key in ("execution", "resources", "loggers")}
+    schema = {"ops": dg.Field({INPUTS_OP: dg.Field({"config": dg.Field(inputs, is_required=False)}, is_required=False,
+                                                   description=f"The inputs of workflow {spec.name}.")},
+                              is_required=False), **passed}
+    inputs_node = inputs_step(spec.name)
+
+    def to_job_config(config: dict[str, Any]) -> dict[str, Any]:
+        mapped = {key: value for key, value in config.items() if key != "ops" and value is not None}
+        given = (config.get("ops") or {}).get(INPUTS_OP)
+        if given is not None:
+            mapped["ops"] = {inputs_node: given}
+        return mapped
+
+    return dg.ConfigMapping(config_schema=schema, config_fn=to_job_config)
+
+
+def build_job_definition(spec: WorkflowSpec, assets: list[dg.AssetsDefinition],
+                         provider: str = "simulated") -> dg.UnresolvedAssetJobDefinition:
+    """The job of a workflow: every asset of it (factory/assets.py), named after the workflow.
 
     `provider` ("simulated" or "openai") goes into the job's tags (for run queue limits) and op pools.
     """
-    dependencies = step_dependencies(spec)
-    step_names = set(dependencies)
-    steps = {step.name: step for step in spec.tasks}
+    return dg.define_asset_job(
+        name=job_name(spec),
+        selection=dg.AssetSelection.assets(*assets),
+        config=job_config(spec),
+        description=spec.description or None,
+        tags={**spec.tags, WORKFLOW_TAG: spec.name, PROVIDER_TAG: provider},
+        executor_def=build_executor(spec),
+    )
 
-    def compose() -> None:
-        handles: Handles = {INPUTS_OP: build_inputs_op(spec, base_dir)()}
-        for name in topological_order(spec, dependencies):
-            step = steps[name]
-            if isinstance(step, LoopSpec):
-                handles[name] = _compose_loop(spec, step, handles, step_names, provider)
-            else:
-                handles[name] = _compose_task(spec, step, dependencies[name], handles, provider)
 
-    compose.__name__ = job_name(spec)
+def build_job(spec: WorkflowSpec, *, provider: str = "simulated", base_dir: Path | None = None,
+              resources: dict[str, Any] | None = None) -> dg.JobDefinition:
+    """The workflow's job resolved on its own, with `resources` (default: the LLM resource from the environment and
+    the workflow's budget), e.g. for a schedule's target or a test."""
+    if resources is None:
+        resources = {LLM_RESOURCE_KEY: build_llm_resource(), BUDGET_RESOURCE_KEY: RunBudget()}
+    assets = build_assets(spec, provider=provider, base_dir=base_dir)
     with recursion_headroom(op_count(spec)):
-        return dg.job(
-            name=job_name(spec),
-            description=spec.description or None,
-            tags={**spec.tags, WORKFLOW_TAG: spec.name, PROVIDER_TAG: provider},
-            executor_def=build_executor(spec),
-            logger_defs=LOGGER_DEFS,  # `console`: with the trace id, or JSON lines (MP_LOG_FORMAT=json)
-            partitions_def=inbox_partitions_def(spec),  # inbox files, for workflows with a table input
-            config=inbox_partitioned_config(spec),
-        )(compose)
+        defs = dg.Definitions(assets=assets, jobs=[build_job_definition(spec, assets, provider)],
+                              asset_checks=build_asset_checks(spec), resources=resources, loggers=LOGGER_DEFS)
+        return defs.resolve_job_def(job_name(spec))

@@ -2,9 +2,13 @@
 
 Every spelling lives here, with a function to build it and, where others parse it, one to read it back:
 
-- a plain task `t` is step `t`; the workflow inputs are step `inputs`;
-- a fan-out `t` is `t__items` (the items), mapped steps `t[k]` (one per item or shard), `t__collect`;
-- iteration `n` of loop body task `t` is `t__n`, and the loop's result step is the loop's name.
+- every task and loop is an asset `[w, t]` made by one node named `w__t` (node names are unique in the code
+  location, since Dagster's asset job holds every workflow's assets): a plain task `t` of workflow `w` is step
+  `w__t`; the workflow inputs are step `w__inputs` (asset `[w, inputs]`);
+- a fan-out `t` is a graph `w__t` of steps `w__t.t__items` (the items), mapped steps `w__t.t[k]` (one per item
+  or shard), `w__t.t__collect` and `w__t.t__publish` (outputs the asset);
+- a loop `l` is a graph `w__l`: iteration `n` of its body task `t` is step `w__l.t__n`, its result `w__l.l`;
+- task `t`'s quality checks (asset checks of `[w, t]`) run in step `w__t__checks`.
 
 No Dagster here, so the command line and the sensors can read step keys without building a job.
 """
@@ -17,7 +21,7 @@ from typing import Any
 
 from mp_pipelines.spec.models import RESERVED_SEPARATOR
 
-INPUTS_OP = "inputs"
+INPUTS_OP = "inputs"  # the inputs' local name: their asset `[w, inputs]`, op input and run config `ops.inputs.config`
 ITEM_RECORDS = "item_records"  # a fan-out collector's second output: every item's record, in input order
 
 LLM_RESOURCE_KEY = "llm"
@@ -34,27 +38,60 @@ RESUME_RETRY_TAG = "dagster/is_resume_retry"
 
 EXECUTORS = ("concurrent", "multiprocess", "in_process", "celery")  # the job's selectable executors; the first is the default
 SPREAD_EXECUTORS = frozenset({"multiprocess", "celery"})  # executors that run a run's steps in several processes
+CHECKS_SUFFIX = f"{RESERVED_SEPARATOR}checks"  # ends the step key of a task's quality checks (checks_step)
 _TASK_OF_STEP = re.compile(r"\[|" + re.escape(RESERVED_SEPARATOR))
 
 
-def items_step(task: str) -> str:
-    """The step that lists a fan-out's items."""
+def node_name(workflow: str, name: str) -> str:
+    """The top-level node (op or graph) of task, loop or `inputs` `name`: also the step key of a plain task."""
+    return f"{workflow}{RESERVED_SEPARATOR}{name}"
+
+
+def inputs_step(workflow: str) -> str:
+    """The step that checks the workflow inputs."""
+    return node_name(workflow, INPUTS_OP)
+
+
+def task_step(workflow: str, task: str) -> str:
+    """The step of a plain task."""
+    return node_name(workflow, task)
+
+
+def items_local(task: str) -> str:
     return f"{task}{RESERVED_SEPARATOR}items"
 
 
-def collect_step(task: str) -> str:
-    """The step that gathers a fan-out's item records in input order."""
+def collect_local(task: str) -> str:
     return f"{task}{RESERVED_SEPARATOR}collect"
 
 
-def mapped_step(task: str, mapping_key: str) -> str:
+def publish_local(task: str) -> str:
+    return f"{task}{RESERVED_SEPARATOR}publish"
+
+
+def publish_step(workflow: str, task: str) -> str:
+    """The step that outputs a fan-out's collected value as the task's asset."""
+    return f"{node_name(workflow, task)}.{publish_local(task)}"
+
+
+def items_step(workflow: str, task: str) -> str:
+    """The step that lists a fan-out's items."""
+    return f"{node_name(workflow, task)}.{items_local(task)}"
+
+
+def collect_step(workflow: str, task: str) -> str:
+    """The step that gathers a fan-out's item records in input order."""
+    return f"{node_name(workflow, task)}.{collect_local(task)}"
+
+
+def mapped_step(workflow: str, task: str, mapping_key: str) -> str:
     """One mapped step of a fan-out (an item or a shard of items)."""
-    return f"{task}[{mapping_key}]"
+    return f"{node_name(workflow, task)}.{task}[{mapping_key}]"
 
 
-def is_mapped_step(step_key: str, task: str) -> bool:
+def is_mapped_step(step_key: str, workflow: str, task: str) -> bool:
     """Whether `step_key` is one of fan-out `task`'s mapped steps."""
-    return step_key.startswith(f"{task}[")
+    return step_key.startswith(f"{node_name(workflow, task)}.{task}[")
 
 
 def shard_mapping_key(first: int, last: int, shard_size: int) -> str:
@@ -62,14 +99,35 @@ def shard_mapping_key(first: int, last: int, shard_size: int) -> str:
     return str(first) if shard_size == 1 else f"{first}_{last}"
 
 
-def body_step(task: str, iteration: int) -> str:
-    """Loop body task `task` in iteration `iteration` (1-based)."""
+def body_local(task: str, iteration: int) -> str:
     return f"{task}{RESERVED_SEPARATOR}{iteration}"
 
 
+def body_step(workflow: str, loop: str, task: str, iteration: int) -> str:
+    """Loop body task `task` of loop `loop` in iteration `iteration` (1-based)."""
+    return f"{node_name(workflow, loop)}.{body_local(task, iteration)}"
+
+
+def loop_step(workflow: str, loop: str) -> str:
+    """The step that publishes a loop's result."""
+    return f"{node_name(workflow, loop)}.{loop}"
+
+
+def checks_step(workflow: str, task: str) -> str:
+    """The step running task `task`'s quality checks: op names of asset checks are unique in a code location, so
+    it carries the workflow's name too."""
+    return f"{workflow}{RESERVED_SEPARATOR}{task}{CHECKS_SUFFIX}"
+
+
 def task_of_step(step_key: str) -> str:
-    """The task behind a step key: `research[3]`, `research__items`, `critique__2` → `research`/`critique`."""
-    return _TASK_OF_STEP.split(step_key, maxsplit=1)[0]
+    """The task behind a step key: `w__report`, `w__research.research[3]`, `w__loop.critique__2` → `report`,
+    `research`, `critique`."""
+    node = step_key.split("[", 1)[0]
+    if "." in node:  # a step inside a fan-out's or loop's graph: its local name tells the task
+        local = node.rsplit(".", 1)[1] + step_key[len(node):]
+    else:
+        local = step_key.partition(RESERVED_SEPARATOR)[2] or step_key
+    return _TASK_OF_STEP.split(local, maxsplit=1)[0]
 
 
 def executor_kind(run_config: Mapping[str, Any]) -> str:

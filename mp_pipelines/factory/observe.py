@@ -14,7 +14,7 @@ from typing import Any, Callable
 
 import dagster as dg
 
-from mp_pipelines.factory.names import collect_step, items_step, mapped_step, task_of_step
+from mp_pipelines.factory.names import collect_step, items_step, task_of_step
 from mp_pipelines.spec.models import WorkflowSpec
 from mp_pipelines.telemetry import names as n
 from mp_pipelines.telemetry.setup import RUN_WORKER_PIDS, Telemetry, active, run_parent
@@ -23,16 +23,16 @@ from mp_pipelines.telemetry.tally import TALLY_METADATA_KEY, StepTally, tallying
 Compute = Callable[[dg.OpExecutionContext, Mapping[str, Any]], Iterator[Any]]
 
 
-def observed(spec: WorkflowSpec, name: str, compute: Compute, *, prompts: bool) -> Compute:
-    """`compute` inside its step span and tally (see the module docstring); `prompts`: the op calls the model, so
-    its failure is a failed item."""
-    task = task_of_step(name)
-    collects = not prompts or name == collect_step(task) or name == items_step(task)
+def observed(spec: WorkflowSpec, step: str, compute: Compute, *, prompts: bool) -> Compute:
+    """`compute` inside its step span and tally (see the module docstring); `step` is the op's step key (without a
+    mapping key); `prompts`: the op calls the model, so its failure is a failed item."""
+    task = task_of_step(step)
+    collects = not prompts or step in (collect_step(spec.name, task), items_step(spec.name, task))
 
     def traced(context: dg.OpExecutionContext, inputs: Mapping[str, Any]) -> Iterator[Any]:
         telemetry = active()
         mapping_key = context.get_mapping_key()
-        step_key = mapped_step(name, mapping_key) if mapping_key is not None else name
+        step_key = f"{step}[{mapping_key}]" if mapping_key is not None else step
         tally = StepTally(spec.name, task, telemetry)
         told = False
         try:

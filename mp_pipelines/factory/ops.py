@@ -28,6 +28,9 @@ from mp_pipelines.factory.names import (
     SPREAD_EXECUTORS,
     WORKFLOW_TAG,
     executor_kind,
+    inputs_step,
+    node_name,
+    task_step,
 )
 from mp_pipelines.factory.observe import observed
 from mp_pipelines.factory.partitions import inbox_root
@@ -39,6 +42,7 @@ from mp_pipelines.spec.paths import InputPathError, input_roots
 from mp_pipelines.spec.problems import WorkflowValidationError
 from mp_pipelines.spec.providers import declared_providers
 from mp_pipelines.spec.templates import TemplateError
+from mp_pipelines.spec.versions import task_code_version
 from mp_pipelines.tasks.runner import TaskRun, build_context, condition_holds, preview, run_task
 
 _CONFIG_TYPES = {
@@ -50,23 +54,20 @@ _CONFIG_TYPES = {
     "table": dg.String,
 }
 
-# An op aliased to its node name (a dagster PendingNodeInvocation), called inside the job's composition.
-Node = Any
 Compute = Callable[[dg.OpExecutionContext, Mapping[str, Any]], Iterator[Any]]
 
 
-def make_op(spec: WorkflowSpec, name: str, compute: Compute, *, ins: Mapping[str, dg.In] | None = None,
-            outs: Mapping[str, dg.Out] | None = None, **kwargs: Any) -> Node:
-    """An op from a plain `(context, inputs) -> events` function, used in the job as node `name`.
+def make_op(spec: WorkflowSpec, name: str, compute: Compute, *, step: str, ins: Mapping[str, dg.In] | None = None,
+            outs: Mapping[str, dg.Out] | None = None, **kwargs: Any) -> dg.OpDefinition:
+    """An op from a plain `(context, inputs) -> events` function, named `<workflow>__<name>`.
 
-    Op definition names must be unique in a code location, so the definition is `<workflow>__<name>`
-    and the node (the step key users see) is aliased to `name`.
+    Op definition names must be unique in a code location (Dagster's asset job holds every workflow's assets).
+    `step` is the step key the op runs as (names.py): the op's own name at the top level of the job, `<graph>.<alias>`
+    inside a fan-out's or loop's graph.
     """
     prompts = kwargs.get("required_resource_keys") == PROMPT_RESOURCE_KEYS
-    op_def = dg.OpDefinition(compute_fn=observed(spec, name, compute, prompts=prompts), name=f"{spec.name}__{name}",
-                             ins=dict(ins or {}),
-                             outs=dict(outs or {"result": dg.Out(dg.Any)}), **kwargs)
-    return op_def.alias(name)
+    return dg.OpDefinition(compute_fn=observed(spec, step, compute, prompts=prompts), name=node_name(spec.name, name),
+                           ins=dict(ins or {}), outs=dict(outs or {"result": dg.Out(dg.Any)}), **kwargs)
 
 
 def asset_key(spec: WorkflowSpec, name: str) -> dg.AssetKey:
@@ -81,7 +82,7 @@ def input_field(spec: InputSpec) -> dg.Field:
     return dg.Field(kind, default_value=spec.default, is_required=False, description=spec.description or None)
 
 
-def build_inputs_op(spec: WorkflowSpec, base_dir: Path | None = None) -> Node:
+def build_inputs_op(spec: WorkflowSpec, base_dir: Path | None = None) -> dg.OpDefinition:
     """The op whose run config holds the workflow inputs; it checks and passes them on.
 
     Relative table paths resolve against the working folder, then against `base_dir` (the spec's folder); every
@@ -101,8 +102,8 @@ def build_inputs_op(spec: WorkflowSpec, base_dir: Path | None = None) -> Node:
         yield dg.Output(values, metadata={name: dg.MetadataValue.text(preview(v, 200)) for name, v in values.items()})
 
     schema = {name: input_field(s) for name, s in spec.inputs.items()}
-    return make_op(spec, INPUTS_OP, compute, config_schema=schema, description=f"Inputs of workflow {spec.name}.",
-                   tags={WORKFLOW_TAG: spec.name})
+    return make_op(spec, INPUTS_OP, compute, step=inputs_step(spec.name), config_schema=schema,
+                   description=f"Inputs of workflow {spec.name}.", tags={WORKFLOW_TAG: spec.name})
 
 
 def checked_table_path(spec: WorkflowSpec, name: str, value: str, base_dir: Path | None) -> str:
@@ -345,19 +346,23 @@ def call_metadata(run: TaskRun) -> dict[str, Any]:
             "finish_reason": run.finish_reason or "", "attempts": run.attempts}
 
 
-def materialization(context: dg.OpExecutionContext, spec: WorkflowSpec, name: str, value: Any,
-                    metadata: Mapping[str, Any]) -> dg.AssetMaterialization:
-    """The asset event `[workflow, name]` for a task result (every task asset event is made here)."""
-    meta = {k: v for k, v in metadata.items() if not k.startswith("llm/")}
+def asset_metadata(metadata: Mapping[str, Any], value: Any) -> dict[str, Any]:
+    """The metadata of a task asset's output (its materialization): `metadata` (usage under `llm/`, kept for the
+    step's tally) plus the usage summed up, and a preview of the value (Markdown for a text answer)."""
+    meta = dict(metadata)
     usage = Usage.from_metadata(metadata)
     meta.update({"calls": usage.calls, "cache_hits": usage.cache_hits, "prompt_tokens": usage.prompt_tokens,
                  "completion_tokens": usage.completion_tokens, "latency_s": round(usage.latency_s, 3),
                  "cost_usd": round(usage.cost_usd, 9), "retries": usage.retries, "rate_limited": usage.rate_limited,
                  "preview": dg.MetadataValue.text(preview(value))})
+    if isinstance(value, str):
+        meta["answer"] = dg.MetadataValue.md(preview(value, ANSWER_CHARS))
     if usage.batch_requests:  # batch mode: answers through the Batch API and what they saved at online prices
         meta.update({"batch_requests": usage.batch_requests, "batch_saving_usd": round(usage.batch_saving_usd, 9)})
-    return dg.AssetMaterialization(asset_key=asset_key(spec, name), metadata=meta,
-                                   partition=context.partition_key if context.has_partition_key else None)
+    return meta
+
+
+ANSWER_CHARS = 20_000  # a text answer shown as Markdown on the asset page; the full answer is the stored value
 
 
 def task_deadline(task: TaskSpec) -> float | None:
@@ -373,7 +378,7 @@ def upstream_ins(names: list[str]) -> dict[str, dg.In]:
     return {INPUTS_OP: dg.In(dg.Any), **{name: dg.In(dg.Any) for name in names}}
 
 
-def build_task_op(spec: WorkflowSpec, task: TaskSpec, upstream: list[str], pool: str | None = None) -> Node:
+def build_task_op(spec: WorkflowSpec, task: TaskSpec, upstream: list[str], pool: str | None = None) -> dg.OpDefinition:
     """One op for a plain task; with `when`, its output is optional and downstream skips when false."""
 
     def compute(context: dg.OpExecutionContext, inputs: Mapping[str, Any]) -> Iterator[Any]:
@@ -383,12 +388,11 @@ def build_task_op(spec: WorkflowSpec, task: TaskSpec, upstream: list[str], pool:
             context.log.info(f"{task.name}: skipped because `when: {task.when}` is false")
             return
         run = call_model(context, spec, task, template_context, label=task.name, deadline=task_deadline(task))
-        metadata = call_metadata(run)
-        yield materialization(context, spec, task.name, run.output, metadata)
-        yield dg.Output(run.output, metadata=metadata)
+        yield dg.Output(run.output, metadata=asset_metadata(call_metadata(run), run.output))
 
-    return make_op(spec, task.name, compute, ins=upstream_ins(upstream),
-                   outs={"result": dg.Out(dg.Any, is_required=task.when is None)},
+    return make_op(spec, task.name, compute, step=task_step(spec.name, task.name), ins=upstream_ins(upstream),
+                   outs={"result": dg.Out(dg.Any, is_required=task.when is None,
+                                          code_version=task_code_version(spec, task))},
                    description=task.description or None, retry_policy=retry_policy(task), pool=pool,
                    required_resource_keys=PROMPT_RESOURCE_KEYS, tags={WORKFLOW_TAG: spec.name})
 

@@ -1,7 +1,9 @@
-"""Inbox batches as dynamic partitions: which workflows take them, the partitions and a batch's run config.
+"""Inbox batches: which workflows take them, where their files are and a batch's run config.
 
-A file `MP_INBOX_DIR/<workflow>/<name>` is partition `<name>` of the workflow's job and assets, so one
-batch can be re-run from the UI. The inbox sensor reads the same names.
+A file `MP_INBOX_DIR/<workflow>/<name>` becomes one run of the workflow's job (tagged with the file's name), whose
+assets it materializes. Runs of a workflow fill its assets' latest values whatever started them (CLI, UI, schedule,
+inbox), so the assets are not partitioned: Dagster gives a partitioned job no config mapping (`ops.inputs.config`,
+see factory/job.py) and runs no partitioned asset without a partition.
 """
 
 from __future__ import annotations
@@ -9,8 +11,6 @@ from __future__ import annotations
 import os
 from pathlib import Path
 from typing import Any
-
-import dagster as dg
 
 from mp_pipelines.factory.names import INPUTS_OP
 from mp_pipelines.spec.models import WorkflowSpec
@@ -45,32 +45,15 @@ def inbox_file(workflow: str, key: str) -> Path:
     return inbox_folder(workflow) / key
 
 
-def partitions_name(spec: WorkflowSpec) -> str:
-    return f"{spec.name}_inbox"
-
-
-def inbox_partitions_def(spec: WorkflowSpec) -> dg.DynamicPartitionsDefinition | None:
-    """The dynamic partitions (one per inbox file) of a workflow that takes inbox batches, else None."""
-    if inbox_input(spec) is None:
-        return None
-    return dg.DynamicPartitionsDefinition(name=partitions_name(spec))
-
-
 def inbox_run_config(spec: WorkflowSpec, path: Path | str) -> dict[str, Any]:
     """Run config of one batch: the file as the table input, defaults for the other inputs."""
     name = inbox_input(spec)
     if name is None:
         raise ValueError(f"workflow {spec.name!r} takes no inbox batches: it needs exactly one table input "
                          "and defaults for every other input")
-    return {"ops": {INPUTS_OP: {"config": {name: str(path)}}}}
+    return inputs_run_config(spec, {name: str(path)})
 
 
-def inbox_partitioned_config(spec: WorkflowSpec) -> dg.PartitionedConfig | None:
-    """The job's partitioned config: partition `<file>` reads MP_INBOX_DIR/<workflow>/<file>."""
-    partitions_def = inbox_partitions_def(spec)
-    if partitions_def is None:
-        return None
-    return dg.PartitionedConfig(
-        partitions_def=partitions_def,
-        run_config_for_partition_key_fn=lambda key: inbox_run_config(spec, inbox_file(spec.name, key)),
-    )
+def inputs_run_config(spec: WorkflowSpec, values: dict[str, Any]) -> dict[str, Any]:
+    """The run config holding the workflow inputs `values` (`ops.inputs.config`)."""
+    return {"ops": {INPUTS_OP: {"config": dict(values)}}}

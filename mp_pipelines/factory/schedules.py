@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import dagster as dg
 
-from mp_pipelines.factory.names import INPUTS_OP, LLM_RESOURCE_KEY
+from mp_pipelines.factory.names import LLM_RESOURCE_KEY
+from mp_pipelines.factory.partitions import inputs_run_config
 from mp_pipelines.llm.resource import llm_run_config
 from mp_pipelines.spec.models import WorkflowSpec
 
@@ -12,13 +13,14 @@ from mp_pipelines.spec.models import WorkflowSpec
 def schedule_run_config(spec: WorkflowSpec) -> dict:
     """Run config of a scheduled run: the schedule's inputs (defaults fill the rest)."""
     inputs = spec.schedule.inputs if spec.schedule else {}
-    config: dict = {"ops": {INPUTS_OP: {"config": dict(inputs)}}}
+    config: dict = inputs_run_config(spec, dict(inputs))
     if spec.schedule and spec.schedule.mode:  # the schedule's `mode:` for its runs
         config["resources"] = {LLM_RESOURCE_KEY: llm_run_config(spec.schedule.mode)}
     return config
 
 
-def build_schedule(spec: WorkflowSpec, job: dg.JobDefinition) -> dg.ScheduleDefinition | None:
+def build_schedule(spec: WorkflowSpec,
+                   job: dg.JobDefinition | dg.UnresolvedAssetJobDefinition) -> dg.ScheduleDefinition | None:
     """The schedule `<workflow>_schedule`, stopped unless the spec says `enabled: true`."""
     if spec.schedule is None:
         return None

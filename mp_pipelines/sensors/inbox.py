@@ -2,7 +2,7 @@
 
 The run key is the file's SHA-256, so a file is processed once whatever its name, even after a
 restart: identical content under a new name is a duplicate, and Dagster itself drops a run request
-whose key a run of this sensor already has. Every file becomes a dynamic partition of the workflow.
+whose key a run of this sensor already has. The run is tagged with the file's name and hash.
 
 The cursor remembers each present file's size and mtime and what was decided about it, so a file
 is read only when it changed, and a malformed or unreadable one is reported once and not retried
@@ -27,10 +27,8 @@ from mp_pipelines.factory.names import LLM_RESOURCE_KEY
 from mp_pipelines.factory.partitions import (
     inbox_folder,
     inbox_input,
-    inbox_partitions_def,
     inbox_root,
     inbox_run_config,
-    partitions_name,
 )
 from mp_pipelines.llm.resource import llm_run_config
 from mp_pipelines.spec.models import WorkflowSpec
@@ -334,8 +332,7 @@ def build_inbox_sensor(spec: WorkflowSpec) -> dg.SensorDefinition | None:
     Running by default when MP_INBOX_DIR is set, stopped (switch it on in the UI) otherwise.
     """
     input_name = inbox_input(spec)
-    partitions_def = inbox_partitions_def(spec)
-    if input_name is None or partitions_def is None:
+    if input_name is None:
         return None
     name = inbox_sensor_name(spec)
     # Built once per definitions load, not per tick: the checker and the default status.
@@ -343,7 +340,7 @@ def build_inbox_sensor(spec: WorkflowSpec) -> dg.SensorDefinition | None:
     status = dg.DefaultSensorStatus.RUNNING if os.environ.get("MP_INBOX_DIR") else dg.DefaultSensorStatus.STOPPED
 
     def evaluate(context: dg.SensorEvaluationContext) -> dg.SensorResult | dg.SkipReason:
-        return _evaluate_inbox(context, spec, name, partitions_def, check)
+        return _evaluate_inbox(context, spec, name, check)
 
     return dg.SensorDefinition(
         name=name,
@@ -352,7 +349,7 @@ def build_inbox_sensor(spec: WorkflowSpec) -> dg.SensorDefinition | None:
         minimum_interval_seconds=interval_seconds(),
         default_status=status,
         description=(f"Starts {spec.name} once per new CSV/JSONL/Parquet file in MP_INBOX_DIR/{spec.name}/ "
-                     f"(input `{input_name}`); each file is a partition, its SHA-256 the run key."),
+                     f"(input `{input_name}`); each file is one run, its SHA-256 the run key."),
     )
 
 
@@ -360,7 +357,6 @@ def _evaluate_inbox(
     context: dg.SensorEvaluationContext,
     spec: WorkflowSpec,
     sensor_name: str,
-    partitions_def: dg.DynamicPartitionsDefinition,
     check: Callable[[Path], str | None],
 ) -> dg.SensorResult | dg.SkipReason:
     """One tick of an inbox sensor: scan the folder, log what was decided, request runs for new files."""
@@ -374,15 +370,13 @@ def _evaluate_inbox(
                       roots=input_roots(inbox=inbox_root()))
     for level, text in scan.messages:
         getattr(context.log, level)(f"{spec.name} inbox: {text}")
-    new_keys = _new_partition_keys(context, spec, scan.batches)
     requests = [_run_request(spec, batch) for batch in scan.batches]
     for batch in scan.batches:
-        context.log.info(f"{spec.name} inbox: {batch.name}: starting a run (partition {batch.name!r}, "
+        context.log.info(f"{spec.name} inbox: {batch.name}: starting a run ("
                          f"sha256 {batch.sha256[:12]}…)")
     skipped = sum(state.outcome == "skipped" for state in scan.files.values())
     return dg.SensorResult(
         run_requests=requests or None,
-        dynamic_partitions_requests=[partitions_def.build_add_request(new_keys)] if new_keys else None,
         cursor=dump_cursor(scan.files),
         skip_reason=None if requests else f"no new files in {folder} ({skipped} skipped, see the sensor log)",
     )
@@ -402,13 +396,8 @@ def _run_lookup(context: dg.SensorEvaluationContext, sensor_name: str) -> Callab
     return processed_by
 
 
-def _new_partition_keys(context: dg.SensorEvaluationContext, spec: WorkflowSpec, batches: list[Batch]) -> list[str]:
-    """The batches' partition keys the instance does not have yet (a name seen before keeps its partition)."""
-    return [b.name for b in batches if not context.instance.has_dynamic_partition(partitions_name(spec), b.name)]
-
-
 def _run_request(spec: WorkflowSpec, batch: Batch) -> dg.RunRequest:
-    """The run for one new file: its hash the run key, its name the partition; MP_INBOX_MODE its call mode."""
+    """The run for one new file: its hash the run key, its name and hash tags; MP_INBOX_MODE its call mode."""
     config = inbox_run_config(spec, batch.path)
     mode = os.environ.get(MODE_ENV, "").strip()
     if mode:
@@ -416,5 +405,5 @@ def _run_request(spec: WorkflowSpec, batch: Batch) -> dg.RunRequest:
             raise ValueError(f"{MODE_ENV}={mode!r} is not valid: it must be batch or online (or unset, for each "
                              "task's `mode:`)")
         config = {**config, "resources": {LLM_RESOURCE_KEY: llm_run_config(mode)}}
-    return dg.RunRequest(run_key=batch.sha256, partition_key=batch.name, run_config=config,
+    return dg.RunRequest(run_key=batch.sha256, run_config=config,
                          tags={FILE_TAG: batch.name, SHA256_TAG: batch.sha256})

@@ -14,6 +14,7 @@ from typing import Annotated, Any, Literal, Union
 from croniter import croniter
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, PrivateAttr, Tag, field_validator, model_validator
 
+from mp_pipelines.spec.checks import CheckSpec
 from mp_pipelines.spec.inputs import coerce_input
 from mp_pipelines.spec.templates import JINJA_GLOBALS, JINJA_SPECIAL_NAMES
 
@@ -301,6 +302,7 @@ class TaskSpec(ModelSettings, FailurePolicy, BatchPolicy):
         default=2, ge=0, le=10,
         description="For output: json, times an invalid answer is sent back with the validation error to fix.",
     )
+    checks: list[CheckSpec] = Field(default_factory=list, description="Quality checks of its answers (asset checks).")
 
     @field_validator("name")
     @classmethod

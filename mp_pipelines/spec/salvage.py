@@ -88,6 +88,11 @@ def _fix(data: dict[str, Any], error: ErrorDetails, result: Salvage, drop: list[
     if not path:
         result.blocker = "the workflow is not a mapping of its fields"
         return
+    if "checks" in path[:-1] and isinstance(path[path.index("checks") + 1], int):
+        # A refused check becomes one that raises nothing, so the later checks' paths keep their indices.
+        at = path.index("checks") + 1
+        _get(data, path[:at])[path[at]] = {"type": "non_empty", "name": f"_refused_check_{path[at]}"}
+        return
     *above, last = path
     parent = _get(data, above)
     target = _get(data, path)

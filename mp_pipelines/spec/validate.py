@@ -10,6 +10,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from mp_pipelines.spec import graph, shapes
+from mp_pipelines.spec.checks import check_problems
 from mp_pipelines.spec.inputs import coerce_input
 from mp_pipelines.spec.models import LoopSpec, TaskSpec, WorkflowSpec
 from mp_pipelines.spec.problems import Problem, suggest
@@ -126,6 +127,8 @@ class _Checker:
             self.check_for_each(f"{scope.path}.for_each", task, scope)
         for field, source, expression in graph.task_templates(task):
             self.check_template(f"{scope.path}.{field}", source, expression, scope)
+        for path, message in check_problems(task.checks, scope.path, task.output_schema):
+            self.add(path, message)
 
     def check_loop(self, scope: _Scope) -> None:
         loop = scope.loop
