@@ -320,3 +320,35 @@ def test_the_shipped_csv_and_jsonl_hold_the_same_examples() -> None:
         table = list(csv.DictReader(handle))
     assert [r["tickets.subject"] for r in table] == [r["inputs"]["tickets"]["subject"] for r in rows]
     assert [r["expected.classify.category"] for r in table] == LABELS
+
+
+JUDGED = """\
+name: judged_notes
+inputs:
+  topic: {type: string}
+tasks:
+  - name: note
+    prompt: "One sentence about {{ inputs.topic }}."
+    checks:
+      - {type: judge, rubric: "Is it one clear sentence about the topic?", min_score: 3}
+"""
+
+
+def test_a_task_without_labels_is_scored_by_its_judge_check(runner: CliRunner, tmp_path: Path) -> None:
+    workflow = tmp_path / "judged_notes.yaml"
+    workflow.write_text(JUDGED)
+    topics = ["tides", "glaciers", "lichens", "comets"]
+    dataset = _write_jsonl(tmp_path / "topics.jsonl", [{"inputs": {"topic": t}} for t in topics])
+    code, report, output = _eval(runner, str(workflow), "--dataset", str(dataset))
+    assert code == 0, output
+    assert list(report["tasks"]) == ["note"]
+    note = report["tasks"]["note"]
+    assert note["n"] == 4 and "accuracy" not in note
+    record = json.loads((tmp_path / ".mp_pipelines" / "dagster_home" / "evals" / f"{report['eval_id']}.json")
+                        .read_text())
+    scores = [example["results"]["note"]["mean_score"] for example in record["examples"]]
+    assert all(1 <= score <= 5 for score in scores)  # one judge verdict per example, from each run's check
+    assert note["mean_score"] == pytest.approx(sum(scores) / 4, abs=1e-4)
+    assert [d["example"] for d in note["disagreements"]] == [i for i, s in enumerate(scores) if s < 3]
+    assert report["checks_usage"]["calls"] == 4  # one judge call per example, counted apart from the tasks'
+    assert report["usage"]["calls"] == 4
