@@ -367,3 +367,20 @@ def test_a_task_without_labels_is_scored_by_its_judge_check(runner: CliRunner, t
     assert [d["example"] for d in note["disagreements"]] == [i for i, s in enumerate(scores) if s < 3]
     assert report["checks_usage"]["calls"] == 4  # one judge call per example, counted apart from the tasks'
     assert report["usage"]["calls"] == 4
+
+
+def test_compare_of_judged_tasks_lists_the_examples_whose_score_changed() -> None:
+    from mp_pipelines.cli.eval_store import compare_evals, compare_text
+
+    def record(eval_id: str, scores: list[float]) -> dict[str, Any]:
+        return {"eval_id": eval_id, "workflow": "w", "dataset": "d.jsonl",
+                "tasks": {"note": {"mean_score": sum(scores) / len(scores), "n": len(scores), "disagreements": []}},
+                "examples": [{"index": i, "inputs": {"topic": str(i)}, "results": {"note": {"mean_score": s}}}
+                             for i, s in enumerate(scores)]}
+
+    diff = compare_evals(record("A", [3.0, 3.0]), record("B", [4.0, 3.0]))
+    assert diff["tasks"]["note"] == {"metric": "mean_score", "a": 3.0, "b": 3.5, "delta": 0.5, "n_a": 2, "n_b": 2,
+                                     "changed": [{"example": 0, "score_a": 3.0, "score_b": 4.0}]}
+    text = compare_text(diff)
+    assert any(line.split() == ["note", "mean_score", "3.000", "3.500", "+0.500", "1"] for line in text.splitlines())
+    assert "note example 0: judge score 3.0 → 4.0" in text
