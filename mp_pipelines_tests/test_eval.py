@@ -277,6 +277,17 @@ def test_missing_required_input_unreadable_and_oversized_datasets(runner: CliRun
     refused = runner.invoke(main, ["eval", "classify_tickets", "--dataset", str(link)])
     assert refused.exit_code == 2 and "/proc" in refused.output and "not data" in refused.output
 
+    outside = _write_jsonl(tmp_path / "outside.jsonl", [
+        {"inputs": {"tickets": {"subject": "a", "body": "b"}}, "expected": {"classify": "bug"}},
+        {"inputs": {"tickets": "/var/tickets.csv"}, "expected": {"classify": "bug"}}])
+    result = runner.invoke(main, ["eval", "classify_tickets", "--dataset", str(outside)])
+    assert result.exit_code == 2
+    assert "outside.jsonl, line 2, field 'inputs': " in result.output and "outside the allowed input roots" in result.output
+    from mp_pipelines.cli.running import local_instance
+
+    with local_instance() as instance:  # refused before the first example ran
+        assert instance.get_runs() == []
+
     monkeypatch.setenv("MP_MAX_TABLE_BYTES", "50")
     big = runner.invoke(main, ["eval", "classify_tickets", "--dataset", str(SHIPPED_JSONL)])
     assert big.exit_code == 2 and "MP_MAX_TABLE_BYTES" in big.output
@@ -284,7 +295,6 @@ def test_missing_required_input_unreadable_and_oversized_datasets(runner: CliRun
     monkeypatch.delenv("MP_MAX_TABLE_BYTES")
     many = runner.invoke(main, ["eval", "classify_tickets", "--dataset", str(SHIPPED_CSV)])
     assert many.exit_code == 2 and "MP_MAX_TABLE_ROWS" in many.output
-    assert not (tmp_path / ".mp_pipelines").exists()
 
 
 def test_matching_rule() -> None:

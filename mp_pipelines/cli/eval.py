@@ -140,7 +140,7 @@ def run_eval(spec: WorkflowSpec, source: str | None, dataset: str, examples: lis
              progress: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Run every example (one Dagster run each, tagged with the eval id), score `scored` and store the record."""
     from mp_pipelines.calls.usage import Usage
-    from mp_pipelines.cli.running import RunRefused, local_instance, run_workflow
+    from mp_pipelines.cli.running import RunRefused, local_instance, refuse_inputs_outside_roots, run_workflow
     from mp_pipelines.llm.resource import SettingsError
 
     say = progress or (lambda _line: None)
@@ -150,8 +150,15 @@ def run_eval(spec: WorkflowSpec, source: str | None, dataset: str, examples: lis
         eval_id = new_eval_id(spec.name, str(Path(dataset).resolve()))
         say(f"eval {eval_id}: {spec.name} over {len(examples)} example(s) of {dataset}")
         started, usage, checks_usage, runs = time.monotonic(), Usage(), None, []
-        for example in examples:
+        prepared = []
+        for example in examples:  # every example's file inputs are checked before the first run starts
             inputs = _run_inputs(spec, source, example, Path(dataset).resolve().parent, home / "evals" / "tables")
+            try:
+                refuse_inputs_outside_roots(spec, inputs, source)
+            except RunRefused as exc:
+                raise EvalUsageError(f"{dataset}, {example.where}, field 'inputs': {exc}") from None
+            prepared.append(inputs)
+        for example, inputs in zip(examples, prepared):
             tags = {EVAL_TAG: eval_id, EXAMPLE_TAG: str(example.index)}
             try:
                 outcome = run_workflow(spec, inputs, source=source, executor=executor, instance=instance,
