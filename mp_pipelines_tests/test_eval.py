@@ -87,6 +87,11 @@ def _write_jsonl(path: Path, rows: list[dict[str, Any]]) -> Path:
     return path
 
 
+def _text(path: Path, lines: list[str]) -> Path:
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
 def test_hand_computed_answers_follow_the_simulated_models_rule() -> None:
     """The table the other tests assert was computed from the model's rule, not copied from the tool's output."""
     rows = _shipped_rows()
@@ -98,8 +103,15 @@ def test_hand_computed_answers_follow_the_simulated_models_rule() -> None:
 
 
 def test_shipped_set_scores_the_hand_computed_accuracy_in_tagged_runs(runner: CliRunner, tmp_path: Path) -> None:
-    code, report, output = _eval(runner, "classify_tickets", "--dataset", str(SHIPPED_JSONL))
-    assert code == 0, output
+    result = runner.invoke(main, ["eval", "classify_tickets", "--dataset", str(SHIPPED_JSONL)])
+    assert result.exit_code == 0, result.output
+    # The text form: a table row per task (score, n, disagreements), then the disagreements.
+    assert any(line.split()[:5] == ["classify", "accuracy", "0.150", "20", "17"] for line in result.stdout.splitlines())
+    assert 'classify example 0: expected {"category": "billing"}; got {"category": "account"}\n' in result.stdout
+    eval_id = result.stdout.split("recorded as ")[1].split(":")[0]
+    home = tmp_path / ".mp_pipelines" / "dagster_home"
+    report = json.loads((home / "evals" / f"{eval_id}.json").read_text())  # what --json prints, and more
+
     classify = report["tasks"]["classify"]
     assert (classify["accuracy"], classify["n"], classify["right"]) == (0.15, 20, 3)
     assert [d["example"] for d in classify["disagreements"]] == WRONG
@@ -118,33 +130,17 @@ def test_shipped_set_scores_the_hand_computed_accuracy_in_tagged_runs(runner: Cl
     assert usage["prompt_tokens"] > 0 and usage["cost_usd"] > 0
     assert report["failed_runs"] == []
 
-    # Each example ran as its own Dagster run, tagged with the eval id; the record is in the instance's folder.
+    # Each example ran as its own Dagster run, tagged with the eval id.
     import dagster as dg
 
     from mp_pipelines.cli.running import local_instance
 
-    home = tmp_path / ".mp_pipelines" / "dagster_home"
     with local_instance() as instance:  # the CLI's instance under the working folder
-        runs = instance.get_runs(filters=dg.RunsFilter(tags={"mp/eval_id": report["eval_id"]}))
+        runs = instance.get_runs(filters=dg.RunsFilter(tags={"mp/eval_id": eval_id}))
         assert len(runs) == 20 and {r.status for r in runs} == {dg.DagsterRunStatus.SUCCESS}
         assert sorted(int(r.tags["mp/eval_example"]) for r in runs) == list(range(20))
-    assert (home / "evals" / f"{report['eval_id']}.json").is_file()
-
-    # The shipped CSV form of the same set gives the same result (its answers now come from the cache), here
-    # printed as text: a table row per task, then the disagreements.
-    text = runner.invoke(main, ["eval", "classify_tickets", "--dataset", str(SHIPPED_CSV)])
-    assert text.exit_code == 0, text.output
-    assert any(line.split()[:5] == ["classify", "accuracy", "0.150", "20", "17"] for line in text.stdout.splitlines())
-    assert 'classify example 0: expected {"category": "billing"}; got {"category": "account"' in text.stdout
-    eval_id = text.stdout.split("recorded as ")[1].split(":")[0]
-    from_csv = json.loads((home / "evals" / f"{eval_id}.json").read_text())
-    assert eval_id != report["eval_id"]
-
-    def without_inputs(tasks: dict[str, Any]) -> dict[str, Any]:  # CSV cells are text: the id is "101", not 101
-        return {name: {**task, "disagreements": [{k: v for k, v in d.items() if k != "inputs"}
-                                                  for d in task["disagreements"]]} for name, task in tasks.items()}
-
-    assert without_inputs(from_csv["tasks"]) == without_inputs(report["tasks"])
+        by_example = {int(r.tags["mp/eval_example"]): r.run_id for r in runs}
+    assert [e["run_id"] for e in report["examples"]] == [by_example[i] for i in range(20)]
 
 
 def test_compare_prints_deltas_and_the_examples_that_changed(runner: CliRunner, tmp_path: Path) -> None:
@@ -159,6 +155,18 @@ def test_compare_prints_deltas_and_the_examples_that_changed(runner: CliRunner, 
     code_b, b, out_b = _eval(runner, "classify_tickets", "--dataset", str(after))
     assert (code_a, code_b) == (0, 0), out_a + out_b
     assert a["tasks"]["classify"]["accuracy"] == 0.2 and b["tasks"]["classify"]["accuracy"] == 0.4
+
+    # The same five rows in the shipped CSV form give the same result.
+    csv_rows = SHIPPED_CSV.read_text().splitlines()[:6]
+    code_c, c, out_c = _eval(runner, "classify_tickets", "--dataset", str(_text(tmp_path / "before.csv", csv_rows)))
+    assert code_c == 0, out_c
+
+    def without_inputs(tasks: dict[str, Any]) -> dict[str, Any]:  # CSV cells are text: the id is "101", not 101
+        return {name: {**task, "disagreements": [{k: v for k, v in d.items() if k != "inputs"}
+                                                  for d in task["disagreements"]]} for name, task in tasks.items()}
+
+    assert without_inputs(c["tasks"]) == without_inputs(a["tasks"])
+    assert c["tasks"]["classify"]["disagreements"][0]["inputs"]["tickets"]["subject"] == "Charged twice"
 
     result = runner.invoke(main, ["eval", "--compare", a["eval_id"], b["eval_id"], "--json"])
     assert result.exit_code == 0, result.output
@@ -269,6 +277,17 @@ def test_missing_required_input_unreadable_and_oversized_datasets(runner: CliRun
     refused = runner.invoke(main, ["eval", "classify_tickets", "--dataset", str(link)])
     assert refused.exit_code == 2 and "/proc" in refused.output and "not data" in refused.output
 
+    outside = _write_jsonl(tmp_path / "outside.jsonl", [
+        {"inputs": {"tickets": {"subject": "a", "body": "b"}}, "expected": {"classify": "bug"}},
+        {"inputs": {"tickets": "/var/tickets.csv"}, "expected": {"classify": "bug"}}])
+    result = runner.invoke(main, ["eval", "classify_tickets", "--dataset", str(outside)])
+    assert result.exit_code == 2
+    assert "outside.jsonl, line 2, field 'inputs': " in result.output and "outside the allowed input roots" in result.output
+    from mp_pipelines.cli.running import local_instance
+
+    with local_instance() as instance:  # refused before the first example ran
+        assert instance.get_runs() == []
+
     monkeypatch.setenv("MP_MAX_TABLE_BYTES", "50")
     big = runner.invoke(main, ["eval", "classify_tickets", "--dataset", str(SHIPPED_JSONL)])
     assert big.exit_code == 2 and "MP_MAX_TABLE_BYTES" in big.output
@@ -276,7 +295,6 @@ def test_missing_required_input_unreadable_and_oversized_datasets(runner: CliRun
     monkeypatch.delenv("MP_MAX_TABLE_BYTES")
     many = runner.invoke(main, ["eval", "classify_tickets", "--dataset", str(SHIPPED_CSV)])
     assert many.exit_code == 2 and "MP_MAX_TABLE_ROWS" in many.output
-    assert not (tmp_path / ".mp_pipelines").exists()
 
 
 def test_matching_rule() -> None:
@@ -315,8 +333,64 @@ def test_judge_mean_score_from_the_checks_of_run_json() -> None:
 
 
 def test_the_shipped_csv_and_jsonl_hold_the_same_examples() -> None:
-    rows = _shipped_rows()
+    from mp_pipelines.cli.eval_data import read_dataset
+    from mp_pipelines.spec.loader import load_workflows
+
+    spec = load_workflows().specs["classify_tickets"]
+    from_jsonl, from_csv = read_dataset(SHIPPED_JSONL, spec), read_dataset(SHIPPED_CSV, spec)
+    assert [e.expected for e in from_csv] == [e.expected for e in from_jsonl] == [
+        {"classify": {"category": label}} for label in LABELS]
+    for a, b in zip(from_jsonl, from_csv):
+        assert {**a.inputs["tickets"], "id": str(a.inputs["tickets"]["id"])} == b.inputs["tickets"]
+    assert from_csv[0].where == "row 1 (line 2)" and from_jsonl[0].where == "line 1"
     with SHIPPED_CSV.open(newline="") as handle:
-        table = list(csv.DictReader(handle))
-    assert [r["tickets.subject"] for r in table] == [r["inputs"]["tickets"]["subject"] for r in rows]
-    assert [r["expected.classify.category"] for r in table] == LABELS
+        assert len(list(csv.DictReader(handle))) == 20
+
+
+JUDGED = """\
+name: judged_notes
+inputs:
+  topic: {type: string}
+tasks:
+  - name: note
+    prompt: "One sentence about {{ inputs.topic }}."
+    checks:
+      - {type: judge, rubric: "Is it one clear sentence about the topic?", min_score: 3}
+"""
+
+
+def test_a_task_without_labels_is_scored_by_its_judge_check(runner: CliRunner, tmp_path: Path) -> None:
+    workflow = tmp_path / "judged_notes.yaml"
+    workflow.write_text(JUDGED)
+    topics = ["tides", "glaciers", "lichens", "comets"]
+    dataset = _write_jsonl(tmp_path / "topics.jsonl", [{"inputs": {"topic": t}} for t in topics])
+    code, report, output = _eval(runner, str(workflow), "--dataset", str(dataset))
+    assert code == 0, output
+    assert list(report["tasks"]) == ["note"]
+    note = report["tasks"]["note"]
+    assert note["n"] == 4 and "accuracy" not in note
+    record = json.loads((tmp_path / ".mp_pipelines" / "dagster_home" / "evals" / f"{report['eval_id']}.json")
+                        .read_text())
+    scores = [example["results"]["note"]["mean_score"] for example in record["examples"]]
+    assert all(1 <= score <= 5 for score in scores)  # one judge verdict per example, from each run's check
+    assert note["mean_score"] == pytest.approx(sum(scores) / 4, abs=1e-4)
+    assert [d["example"] for d in note["disagreements"]] == [i for i, s in enumerate(scores) if s < 3]
+    assert report["checks_usage"]["calls"] == 4  # one judge call per example, counted apart from the tasks'
+    assert report["usage"]["calls"] == 4
+
+
+def test_compare_of_judged_tasks_lists_the_examples_whose_score_changed() -> None:
+    from mp_pipelines.cli.eval_store import compare_evals, compare_text
+
+    def record(eval_id: str, scores: list[float]) -> dict[str, Any]:
+        return {"eval_id": eval_id, "workflow": "w", "dataset": "d.jsonl",
+                "tasks": {"note": {"mean_score": sum(scores) / len(scores), "n": len(scores), "disagreements": []}},
+                "examples": [{"index": i, "inputs": {"topic": str(i)}, "results": {"note": {"mean_score": s}}}
+                             for i, s in enumerate(scores)]}
+
+    diff = compare_evals(record("A", [3.0, 3.0]), record("B", [4.0, 3.0]))
+    assert diff["tasks"]["note"] == {"metric": "mean_score", "a": 3.0, "b": 3.5, "delta": 0.5, "n_a": 2, "n_b": 2,
+                                     "changed": [{"example": 0, "score_a": 3.0, "score_b": 4.0}]}
+    text = compare_text(diff)
+    assert any(line.split() == ["note", "mean_score", "3.000", "3.500", "+0.500", "1"] for line in text.splitlines())
+    assert "note example 0: judge score 3.0 → 4.0" in text

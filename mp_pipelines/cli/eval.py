@@ -140,7 +140,7 @@ def run_eval(spec: WorkflowSpec, source: str | None, dataset: str, examples: lis
              progress: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Run every example (one Dagster run each, tagged with the eval id), score `scored` and store the record."""
     from mp_pipelines.calls.usage import Usage
-    from mp_pipelines.cli.running import RunRefused, local_instance, run_workflow
+    from mp_pipelines.cli.running import RunRefused, local_instance, refuse_inputs_outside_roots, run_workflow
     from mp_pipelines.llm.resource import SettingsError
 
     say = progress or (lambda _line: None)
@@ -149,9 +149,16 @@ def run_eval(spec: WorkflowSpec, source: str | None, dataset: str, examples: lis
         home = Path(instance.root_directory)
         eval_id = new_eval_id(spec.name, str(Path(dataset).resolve()))
         say(f"eval {eval_id}: {spec.name} over {len(examples)} example(s) of {dataset}")
-        started, usage, runs = time.monotonic(), Usage(), []
-        for example in examples:
+        started, usage, checks_usage, runs = time.monotonic(), Usage(), None, []
+        prepared = []
+        for example in examples:  # every example's file inputs are checked before the first run starts
             inputs = _run_inputs(spec, source, example, Path(dataset).resolve().parent, home / "evals" / "tables")
+            try:
+                refuse_inputs_outside_roots(spec, inputs, source)
+            except RunRefused as exc:
+                raise EvalUsageError(f"{dataset}, {example.where}, field 'inputs': {exc}") from None
+            prepared.append(inputs)
+        for example, inputs in zip(examples, prepared):
             tags = {EVAL_TAG: eval_id, EXAMPLE_TAG: str(example.index)}
             try:
                 outcome = run_workflow(spec, inputs, source=source, executor=executor, instance=instance,
@@ -159,6 +166,8 @@ def run_eval(spec: WorkflowSpec, source: str | None, dataset: str, examples: lis
             except (RunRefused, SettingsError) as exc:
                 raise EvalUsageError(f"example {example.index} ({dataset}, {example.where}): {exc}") from None
             usage = usage + outcome.usage
+            if getattr(outcome, "checks_usage", None) is not None:  # the quality checks' calls (judges)
+                checks_usage = (checks_usage or Usage()) + outcome.checks_usage
             runs.append(outcome)
             say(f"  example {example.index + 1}/{len(examples)}: run {outcome.run_id} {outcome.status}")
         seconds = round(time.monotonic() - started, 2)
@@ -166,6 +175,8 @@ def run_eval(spec: WorkflowSpec, source: str | None, dataset: str, examples: lis
         instance.dispose()
     record = score(eval_id, spec.name, str(Path(dataset).resolve()), examples, runs, scored)
     record |= {"usage": usage.as_dict(), "seconds": seconds, "source": source}
+    if checks_usage is not None:
+        record["checks_usage"] = checks_usage.as_dict()
     save_eval(home, record)
     return record
 
@@ -273,7 +284,8 @@ def _task_result(task: dict[str, Any]) -> dict[str, Any]:
 
 def eval_report(record: dict[str, Any]) -> dict[str, Any]:
     """What `eval --json` prints: the record without its per-example details."""
-    return {key: record[key] for key in ("eval_id", "workflow", "dataset", "tasks", "usage", "failed_runs", "seconds")}
+    keys = ("eval_id", "workflow", "dataset", "tasks", "usage", "checks_usage", "failed_runs", "seconds")
+    return {key: record[key] for key in keys if key in record}
 
 
 def eval_text(record: dict[str, Any]) -> str:
@@ -291,10 +303,14 @@ def eval_text(record: dict[str, Any]) -> str:
     lines.append(f"usage: {usage.get('calls', 0)} call(s), {usage.get('cache_hits', 0)} cache hit(s), "
                  f"{usage.get('prompt_tokens', 0)}+{usage.get('completion_tokens', 0)} tokens, "
                  f"${usage.get('cost_usd', 0.0):.4f}")
+    if record.get("checks_usage"):
+        judges = record["checks_usage"]
+        lines.append(f"checks usage (judges): {judges.get('calls', 0)} call(s), {judges.get('cache_hits', 0)} cache "
+                     f"hit(s), ${judges.get('cost_usd', 0.0):.4f}")
     for name, task in record["tasks"].items():
         for item in task["disagreements"][:SHOWN_DISAGREEMENTS]:
             wanted = f"expected {short(item['expected'])}" if "expected" in item else f"score {item.get('score')}"
-            got = f"error: {item['error'][:120]}" if item.get("error") else f"got {short(item['got'])}"
+            got = f"error: {item['error'][:120]}" if item.get("error") else f"got {short(_labelled_part(item))}"
             lines.append(f"  {name} example {item['example']}: {wanted}; {got}")
         hidden = len(task["disagreements"]) - SHOWN_DISAGREEMENTS
         if hidden > 0:
@@ -302,3 +318,11 @@ def eval_text(record: dict[str, Any]) -> str:
     lines.append(f"recorded as {record['eval_id']}: compare with `mp-pipelines eval --compare {record['eval_id']} "
                  "EVAL_B`")
     return "\n".join(lines)
+
+
+def _labelled_part(item: dict[str, Any]) -> Any:
+    """What a disagreement shows of an answer: the keys its label gives, when both are objects."""
+    expected, got = item.get("expected"), item.get("got")
+    if isinstance(expected, dict) and isinstance(got, dict):
+        return {key: got.get(key) for key in expected}
+    return got

@@ -69,8 +69,7 @@ def compare_evals(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
         delta = None if score_a is None or score_b is None else round(score_b - score_a, 6)
         entry: dict[str, Any] = {"metric": kind, "a": score_a, "b": score_b, "delta": delta,
                                  "n_a": ta["n"] if ta else 0, "n_b": tb["n"] if tb else 0}
-        if kind == "accuracy":
-            entry["changed"] = _changed(a, b, name)
+        entry["changed"] = _changed(a, b, name) if kind == "accuracy" else _rescored(a, b, name)
         tasks[name] = entry
     same = [e.get("inputs") for e in a.get("examples", [])] == [e.get("inputs") for e in b.get("examples", [])]
     return {"a": _about(a), "b": _about(b), "same_examples": same, "tasks": tasks,
@@ -91,6 +90,16 @@ def _changed(a: dict[str, Any], b: dict[str, Any], task: str) -> list[dict[str, 
             changed.append({"example": index, "now": "right" if right_b else "wrong", "expected": expected,
                             "got_a": got_a, "got_b": got_b})
     return changed
+
+
+def _rescored(a: dict[str, Any], b: dict[str, Any], task: str) -> list[dict[str, Any]]:
+    """Examples of a judged `task` whose judge score differs between the two evals."""
+    def scores(record: dict[str, Any]) -> dict[int, Any]:
+        return {e["index"]: (e.get("results") or {}).get(task, {}).get("mean_score") for e in record.get("examples", [])}
+
+    score_a, score_b = scores(a), scores(b)
+    return [{"example": i, "score_a": score_a[i], "score_b": score_b[i]}
+            for i in sorted(set(score_a) & set(score_b)) if score_a[i] != score_b[i]]
 
 
 def _verdicts(record: dict[str, Any], task: str) -> dict[int, tuple[bool, Any, Any]]:
@@ -116,6 +125,10 @@ def compare_text(diff: dict[str, Any]) -> str:
     lines += table(rows)
     for name, entry in diff["tasks"].items():
         for change in entry.get("changed") or []:
+            if "score_a" in change:
+                lines.append(f"  {name} example {change['example']}: judge score {change['score_a']} → "
+                             f"{change['score_b']}")
+                continue
             lines.append(f"  {name} example {change['example']}: now {change['now']} (expected "
                          f"{short(change['expected'])}; A got {short(change['got_a'])}; B got {short(change['got_b'])})")
     return "\n".join(lines)
