@@ -76,7 +76,7 @@ if hasattr(os, "register_at_fork"):
 
 def pooled_sqlite_engine(conn_string: str) -> db.engine.Engine:
     """An engine that keeps its SQLite connection open between uses, with `synchronous=NORMAL` (WAL)."""
-    engine = db.create_engine(conn_string, poolclass=db.pool.QueuePool, pool_size=1, max_overflow=4,
+    engine = db.create_engine(conn_string, poolclass=db.pool.QueuePool, pool_size=1, max_overflow=15,
                               connect_args={"timeout": SQLITE_BUSY_TIMEOUT_SECONDS, "check_same_thread": False})
 
     @event.listens_for(engine, "connect")
