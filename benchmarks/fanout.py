@@ -10,6 +10,14 @@ simulated model, `mp-pipelines serve-model`) in another process, so peak RSS is 
 With `--compare PATH`, variant (b) also runs from another checkout (e.g. `git worktree add PATH COMMIT`),
 right after this one's, against the same server: a change to the call path measured side by side.
 
+  (e) `mp-pipelines run` of the same workflow, timed as a whole process (imports and summary included)
+
+Every variant reports its wall time and its CPU (user + system of the process and its children) from the moment
+its imports are done and its instance folder exists (created by an instance opened and closed before, as for every
+run but a user's first), except (e), which is the whole CLI process (in a folder whose instance exists).
+(b) on SQLite uses the storage `mp-pipelines run` uses (the pooled SQLite storage, mp_pipelines/dagster_ext/sqlite.py).
+benchmarks/targets.py runs (a), (b) and (e) at the sizes of the performance targets, repeated, with PASS/FAIL.
+
     python benchmarks/fanout.py --n 1000 --latency 0.5 --concurrency 100 --storage sqlite [--compare PATH]
 """
 
@@ -32,9 +40,10 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # the project and its test helpers (a throw-away PostgreSQL database)
 
-VARIANTS = ("a", "b", "c", "d")
+VARIANTS = ("a", "b", "c", "d", "e")
 NAMES = {"a": "floor: asyncio.gather + AsyncOpenAI", "b": "dagster job: concurrent executor, shards",
-         "c": "one op per item, multiprocess", "d": "one op per item, in-process"}
+         "c": "one op per item, multiprocess", "d": "one op per item, in-process",
+         "e": "mp-pipelines run (whole CLI process)"}
 
 
 def free_port() -> int:
@@ -89,6 +98,10 @@ def instance_for(storage: str, home: Path, dbname: str | None):
     import dagster as dg
 
     overrides: dict = {"telemetry": {"enabled": False}}
+    if storage == "sqlite":  # the storage `mp-pipelines run` uses for its local instance (cli/running.py)
+        from mp_pipelines.dagster_ext.sqlite import pooled_storage_config
+
+        overrides["storage"] = pooled_storage_config(str(home))
     if storage == "postgres":
         from mp_pipelines_tests.postgres import postgres_storage_config
 
@@ -98,28 +111,25 @@ def instance_for(storage: str, home: Path, dbname: str | None):
     return dg.DagsterInstance.local_temp(str(home), overrides=overrides)
 
 
-def _dagster(variant: str, n: int, concurrency: int, storage: str, dbname: str | None) -> int:
+def _dagster(variant: str, n: int, concurrency: int, storage: str, dbname: str | None, tmp: Path) -> int:
     """Run the generated job; returns the number of Dagster steps it ran."""
     import dagster as dg
 
     from mp_pipelines.cli.config import run_config
 
-    with tempfile.TemporaryDirectory() as tmp:
-        spec_path = Path(tmp) / "bench_fanout.yaml"
-        spec_path.write_text(workflow_yaml(n, concurrency, per_item=variant != "b"))
-        home = Path(tmp) / "home"
-        home.mkdir()
-        executor = {"b": None, "c": "multiprocess", "d": "in_process"}[variant]
-        config = run_config({"items": [f"item {i}" for i in range(n)]}, executor)
-        if variant == "c":
-            config["execution"] = {"config": {"multiprocess": {"max_concurrent": concurrency}}}
-        job = dg.build_reconstructable_job("mp_pipelines.definitions", "get_job",
-                                           reconstructable_args=("bench_fanout", str(spec_path)))
-        with instance_for(storage, home, dbname) as instance:
-            with dg.execute_job(job, instance=instance, run_config=config) as result:
-                if not result.success:
-                    raise SystemExit(f"variant {variant}: the run failed")
-                return len({e.step_key for e in result.all_events if e.event_type_value == "STEP_START"})
+    spec_path = tmp / "bench_fanout.yaml"
+    spec_path.write_text(workflow_yaml(n, concurrency, per_item=variant != "b"))
+    executor = {"b": None, "c": "multiprocess", "d": "in_process"}[variant]
+    config = run_config({"items": [f"item {i}" for i in range(n)]}, executor)
+    if variant == "c":
+        config["execution"] = {"config": {"multiprocess": {"max_concurrent": concurrency}}}
+    job = dg.build_reconstructable_job("mp_pipelines.definitions", "get_job",
+                                       reconstructable_args=("bench_fanout", str(spec_path)))
+    with instance_for(storage, tmp / "home", dbname) as instance:
+        with dg.execute_job(job, instance=instance, run_config=config) as result:
+            if not result.success:
+                raise SystemExit(f"variant {variant}: the run failed")
+            return len({e.step_key for e in result.all_events if e.event_type_value == "STEP_START"})
 
 
 def child(args: argparse.Namespace) -> None:
@@ -133,17 +143,64 @@ def child(args: argparse.Namespace) -> None:
     if args.variant != "a":
         import dagster  # noqa: F401
 
+        import mp_pipelines.cli.running  # noqa: F401 - what `mp-pipelines run` imports (its storage, Dagster's)
         import mp_pipelines.definitions  # noqa: F401
-    started = time.perf_counter()
-    steps = 0
-    if args.variant == "a":
-        asyncio.run(_floor(args.n, args.concurrency, args.base_url))
-    else:
-        steps = _dagster(args.variant, args.n, args.concurrency, args.storage, args.dbname)
-    wall = time.perf_counter() - started
+    with tempfile.TemporaryDirectory() as tmp:
+        if args.variant != "a":  # an instance folder that exists, as for every run of a user's but the first
+            (Path(tmp) / "home").mkdir()
+            instance_for(args.storage, Path(tmp) / "home", args.dbname).dispose()
+        cpu_before = _cpu()
+        started = time.perf_counter()
+        steps = 0
+        if args.variant == "a":
+            asyncio.run(_floor(args.n, args.concurrency, args.base_url))
+        else:
+            steps = _dagster(args.variant, args.n, args.concurrency, args.storage, args.dbname, Path(tmp))
+        wall = time.perf_counter() - started
+        cpu = _cpu() - cpu_before
     own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    print(json.dumps({"wall": wall, "rss_kib": max(own, children), "steps": steps}))
+    print(json.dumps({"wall": wall, "cpu": cpu, "rss_kib": max(own, children), "steps": steps}))
+
+
+def _cpu() -> float:
+    """User + system CPU seconds of this process and its finished children."""
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
+def run_cli(n: int, args: argparse.Namespace, base_url: str, root: Path = REPO) -> dict:
+    """Variant (e): `mp-pipelines run` of the fan-out workflow as a user runs it, timed as a whole process (imports,
+    instance, run, summary), in a working folder whose instance exists; CPU is the process's user + system time."""
+    with tempfile.TemporaryDirectory() as tmp:
+        spec_path, inputs = Path(tmp) / "bench_fanout.yaml", Path(tmp) / "inputs.json"
+        spec_path.write_text(workflow_yaml(n, args.concurrency, per_item=False))
+        inputs.write_text(json.dumps({"items": [f"item {i}" for i in range(n)]}))
+        env = {**os.environ, "OPENAI_BASE_URL": base_url, "OPENAI_API_KEY": "bench",
+               "PYTHONPATH": os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")]))}
+        env.pop("DAGSTER_HOME", None)
+        # The instance folder exists, as for every run of a user's but the first (variant b's folder is made alike).
+        subprocess.run([sys.executable, "-c", "from mp_pipelines.cli.running import local_instance as i; "
+                        "i().dispose()"], cwd=tmp, env=env, check=True)
+        wall, cpu, out, err, code = process_wall_and_cpu(
+            [sys.executable, "-m", "mp_pipelines.cli", "run", str(spec_path), "--input-file", str(inputs), "--json"],
+            env, Path(tmp))
+        if code != 0:
+            raise SystemExit(f"variant e failed:\n{err[-3000:]}")
+        if json.loads(out)["status"] != "success":
+            raise SystemExit(f"variant e: the run did not succeed:\n{out[-3000:]}")
+        return {"wall": wall, "cpu": cpu, "process_wall": wall, "process_cpu": cpu, "rss_kib": 0, "steps": 0}
+
+
+def process_wall_and_cpu(command: list[str], env: dict[str, str], cwd: Path) -> tuple[float, float, str, str, int]:
+    """Run `command`; its wall seconds, user + system CPU seconds (it and its children), stdout, stderr, exit code."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    started = time.perf_counter()
+    completed = subprocess.run(command, capture_output=True, text=True, timeout=3600, cwd=cwd, env=env)
+    wall = time.perf_counter() - started
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    return wall, cpu, completed.stdout, completed.stderr, completed.returncode
 
 
 def run_variant(variant: str, n: int, args: argparse.Namespace, base_url: str, dbname: str | None,
@@ -155,10 +212,12 @@ def run_variant(variant: str, n: int, args: argparse.Namespace, base_url: str, d
     if dbname:
         command += ["--dbname", dbname]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")]))}
-    completed = subprocess.run(command, capture_output=True, text=True, timeout=3600, cwd=root, env=env)
-    if completed.returncode != 0:
-        raise SystemExit(f"variant {variant} failed:\n{completed.stderr[-3000:]}")
-    return json.loads(completed.stdout.strip().splitlines()[-1])
+    if variant == "e":
+        return run_cli(n, args, base_url, root)
+    process_wall, process_cpu, out, err, code = process_wall_and_cpu(command, env, root)
+    if code != 0:
+        raise SystemExit(f"variant {variant} failed:\n{err[-3000:]}")
+    return {**json.loads(out.strip().splitlines()[-1]), "process_wall": process_wall, "process_cpu": process_cpu}
 
 
 def main() -> None:
@@ -183,7 +242,7 @@ def main() -> None:
     rows = []
     try:
         for variant in args.variants:
-            n = args.n if variant in "ab" else min(args.n, args.cap)
+            n = args.n if variant in "abe" else min(args.n, args.cap)
             dbname_cm = _database(args.storage)
             with dbname_cm as dbname:
                 measured = run_variant(variant, n, args, base_url, dbname)
@@ -201,12 +260,13 @@ def main() -> None:
     floor = next((wall for v, _, wall, _ in rows if v == "a"), None)
     print(f"N={args.n} latency={args.latency}s concurrency={args.concurrency} storage={args.storage} "
           f"ideal=ceil(N/C)*L={ideal:.2f}s cores={os.cpu_count()}")
-    print(f"{'variant':<44} {'items run':>9} {'wall s':>8} {'/floor':>7} {'/ideal':>7} {'peak RSS MiB':>12} {'steps':>6}")
+    print(f"{'variant':<44} {'items run':>9} {'wall s':>8} {'/floor':>7} {'/ideal':>7} {'peak RSS MiB':>12} {'steps':>6}"
+          f" {'CPU ms/item':>11}")
     for variant, n, wall, measured in rows:
         note = " (extrapolated)" if n < args.n else ""
         ratio = f"{wall / floor:7.2f}" if floor else "      -"
         print(f"{variant}) {NAMES[variant] + note:<41} {n:>9} {wall:8.2f} {ratio} {wall / ideal:7.2f} "
-              f"{measured['rss_kib'] / 1024:12.0f} {measured['steps']:>6}")
+              f"{measured['rss_kib'] / 1024:12.0f} {measured['steps']:>6} {measured['cpu'] * 1000 / n:11.2f}")
     job = next((wall for v, _, wall, _ in rows if v == "b"), None)
     if floor and job:
         for variant, _, wall, _ in rows:

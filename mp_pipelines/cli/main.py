@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -50,9 +51,9 @@ def _load(paths: tuple[str, ...] = ()) -> LoadResult:
     return load_workflows([Path(p) for p in paths] if paths else None)
 
 
-def resolve_workflow(name_or_path: str) -> tuple[WorkflowSpec, str | None]:
-    """A workflow by name (from the workflow folders) or by YAML path; BadUsageError (exit 2) when not found
-    or invalid."""
+def resolve_workflow(name_or_path: str, load: Callable[[], LoadResult] = _load) -> tuple[WorkflowSpec, str | None]:
+    """A workflow by name (from the workflow folders, read by `load`) or by YAML path; BadUsageError (exit 2) when
+    not found or invalid."""
     from mp_pipelines.spec.problems import suggest
 
     if name_or_path.endswith((".yaml", ".yml")) or Path(name_or_path).is_file():
@@ -60,7 +61,7 @@ def resolve_workflow(name_or_path: str) -> tuple[WorkflowSpec, str | None]:
             return load_workflow_file(name_or_path), str(Path(name_or_path).resolve())
         except WorkflowValidationError as exc:
             raise BadUsageError(str(exc)) from None
-    loaded = _load()
+    loaded = load()
     if name_or_path in loaded.specs:
         return loaded.specs[name_or_path], None
     bad = [p for p in loaded.problems if name_or_path in str(p.file or "")]
@@ -133,10 +134,11 @@ def run(workflow: str, pairs: tuple[str, ...], input_file: str | None, as_json: 
         mode: str | None, verbose: bool, **budget: Any) -> None:
     """Run WORKFLOW (a name or a YAML path) through Dagster and print each task's result."""
     from mp_pipelines.cli.running import RunRefused, run_workflow
+    from mp_pipelines.definitions import load_specs
     from mp_pipelines.llm.resource import SettingsError
 
     _quiet_dagster_logs(verbose)
-    spec, source = resolve_workflow(workflow)
+    spec, source = resolve_workflow(workflow, load_specs)  # the load the run's job is then built from (cached)
     inputs = parse_inputs(spec, pairs, input_file)
     try:
         outcome = run_workflow(spec, inputs, source=source, executor=executor, progress=_echo_err, budget=budget,

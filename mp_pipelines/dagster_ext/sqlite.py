@@ -30,6 +30,7 @@ PooledSqliteStorage, config: {base_dir: ...}}`; `mp-pipelines run` uses it for i
 from __future__ import annotations
 
 import functools
+import inspect
 import os
 import sqlite3
 import weakref
@@ -75,7 +76,7 @@ if hasattr(os, "register_at_fork"):
 
 def pooled_sqlite_engine(conn_string: str) -> db.engine.Engine:
     """An engine that keeps its SQLite connection open between uses, with `synchronous=NORMAL` (WAL)."""
-    engine = db.create_engine(conn_string, poolclass=db.pool.QueuePool, pool_size=1, max_overflow=4,
+    engine = db.create_engine(conn_string, poolclass=db.pool.QueuePool, pool_size=1, max_overflow=15,
                               connect_args={"timeout": SQLITE_BUSY_TIMEOUT_SECONDS, "check_same_thread": False})
 
     @event.listens_for(engine, "connect")
@@ -94,9 +95,7 @@ def pooled_sqlite_engine(conn_string: str) -> db.engine.Engine:
 def _alembic_scripts() -> ScriptDirectory:
     """Dagster's migration scripts, read once per process (reading them costs ~50 ms; Dagster reads them again
     for every database it opens)."""
-    from dagster._core.storage.event_log.sqlite import sqlite_event_log
-
-    return ScriptDirectory.from_config(get_alembic_config(sqlite_event_log.__file__))
+    return ScriptDirectory.from_config(get_alembic_config(inspect.getfile(SqliteEventLogStorage)))
 
 
 def _stamped(conn: Connection) -> bool:
