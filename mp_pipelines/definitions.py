@@ -17,6 +17,7 @@ from typing import Any
 
 import dagster as dg
 
+from mp_pipelines.factory.job import executor_for_breadth
 from mp_pipelines.factory.logs import LOGGER_DEFS
 from mp_pipelines.factory.names import BUDGET_RESOURCE_KEY, LLM_RESOURCE_KEY
 from mp_pipelines.factory.resources import RunBudget, StepStorage
@@ -29,6 +30,7 @@ from mp_pipelines.spec.loader import LoadResult, Problem, load_workflows
 from mp_pipelines.spec.models import WorkflowSpec
 
 logger = logging.getLogger("mp_pipelines")
+DEFAULT_BREADTH = WorkflowSpec.model_fields["breadth"].default
 
 
 def build_definitions(loaded: LoadResult) -> dg.Definitions:
@@ -48,9 +50,11 @@ def build_definitions(loaded: LoadResult) -> dg.Definitions:
         logger.warning("workflow not loaded: %s", problem)
     resources: dict[str, Any] = {LLM_RESOURCE_KEY: build_llm_resource(), BUDGET_RESOURCE_KEY: RunBudget()}
     resources["io_manager"] = step_storage_io_manager()
-    # `console` for every job: with the trace id, or JSON lines (MP_LOG_FORMAT=json)
+    # `console` for every job: with the trace id, or JSON lines (MP_LOG_FORMAT=json). The executor is for Dagster's
+    # own asset job, which the Catalog's "Materialize" launches: the workflow jobs' executor, at the default breadth.
     return dg.Definitions.merge(*parts, dg.Definitions(resources=resources, sensors=[build_failure_sensor()],
-                                                       loggers=LOGGER_DEFS))
+                                                       loggers=LOGGER_DEFS,
+                                                       executor=executor_for_breadth(DEFAULT_BREADTH)))
 
 
 STEP_STORAGE_DIR_ENV = "MP_STEP_STORAGE_DIR"
