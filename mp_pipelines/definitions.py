@@ -17,6 +17,7 @@ from typing import Any
 
 import dagster as dg
 
+from mp_pipelines.factory.job import executor_for_breadth
 from mp_pipelines.factory.logs import LOGGER_DEFS
 from mp_pipelines.factory.names import BUDGET_RESOURCE_KEY, LLM_RESOURCE_KEY
 from mp_pipelines.factory.resources import RunBudget, StepStorage
@@ -29,6 +30,7 @@ from mp_pipelines.spec.loader import LoadResult, Problem, load_workflows
 from mp_pipelines.spec.models import WorkflowSpec
 
 logger = logging.getLogger("mp_pipelines")
+DEFAULT_BREADTH = WorkflowSpec.model_fields["breadth"].default
 
 
 def build_definitions(loaded: LoadResult) -> dg.Definitions:
@@ -56,8 +58,17 @@ def build_workflow_parts(spec: WorkflowSpec, base_dir: Path | None) -> dg.Defini
 
 def build_shared_parts(resources: dict[str, Any], failure_sensor: dg.SensorDefinition) -> dg.Definitions:
     """What the workflows of a code location share, with its run-failure sensor (also used by components.py)."""
-    # `console` for every job: with the trace id, or JSON lines (MP_LOG_FORMAT=json)
-    return dg.Definitions(resources=resources, sensors=[failure_sensor], loggers=LOGGER_DEFS)
+    # `console` for every job: with the trace id, or JSON lines (MP_LOG_FORMAT=json). The executor is for Dagster's
+    # own asset job, which the Catalog's "Materialize" launches: the workflow jobs' executor, at the default breadth.
+    return dg.Definitions(resources=resources, sensors=[failure_sensor], loggers=LOGGER_DEFS,
+                          executor=asset_job_executor())
+
+
+@lru_cache(maxsize=1)
+def asset_job_executor() -> dg.ExecutorDefinition:
+    """One executor object per process: `Definitions.merge` accepts the same executor from several parts (one per
+    Dagster Component) but not two different ones."""
+    return executor_for_breadth(DEFAULT_BREADTH)
 
 
 def build_shared_resources() -> dict[str, Any]:

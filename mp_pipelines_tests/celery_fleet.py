@@ -162,7 +162,7 @@ def drain_and_kill_mid_shard(instance: dg.DagsterInstance, fleet: Fleet, server:
             done = {r.event_log_entry.step_key for r in instance.get_records_for_run(
                 run.run_id, of_type=dg.DagsterEventType.STEP_SUCCESS).records}
             for key, hosts in step_workers(instance, run.run_id).items():
-                if key.startswith("echo[") and key not in done and len(requests_per_item(server)) >= 10:
+                if ".echo[" in key and key not in done and len(requests_per_item(server)) >= 10:
                     victim, step = fleet.by_host(hosts[-1]), key
                     break
             if victim:

@@ -285,7 +285,8 @@ def test_a_launch_with_a_path_outside_the_roots_fails_before_reading_it(door: Fr
                           and door.run(run_id)["status"], 180, f"run {run_id}", diagnostics=door.services.diagnostics)
         assert status == "FAILURE"
         steps = {step["stepKey"]: step["status"] for step in door.run(run_id)["stepStats"]}
-        assert steps.get("inputs") == "FAILURE" and not any(key.startswith("summarize") for key in steps), steps
+        assert steps.get("read_notes__inputs") == "FAILURE" and not any(
+            key.startswith("read_notes__summarize") for key in steps), steps
         messages = door.failure_messages(run_id)
         assert "input 'notes'" in messages and "outside the allowed input roots" in messages, messages
         assert str(door.workflows) in messages  # the roots are named

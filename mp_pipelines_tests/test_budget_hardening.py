@@ -14,7 +14,7 @@ from click.testing import CliRunner
 
 from mp_pipelines.cli.main import main
 from mp_pipelines.cli.running import LOCAL_HOME
-from mp_pipelines.factory.names import mapped_step, publish_step
+from mp_pipelines.factory.names import collect_step, mapped_step
 from mp_pipelines.llm.simulated import SimulatedModel
 from mp_pipelines_tests.fault_server import RunningServer
 from mp_pipelines_tests.workflow_helpers import run_file, write_workflow
@@ -94,7 +94,7 @@ def test_a_budget_without_a_store_fails_multiprocess_steps_before_any_call(
     run_id = execute(path, instance)
     assert instance.get_run_by_id(run_id).status == dg.DagsterRunStatus.FAILURE
     assert len(llm_server.requests) == 5
-    assert "max_calls of 5 reached" in step_failures(instance, run_id)[publish_step("split", "echo")]
+    assert "max_calls of 5 reached" in step_failures(instance, run_id)[collect_step("split", "echo")]
 
 
 @pytest.mark.parametrize("cache_url, reason", [

@@ -374,7 +374,7 @@ def test_re_executing_all_steps_asks_the_model_again(openai_env: RunningServer, 
     path = write_workflow(tmp_path, chain().replace("temperature: 0", "temperature: 0.9"))  # cache off
     first = run_file(path, {}, instance)
     job = reconstructable_job(load_workflow_file(path), str(path))
-    options = dg.ReexecutionOptions(parent_run_id=first.run_id, step_selection=["*title", "aside"])  # every step
+    options = dg.ReexecutionOptions(parent_run_id=first.run_id, step_selection=["*chain__title", "chain__aside"])  # every step
     with dg.execute_job(job, instance=instance, reexecution_options=options,
                         run_config=instance.get_run_by_id(first.run_id).run_config) as result:
         assert result.success

@@ -141,7 +141,9 @@ def test_a_new_workflow_file_appears_after_a_reload(server: Server, cli: CliRunn
                              f'repositoryLocationName: "{LOCATION}"}}) {{ assetKey {{ path }} '
                              'dependencyKeys { path } } }')["assetNodes"]
     graph = {tuple(n["assetKey"]["path"]): [tuple(d["path"]) for d in n["dependencyKeys"]] for n in nodes}
-    assert graph == {("added_later", "outline"): [], ("added_later", "expand"): [("added_later", "outline")]}
+    inputs = ("added_later", "inputs")  # the checked workflow inputs, an asset every task reads
+    assert graph == {inputs: [], ("added_later", "outline"): [inputs],
+                     ("added_later", "expand"): [inputs, ("added_later", "outline")]}
     # and it runs, launched remotely; removing the file and reloading (the CLI's `reload`) takes it away
     launched = invoke(cli, "launch", "added_later", "--url", services.url, "--executor", "in_process",
                       "--wait", "180")

@@ -112,7 +112,7 @@ def test_the_inputs_op_refuses_a_long_input_and_calls_no_model(openai_env: Runni
     assert not outcome.success
     failures = instance.get_records_for_run(outcome.run_id, of_type=dg.DagsterEventType.STEP_FAILURE).records
     (failure,) = [r.event_log_entry.dagster_event for r in failures]
-    assert failure.step_key == "inputs"
+    assert failure.step_key == "echo__inputs"  # the inputs op of workflow echo (factory/names.py)
     message = failure.step_failure_data.error.message
     assert "input 'text' is 101 characters, more than the limit 100 (MP_MAX_INPUT_CHARS)" in message
     assert not openai_env.requests

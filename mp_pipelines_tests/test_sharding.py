@@ -165,7 +165,7 @@ def test_breadth_is_exact_across_concurrent_shards(llm_server_factory, monkeypat
     assert outcome.success, outcome.as_text()
     assert server.in_flight.peak == 5  # overlapping shards share one breadth semaphore
     assert len(server.requests) == 60
-    shard_steps = [key for key in step_states(instance, outcome.run_id) if key.startswith("echo[")]
+    shard_steps = [key for key in step_states(instance, outcome.run_id) if is_mapped_step(key, "shared", "echo")]
     assert len(shard_steps) == 10
 
 

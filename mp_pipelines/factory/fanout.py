@@ -30,6 +30,7 @@ from mp_pipelines.factory.names import (
     shard_mapping_key,
 )
 from mp_pipelines.factory.ops import (
+    asset_key,
     asset_metadata,
     call_scope,
     chat_model,
@@ -249,25 +250,28 @@ def build_collect_op(spec: WorkflowSpec, task: TaskSpec, upstream: list[str],
         failure = _policy_failure(task, policy, min_ratio, item_records, counts, step_meta)
         if failure is not None:
             raise failure
-        stop = None
-        if stopped:  # the partial result is still published (materialized) before the task fails
+        counts_meta = {"items": len(item_records), "skipped_items": metadata["skipped_items"], "failed_items": failed}
+        # The asset's metadata: the whole fan-out's usage in this run (summed up, see asset_metadata), the failed
+        # items and the item table. What this step itself spent (`llm/`) stays on this step's output, counted once.
+        summary = {k: v for k, v in asset_metadata(metadata, value).items() if not k.startswith("llm/")}
+        asset_meta = {**summary, **counts_meta, **fanout_metadata(item_records, all_items)}
+        if stopped:
+            # The partial result is recorded on the task's asset, and this step fails: resuming the run re-runs it,
+            # and it finishes the stopped items under the new run's budget.
             reason = item_records[item_records["status"] == "stopped"]["error"].iloc[0]
-            stop = {"description": f"task {task.name}: {stopped} of {len(item_records)} item(s) not run: {reason}",
-                    "metadata": {"error_kind": "budget", "completed_items": done}}
-        elif failed:
+            yield dg.AssetMaterialization(asset_key(spec, task.name), metadata={**asset_meta, "complete": False})
+            raise dg.Failure(f"task {task.name}: {stopped} of {len(item_records)} item(s) not run: {reason}",
+                             metadata={**step_meta, "error_kind": "budget", "completed_items": done},
+                             allow_retries=False)
+        if failed:
             context.log.warning(f"{task.name}: {failed} of {done + failed} item(s) failed and are left out "
                                 f"(on_item_failure: skip): {_failed_text(item_records)}")
-        counts_meta = {"items": len(item_records), "skipped_items": metadata["skipped_items"], "failed_items": failed}
-        # The asset's metadata: the whole fan-out's usage in this run (summed up, see asset_metadata) and its item
-        # table. What this step itself spent (`llm/`) and the failed items stay on this step's output, counted once.
-        summary = {k: v for k, v in asset_metadata(metadata, value).items() if not k.startswith("llm/") and k != "failed"}
-        asset_meta = {**summary, **counts_meta, **fanout_metadata(item_records, all_items),
-                      **({"complete": False} if stop else {})}
-        yield dg.Output(item_records, ITEM_RECORDS, metadata={**step_meta, **counts_meta})
-        yield dg.Output({"value": value, "metadata": asset_meta, "stop": stop})
+        own = {k: v for k, v in step_meta.items() if k != "failed"}  # the publish step's output lists them
+        yield dg.Output(item_records, ITEM_RECORDS, metadata={**own, **counts_meta})
+        yield dg.Output({"value": value, "metadata": asset_meta})
 
     outs = {ITEM_RECORDS: dg.Out(dg.Any, description="One row per item: status, output, error, attempts, usage."),
-            "result": dg.Out(dg.Any, description="The value to publish, its metadata and whether the budget stopped it.")}
+            "result": dg.Out(dg.Any, description="The value to publish and its metadata.")}
     ins = {"records": dg.In(dg.List[dg.Any]), "shards": dg.In(dg.List[dg.Any]), **upstream_ins(upstream)}
     return make_op(spec, collect_local(task.name), compute, step=collect_step(spec.name, task.name), ins=ins,
                    outs=outs, description=f"Results of {task.name}, in input order.", pool=pool,
@@ -395,8 +399,7 @@ def fanout_metadata(item_records: pd.DataFrame, items: Mapping[int, Any]) -> dic
 
 
 def build_publish_op(spec: WorkflowSpec, task: TaskSpec) -> dg.OpDefinition:
-    """The fan-out's last step: outputs the collected value as the task's asset, with its item table; fails after
-    that when the budget stopped items (the partial result stays materialized).
+    """The fan-out's last step: outputs the collected value as the task's asset, with its item table.
 
     A separate step because Dagster only lets an op inside an asset's graph output what leads to an asset: it takes
     the collector's item records too, so they are stored for `mp-pipelines run` to report."""
@@ -404,9 +407,6 @@ def build_publish_op(spec: WorkflowSpec, task: TaskSpec) -> dg.OpDefinition:
     def compute(context: dg.OpExecutionContext, inputs: Mapping[str, Any]) -> Iterator[Any]:
         collected = inputs["collected"]
         yield dg.Output(collected["value"], metadata=collected["metadata"])
-        if collected["stop"] is not None:
-            raise dg.Failure(collected["stop"]["description"], metadata=collected["stop"]["metadata"],
-                             allow_retries=False)
 
     ins = {"collected": dg.In(dg.Any), "records": dg.In(dg.Any)}
     return make_op(spec, publish_local(task.name), compute, step=publish_step(spec.name, task.name), ins=ins,

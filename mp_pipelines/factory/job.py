@@ -37,6 +37,11 @@ def job_name(spec: WorkflowSpec) -> str:
 
 
 def build_executor(spec: WorkflowSpec) -> dg.ExecutorDefinition:
+    """The executor of the workflow's job, see `executor_for_breadth`."""
+    return executor_for_breadth(spec.breadth)
+
+
+def executor_for_breadth(breadth: int) -> dg.ExecutorDefinition:
     """The concurrent executor by default; Dagster's multiprocess or in-process one when a run asks.
 
     Selectable per run: `execution: {config: {concurrent: {max_concurrent: N}}}`, `{in_process: {}}`,
@@ -51,7 +56,7 @@ def build_executor(spec: WorkflowSpec) -> dg.ExecutorDefinition:
                                            description="Most steps running at once in this run (threads)."),
             }),
             "multiprocess": dg.Field({
-                "max_concurrent": dg.Field(dg.Int, default_value=spec.breadth,
+                "max_concurrent": dg.Field(dg.Int, default_value=breadth,
                                            description="Most steps running at once in this run."),
                 "start_method": dg.Field(dg.Enum("StartMethod", [dg.EnumValue("forkserver"), dg.EnumValue("spawn")]),
                                          default_value="forkserver"),
@@ -61,7 +66,7 @@ def build_executor(spec: WorkflowSpec) -> dg.ExecutorDefinition:
         }),
         default_value={"concurrent": {}},
     )
-    limit = {"key": FANOUT_TAG, "value": {"applyLimitPerUniqueValue": True}, "limit": spec.breadth}
+    limit = {"key": FANOUT_TAG, "value": {"applyLimitPerUniqueValue": True}, "limit": breadth}
 
     def to_selected_config(config: dict[str, Any]) -> dict[str, Any]:
         ((kind, options),) = config.items()

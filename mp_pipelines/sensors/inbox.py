@@ -73,7 +73,7 @@ class FileState:
 
 @dataclass
 class Batch:
-    """A new file to run: its name (the partition key), absolute path and content hash (the run key)."""
+    """A new file to run: its name (the run's file tag), absolute path and content hash (the run key)."""
 
     name: str
     path: Path
