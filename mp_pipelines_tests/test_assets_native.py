@@ -46,27 +46,34 @@ CHAIN = {"name": "versioned", "inputs": {"topic": {"type": "string", "default": 
                    {"name": "expand", "prompt": "Expand: {{ outline }}"},
                    {"name": "polish", "prompt": "Polish: {{ expand }}"},
                    {"name": "aside", "prompt": "A fact about {{ inputs.topic }}"}]}
+# A blocking error check the simulated model's answers ("[simulated] Response to: …") can never pass.
+GATED = {"name": "gated", "inputs": {"topic": {"type": "string", "default": "tides"}},
+         "tasks": [{"name": "headline", "prompt": "A headline about {{ inputs.topic }}",
+                    "checks": [{"type": "matches", "name": "starts_with_headline", "pattern": "^Headline:",
+                                "blocking": True}]},
+                   {"name": "article", "prompt": "An article under the headline {{ headline }}"}]}
 
 
 @pytest.fixture(scope="module")
 def services(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DagsterServices]:
-    """Webserver + daemon on a fresh PostgreSQL database; the extra workflow folder holds `versioned`."""
+    """Webserver + daemon on a fresh PostgreSQL database; the extra workflow folder holds `versioned` and `gated`."""
     root = tmp_path_factory.mktemp("assets")
     home = root / "dagster_home"
     write_instance_config(home)
     workflows = root / "workflows"
     workflows.mkdir()
     write_workflow(workflows, CHAIN)
+    write_workflow(workflows, GATED)
     with temporary_database() as dbname, dagster_services(
             home, {**pg_env(dbname), "MP_WORKFLOWS_PATH": str(workflows)}) as running:
         yield running
 
 
-def cli_run(services: DagsterServices, *args: str) -> dict[str, Any]:
+def cli_run(services: DagsterServices, *args: str, exit_code: int = 0) -> dict[str, Any]:
     """`mp-pipelines run ... --json` (this checkout) against the services' instance; its JSON summary."""
     done = subprocess.run([sys.executable, "-m", "mp_pipelines.cli", "run", *args, "--json"], cwd=REPO,
                           env={**services.env, "PYTHONPATH": str(REPO)}, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    assert done.returncode == exit_code, done.stdout[-2000:] + done.stderr[-3000:]
     return json.loads(done.stdout)
 
 
@@ -260,3 +267,42 @@ def test_the_catalog_shows_a_materialized_task_asset_that_can_be_materialized_ag
         finally:
             browser.close()
     assert sorted(p.name for p in shots.iterdir()) == ["asset.png", "lineage.png"]
+
+
+def test_the_checks_tab_shows_a_failed_blocking_check_and_the_downstream_asset_stays_unmaterialized(
+        services: DagsterServices, tmp_path: Path) -> None:
+    sync_playwright = require_browser()
+    outcome = cli_run(services, "gated", exit_code=1)  # a failed run: exit code 1
+    assert outcome["status"] == "failure", outcome
+    (check,) = outcome["tasks"]["headline"]["checks"]
+    assert (check["name"], check["passed"], check["severity"]) == ("starts_with_headline", False, "error")
+    assert outcome["tasks"]["article"]["status"] in ("not_run", "skipped"), outcome["tasks"]
+    assert materialized_in(services, "gated", outcome["run_id"]) == {"inputs", "headline"}  # not `article`
+    steps = run_steps(services, outcome["run_id"])
+    assert task_step("gated", "article") not in steps or steps[task_step("gated", "article")] != "SUCCESS", steps
+    shots = tmp_path / "screenshots"
+    shots.mkdir()
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_context(viewport={"width": 1600, "height": 1000}).new_page()
+            page.set_default_timeout(60_000)
+            page.add_locator_handler(page.get_by_role("button", name="Skip"), lambda button: button.click())
+            page.goto(f"{services.url}/assets/gated/headline?view=checks")
+            # the list of the asset's checks: ours, its latest execution failed
+            listed = page.locator("a, button, div", has_text="starts_with_headline").filter(has_text="Failed")
+            listed.last.wait_for()
+            page.get_by_text("This is a blocking asset check").first.wait_for()
+            page.get_by_text("failed: does not match '^Headline:'").first.wait_for()  # the result's description
+            page.screenshot(path=str(shots / "checks.png"))
+            assert page.get_by_text("Evaluation result").count() == 1
+            assert page.get_by_text(re.compile(r"^(Passed|Succeeded)$")).count() == 0
+            # the downstream asset: its latest (and only) materialization attempt failed in that run
+            page.goto(f"{services.url}/assets/gated/article")
+            page.get_by_text("Latest materialization").first.wait_for()
+            page.get_by_text("Failed in").first.wait_for()
+            page.get_by_text(outcome["run_id"][:8]).first.wait_for()
+            page.screenshot(path=str(shots / "downstream.png"))
+        finally:
+            browser.close()
+    assert sorted(p.name for p in shots.iterdir()) == ["checks.png", "downstream.png"]
