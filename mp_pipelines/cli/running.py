@@ -135,28 +135,29 @@ def run_workflow(spec: WorkflowSpec, inputs: dict[str, Any], *, source: str | No
                  verbose: bool = False, mode: str | None = None, tags: dict[str, str] | None = None) -> RunOutcome:
     """Execute the workflow's job with its own executor and summarize the finished run (Dagster's console log
     only shows critical errors unless `verbose`); `tags` are added to the run's tags."""
-    from mp_pipelines.definitions import reconstructable_job
+    from mp_pipelines.definitions import jobs_built_once, reconstructable_job
     from mp_pipelines.llm.provider import provider_from_env
 
     mark_local_run()
     own_instance = instance is None
     instance = instance or local_instance()
-    job = reconstructable_job(spec, source)
     token = uuid.uuid4().hex
     done = threading.Event()
     watcher = threading.Thread(target=_watch, args=(instance, token, done, progress), daemon=True)
     config = run_config(inputs, executor, budget, console_log_level=_console_level(verbose), mode=mode)
     try:
-        refuse_inputs_outside_roots(spec, inputs, source)
-        refuse_unsafe_run(spec, config, instance)
-        if progress:
-            watcher.start()
-        with dg.execute_job(job, instance=instance, run_config=config,
-                            tags={**(tags or {}), RUN_TOKEN_TAG: token}, raise_on_error=False) as result:
-            done.set()
+        with jobs_built_once():  # one build of the job for the run's four requests of it
+            job = reconstructable_job(spec, source)
+            refuse_inputs_outside_roots(spec, inputs, source)
+            refuse_unsafe_run(spec, config, instance)
             if progress:
-                watcher.join(timeout=5)
-            return summarize(result, spec, instance, provider_from_env())
+                watcher.start()
+            with dg.execute_job(job, instance=instance, run_config=config,
+                                tags={**(tags or {}), RUN_TOKEN_TAG: token}, raise_on_error=False) as result:
+                done.set()
+                if progress:
+                    watcher.join(timeout=5)
+                return summarize(result, spec, instance, provider_from_env())
     finally:
         done.set()
         if own_instance:
