@@ -11,7 +11,8 @@ side with a bare import of the libraries it needs, in one invocation, interleave
   list, validate, show research_report: target floor-cli + 0.3 s; each must not import dagster, openai or pandas
 
 All runs share one instance folder in a temporary working directory, created (and warmed) by a first run that
-is not counted: what a user who runs again sees. Figures are medians of --repeats wall times of whole processes.
+is not counted: what a user who runs again sees. Figures are medians of --repeats wall times of whole processes;
+the run and its floor also print their CPU time (user + system), which a busy machine disturbs less than wall time.
 
     python benchmarks/cli_overhead.py [--repeats 3] [--compare PATH]
 
@@ -24,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -87,11 +89,15 @@ def _env(root: Path) -> dict[str, str]:
     return env
 
 
-def timed(argv: list[str], cwd: Path, env: dict[str, str]) -> float:
-    """Wall seconds of one process; raises when it fails."""
+def timed(argv: list[str], cwd: Path, env: dict[str, str], cpu: list[float] | None = None) -> float:
+    """Wall seconds of one process (its CPU seconds, user + system, appended to `cpu`); raises when it fails."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     started = time.perf_counter()
     done = subprocess.run(argv, cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     elapsed = time.perf_counter() - started
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    if cpu is not None:
+        cpu.append(after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime)
     if done.returncode != 0:
         raise RuntimeError(f"{' '.join(argv)} exited {done.returncode}: {done.stderr[-2000:]}")
     return elapsed
@@ -144,12 +150,15 @@ def main() -> None:
         for label in roots:  # warm: the instance folder exists, the file cache holds the libraries
             timed(run_argv("warm-up"), work, env[label])
         times: dict[str, list[float]] = {}
+        cpus: dict[str, list[float]] = {}  # CPU seconds of the same processes: steadier than wall on a busy machine
         phases: list[dict[str, float]] = []
         for _ in range(args.repeats):
-            times.setdefault("floor-run", []).append(timed([sys.executable, "-c", FLOOR_RUN], work, env[""]))
+            times.setdefault("floor-run", []).append(
+                timed([sys.executable, "-c", FLOOR_RUN], work, env[""], cpus.setdefault("floor-run", [])))
             for label in roots:
                 times.setdefault(f"{label}run", []).append(
-                    timed(run_argv(f"benchmark {uuid.uuid4().hex[:8]}"), work, env[label]))
+                    timed(run_argv(f"benchmark {uuid.uuid4().hex[:8]}"), work, env[label],
+                          cpus.setdefault(f"{label}run", [])))
             elapsed, stamps = stamped_run(work, env[""], work / "stamps.json")
             times.setdefault("stamped run", []).append(elapsed)
             phases.append(stamps)
@@ -166,6 +175,10 @@ def main() -> None:
     for name, values in times.items():
         print(f"{name:<14} median {median[name]:5.2f} s   runs " + " ".join(f"{v:.2f}" for v in values))
 
+    for name, values in cpus.items():
+        print(f"{name:<14} CPU (user+sys) median {statistics.median(values):5.2f} s   runs "
+              + " ".join(f"{v:.2f}" for v in values))
+
     rows = []
     for stamps in phases:
         first_step, last_step = spans[stamps["run_id"]]
@@ -180,6 +193,11 @@ def main() -> None:
           f"target + {RUN_TARGET_S:.1f} s: {verdict(run_extra <= RUN_TARGET_S)}")
     if "other run" in median:
         print(f"  other checkout: + {median['other run'] - median['floor-run']:.2f} s")
+    cpu_median = {name: statistics.median(values) for name, values in cpus.items()}
+    print(f"run research_report CPU: {cpu_median['run']:.2f} s = bare import {cpu_median['floor-run']:.2f} s + "
+          f"{cpu_median['run'] - cpu_median['floor-run']:.2f} s"
+          + (f" (other checkout: + {cpu_median['other run'] - cpu_median['floor-run']:.2f} s)"
+             if "other run" in cpu_median else ""))
     for name in cli_commands:
         extra = median[name] - median["floor-cli"]
         clean = not heavy[name]

@@ -123,13 +123,16 @@ def _dagster(variant: str, n: int, concurrency: int, storage: str, dbname: str |
     config = run_config({"items": [f"item {i}" for i in range(n)]}, executor)
     if variant == "c":
         config["execution"] = {"config": {"multiprocess": {"max_concurrent": concurrency}}}
-    job = dg.build_reconstructable_job("mp_pipelines.definitions", "get_job",
-                                       reconstructable_args=("bench_fanout", str(spec_path)))
-    with instance_for(storage, tmp / "home", dbname) as instance:
-        with dg.execute_job(job, instance=instance, run_config=config) as result:
-            if not result.success:
-                raise SystemExit(f"variant {variant}: the run failed")
-            return len({e.step_key for e in result.all_events if e.event_type_value == "STEP_START"})
+    from mp_pipelines.definitions import jobs_built_once
+
+    with jobs_built_once():  # as `mp-pipelines run` does (cli/running.py): one build of the job per run
+        job = dg.build_reconstructable_job("mp_pipelines.definitions", "get_job",
+                                           reconstructable_args=("bench_fanout", str(spec_path)))
+        with instance_for(storage, tmp / "home", dbname) as instance:
+            with dg.execute_job(job, instance=instance, run_config=config) as result:
+                if not result.success:
+                    raise SystemExit(f"variant {variant}: the run failed")
+                return len({e.step_key for e in result.all_events if e.event_type_value == "STEP_START"})
 
 
 def child(args: argparse.Namespace) -> None:

@@ -11,6 +11,9 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -112,11 +115,44 @@ def get_job(name: str, source: str | None = None, version: str | None = None) ->
     `version` (a digest of the spec) only tells Dagster's caches of reconstructed jobs apart, so a process
     that runs a workflow, edits it and runs it again builds the new job.
     """
+    with _BUILT_LOCK:
+        built = _built_jobs
+        if built is not None and (name, source, version) in built:
+            return built[(name, source, version)]
     loaded = load_specs(source)
     if name not in loaded.specs:
         known = ", ".join(sorted(loaded.specs)) or "none"
         raise KeyError(f"no workflow named {name!r} (loaded: {known})")
-    return build_definitions(LoadResult({name: loaded.specs[name]}, loaded.sources, [])).resolve_job_def(name)
+    job = build_definitions(LoadResult({name: loaded.specs[name]}, loaded.sources, [])).resolve_job_def(name)
+    if built is not None:
+        with _BUILT_LOCK:
+            built[(name, source, version)] = job
+    return job
+
+
+_BUILT_LOCK = threading.Lock()
+_built_jobs: dict[tuple[str, str | None, str | None], dg.JobDefinition] | None = None
+
+
+@contextmanager
+def jobs_built_once() -> Iterator[None]:
+    """Within the block, `get_job` builds each job once in this process and hands the same definition back.
+
+    Starting a run asks for its reconstructable job four times (the pointer's check, the run's arguments check, the
+    run's plan, its execution), and each would rebuild the workflow's definitions (~0.1 s each). Outside the block
+    every call builds afresh, so a process whose environment (provider, step storage) changes between runs builds
+    its next run's job from the environment it then has."""
+    global _built_jobs
+    with _BUILT_LOCK:
+        outer = _built_jobs is not None
+        if not outer:
+            _built_jobs = {}
+    try:
+        yield
+    finally:
+        if not outer:
+            with _BUILT_LOCK:
+                _built_jobs = None
 
 
 def reconstructable_job(spec: WorkflowSpec, source: str | None) -> Any:

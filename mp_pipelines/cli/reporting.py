@@ -211,13 +211,16 @@ def stored_asset_value(result: dg.ExecuteJobResult, spec: WorkflowSpec, name: st
                        instance: dg.DagsterInstance) -> Any:
     """The value the run stored for the asset of task or loop `name`, read through the job's IO manager.
 
-    (`output_for_node` cannot read an asset output: it asks the IO manager for it without its asset key.)"""
+    (`output_for_node` cannot read an asset output: it asks the IO manager for it without its asset key.)
+    Both contexts get the resources already built: given none, each would build its own from an empty mapping on a
+    throw-away in-memory instance (an in-memory SQLite storage set up by alembic, ~0.1 s a context)."""
     from mp_pipelines.factory.ops import asset_key
 
     key = asset_key(spec, name)
     with dg.build_resources({"io_manager": result.job_def.resource_defs["io_manager"]}, instance=instance) as resources:
-        context = dg.build_input_context(asset_key=key, upstream_output=dg.build_output_context(asset_key=key),
-                                         instance=instance)
+        upstream = dg.build_output_context(asset_key=key, resources=resources, instance=instance)
+        context = dg.InputContext(asset_key=key, upstream_output=upstream, resources=resources, instance=instance,
+                                  log_manager=dg.DagsterLogManager.create(loggers=[]))
         return resources.io_manager.load_input(context)
 
 

@@ -135,28 +135,29 @@ def run_workflow(spec: WorkflowSpec, inputs: dict[str, Any], *, source: str | No
                  verbose: bool = False, mode: str | None = None, tags: dict[str, str] | None = None) -> RunOutcome:
     """Execute the workflow's job with its own executor and summarize the finished run (Dagster's console log
     only shows critical errors unless `verbose`); `tags` are added to the run's tags."""
-    from mp_pipelines.definitions import reconstructable_job
+    from mp_pipelines.definitions import jobs_built_once, reconstructable_job
     from mp_pipelines.llm.provider import provider_from_env
 
     mark_local_run()
     own_instance = instance is None
     instance = instance or local_instance()
-    job = reconstructable_job(spec, source)
     token = uuid.uuid4().hex
     done = threading.Event()
     watcher = threading.Thread(target=_watch, args=(instance, token, done, progress), daemon=True)
     config = run_config(inputs, executor, budget, console_log_level=_console_level(verbose), mode=mode)
     try:
-        refuse_inputs_outside_roots(spec, inputs, source)
-        refuse_unsafe_run(spec, config, instance)
-        if progress:
-            watcher.start()
-        with dg.execute_job(job, instance=instance, run_config=config,
-                            tags={**(tags or {}), RUN_TOKEN_TAG: token}, raise_on_error=False) as result:
-            done.set()
+        with jobs_built_once():  # one build of the job for the run's four requests of it
+            job = reconstructable_job(spec, source)
+            refuse_inputs_outside_roots(spec, inputs, source)
+            refuse_unsafe_run(spec, config, instance)
             if progress:
-                watcher.join(timeout=5)
-            return summarize(result, spec, instance, provider_from_env())
+                watcher.start()
+            with dg.execute_job(job, instance=instance, run_config=config,
+                                tags={**(tags or {}), RUN_TOKEN_TAG: token}, raise_on_error=False) as result:
+                done.set()
+                if progress:
+                    watcher.join(timeout=5)
+                return summarize(result, spec, instance, provider_from_env())
     finally:
         done.set()
         if own_instance:
@@ -315,40 +316,41 @@ def resume_run(run_id: str, *, instance: dg.DagsterInstance | None = None, force
 
     A run still marked as started whose process is gone (killed) needs `force`, which marks it failed first.
     """
-    from mp_pipelines.definitions import load_specs, reconstructable_job
+    from mp_pipelines.definitions import jobs_built_once, load_specs, reconstructable_job
     from mp_pipelines.llm.provider import provider_from_env
 
     mark_local_run()
     own_instance = instance is None
     instance = instance or local_instance()
     try:
-        run = instance.get_run_by_id(run_id)
-        if run is None:
-            raise ResumeError(f"no run {run_id!r} in the Dagster instance at {instance.root_directory}")
-        if run.status in _UNFINISHED:
-            if not force:
-                raise ResumeError(f"run {run_id} is still {run.status.value}; if its process is gone (killed), "
-                                  "pass --force to mark it failed and resume it")
-            instance.report_run_failed(run, "marked failed by `mp-pipelines resume --force`: its process is gone")
-        elif run.status != dg.DagsterRunStatus.FAILURE:
-            raise ResumeError(f"run {run_id} ended {run.status.value}; only failed runs can be resumed")
-        name, source = _job_args(run)
-        loaded = load_specs(source)
-        if name not in loaded.specs:
-            raise ResumeError(f"run {run_id} ran workflow {name!r}, which is not loaded now")
-        spec = loaded.specs[name]
-        job = reconstructable_job(spec, source)
-        config = with_budget(dict(run.run_config), budget)
-        config["loggers"] = {"console": {"config": {"log_level": _console_level(verbose)}}}
-        refuse_unsafe_run(spec, config, instance)
-        token = uuid.uuid4().hex
-        tags = {k: v for k, v in run.tags.items() if not k.startswith("dagster/")}
-        tags |= {RUN_TOKEN_TAG: token, RESUME_RETRY_TAG: "true"}  # as Dagster's own from-failure re-execution
-        if progress:
-            progress(f"resuming run {run_id} of {name} from failure")
-        with dg.execute_job(job, instance=instance, run_config=config, tags=tags, raise_on_error=False,
-                            reexecution_options=dg.ReexecutionOptions.from_failure(run_id, instance)) as result:
-            return summarize(result, spec, instance, provider_from_env())
+        with jobs_built_once():  # one build of the job for the run's four requests of it
+            run = instance.get_run_by_id(run_id)
+            if run is None:
+                raise ResumeError(f"no run {run_id!r} in the Dagster instance at {instance.root_directory}")
+            if run.status in _UNFINISHED:
+                if not force:
+                    raise ResumeError(f"run {run_id} is still {run.status.value}; if its process is gone (killed), "
+                                      "pass --force to mark it failed and resume it")
+                instance.report_run_failed(run, "marked failed by `mp-pipelines resume --force`: its process is gone")
+            elif run.status != dg.DagsterRunStatus.FAILURE:
+                raise ResumeError(f"run {run_id} ended {run.status.value}; only failed runs can be resumed")
+            name, source = _job_args(run)
+            loaded = load_specs(source)
+            if name not in loaded.specs:
+                raise ResumeError(f"run {run_id} ran workflow {name!r}, which is not loaded now")
+            spec = loaded.specs[name]
+            job = reconstructable_job(spec, source)
+            config = with_budget(dict(run.run_config), budget)
+            config["loggers"] = {"console": {"config": {"log_level": _console_level(verbose)}}}
+            refuse_unsafe_run(spec, config, instance)
+            token = uuid.uuid4().hex
+            tags = {k: v for k, v in run.tags.items() if not k.startswith("dagster/")}
+            tags |= {RUN_TOKEN_TAG: token, RESUME_RETRY_TAG: "true"}  # as Dagster's own from-failure re-execution
+            if progress:
+                progress(f"resuming run {run_id} of {name} from failure")
+            with dg.execute_job(job, instance=instance, run_config=config, tags=tags, raise_on_error=False,
+                                reexecution_options=dg.ReexecutionOptions.from_failure(run_id, instance)) as result:
+                return summarize(result, spec, instance, provider_from_env())
     finally:
         if own_instance:
             instance.dispose()
