@@ -14,7 +14,7 @@ import pytest
 from click.testing import CliRunner
 
 from mp_pipelines.cli.main import main
-from mp_pipelines.spec.library import MAX_INCLUDE_DEPTH, library_folders, library_sources
+from mp_pipelines.spec.library import MAX_INCLUDE_DEPTH, SHIPPED_LIBRARY, library_folders, library_sources
 from mp_pipelines.spec.loader import SHIPPED_WORKFLOWS_DIR, WorkflowValidationError, load_workflow_file, load_workflows
 from mp_pipelines.spec.models import WorkflowSpec
 from mp_pipelines.spec.templates import RenderTimeout, TemplateError, render
@@ -67,7 +67,7 @@ def test_include_import_and_macros_with_arguments_render(tmp_path: Path) -> None
                     "{{ house_rules(inputs.audience, sentences=2) }} {{ house_rules('children') }} {{ style.tone }}",
                     system='{% include "parts/header.j2" %}')
     spec = load_workflow_file(path)
-    assert spec.prompt_library == (str((tmp_path / "prompts").resolve()),)
+    assert spec.prompt_library == (str((tmp_path / "prompts").resolve()), str(SHIPPED_LIBRARY))
     assert rendered(spec, spec.tasks[0].prompt) == ("Write for engineers in at most 2 sentences. "
                                                     "Write for children in at most 3 sentences. plain")
     assert rendered(spec, spec.defaults.system) == "Workflow lib for engineers."
@@ -84,11 +84,12 @@ def test_mp_prompts_path_is_searched_after_the_workflows_own_folder(tmp_path: Pa
     (tmp_path / "wf").mkdir()
     path = workflow(tmp_path / "wf", '{% set x = 1 %}{% include "note.j2" %} / {% include "only_other.j2" %}')
     spec = load_workflow_file(path)
-    assert spec.prompt_library == (str(tmp_path / "wf" / "prompts"), str(shared), str(other))
+    assert spec.prompt_library == (str(tmp_path / "wf" / "prompts"), str(shared), str(other), str(SHIPPED_LIBRARY))
     assert rendered(spec, spec.tasks[0].prompt) == "shared 1 / from the second folder"
     library(tmp_path / "wf", {"note.j2": "own"})  # the workflow's own prompts/ folder comes first
     assert rendered(load_workflow_file(path), spec.tasks[0].prompt) == "own / from the second folder"
-    assert library_folders(None) == (str(shared), str(other))  # a spec with no file: MP_PROMPTS_PATH only
+    # a spec with no file: MP_PROMPTS_PATH, then the shipped library
+    assert library_folders(None) == (str(shared), str(other), str(SHIPPED_LIBRARY))
 
 
 def test_every_way_out_of_the_library_is_refused(tmp_path: Path) -> None:
@@ -196,7 +197,7 @@ def test_validate_names_the_workflow_field_and_the_included_file_and_line(tmp_pa
     assert len(lines) == 3, result.output
     missing, undefined, broken = lines
     assert missing.startswith(f"error {path}: defaults.system: line 1: include 'nowhere.j2': no file 'nowhere.j2' "
-                              f"in the prompt library (folders: {tmp_path / 'prompts'})")
+                              f"in the prompt library (folders: {tmp_path / 'prompts'}, {SHIPPED_LIBRARY})")
     assert undefined.startswith(f"error {path}: tasks[1] (second).prompt: line 2: prompt file 'style.j2' defines "
                                 "no macro or variable 'house_rulez' (it defines house_rules, tone)")
     assert broken == (f"error {path}: tasks[2] (third).prompt: prompt file 'broken.j2' ({tmp_path / 'prompts' / 'broken.j2'}): "
@@ -308,3 +309,18 @@ def test_editing_an_included_file_changes_the_tasks_code_version(tmp_path: Path)
     assert versions.task_code_version(spec, task) == before
     (root / "style.j2").write_text(STYLE.replace("plain", "warm"))
     assert versions.task_code_version(spec, task) != before
+
+
+def test_a_copy_of_a_shipped_workflow_finds_the_shipped_house_style(tmp_path: Path) -> None:
+    """The shipped workflows import `house_style.j2`; copied to a folder without a `prompts/` of its own, one still
+    validates and renders its system message from the shipped library."""
+    from mp_pipelines.spec.loader import SHIPPED_WORKFLOWS_DIR
+
+    copy = tmp_path / "research_report.yaml"
+    copy.write_text((SHIPPED_WORKFLOWS_DIR / "research_report.yaml").read_text())
+    spec = load_workflow_file(copy)
+    assert spec.prompt_library[-1] == str(SHIPPED_LIBRARY)
+    system = spec.defaults.system
+    assert "house_style.j2" in system
+    text = rendered(spec, system, inputs={"topic": "tides", "audience": "a technical reader"})
+    assert text.strip() and "{%" not in text and "{{" not in text

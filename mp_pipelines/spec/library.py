@@ -1,7 +1,8 @@
 """The prompt library: Jinja files that prompts and system messages `{% include %}` and `{% import %}`.
 
 A workflow's library is the `prompts/` folder next to its file, then every folder of MP_PROMPTS_PATH
-(os.pathsep-separated), searched in that order. A name is a relative path inside one of those folders:
+(os.pathsep-separated), then the shipped library (`mp_pipelines/workflows/prompts`, the house style the shipped
+workflows use, so a copy of one of them runs from any folder), searched in that order. A name is a relative path inside one of those folders:
 no `..`, no absolute path, and a file whose real path (symlinks followed) leaves its folder is refused.
 A file is read only up to MP_MAX_PROMPT_FILE_BYTES, and includes nest at most MAX_INCLUDE_DEPTH deep,
 without cycles. Names must be quoted strings, so what a template includes is known before it renders:
@@ -22,6 +23,7 @@ from mp_pipelines.spec.size_limits import SizeLimit, SizeLimitError
 
 PROMPTS_PATH_ENV = "MP_PROMPTS_PATH"
 PROMPTS_FOLDER = "prompts"  # next to the workflow file
+SHIPPED_LIBRARY = Path(__file__).resolve().parent.parent / "workflows" / PROMPTS_FOLDER  # searched last
 MAX_INCLUDE_DEPTH = 10  # a template including a file including a file ... at most this deep
 MAX_PROMPT_FILE_BYTES = SizeLimit("MP_MAX_PROMPT_FILE_BYTES", 1_000_000, "bytes")  # one library file
 
@@ -35,12 +37,13 @@ class LibraryError(ValueError):
 
 
 def library_folders(source: str | None) -> tuple[str, ...]:
-    """The prompt library of a workflow file `source` (None or a label: only MP_PROMPTS_PATH), as absolute paths."""
+    """The prompt library of a workflow file `source` (None or a label: no folder of its own), as absolute paths."""
     folders: list[Path] = []
     if source and Path(source).suffix in (".yaml", ".yml"):
         folders.append(Path(source).resolve().parent / PROMPTS_FOLDER)
     folders += [Path(entry).resolve() for entry in os.environ.get(PROMPTS_PATH_ENV, "").split(os.pathsep)
                 if entry.strip()]
+    folders.append(SHIPPED_LIBRARY)
     return tuple(dict.fromkeys(str(folder) for folder in folders))
 
 
