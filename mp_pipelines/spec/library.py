@@ -3,9 +3,9 @@
 A workflow's library is the `prompts/` folder next to its file, then every folder of MP_PROMPTS_PATH
 (os.pathsep-separated), then the shipped library (`mp_pipelines/workflows/prompts`, the house style the shipped
 workflows use, so a copy of one of them runs from any folder), searched in that order. A name is a relative
-path inside one of those folders: no `..`, no absolute path, and a file whose real path (symlinks followed) leaves its folder is refused.
-A file is read only up to MP_MAX_PROMPT_FILE_BYTES, and includes nest at most MAX_INCLUDE_DEPTH deep,
-without cycles. Names must be quoted strings, so what a template includes is known before it renders:
+path inside one of those folders: no `..`, no absolute path, and a file whose real path (symlinks followed)
+leaves its folder is refused. A file is read only up to MP_MAX_PROMPT_FILE_BYTES, and includes nest at most
+MAX_INCLUDE_DEPTH deep, without cycles. Names must be quoted strings, so what a template includes is known before it renders:
 `walk` follows every include of a template and says what is wrong, with the file and line.
 """
 
