@@ -187,66 +187,53 @@ class PooledSqliteEventLogStorage(SqliteEventLogStorage):
         self._dispose_engines()
 
 
+class _OneOpenConnection:
+    """What the pooled run and schedule storages share: one engine kept for their one database file
+    (`<base_dir>/<_DB>.db`), whose tables `_TABLES` tell that Dagster has set the file up already."""
+
+    _DB: str
+    _TABLES: tuple[str, ...]
+
+    def __init__(self, conn_string: str, inst_data: ConfigurableClassData | None = None):
+        super().__init__(conn_string, inst_data=inst_data)  # type: ignore[call-arg]
+        self._engine = pooled_sqlite_engine(conn_string)
+
+    @classmethod
+    def from_config_value(cls, inst_data: ConfigurableClassData | None, config_value: Any) -> Any:
+        return cls.from_local(inst_data=inst_data, **config_value)
+
+    @classmethod
+    def from_local(cls, base_dir: str, inst_data: ConfigurableClassData | None = None) -> Any:
+        conn_string = create_db_conn_string(base_dir, cls._DB)
+        if _set_up_already(conn_string, os.path.join(base_dir, f"{cls._DB}.db"), cls._TABLES):
+            return cls(conn_string, inst_data)
+        return super().from_local(base_dir, inst_data=inst_data)  # type: ignore[misc]  # creates, stamps, migrates
+
+    @contextmanager
+    def connect(self) -> Iterator[Connection]:
+        with self._engine.connect() as conn:
+            with conn.begin():
+                yield conn
+
+    def dispose(self) -> None:
+        super().dispose()  # type: ignore[misc]
+        self._engine.dispose()
+
+
 @checked_overrides
-class PooledSqliteRunStorage(SqliteRunStorage):
+class PooledSqliteRunStorage(_OneOpenConnection, SqliteRunStorage):
     """`SqliteRunStorage` whose connection to runs.db stays open (see the module docstring)."""
 
-    def __init__(self, conn_string: str, inst_data: ConfigurableClassData | None = None):
-        super().__init__(conn_string, inst_data=inst_data)
-        self._engine = pooled_sqlite_engine(conn_string)
-
-    @classmethod
-    def from_config_value(cls, inst_data: ConfigurableClassData | None, config_value: Any) -> PooledSqliteRunStorage:
-        return cls.from_local(inst_data=inst_data, **config_value)
-
-    @classmethod
-    def from_local(cls, base_dir: str, inst_data: ConfigurableClassData | None = None) -> PooledSqliteRunStorage:
-        conn_string = create_db_conn_string(base_dir, "runs")
-        if _set_up_already(conn_string, os.path.join(base_dir, "runs.db"), ("runs", "instance_info")):
-            return cls(conn_string, inst_data)
-        return super().from_local(base_dir, inst_data=inst_data)  # creates, stamps and migrates as Dagster does
-
-    @contextmanager
-    def connect(self) -> Iterator[Connection]:
-        with self._engine.connect() as conn:
-            with conn.begin():
-                yield conn
-
-    def dispose(self) -> None:
-        super().dispose()
-        self._engine.dispose()
+    _DB = "runs"
+    _TABLES = ("runs", "instance_info")
 
 
 @checked_overrides
-@checked_overrides
-class PooledSqliteScheduleStorage(SqliteScheduleStorage):
+class PooledSqliteScheduleStorage(_OneOpenConnection, SqliteScheduleStorage):
     """`SqliteScheduleStorage` whose connection to schedules.db stays open (see the module docstring)."""
 
-    def __init__(self, conn_string: str, inst_data: ConfigurableClassData | None = None):
-        super().__init__(conn_string, inst_data=inst_data)
-        self._engine = pooled_sqlite_engine(conn_string)
-
-    @classmethod
-    def from_config_value(cls, inst_data: ConfigurableClassData | None, config_value: Any
-                          ) -> PooledSqliteScheduleStorage:
-        return cls.from_local(inst_data=inst_data, **config_value)
-
-    @classmethod
-    def from_local(cls, base_dir: str, inst_data: ConfigurableClassData | None = None) -> PooledSqliteScheduleStorage:
-        conn_string = create_db_conn_string(base_dir, "schedules")
-        if _set_up_already(conn_string, os.path.join(base_dir, "schedules.db"), ("jobs", "job_ticks")):
-            return cls(conn_string, inst_data)
-        return super().from_local(base_dir, inst_data=inst_data)
-
-    @contextmanager
-    def connect(self) -> Iterator[Connection]:
-        with self._engine.connect() as conn:
-            with conn.begin():
-                yield conn
-
-    def dispose(self) -> None:
-        super().dispose()
-        self._engine.dispose()
+    _DB = "schedules"
+    _TABLES = ("jobs", "job_ticks")
 
 
 class PooledSqliteStorage(DagsterSqliteStorage):
