@@ -17,9 +17,9 @@ import asyncio
 import atexit
 import json
 import math
-import os
 import time
 import weakref
+from collections.abc import Callable
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
@@ -27,6 +27,7 @@ from mp_pipelines.calls.batch_records import adjust_spend, batches_of, mark_batc
 from mp_pipelines.calls.budget import BudgetExceeded, limits_text, usd
 from mp_pipelines.calls.call import Answer
 from mp_pipelines.calls.pricing import current_prices
+from mp_pipelines.calls.settings import N, number_setting
 from mp_pipelines.calls.usage import Usage
 from mp_pipelines.llm.types import LLMError, LLMResult
 
@@ -46,17 +47,12 @@ DONE = frozenset({"completed", "failed", "expired", "cancelled"})
 UNRUN = frozenset({"batch_expired", "batch_cancelled"})  # error codes of lines the batch never ran
 
 
-def _setting(variable: str, default: float, read: type) -> Any:
-    text = os.environ.get(variable, "").strip()
-    if not text:
-        return default
+def _setting(variable: str, default: N, read: Callable[[str], N]) -> N:
     try:
-        value = read(text)
-    except ValueError:
-        value = 0
-    if not value > 0:
-        raise LLMError(f"{variable}={text!r} is not valid: it must be a number greater than 0.", kind="bad_request")
-    return value
+        return number_setting(variable, default, read=read, valid=lambda value: value > 0,
+                              rule="a number greater than 0")
+    except ValueError as exc:
+        raise LLMError(str(exc), kind="bad_request") from None
 
 
 def max_lines() -> int:

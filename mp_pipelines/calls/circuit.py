@@ -16,10 +16,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-import os
 import time
 from dataclasses import dataclass
 
+from mp_pipelines.calls.settings import number_setting
 from mp_pipelines.llm.types import LLMError
 
 log = logging.getLogger(__name__)
@@ -151,16 +151,8 @@ class CircuitRegistry:
 
 
 def _cooldown_setting() -> float:
-    text = os.environ.get(COOLDOWN_ENV)
-    if not text:
-        return CIRCUIT_COOLDOWN_SECONDS
-    try:
-        value = float(text)
-    except ValueError:
-        value = -1.0
-    if not value > 0:
-        raise ValueError(f"{COOLDOWN_ENV}={text!r} is not valid: it must be a number of seconds greater than 0.")
-    return value
+    return number_setting(COOLDOWN_ENV, CIRCUIT_COOLDOWN_SECONDS, read=float, valid=lambda value: value > 0,
+                          rule="a number of seconds greater than 0")
 
 
 CIRCUITS = CircuitRegistry()

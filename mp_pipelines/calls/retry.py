@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import random
 import re
 import time
@@ -23,6 +22,7 @@ from dataclasses import dataclass, replace
 
 from mp_pipelines.calls.call import Answer, Call, Proceed
 from mp_pipelines.calls.circuit import CIRCUITS, Circuit, CircuitOpen
+from mp_pipelines.calls.settings import number_setting
 from mp_pipelines.calls.usage import Usage
 from mp_pipelines.llm.types import LLMError
 from mp_pipelines.spec.models import RetrySpec
@@ -71,16 +71,9 @@ def retry_budget(retries: RetrySpec | None) -> RetryBudget:
     if retries is not None:
         return RetryBudget(1 + retries.max_retries, retries.delay, retries.backoff or "constant",
                            retries.jitter or "none", max_delay=max(retries.delay, DEFAULT_RETRY.max_delay))
-    text = os.environ.get(BASE_DELAY_ENV)
-    if not text:
-        return DEFAULT_RETRY
-    try:
-        base = float(text)
-    except ValueError:
-        base = -1.0
-    if not 0 <= base <= 60:
-        raise ValueError(f"{BASE_DELAY_ENV}={text!r} is not valid: it must be a number of seconds from 0 to 60.")
-    return replace(DEFAULT_RETRY, delay=base)
+    base = number_setting(BASE_DELAY_ENV, DEFAULT_RETRY.delay, read=float, valid=lambda value: 0 <= value <= 60,
+                          rule="a number of seconds from 0 to 60")
+    return DEFAULT_RETRY if base == DEFAULT_RETRY.delay else replace(DEFAULT_RETRY, delay=base)
 
 
 def _why(exc: LLMError) -> str:
