@@ -60,7 +60,7 @@ def build_body_op(spec: WorkflowSpec, loop: LoopSpec, index: int, iteration: int
         state = _start_iteration(values.pop("state", None), iteration)
         loop_vars = {"iteration": iteration, "max_iterations": total, "previous": state["previous"]}
         template_context = build_context(spec, workflow_inputs, {**values, **state["current"]}, loop=loop_vars)
-        if check_condition(task, template_context, label):
+        if check_condition(context, task, template_context, label):
             run = call_model(context, spec, task, template_context, label=label, deadline=task_deadline(task))
             metadata = {**call_metadata(run), "iteration": iteration}
             state["current"] = {**state["current"], task.name: run.output}
@@ -68,7 +68,6 @@ def build_body_op(spec: WorkflowSpec, loop: LoopSpec, index: int, iteration: int
             state["usage"] = (Usage(**state["usage"]) + run.usage).as_dict()
             state.setdefault("answered", {})[task.name] = {"iteration": iteration, **call_metadata(run)}
         else:
-            context.log.info(f"{label}: skipped because `when: {task.when}` is false")
             state["current"] = {**state["current"], task.name: None}  # later body tasks read none, not undefined
             metadata = {"iteration": iteration, "skipped": True}
         if checks_until and _until(loop, {**template_context, **state["current"]}, label):

@@ -389,8 +389,7 @@ def build_task_op(spec: WorkflowSpec, task: TaskSpec, upstream: list[str], pool:
     def compute(context: dg.OpExecutionContext, inputs: Mapping[str, Any]) -> Iterator[Any]:
         workflow_inputs, values = split_inputs(inputs)
         template_context = build_context(spec, workflow_inputs, values)
-        if not check_condition(task, template_context, task.name):
-            context.log.info(f"{task.name}: skipped because `when: {task.when}` is false")
+        if not check_condition(context, task, template_context, task.name):
             return
         run = call_model(context, spec, task, template_context, label=task.name, deadline=task_deadline(task))
         yield dg.Output(run.output, metadata=asset_metadata(call_metadata(run), run.output))
@@ -402,8 +401,13 @@ def build_task_op(spec: WorkflowSpec, task: TaskSpec, upstream: list[str], pool:
                    required_resource_keys=PROMPT_RESOURCE_KEYS, tags={WORKFLOW_TAG: spec.name})
 
 
-def check_condition(task: TaskSpec, template_context: Mapping[str, Any], label: str) -> bool:
+def check_condition(context: dg.OpExecutionContext, task: TaskSpec, template_context: Mapping[str, Any],
+                    label: str) -> bool:
+    """Whether the task's `when` holds (logged when it does not); a `when` that cannot be evaluated fails the step."""
     try:
-        return condition_holds(task, template_context)
+        holds = condition_holds(task, template_context)
     except TemplateError as exc:
         raise dg.Failure(f"task {label}: `when` could not be evaluated: {exc}", allow_retries=False) from None
+    if not holds:
+        context.log.info(f"{label}: skipped because `when: {task.when}` is false")
+    return holds

@@ -73,8 +73,7 @@ def build_call_inputs_op(caller: WorkflowSpec, task: TaskSpec, callee: WorkflowS
     def compute(context: dg.OpExecutionContext, inputs: Mapping[str, Any]) -> Iterator[Any]:
         workflow_inputs, values = split_inputs(inputs)
         template_context = build_context(caller, workflow_inputs, values)
-        if not check_condition(task, template_context, task.name):
-            context.log.info(f"{task.name}: skipped because `when: {task.when}` is false")
+        if not check_condition(context, task, template_context, task.name):
             return
         try:
             found = call_inputs(caller, task, callee, template_context, _path_check(callee, base_dir))
