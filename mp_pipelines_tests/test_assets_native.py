@@ -36,7 +36,7 @@ from mp_pipelines_tests.services import (
     wait_for,
     write_instance_config,
 )
-from mp_pipelines_tests.test_ui_browser import CHROMIUM, CHROMIUM_ARGS, require_browser
+from mp_pipelines_tests.test_ui_browser import require_browser, ui_page
 from mp_pipelines_tests.workflow_helpers import write_workflow
 
 REPOSITORY = "__repository__"  # the repository name Dagster gives a code location's Definitions
@@ -240,38 +240,31 @@ def test_a_fan_out_shows_its_items_as_a_table_of_at_most_the_first_thousand() ->
 
 def test_the_catalog_shows_a_materialized_task_asset_that_can_be_materialized_again(
         services: DagsterServices, tmp_path: Path) -> None:
-    sync_playwright = require_browser()
+    require_browser()  # before the work: skip or fail at once without a browser
     cli_run(services, "research_report", "--input", "topic=tides", "--input", "max_questions=2")
     shots = tmp_path / "screenshots"
     shots.mkdir()
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        try:
-            page = browser.new_context(viewport={"width": 1600, "height": 1000}).new_page()
-            page.set_default_timeout(60_000)
-            page.add_locator_handler(page.get_by_role("button", name="Skip"), lambda button: button.click())
-            page.goto(f"{services.url}/assets/research_report/draft")
-            materialize = page.locator("button", has_text=re.compile(r"^\W*Materialize$"))
-            materialize.first.wait_for()
-            page.get_by_text("Latest materialization").first.wait_for()
-            page.get_by_text(re.compile(r"^\d+ (seconds?|minutes?) ago$")).first.wait_for()  # this run's
-            page.screenshot(path=str(shots / "asset.png"))
-            assert materialize.first.is_enabled()
-            assert page.get_by_text(re.compile("external", re.IGNORECASE)).count() == 0
-            # the lineage view draws the asset with its status, and Materialize there is enabled too
-            page.goto(f"{services.url}/assets/research_report/draft?view=lineage")
-            page.locator("foreignObject", has_text="plan").first.wait_for()  # the graph is drawn (in a web worker)
-            page.locator("foreignObject", has_text="report").first.wait_for()
-            page.screenshot(path=str(shots / "lineage.png"))
-            assert page.locator("button", has_text=re.compile(r"^\W*Materialize")).first.is_enabled()
-        finally:
-            browser.close()
+    with ui_page() as page:
+        page.goto(f"{services.url}/assets/research_report/draft")
+        materialize = page.locator("button", has_text=re.compile(r"^\W*Materialize$"))
+        materialize.first.wait_for()
+        page.get_by_text("Latest materialization").first.wait_for()
+        page.get_by_text(re.compile(r"^\d+ (seconds?|minutes?) ago$")).first.wait_for()  # this run's
+        page.screenshot(path=str(shots / "asset.png"))
+        assert materialize.first.is_enabled()
+        assert page.get_by_text(re.compile("external", re.IGNORECASE)).count() == 0
+        # the lineage view draws the asset with its status, and Materialize there is enabled too
+        page.goto(f"{services.url}/assets/research_report/draft?view=lineage")
+        page.locator("foreignObject", has_text="plan").first.wait_for()  # the graph is drawn (in a web worker)
+        page.locator("foreignObject", has_text="report").first.wait_for()
+        page.screenshot(path=str(shots / "lineage.png"))
+        assert page.locator("button", has_text=re.compile(r"^\W*Materialize")).first.is_enabled()
     assert sorted(p.name for p in shots.iterdir()) == ["asset.png", "lineage.png"]
 
 
 def test_the_checks_tab_shows_a_failed_blocking_check_and_the_downstream_asset_stays_unmaterialized(
         services: DagsterServices, tmp_path: Path) -> None:
-    sync_playwright = require_browser()
+    require_browser()  # before the work: skip or fail at once without a browser
     outcome = cli_run(services, "gated", exit_code=1)  # a failed run: exit code 1
     assert outcome["status"] == "failure", outcome
     (check,) = outcome["tasks"]["headline"]["checks"]
@@ -282,27 +275,20 @@ def test_the_checks_tab_shows_a_failed_blocking_check_and_the_downstream_asset_s
     assert task_step("gated", "article") not in steps or steps[task_step("gated", "article")] != "SUCCESS", steps
     shots = tmp_path / "screenshots"
     shots.mkdir()
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        try:
-            page = browser.new_context(viewport={"width": 1600, "height": 1000}).new_page()
-            page.set_default_timeout(60_000)
-            page.add_locator_handler(page.get_by_role("button", name="Skip"), lambda button: button.click())
-            page.goto(f"{services.url}/assets/gated/headline?view=checks")
-            # the list of the asset's checks: ours, its latest execution failed
-            listed = page.locator("a, button, div", has_text="starts_with_headline").filter(has_text="Failed")
-            listed.last.wait_for()
-            page.get_by_text("This is a blocking asset check").first.wait_for()
-            page.get_by_text("failed: does not match '^Headline:'").first.wait_for()  # the result's description
-            page.screenshot(path=str(shots / "checks.png"))
-            assert page.get_by_text("Evaluation result").count() == 1
-            assert page.get_by_text(re.compile(r"^(Passed|Succeeded)$")).count() == 0
-            # the downstream asset: its latest (and only) materialization attempt failed in that run
-            page.goto(f"{services.url}/assets/gated/article")
-            page.get_by_text("Latest materialization").first.wait_for()
-            page.get_by_text("Failed in").first.wait_for()
-            page.get_by_text(outcome["run_id"][:8]).first.wait_for()
-            page.screenshot(path=str(shots / "downstream.png"))
-        finally:
-            browser.close()
+    with ui_page() as page:
+        page.goto(f"{services.url}/assets/gated/headline?view=checks")
+        # the list of the asset's checks: ours, its latest execution failed
+        listed = page.locator("a, button, div", has_text="starts_with_headline").filter(has_text="Failed")
+        listed.last.wait_for()
+        page.get_by_text("This is a blocking asset check").first.wait_for()
+        page.get_by_text("failed: does not match '^Headline:'").first.wait_for()  # the result's description
+        page.screenshot(path=str(shots / "checks.png"))
+        assert page.get_by_text("Evaluation result").count() == 1
+        assert page.get_by_text(re.compile(r"^(Passed|Succeeded)$")).count() == 0
+        # the downstream asset: its latest (and only) materialization attempt failed in that run
+        page.goto(f"{services.url}/assets/gated/article")
+        page.get_by_text("Latest materialization").first.wait_for()
+        page.get_by_text("Failed in").first.wait_for()
+        page.get_by_text(outcome["run_id"][:8]).first.wait_for()
+        page.screenshot(path=str(shots / "downstream.png"))
     assert sorted(p.name for p in shots.iterdir()) == ["checks.png", "downstream.png"]

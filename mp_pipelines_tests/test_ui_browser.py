@@ -12,6 +12,7 @@ import re
 import shutil
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -67,6 +68,22 @@ def require_browser() -> Any:
     return sync_playwright
 
 
+@contextmanager
+def ui_page() -> Iterator[Any]:
+    """A page of Debian's Chromium (1600×1000, 60 s timeouts) that dismisses Dagster's one-time "join the
+    community" dialog, which shows over whatever page comes first; the browser is closed after."""
+    sync_playwright = require_browser()
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_context(viewport={"width": 1600, "height": 1000}).new_page()
+            page.set_default_timeout(60_000)
+            page.add_locator_handler(page.get_by_role("button", name="Skip"), lambda button: button.click())
+            yield page
+        finally:
+            browser.close()
+
+
 @pytest.fixture(scope="module")
 def ui(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DagsterServices]:
     """Webserver + daemon on a fresh PostgreSQL database with the production instance config."""
@@ -104,65 +121,56 @@ def drawn_edges(graph: dict[str, list[dict[str, float]]]) -> set[tuple[str, str]
 
 
 def test_launch_from_the_launchpad_and_see_the_lineage(ui: DagsterServices, tmp_path: Path) -> None:
-    sync_playwright = require_browser()
+    require_browser()  # before the work: skip or fail at once without a browser
     shots = tmp_path / "screenshots"
     shots.mkdir()
     names, edges = expected_lineage("research_report")
     assert {"inputs", "plan", "research", "draft", "critique", "revise", "refine", "report"} == names
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+    with ui_page() as page:
+        # 1. the Launchpad of the job, its YAML config editor (CodeMirror) replaced by typed config
+        page.goto(f"{ui.url}/locations/{LOCATION}/jobs/research_report/playground")
+        page.locator(".CodeMirror").first.wait_for()
+        page.get_by_text("Missing required config entry \"topic\"").first.wait_for()
+        page.locator(".CodeMirror-code").first.click()
+        page.keyboard.press("Control+A")
+        page.keyboard.insert_text(yaml.safe_dump(RUN_CONFIG, sort_keys=False))  # typed, not auto-indented
+        typed = page.evaluate("() => document.querySelector('.CodeMirror').CodeMirror.getValue()")
+        assert yaml.safe_load(typed) == RUN_CONFIG
+        page.get_by_text("Missing required config entry").first.wait_for(state="hidden")
+        page.screenshot(path=str(shots / "1_launchpad.png"))
+
+        # 2. launch; the UI moves to the run's page, which follows the run to success
+        page.get_by_role("button", name="Launch Run").click()
+        page.wait_for_url(re.compile(r".*/runs/[0-9a-f-]{36}"))
+        run_id = re.search(r"/runs/([0-9a-f-]{36})", page.url).group(1)
+        wait_for(lambda: ui.run_status(run_id) in ("SUCCESS", "FAILURE", "CANCELED"), 240,
+                 f"run {run_id} to finish", diagnostics=ui.diagnostics)
+        assert ui.run_status(run_id) == "SUCCESS", ui.diagnostics()
+        from playwright.sync_api import TimeoutError as PlaywrightTimeout
+
         try:
-            page = browser.new_context(viewport={"width": 1600, "height": 1000}).new_page()
-            page.set_default_timeout(60_000)
-            # Dagster shows a one-time "join the community" dialog over whatever page comes first.
-            page.add_locator_handler(page.get_by_role("button", name="Skip"), lambda button: button.click())
+            page.get_by_text("RUN_SUCCESS").first.wait_for(timeout=20_000)
+        except PlaywrightTimeout:
+            # The run page's live event stream can stall on a loaded machine; a fresh load reads the
+            # stored events (the run itself already succeeded, per GraphQL above).
+            page.reload()
+            page.get_by_text("RUN_SUCCESS").first.wait_for()
+        page.get_by_text("Success", exact=True).first.wait_for()
+        page.screenshot(path=str(shots / "2_run.png"))
+        run = ui.graphql("query($id: ID!) { runOrError(runId: $id) { ... on Run { runConfigYaml } } }",
+                         {"id": run_id})["runOrError"]
+        assert yaml.safe_load(run["runConfigYaml"])["ops"]["inputs"]["config"]["topic"] == TOPIC
 
-            # 1. the Launchpad of the job, its YAML config editor (CodeMirror) replaced by typed config
-            page.goto(f"{ui.url}/locations/{LOCATION}/jobs/research_report/playground")
-            page.locator(".CodeMirror").first.wait_for()
-            page.get_by_text("Missing required config entry \"topic\"").first.wait_for()
-            page.locator(".CodeMirror-code").first.click()
-            page.keyboard.press("Control+A")
-            page.keyboard.insert_text(yaml.safe_dump(RUN_CONFIG, sort_keys=False))  # typed, not auto-indented
-            typed = page.evaluate("() => document.querySelector('.CodeMirror').CodeMirror.getValue()")
-            assert yaml.safe_load(typed) == RUN_CONFIG
-            page.get_by_text("Missing required config entry").first.wait_for(state="hidden")
-            page.screenshot(path=str(shots / "1_launchpad.png"))
-
-            # 2. launch; the UI moves to the run's page, which follows the run to success
-            page.get_by_role("button", name="Launch Run").click()
-            page.wait_for_url(re.compile(r".*/runs/[0-9a-f-]{36}"))
-            run_id = re.search(r"/runs/([0-9a-f-]{36})", page.url).group(1)
-            wait_for(lambda: ui.run_status(run_id) in ("SUCCESS", "FAILURE", "CANCELED"), 240,
-                     f"run {run_id} to finish", diagnostics=ui.diagnostics)
-            assert ui.run_status(run_id) == "SUCCESS", ui.diagnostics()
-            from playwright.sync_api import TimeoutError as PlaywrightTimeout
-
-            try:
-                page.get_by_text("RUN_SUCCESS").first.wait_for(timeout=20_000)
-            except PlaywrightTimeout:
-                # The run page's live event stream can stall on a loaded machine; a fresh load reads the
-                # stored events (the run itself already succeeded, per GraphQL above).
-                page.reload()
-                page.get_by_text("RUN_SUCCESS").first.wait_for()
-            page.get_by_text("Success", exact=True).first.wait_for()
-            page.screenshot(path=str(shots / "2_run.png"))
-            run = ui.graphql("query($id: ID!) { runOrError(runId: $id) { ... on Run { runConfigYaml } } }",
-                             {"id": run_id})["runOrError"]
-            assert yaml.safe_load(run["runConfigYaml"])["ops"]["inputs"]["config"]["topic"] == TOPIC
-
-            # 3. the workflow's asset lineage: every task asset, every edge
-            page.goto(f"{ui.url}/locations/{LOCATION}/asset-groups/research_report")
-            deadline = time.monotonic() + 90
-            graph: dict[str, Any] = {"nodes": [], "edges": []}
-            while time.monotonic() < deadline:  # the layout is computed in a web worker
-                graph = page.evaluate(GRAPH_SCRIPT)
-                if {n["name"] for n in graph["nodes"]} >= names and len(drawn_edges(graph)) >= len(edges):
-                    break
-                page.wait_for_timeout(500)
-            page.screenshot(path=str(shots / "3_lineage.png"))
-            assert {n["name"] for n in graph["nodes"]} == names, graph
-            assert drawn_edges(graph) == edges, graph
-        finally:
-            browser.close()
+        # 3. the workflow's asset lineage: every task asset, every edge
+        page.goto(f"{ui.url}/locations/{LOCATION}/asset-groups/research_report")
+        deadline = time.monotonic() + 90
+        graph: dict[str, Any] = {"nodes": [], "edges": []}
+        while time.monotonic() < deadline:  # the layout is computed in a web worker
+            graph = page.evaluate(GRAPH_SCRIPT)
+            if {n["name"] for n in graph["nodes"]} >= names and len(drawn_edges(graph)) >= len(edges):
+                break
+            page.wait_for_timeout(500)
+        page.screenshot(path=str(shots / "3_lineage.png"))
+        assert {n["name"] for n in graph["nodes"]} == names, graph
+        assert drawn_edges(graph) == edges, graph
     assert sorted(p.name for p in shots.iterdir()) == ["1_launchpad.png", "2_run.png", "3_lineage.png"]
