@@ -8,7 +8,6 @@ models answer, and records say which.
 
 from __future__ import annotations
 
-import json
 import threading
 from collections import Counter
 from pathlib import Path
@@ -19,25 +18,12 @@ import pytest
 from mp_pipelines.cli.running import run_workflow
 from mp_pipelines.spec.loader import WorkflowValidationError, load_workflow_file, parse_workflow
 from mp_pipelines_tests.fault_server import FaultScript, RunningServer, make_fault
-from mp_pipelines_tests.workflow_helpers import materializations, run_file, write_workflow
-
-FAN = """
-name: {name}
-breadth: {breadth}
-cache: off
-{extra}
-inputs:
-  words: {{type: list, default: {words}}}
-tasks:
-  - name: echo
-    for_each: inputs.words
-    prompt: "Echo {{{{ item }}}}"{task_extra}
-"""
+from mp_pipelines_tests.workflow_helpers import fan_workflow, materializations, run_file, write_workflow
 
 
 def fan(name: str, items: int, *, breadth: int = 8, extra: str = "", task_extra: str = "") -> str:
-    words = [f"w{i:04d}" for i in range(items)]
-    return FAN.format(name=name, breadth=breadth, extra=extra, task_extra=task_extra, words=json.dumps(words))
+    return fan_workflow(name, [f"w{i:04d}" for i in range(items)], breadth=breadth, extra=extra,
+                        task_extra=task_extra)
 
 
 def echoed(server: RunningServer) -> Counter:

@@ -3,7 +3,6 @@ nothing succeeded: real jobs against the loopback endpoint over the openai clien
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -17,27 +16,13 @@ from mp_pipelines.cli.running import LOCAL_HOME
 from mp_pipelines.factory.names import collect_step, mapped_step
 from mp_pipelines.llm.simulated import SimulatedModel
 from mp_pipelines_tests.fault_server import RunningServer
-from mp_pipelines_tests.workflow_helpers import run_file, write_workflow
-
-FAN = """
-name: {name}
-breadth: {breadth}
-defaults: {{model: {model}, temperature: 0}}
-cache: off
-{extra}
-inputs:
-  words: {{type: list, default: {words}}}
-tasks:
-  - name: echo
-    for_each: inputs.words
-    prompt: "Echo {{{{ item }}}}"{task_extra}
-"""
+from mp_pipelines_tests.workflow_helpers import fan_workflow, run_file, write_workflow
 
 
 def fan(name: str, items: int, *, breadth: int = 4, model: str = "gpt-4o-mini", extra: str = "",
         task_extra: str = "") -> str:
-    words = json.dumps([f"w{i:03d}" for i in range(items)])
-    return FAN.format(name=name, breadth=breadth, model=model, extra=extra, task_extra=task_extra, words=words)
+    return fan_workflow(name, [f"w{i:03d}" for i in range(items)], breadth=breadth,
+                        defaults=f"{{model: {model}, temperature: 0}}", extra=extra, task_extra=task_extra)
 
 
 def use_server(server: RunningServer, monkeypatch: pytest.MonkeyPatch, key: str = "sk-test-hardening") -> None:

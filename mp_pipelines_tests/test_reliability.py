@@ -18,7 +18,7 @@ from mp_pipelines.calls.store import RESPONSES, ResponseStore, store_for
 from mp_pipelines.cli.main import main
 from mp_pipelines.spec.loader import WorkflowValidationError, parse_workflow
 from mp_pipelines_tests.fault_server import RunningServer
-from mp_pipelines_tests.workflow_helpers import materializations, run_file, write_workflow
+from mp_pipelines_tests.workflow_helpers import fan_workflow, materializations, run_file, write_workflow
 
 CHAIN = """
 name: chain
@@ -283,28 +283,17 @@ def test_price_table_matches_prefixes_and_rejects_bad_files(tmp_path: Path) -> N
         load_prices(bad)
 
 
-FAN = """
-name: {name}
-breadth: {breadth}
-defaults: {{temperature: 0}}
-cache: off
-{extra}
-inputs:
-  words: {{type: list, default: {words}}}
-tasks:
-  - name: echo
-    for_each: inputs.words
-    prompt: "Echo {{{{ item }}}}"{task_extra}
-  - name: joined
+JOINED = """  - name: joined
     depends_on: [echo]
-    prompt: "Join {{{{ echo | length }}}} answers"
+    prompt: "Join {{ echo | length }} answers"
 """
 
 
 def fan(name: str, items: int, *, breadth: int = 4, extra: str = "", task_extra: str = "",
         words: list | None = None) -> str:
     words = words if words is not None else [f"w{i:03d}" for i in range(items)]
-    return FAN.format(name=name, breadth=breadth, extra=extra, task_extra=task_extra, words=json.dumps(words))
+    return fan_workflow(name, words, breadth=breadth, defaults="{temperature: 0}", extra=extra,
+                        task_extra=task_extra, more_tasks=JOINED)
 
 
 def test_call_budget_stops_new_calls_keeps_results_and_says_which_budget(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import textwrap
 from pathlib import Path
 from typing import Any
@@ -11,6 +12,27 @@ import yaml
 
 from mp_pipelines.cli.running import RunOutcome, run_workflow
 from mp_pipelines.spec.loader import load_workflow_file
+
+_FAN = """
+name: {name}
+breadth: {breadth}
+{defaults}cache: off
+{extra}
+inputs:
+  words: {{type: list, default: {words}}}
+tasks:
+  - name: echo
+    for_each: inputs.words
+    prompt: "Echo {{{{ item }}}}"{task_extra}
+{more_tasks}"""
+
+
+def fan_workflow(name: str, words: list[str], *, breadth: int, defaults: str = "", extra: str = "",
+                 task_extra: str = "", more_tasks: str = "") -> str:
+    """A workflow whose task `echo` fans out over `words` (cache off): `defaults` a flow mapping for its
+    `defaults:`, `extra` top-level YAML, `task_extra` lines of `echo`, `more_tasks` tasks after it."""
+    return _FAN.format(name=name, breadth=breadth, defaults=f"defaults: {defaults}\n" if defaults else "",
+                       extra=extra, words=json.dumps(words), task_extra=task_extra, more_tasks=more_tasks)
 
 
 def write_workflow(folder: Path, text_or_data: str | dict[str, Any]) -> Path:
