@@ -46,10 +46,11 @@ def write_workflow(folder: Path, text_or_data: str | dict[str, Any]) -> Path:
 
 
 def run_file(path: Path, inputs: dict[str, Any], instance: dg.DagsterInstance,
-             executor: str | None = "in_process") -> RunOutcome:
-    """Run the workflow in `path` on `instance` (in-process unless told otherwise)."""
+             executor: str | None = "in_process", budget: dict[str, Any] | None = None) -> RunOutcome:
+    """Run the workflow in `path` on `instance` (in-process unless told otherwise; `budget`: the run's budget)."""
     spec = load_workflow_file(path)
-    return run_workflow(spec, inputs, source=str(path.resolve()), executor=executor, instance=instance)
+    return run_workflow(spec, inputs, source=str(path.resolve()), executor=executor, instance=instance,
+                        budget=budget)
 
 
 def materializations(instance: dg.DagsterInstance, run_id: str, *,

@@ -209,7 +209,8 @@ def task_output(result: dg.ExecuteJobResult, spec: WorkflowSpec, name: str, stat
 
 def stored_asset_value(result: dg.ExecuteJobResult, spec: WorkflowSpec, name: str,
                        instance: dg.DagsterInstance) -> Any:
-    """The value the run stored for the asset of task or loop `name`, read through the job's IO manager.
+    """The value this run stored for the asset of task or loop `name` (not a later run's), read through the job's IO
+    manager.
 
     (`output_for_node` cannot read an asset output: it asks the IO manager for it without its asset key.)
     Both contexts get the resources already built: given none, each would build its own from an empty mapping on a
@@ -217,11 +218,33 @@ def stored_asset_value(result: dg.ExecuteJobResult, spec: WorkflowSpec, name: st
     from mp_pipelines.factory.ops import asset_key
 
     key = asset_key(spec, name)
+    run_id, step = _materialized_by(result, key, instance)
+    loop = any(isinstance(s, LoopSpec) and s.name == name for s in spec.tasks)  # a loop's outputs are its assets
     with dg.build_resources({"io_manager": result.job_def.resource_defs["io_manager"]}, instance=instance) as resources:
-        upstream = dg.build_output_context(asset_key=key, resources=resources, instance=instance)
+        upstream = dg.build_output_context(asset_key=key, resources=resources, instance=instance, run_id=run_id,
+                                           step_key=step, name=name if loop else "result")
         context = dg.InputContext(asset_key=key, upstream_output=upstream, resources=resources, instance=instance,
                                   log_manager=dg.DagsterLogManager.create(loggers=[]))
         return resources.io_manager.load_input(context)
+
+
+def _materialized_by(result: dg.ExecuteJobResult, key: dg.AssetKey,
+                     instance: dg.DagsterInstance) -> tuple[str | None, str | None]:
+    """The run and step that materialized `key` for this run: the run itself, else the nearest run it re-executes
+    (a resume runs only what failed); (None, None) when none did."""
+    step = next((e.step_key for e in result.get_asset_materialization_events() if e.asset_key == key), None)
+    if step is not None:
+        return result.run_id, step
+    run = instance.get_run_by_id(result.run_id)
+    while run is not None and run.parent_run_id:
+        records = instance.get_records_for_run(run.parent_run_id,
+                                               of_type=dg.DagsterEventType.ASSET_MATERIALIZATION).records
+        step = next((r.event_log_entry.step_key for r in records
+                     if r.event_log_entry.asset_materialization.asset_key == key), None)
+        if step is not None:
+            return run.parent_run_id, step
+        run = instance.get_run_by_id(run.parent_run_id)
+    return None, None
 
 
 def _latest_of_stopped_loop(result: dg.ExecuteJobResult, spec: WorkflowSpec, loop: LoopSpec,

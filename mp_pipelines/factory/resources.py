@@ -2,7 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import os
+import pickle
+import shutil
+import tempfile
 import threading
+import uuid
+from pathlib import Path
 
 import dagster as dg
 from pydantic import Field, PrivateAttr
@@ -54,30 +62,101 @@ class RunBudget(dg.ConfigurableResource):
             return self._calls
 
 
-class StepStorage(dg.FilesystemIOManager):
-    """Where steps store their outputs and task assets their values (Dagster's filesystem IO manager: `base_dir`,
-    else the instance's storage folder); reading an asset that has no stored value fails with what to do."""
+class StepStorage(dg.ConfigurableIOManager):
+    """Where steps hand their outputs to the next and task assets keep their values, as pickles under `base_dir`
+    (unset: the instance's storage folder).
 
-    def create_io_manager(self, context: dg.InitResourceContext) -> dg.IOManager:
-        return _ExplainedLoads(super().create_io_manager(context))
+    Every output is written under its run (`<run id>/<step key>/<output>`) and read from there by the steps that
+    consume it, in the same run or in a re-execution of it. A task asset's value is also published, atomically, at
+    its asset key's path (`<workflow>/<task>`): the latest materialization, which a subset run reads for assets it
+    does not materialize. So concurrent runs of one workflow (two inbox files, two `mp-pipelines run`s) never read
+    each other's values, and a reader never sees a half-written file.
+    """
 
+    base_dir: str | None = Field(default=None, description="Folder of the stored values; every worker mounts it at "
+                                 "the same path (unset: the instance's storage folder).")
 
-class _ExplainedLoads(dg.IOManager):
-    """An IO manager whose missing upstream values are one sentence naming the asset, not a FileNotFoundError."""
+    _root: Path | None = PrivateAttr(default=None)
 
-    def __init__(self, inner: dg.IOManager) -> None:
-        self._inner = inner
+    def setup_for_execution(self, context: dg.InitResourceContext) -> None:
+        self._root = Path(self.base_dir or (context.instance.storage_directory() if context.instance else "storage"))
+
+    @property
+    def root(self) -> Path:
+        return self._root if self._root is not None else Path(self.base_dir or "storage")
 
     def handle_output(self, context: dg.OutputContext, obj: object) -> None:
-        self._inner.handle_output(context, obj)
+        path = _run_output_path(self.root, context)
+        assert path is not None, "Dagster hands every output over with its run, step and name"
+        _write_atomically(path, pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL))
+        if context.has_asset_key:
+            latest = self.root.joinpath(*context.asset_key.path)
+            _publish(path, latest)
+            if obj is not None:
+                context.add_output_metadata({"path": dg.MetadataValue.path(str(latest))})
 
     def load_input(self, context: dg.InputContext) -> object:
+        produced = _run_output_path(self.root, context.upstream_output)
+        if produced is not None and produced.exists():
+            return _load(produced)
+        if not context.has_asset_key:
+            raise FileNotFoundError(errno.ENOENT, "no stored output", str(produced))
+        latest = self.root.joinpath(*context.asset_key.path)
         try:
-            return self._inner.load_input(context)
-        except FileNotFoundError as exc:
-            if not context.has_asset_key:
-                raise
-            raise dg.Failure(missing_upstream(context.asset_key, exc.filename), allow_retries=False) from None
+            return _load(latest)
+        except FileNotFoundError:
+            raise dg.Failure(missing_upstream(context.asset_key, str(latest)), allow_retries=False) from None
+
+
+def _run_output_path(root: Path, upstream: dg.OutputContext | None) -> Path | None:
+    """Where the run that produced output `upstream` stored it (Dagster's layout: `<run id>/<step key>/<output>`
+    [`/<mapping key>`]); None when Dagster names no producing step (an asset this
+    run does not materialize: its latest value is read instead)."""
+    if upstream is None:
+        return None
+    try:
+        run_id, step_key, name = upstream.run_id, upstream.step_key, upstream.name
+    except dg.DagsterInvariantViolationError:  # a context built without them
+        return None
+    if not run_id or not step_key or not name:
+        return None
+    path = root / run_id / step_key / name
+    return path / upstream.mapping_key if upstream.mapping_key else path  # one file per item of a dynamic output
+
+
+def _load(path: Path) -> object:
+    with path.open("rb") as file:
+        return pickle.load(file)
+
+
+def _write_atomically(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(handle, "wb") as file:
+            file.write(data)
+        os.replace(temporary, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(temporary)
+        raise
+
+
+def _publish(stored: Path, latest: Path) -> None:
+    """Make `latest` the value at `stored` in one step: a hard link renamed over it (a copy where the file system
+    has no hard links), so a concurrent reader gets the old value or the new one, never part of one."""
+    latest.parent.mkdir(parents=True, exist_ok=True)
+    temporary = latest.with_name(f".{latest.name}.{uuid.uuid4().hex}")
+    try:
+        os.link(stored, temporary)
+    except OSError:
+        shutil.copyfile(stored, temporary)
+    try:
+        os.replace(temporary, latest)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(temporary)
+        raise
 
 
 def missing_upstream(key: dg.AssetKey, path: str | None) -> str:
