@@ -217,3 +217,34 @@ def test_dispose_and_wipe_close_the_kept_connections(tmp_path: Path, wipe: bool)
         assert instance.get_records_for_run(run_id).records == []
     instance.dispose()
     assert not events._engines  # noqa: SLF001
+
+
+def test_a_runs_own_events_are_the_rows_dagster_writes(tmp_path: Path) -> None:
+    """The pooled storage inserts a run's own events (logs, step events) with its own compiled statement: the rows in
+    the run's shard are column for column what Dagster's code writes for the same events, and the events Dagster
+    mirrors into the index shard (run status, assets) still are."""
+    from dagster._core.events import DagsterEvent, EngineEventData
+    from dagster._core.events.log import EventLogEntry
+    from dagster._core.storage.event_log.sqlite.sqlite_event_log import SqliteEventLogStorage
+
+    def entry(kind: str, message: str, step: str | None = None) -> EventLogEntry:
+        event = DagsterEvent(event_type_value=kind, job_name="j", step_key=step, message=message,
+                             event_specific_data=EngineEventData() if kind == "ENGINE_EVENT" else None)
+        return EventLogEntry(user_message=message, level=20, job_name="j", run_id="run-1", error_info=None,
+                             timestamp=1_700_000_000.5, step_key=step, dagster_event=event)
+
+    events = [entry("ENGINE_EVENT", "engine"), entry("PIPELINE_START", "started"),
+              EventLogEntry(user_message="a log line", level=20, job_name="j", run_id="run-1", error_info=None,
+                            timestamp=1_700_000_001.0, step_key="s", dagster_event=None),
+              entry("PIPELINE_SUCCESS", "done")]
+    rows = {}
+    for name, kind in (("stock", SqliteEventLogStorage), ("pooled", PooledSqliteEventLogStorage)):
+        storage = kind(str(tmp_path / name))
+        for event in events:
+            storage.store_event(event)
+        storage.dispose()
+        rows[name] = [sqlite3.connect(tmp_path / name / f"{db}.db").execute(
+            "SELECT run_id, event, dagster_event_type, timestamp, step_key, asset_key, partition FROM event_logs "
+            "ORDER BY id").fetchall() for db in ("run-1", "index")]
+    assert rows["pooled"] == rows["stock"]
+    assert len(rows["pooled"][0]) == 4 and len(rows["pooled"][1]) == 2  # the run status events are mirrored

@@ -141,7 +141,12 @@ PRIVATE_IMPORTS: tuple[Private, ...] = (
     Private("dagster._config.config_schema", "UserConfigSchema", _SQLITE),
     Private("dagster._core.storage.base_storage", "DagsterStorage", _SQLITE),
     Private("dagster._core.storage.event_log.sqlite.sqlite_event_log", "SqliteEventLogStorage", _SQLITE, members=(
-        "_initdb", "conn_string_for_shard", "run_connection", "index_connection")),
+        "_initdb", "conn_string_for_shard", "run_connection", "index_connection", "_event_to_row")),
+    Private("dagster._core.events", "ASSET_EVENTS", _SQLITE),
+    Private("dagster._core.events", "ASSET_CHECK_EVENTS", _SQLITE),
+    Private("dagster._core.events", "EVENT_TYPE_TO_PIPELINE_RUN_STATUS", _SQLITE),
+    Private("dagster._core.events.log", "EventLogEntry", _SQLITE),
+    Private("dagster._core.storage.event_log.schema", "SqlEventLogStorageTable", _SQLITE, members=("insert",)),
     Private("dagster._core.storage.runs.sqlite.sqlite_run_storage", "SqliteRunStorage", _SQLITE, members=(
         "from_local",)),
     Private("dagster._core.storage.schedules.sqlite.sqlite_schedule_storage", "SqliteScheduleStorage", _SQLITE,
@@ -184,6 +189,7 @@ OVERRIDES: tuple[Override, ...] = (
     Override("dagster._core.storage.schedules.base:ScheduleStorage", "dispose", _POOLED_SCHEDULE, ("self",)),
     # the SQLite storages that keep their connections open (sqlite.py)
     Override(_SQLITE_EVENT_LOG, "_connect", f"{_SQLITE}:PooledSqliteEventLogStorage", ("self", "shard")),
+    Override(_SQLITE_EVENT_LOG, "store_event", f"{_SQLITE}:PooledSqliteEventLogStorage", ("self", "event")),
     Override(_SQLITE_EVENT_LOG, "__init__", f"{_SQLITE}:PooledSqliteEventLogStorage", ("self", "base_dir", "inst_data")),
     Override(_SQLITE_EVENT_LOG, "dispose", f"{_SQLITE}:PooledSqliteEventLogStorage", ("self",)),
     Override(_SQLITE_EVENT_LOG, "wipe", f"{_SQLITE}:PooledSqliteEventLogStorage", ("self",)),

@@ -10,8 +10,9 @@ offline `mp-pipelines run research_report` that is most of the run's execution t
 
 What changes: `_connect` (event log) and `connect` (run storage) take their connection from an engine kept
 per database file (a small `QueuePool`; the event log keeps the most recently used `ENGINES_KEPT` shards and
-disposes the rest), and each new SQLite connection is set to `PRAGMA synchronous=NORMAL`. Everything else
-is Dagster's own code: the same files (`history/runs.db`, `history/runs/<run_id>.db`, `index.db`), schema,
+disposes the rest), and each new SQLite connection is set to `PRAGMA synchronous=NORMAL`. A run's own events
+(all but the asset, check and run-status events Dagster mirrors into the index shard) are inserted with one
+statement compiled once, the row bound as parameters. Everything else is Dagster's own code: the same files (`history/runs.db`, `history/runs/<run_id>.db`, `index.db`), schema,
 statements, transactions (`with conn.begin()` per use) and the event log's per-storage lock.
 
 Durability and other processes: Dagster creates these databases in WAL mode (`PRAGMA journal_mode=WAL`,
@@ -47,7 +48,9 @@ from alembic.script import ScriptDirectory
 from dagster import StringSource
 from dagster._config.config_schema import UserConfigSchema
 from dagster._core.storage.base_storage import DagsterStorage
-from dagster._core.storage.event_log.schema import SqlEventLogStorageMetadata
+from dagster._core.events import ASSET_CHECK_EVENTS, ASSET_EVENTS, EVENT_TYPE_TO_PIPELINE_RUN_STATUS
+from dagster._core.events.log import EventLogEntry
+from dagster._core.storage.event_log.schema import SqlEventLogStorageMetadata, SqlEventLogStorageTable
 from dagster._core.storage.event_log.sqlite.sqlite_event_log import SqliteEventLogStorage
 from dagster._core.storage.runs.sqlite.sqlite_run_storage import SqliteRunStorage
 from dagster._core.storage.schedules.sqlite.sqlite_schedule_storage import SqliteScheduleStorage
@@ -61,6 +64,9 @@ from sqlalchemy.engine import Connection
 from mp_pipelines.dagster_ext.compat import checked_overrides
 
 ENGINES_KEPT = 8  # event-log shards (runs) whose connection stays open in one storage
+# Events Dagster's `store_event` also mirrors into the index shard (asset, asset check, run status): stored by it.
+_MIRRORED_EVENTS = frozenset(ASSET_EVENTS) | frozenset(ASSET_CHECK_EVENTS) | frozenset(EVENT_TYPE_TO_PIPELINE_RUN_STATUS)
+_INSERT_EVENT = SqlEventLogStorageTable.insert()  # compiled once; each event binds its row as parameters
 _LIVE_ENGINES: weakref.WeakSet[db.engine.Engine] = weakref.WeakSet()
 
 
@@ -152,6 +158,17 @@ class PooledSqliteEventLogStorage(SqliteEventLogStorage):
             with engine.connect() as conn:
                 with conn.begin():
                     yield conn
+
+    def store_event(self, event: EventLogEntry) -> None:
+        """A run's own events (step starts, inputs, outputs, logs: all but those Dagster mirrors into the index
+        shard) go in as one insert with the row as bound parameters, the statement compiled once per process;
+        Dagster's code builds and compiles an `INSERT … VALUES` per event (0.45 against 0.3 ms an event here).
+        The row is Dagster's own (`_event_to_row`), in the same table of the run's shard."""
+        if event.is_dagster_event and event.dagster_event_type in _MIRRORED_EVENTS:
+            super().store_event(event)
+            return
+        with self.run_connection(event.run_id) as conn:
+            conn.execute(_INSERT_EVENT, self._event_to_row(event))
 
     def _initdb(self, engine: db.engine.Engine, for_index_shard: bool = False) -> None:
         """Dagster's set-up of a shard, without reading the migration scripts when the shard is set up already, and
