@@ -12,8 +12,9 @@ What changes: `_connect` (event log) and `connect` (run storage) take their conn
 per database file (a small `QueuePool`; the event log keeps the most recently used `ENGINES_KEPT` shards and
 disposes the rest), and each new SQLite connection is set to `PRAGMA synchronous=NORMAL`. A run's own events
 (all but the asset, check and run-status events Dagster mirrors into the index shard) are inserted with one
-statement compiled once, the row bound as parameters. Everything else is Dagster's own code: the same files (`history/runs.db`, `history/runs/<run_id>.db`, `index.db`), schema,
-statements, transactions (`with conn.begin()` per use) and the event log's per-storage lock.
+statement compiled once, the row bound as parameters. Everything else is Dagster's own code: the same files
+(`history/runs.db`, `history/runs/<run_id>.db`, `index.db`), schema, rows, other statements, transactions
+(`with conn.begin()` per use) and the event log's per-storage lock.
 
 Durability and other processes: Dagster creates these databases in WAL mode (`PRAGMA journal_mode=WAL`,
 stored in the file). In WAL mode `synchronous=NORMAL` never corrupts the database and keeps every committed
@@ -47,9 +48,9 @@ from alembic.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from dagster import StringSource
 from dagster._config.config_schema import UserConfigSchema
-from dagster._core.storage.base_storage import DagsterStorage
 from dagster._core.events import ASSET_CHECK_EVENTS, ASSET_EVENTS, EVENT_TYPE_TO_PIPELINE_RUN_STATUS
 from dagster._core.events.log import EventLogEntry
+from dagster._core.storage.base_storage import DagsterStorage
 from dagster._core.storage.event_log.schema import SqlEventLogStorageMetadata, SqlEventLogStorageTable
 from dagster._core.storage.event_log.sqlite.sqlite_event_log import SqliteEventLogStorage
 from dagster._core.storage.runs.sqlite.sqlite_run_storage import SqliteRunStorage
