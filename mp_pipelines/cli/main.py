@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import sys
 from collections.abc import Callable
@@ -10,12 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from mp_pipelines.cli import remote
 from mp_pipelines.cli.args import budget_options, executor_option, input_options, mode_option, parse_inputs
-from mp_pipelines.cli.eval import eval_command
-from mp_pipelines.cli.new import new_command
-from mp_pipelines.cli.stats import stats_command
-from mp_pipelines.cli.ui import ui
 from mp_pipelines.spec.loader import LoadResult, WorkflowValidationError, load_workflow_file, load_workflows
 from mp_pipelines.spec.models import WorkflowSpec
 
@@ -72,7 +68,37 @@ def resolve_workflow(name_or_path: str, load: Callable[[], LoadResult] = _load) 
                         f"{suggest(name_or_path, loaded.specs)} (or give the path of a YAML file)")
 
 
-@click.group(epilog=EXIT_CODES)
+class LazyGroup(click.Group):
+    """A command group whose commands in `lazy` (name → "module:attribute") are imported only when they run or
+    `--help` lists them, so `list`, `validate` and `show` do not import what the other commands need (click's
+    lazily loaded subcommands)."""
+
+    def __init__(self, *args: Any, lazy: dict[str, str] | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.lazy = dict(lazy or {})
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted({*super().list_commands(ctx), *self.lazy})
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if cmd_name in self.lazy and cmd_name not in self.commands:
+            module, attribute = self.lazy[cmd_name].split(":")
+            self.add_command(getattr(importlib.import_module(module), attribute), cmd_name)
+        return super().get_command(ctx, cmd_name)
+
+
+LAZY_COMMANDS = {
+    # runs on a Dagster webserver over GraphQL (cli/remote.py)
+    "launch": "mp_pipelines.cli.remote:launch_command", "status": "mp_pipelines.cli.remote:status_command",
+    "cancel": "mp_pipelines.cli.remote:cancel_command", "reload": "mp_pipelines.cli.remote:reload_command",
+    "ui": "mp_pipelines.cli.ui:ui",
+    "stats": "mp_pipelines.cli.stats:stats_command",  # usage over time from the instance's database
+    "eval": "mp_pipelines.cli.eval:eval_command",  # labelled examples, accuracy and comparisons
+    "new": "mp_pipelines.cli.new:new_command",  # a workflow from a template
+}
+
+
+@click.group(cls=LazyGroup, lazy=LAZY_COMMANDS, epilog=EXIT_CODES)
 @click.version_option(package_name="mp-pipelines")
 def main() -> None:
     """Multi-step LLM prompt workflows that run as Dagster jobs."""
@@ -273,13 +299,6 @@ def serve_model(host: str, port: int, latency: float, failure_rate: float) -> No
     _echo_err(f"simulated OpenAI-compatible endpoint on http://{host}:{port}/v1 (Ctrl-C to stop)")
     serve(host, port, latency, failure_rate)
 
-
-for _command in remote.COMMANDS:  # launch, status, cancel, reload: runs on a Dagster webserver over GraphQL
-    main.add_command(_command)
-main.add_command(ui)
-main.add_command(stats_command)  # usage over time from the instance's database (cli/stats.py)
-main.add_command(eval_command)  # labelled examples, accuracy and comparisons (cli/eval.py)
-main.add_command(new_command)  # a workflow from a template (cli/new.py)
 
 if __name__ == "__main__":
     main()

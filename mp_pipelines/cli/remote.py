@@ -397,4 +397,3 @@ def reload_command(url: str, timeout: float, location: str | None) -> None:
     click.echo(f"reloaded code location {name} on {server.url}")
 
 
-COMMANDS = (launch_command, status_command, cancel_command, reload_command)

@@ -11,6 +11,7 @@ MAX_INCLUDE_DEPTH deep, without cycles. Names must be quoted strings, so what a 
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -256,7 +257,10 @@ def walk(tree: nodes.Template, library: Library, parse: Parse, *, start: str | N
 _PLAIN = Environment()  # parses only: what a file includes does not depend on the sandbox
 
 
+@functools.lru_cache(maxsize=512)
 def _plain_parse(text: str) -> nodes.Template:
+    """The tree of a template or library file (read, never changed, by `walk`), parsed once per text: a job's
+    code versions read the same library files for every task."""
     try:
         return _PLAIN.parse(text)
     except TemplateSyntaxError as exc:
