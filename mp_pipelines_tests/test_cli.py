@@ -150,7 +150,7 @@ def test_run_a_workflow_file_by_path(runner: CliRunner, tmp_path: Path) -> None:
 
 
 def test_readme_command_runs_with_the_jobs_own_executor(tmp_path: Path) -> None:
-    """The README's command, as a user types it: the console script and the job's multiprocess executor."""
+    """The README's command, as a user types it: the console script and the job's own (concurrent) executor."""
     exe = shutil.which("mp-pipelines") or f"{sys.executable} -m mp_pipelines.cli"
     env = {k: v for k, v in os.environ.items() if k not in ("DAGSTER_HOME", "OPENAI_API_KEY", "OPENAI_BASE_URL")}
     completed = subprocess.run([*exe.split(), "run", "research_report", "--input", "topic=wind turbines",

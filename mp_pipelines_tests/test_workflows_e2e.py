@@ -10,7 +10,7 @@ import dagster as dg
 import pandas as pd
 import pytest
 
-from mp_pipelines.cli.reporting import stored_asset_value
+from mp_pipelines.cli.reporting import RunValues
 from mp_pipelines.cli.running import run_config, run_workflow
 from mp_pipelines.spec.loader import SHIPPED_WORKFLOWS_DIR, load_workflows
 from mp_pipelines_tests.workflow_helpers import materializations
@@ -94,10 +94,11 @@ def run_classify_job(instance: dg.DagsterInstance, tickets: Path) -> ClassifyRun
         escalate = "classify_tickets__escalate"  # the step of task escalate (factory/names.py)
         outputs = [e for e in result.events_for_node(escalate) if e.event_type_value == "STEP_OUTPUT"]
         spec = load_workflows().specs["classify_tickets"]
-        return ClassifyRun(result.run_id, stored_asset_value(result, spec, "classify", instance),
-                           result.is_node_success(escalate), len(outputs),
-                           stored_asset_value(result, spec, "escalate", instance) if outputs else None,
-                           {tuple(e.asset_key.path) for e in materializations(instance, result.run_id)})
+        with RunValues(result, instance) as values:
+            return ClassifyRun(result.run_id, values.asset(spec, "classify"),
+                               result.is_node_success(escalate), len(outputs),
+                               values.asset(spec, "escalate") if outputs else None,
+                               {tuple(e.asset_key.path) for e in materializations(instance, result.run_id)})
 
 
 def assert_one_label_row_per_ticket(frame: object, tickets: Path) -> None:

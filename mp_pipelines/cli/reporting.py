@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -188,44 +189,67 @@ def run_usage(states: dict[str, StepState]) -> Usage:
     return sum((s.usage for s in states.values()), Usage())
 
 
-def task_output(result: dg.ExecuteJobResult, spec: WorkflowSpec, name: str, states: dict[str, StepState],
-                instance: dg.DagsterInstance) -> Any:
+class RunValues:
+    """What a finished run stored, read through its job's IO manager (`StepStorage`): step outputs of the run, and
+    task assets as this run (or, for a resume, the run it re-executes) materialized them, not a later run's.
+
+    The IO manager is set up once for all reads, and the run's own context is not re-entered: that would set up
+    every resource of the run again (the model, the budget) and log it in the finished run."""
+
+    def __init__(self, result: dg.ExecuteJobResult, instance: dg.DagsterInstance,
+                 resources: dg.ResourceDefinition | None = None) -> None:
+        self.result = result
+        self.instance = instance
+        self._stack = contextlib.ExitStack()
+        self._resources = self._stack.enter_context(dg.build_resources(
+            {"io_manager": resources or result.job_def.resource_defs["io_manager"]}, instance=instance))
+
+    def __enter__(self) -> RunValues:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stack.close()
+
+    def output(self, step_key: str, name: str) -> Any:
+        """Output `name` of step `step_key` of this run; FileNotFoundError when the run stored none."""
+        return self._load(dg.build_output_context(run_id=self.result.run_id, step_key=step_key, name=name,
+                                                  resources=self._resources, instance=self.instance), None)
+
+    def asset(self, spec: WorkflowSpec, name: str) -> Any:
+        """The value of the asset of task or loop `name` that this run, or the run it resumes, materialized (the
+        asset's latest value when none did)."""
+        from mp_pipelines.factory.ops import asset_key
+
+        key = asset_key(spec, name)
+        run_id, step = _materialized_by(self.result, key, self.instance)
+        loop = any(isinstance(s, LoopSpec) and s.name == name for s in spec.tasks)  # a loop's outputs are its assets
+        return self._load(dg.build_output_context(asset_key=key, run_id=run_id, step_key=step,
+                                                  name=name if loop else "result", resources=self._resources,
+                                                  instance=self.instance), key)
+
+    def _load(self, upstream: dg.OutputContext, key: dg.AssetKey | None) -> Any:
+        """(`build_input_context` would build resources of its own, on a throw-away in-memory instance.)"""
+        context = dg.InputContext(asset_key=key, upstream_output=upstream, resources=self._resources,
+                                  instance=self.instance, log_manager=dg.DagsterLogManager.create(loggers=[]))
+        return self._resources.io_manager.load_input(context)
+
+
+def task_output(values: RunValues, spec: WorkflowSpec, name: str, states: dict[str, StepState]) -> Any:
     """A finished task's output as JSON-ready data; fan-outs give item results in input order."""
     step = next((s for s in spec.tasks if s.name == name), None)
     if step is None:  # a loop body task: its latest output is in the loop's result
         loop = next(s for s in spec.tasks if isinstance(s, LoopSpec) and name in {t.name for t in s.tasks})
         result_step = loop_step(spec.name, loop.name)
         if result_step in states and states[result_step].status == "success":
-            return stored_asset_value(result, spec, loop.name, instance).get(name)
-        return _latest_of_stopped_loop(result, spec, loop, states).get(name)
+            return values.asset(spec, loop.name).get(name)
+        return _latest_of_stopped_loop(values, spec, loop, states).get(name)
     if isinstance(step, TaskSpec) and step.for_each:
         if not any(is_mapped_step(key, spec.name, name) for key in states):
             return []  # an empty fan-out ran no item step
-        item_records = result.output_for_node(collect_step(spec.name, name), ITEM_RECORDS)
+        item_records = values.output(collect_step(spec.name, name), ITEM_RECORDS)
         return list(item_records[item_records["status"].isin(["success", "skipped"])]["output"])
-    value = stored_asset_value(result, spec, name, instance)
+    value = values.asset(spec, name)
     return records(value) if hasattr(value, "columns") else value
-
-
-def stored_asset_value(result: dg.ExecuteJobResult, spec: WorkflowSpec, name: str,
-                       instance: dg.DagsterInstance) -> Any:
-    """The value this run stored for the asset of task or loop `name` (not a later run's), read through the job's IO
-    manager.
-
-    (`output_for_node` cannot read an asset output: it asks the IO manager for it without its asset key.)
-    Both contexts get the resources already built: given none, each would build its own from an empty mapping on a
-    throw-away in-memory instance (an in-memory SQLite storage set up by alembic, ~0.1 s a context)."""
-    from mp_pipelines.factory.ops import asset_key
-
-    key = asset_key(spec, name)
-    run_id, step = _materialized_by(result, key, instance)
-    loop = any(isinstance(s, LoopSpec) and s.name == name for s in spec.tasks)  # a loop's outputs are its assets
-    with dg.build_resources({"io_manager": result.job_def.resource_defs["io_manager"]}, instance=instance) as resources:
-        upstream = dg.build_output_context(asset_key=key, resources=resources, instance=instance, run_id=run_id,
-                                           step_key=step, name=name if loop else "result")
-        context = dg.InputContext(asset_key=key, upstream_output=upstream, resources=resources, instance=instance,
-                                  log_manager=dg.DagsterLogManager.create(loggers=[]))
-        return resources.io_manager.load_input(context)
 
 
 def _materialized_by(result: dg.ExecuteJobResult, key: dg.AssetKey,
@@ -247,7 +271,7 @@ def _materialized_by(result: dg.ExecuteJobResult, key: dg.AssetKey,
     return None, None
 
 
-def _latest_of_stopped_loop(result: dg.ExecuteJobResult, spec: WorkflowSpec, loop: LoopSpec,
+def _latest_of_stopped_loop(values: RunValues, spec: WorkflowSpec, loop: LoopSpec,
                             states: dict[str, StepState]) -> dict[str, Any]:
     """Body task → latest output of a loop stopped before its end (a budget stop, a failed body task): the loop
     state that the last body step to finish passed on (`latest`, see factory/loops.py)."""
@@ -257,5 +281,5 @@ def _latest_of_stopped_loop(result: dg.ExecuteJobResult, spec: WorkflowSpec, loo
             state = states.get(key)
             if state is not None and state.status == "success" and state.outputs:
                 output = "next" if "next" in state.outputs else "done"
-                return result.output_for_node(key, output)["latest"]
+                return values.output(key, output)["latest"]
     return {}

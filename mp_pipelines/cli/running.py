@@ -14,7 +14,14 @@ import dagster as dg
 from mp_pipelines.calls.usage import Usage
 from mp_pipelines.cli.check_report import attach_checks, check_evaluations, failed_check_lines
 from mp_pipelines.cli.config import CLI_CONSOLE_LOG_LEVEL, run_config, with_budget
-from mp_pipelines.cli.reporting import family_step_states, run_usage, step_states, summarize_tasks, task_output
+from mp_pipelines.cli.reporting import (
+    RunValues,
+    family_step_states,
+    run_usage,
+    step_states,
+    summarize_tasks,
+    task_output,
+)
 from mp_pipelines.dagster_ext.sqlite import pooled_storage_config
 from mp_pipelines.factory.names import CHECKS_SUFFIX, RESUME_RETRY_TAG, task_of_step
 from mp_pipelines.spec.graph import topological_order
@@ -152,12 +159,14 @@ def run_workflow(spec: WorkflowSpec, inputs: dict[str, Any], *, source: str | No
             refuse_unsafe_run(spec, config, instance)
             if progress:
                 watcher.start()
-            with dg.execute_job(job, instance=instance, run_config=config,
-                                tags={**(tags or {}), RUN_TOKEN_TAG: token}, raise_on_error=False) as result:
-                done.set()
-                if progress:
-                    watcher.join(timeout=5)
-                return summarize(result, spec, instance, provider_from_env())
+            # Not entered as a context: the summary reads outputs through RunValues, without setting up the run's
+            # resources again.
+            result = dg.execute_job(job, instance=instance, run_config=config,
+                                    tags={**(tags or {}), RUN_TOKEN_TAG: token}, raise_on_error=False)
+            done.set()
+            if progress:
+                watcher.join(timeout=5)
+            return summarize(result, spec, instance, provider_from_env())
     finally:
         done.set()
         if own_instance:
@@ -211,16 +220,17 @@ def summarize(result: dg.ExecuteJobResult, spec: WorkflowSpec, instance: dg.Dags
     states = family_step_states(instance, result.run_id, own)  # a resumed run reuses its parents' finished steps
     tasks = summarize_tasks(spec, states)
     run = instance.get_run_by_id(result.run_id)
-    for name, task in tasks.items():
-        task["output"] = None
-        if task["status"] == "success":
-            try:
-                task["output"] = task_output(result, spec, name, states, instance)
-            except Exception as exc:  # an output the IO manager cannot load is reported, not fatal
-                if run is not None and run.parent_run_id and not _ran_here(name, own):
-                    task["output_in_run"] = run.parent_run_id  # finished before the resume: its output is there
-                else:
-                    task["error"] = f"output could not be loaded: {exc}"
+    with RunValues(result, instance) as values:
+        for name, task in tasks.items():
+            task["output"] = None
+            if task["status"] == "success":
+                try:
+                    task["output"] = task_output(values, spec, name, states)
+                except Exception as exc:  # an output the IO manager cannot load is reported, not fatal
+                    if run is not None and run.parent_run_id and not _ran_here(name, own):
+                        task["output_in_run"] = run.parent_run_id  # finished before the resume: its output is there
+                    else:
+                        task["error"] = f"output could not be loaded: {exc}"
     checks_usage = attach_checks(tasks, check_evaluations(instance, result.run_id, spec), spec, own)
     order = topological_order(spec)
     status = run.status.value.lower() if run else ("success" if result.success else "failure")
@@ -348,9 +358,9 @@ def resume_run(run_id: str, *, instance: dg.DagsterInstance | None = None, force
             tags |= {RUN_TOKEN_TAG: token, RESUME_RETRY_TAG: "true"}  # as Dagster's own from-failure re-execution
             if progress:
                 progress(f"resuming run {run_id} of {name} from failure")
-            with dg.execute_job(job, instance=instance, run_config=config, tags=tags, raise_on_error=False,
-                                reexecution_options=dg.ReexecutionOptions.from_failure(run_id, instance)) as result:
-                return summarize(result, spec, instance, provider_from_env())
+            result = dg.execute_job(job, instance=instance, run_config=config, tags=tags, raise_on_error=False,
+                                    reexecution_options=dg.ReexecutionOptions.from_failure(run_id, instance))
+            return summarize(result, spec, instance, provider_from_env())
     finally:
         if own_instance:
             instance.dispose()
