@@ -12,7 +12,7 @@ import hashlib
 import logging
 import os
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
@@ -20,7 +20,7 @@ from typing import Any
 
 import dagster as dg
 
-from mp_pipelines.factory.job import executor_for_breadth
+from mp_pipelines.factory.job import executor_for_breadth, op_count, recursion_headroom
 from mp_pipelines.factory.logs import LOGGER_DEFS
 from mp_pipelines.factory.names import BUDGET_RESOURCE_KEY, LLM_RESOURCE_KEY
 from mp_pipelines.factory.resources import RunBudget, StepStorage
@@ -123,7 +123,9 @@ def get_job(name: str, source: str | None = None, version: str | None = None) ->
     if name not in loaded.specs:
         known = ", ".join(sorted(loaded.specs)) or "none"
         raise KeyError(f"no workflow named {name!r} (loaded: {known})")
-    job = build_definitions(LoadResult({name: loaded.specs[name]}, loaded.sources, [])).resolve_job_def(name)
+    spec = loaded.specs[name]
+    with recursion_headroom(op_count(spec)):  # Dagster resolves the asset job's graph recursively, per op in a chain
+        job = build_definitions(LoadResult({name: spec}, loaded.sources, [])).resolve_job_def(name)
     if built is not None:
         with _BUILT_LOCK:
             built[(name, source, version)] = job
@@ -162,7 +164,25 @@ def reconstructable_job(spec: WorkflowSpec, source: str | None) -> Any:
 
 
 
+LARGE_JOB_OPS = 300  # jobs of more ops are resolved when the code location loads (see `resolved_deep_jobs`)
+
+
+def resolved_deep_jobs(definitions: dg.Definitions, specs: Iterable[WorkflowSpec]) -> dg.Definitions:
+    """`definitions`, with the jobs of its large workflows already resolved, with room to recurse.
+
+    Dagster resolves an asset job when it is first asked for (by the webserver, the daemon, `dagster definitions
+    validate`) and walks the job's graph recursively, one frame per op along its longest chain, so a chain of
+    ~1,000 tasks would pass Python's recursion limit wherever that happens. Resolving here, inside
+    `recursion_headroom`, leaves the resolved jobs in the repository Dagster builds once from `definitions`."""
+    deepest = max((op_count(spec) for spec in specs), default=0)
+    if deepest > LARGE_JOB_OPS:
+        with recursion_headroom(deepest):
+            definitions.resolve_all_job_defs()
+    return definitions
+
+
 @dg.definitions
 def defs() -> dg.Definitions:
     """Every workflow of the workflow folders, with the shared resources and sensors."""
-    return build_definitions(load_specs())
+    loaded = load_specs()
+    return resolved_deep_jobs(build_definitions(loaded), loaded.specs.values())

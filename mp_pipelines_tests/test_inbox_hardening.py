@@ -70,7 +70,7 @@ def test_files_the_sensor_cannot_take_are_skipped_and_the_good_ones_run(
     assert {name: state.outcome for name, state in states.items()} == {
         BAD_NAME_SHOWN: "skipped", "linked.csv": "skipped", "env.csv": "skipped", "bomb.parquet": "skipped",
         "good.csv": "submitted"}
-    assert states[BAD_NAME_SHOWN].reason == "its name is not valid UTF-8, which run tags and partition keys need; rename it"
+    assert states[BAD_NAME_SHOWN].reason == "its name is not valid UTF-8, which run tags need; rename it"
     assert states["linked.csv"].reason == (f"refused: file 'linked.csv' of the inbox leads to "
                                            f"{str((tmp_path / 'outside' / 'elsewhere.csv').resolve())!r}, outside "
                                            f"{str(inbox.resolve())!r}; only files whose real path is inside it are read")

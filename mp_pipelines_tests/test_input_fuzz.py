@@ -17,7 +17,7 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from mp_pipelines.sensors.inbox import _INVALID_KEY_SUBSTRINGS, PARTIAL_SUFFIXES, scan_inbox
+from mp_pipelines.sensors.inbox import PARTIAL_SUFFIXES, UNTAGGABLE_CHARACTERS, scan_inbox
 from mp_pipelines.spec.inputs import check_table, load_table
 from mp_pipelines.spec.paths import is_utf8_name
 
@@ -92,7 +92,7 @@ def test_any_file_names_in_the_inbox_are_decided_one_by_one(tmp_path_factory: py
     scan = scan_inbox(folder, {}, check_table=lambda path: None, settle_seconds=0.0, now=1e12)
     visible = [n for n in written if not n.startswith(".") and not n.lower().endswith(PARTIAL_SUFFIXES)]
     assert len(scan.files) == len(visible), (visible, scan.files, scan.messages)
-    usable = {n for n in visible if is_utf8_name(n) and not any(s in n for s in _INVALID_KEY_SUBSTRINGS)}
+    usable = {n for n in visible if is_utf8_name(n) and not any(s in n for s in UNTAGGABLE_CHARACTERS)}
     assert {batch.name for batch in scan.batches} == usable
     for state in scan.files.values():
         assert state.outcome == "submitted" or state.reason, state

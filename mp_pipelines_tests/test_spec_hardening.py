@@ -306,3 +306,27 @@ def test_merge_keys_cannot_blow_up_a_small_file(tmp_path: Path) -> None:
     with pytest.raises(WorkflowValidationError, match="unknown key 'l0'"):
         load_workflow_file(path)
     assert time.monotonic() - started < 5
+
+
+LOAD_DEEP = """
+import sys
+from mp_pipelines import definitions
+loaded = definitions.defs()  # what `dagster definitions validate`, the webserver and the daemon load
+jobs = {job.name: job for job in loaded.resolve_all_job_defs()}  # resolved already: no new recursion here
+step_job = definitions.get_job("chain")  # what a run or step process rebuilds
+print(len(jobs["chain"].graph.node_defs), len(step_job.graph.node_defs), sys.getrecursionlimit())
+"""
+
+
+def test_a_chain_of_2000_tasks_loads_with_the_code_location_and_in_a_step_process(tmp_path: Path) -> None:
+    """Dagster resolves asset jobs lazily and recursively; a large workflow's job is resolved when the code location
+    loads, with room to recurse, so no later caller (Dagster's own) meets the recursion limit."""
+    import os
+    import subprocess
+    import sys
+
+    (tmp_path / "chain.yaml").write_text(yaml.safe_dump(chain(2000)))
+    env = {**os.environ, "MP_WORKFLOWS_PATH": str(tmp_path), "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    done = subprocess.run([sys.executable, "-c", LOAD_DEEP], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.split() == ["2001", "2001", "1000"]  # every op; the process's limit restored

@@ -123,13 +123,13 @@ def _signature(stat: os.stat_result) -> str:
     return f"{stat.st_size}:{stat.st_mtime_ns}"
 
 
-# Substrings Dagster rejects in partition keys (dagster 1.13's INVALID_PARTITION_SUBSTRINGS).
-_INVALID_KEY_SUBSTRINGS = ("...", "\a", "\b", "\f", "\n", "\r", "\t", "\v", "\0")
+# Control characters: a file name holding one would reach the run's tag, its log lines and the UI as is.
+UNTAGGABLE_CHARACTERS = ("\a", "\b", "\f", "\n", "\r", "\t", "\v", "\0")
 
 
-def _partition_key_problem(name: str) -> str | None:
-    bad = [s for s in _INVALID_KEY_SUBSTRINGS if s in name]
-    return f"its name contains {bad[0]!r}, which Dagster partition keys may not contain; rename it" if bad else None
+def _name_problem(name: str) -> str | None:
+    bad = [s for s in UNTAGGABLE_CHARACTERS if s in name]
+    return f"its name contains the control character {bad[0]!r}, which a run's tag may not hold; rename it" if bad else None
 
 
 def scan_inbox(
@@ -173,7 +173,7 @@ def _unusable_reason(entry: Path, error: OSError | None, folder: Path, roots: In
     """Why an entry cannot be an inbox table as it stands (its name, unstatable, not a file, wrong suffix, outside
     the allowed input roots, or a link leading out of the inbox or into /proc)."""
     if not is_utf8_name(entry.name):
-        return "its name is not valid UTF-8, which run tags and partition keys need; rename it"
+        return "its name is not valid UTF-8, which run tags need; rename it"
     if error is not None:
         return f"cannot read it: {error.strerror or error}"
     if not entry.is_file():
@@ -237,7 +237,7 @@ class _Scanner:
 
     def _read(self, entry: Path, signature: str) -> tuple[str, str | None] | None:
         """The file's hash and what is wrong with it, or None when it could not be read or changed meanwhile."""
-        problem = _partition_key_problem(entry.name)
+        problem = _name_problem(entry.name)
         try:
             digest = file_sha256(entry)
             problem = problem or self._check(entry)
