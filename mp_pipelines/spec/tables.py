@@ -4,8 +4,10 @@ reading in bounded chunks that stop as soon as a limit is passed.
 The limits (size_limits.py): MP_MAX_TABLE_BYTES on the decoded size, what the table takes in memory (and first
 on the file itself); MP_MAX_TABLE_ROWS and the workflow's max_items on rows; MP_MAX_CELL_CHARS on one text cell.
 A Parquet file is checked from its metadata first: its row count, its column chunks' uncompressed sizes and the
-longest value its statistics record. Its text columns are then read as dictionaries, so a value repeated in
-every row (a few KB compressed, gigabytes decoded) is measured from the dictionary, never decoded row by row.
+longest value its statistics record, and its schema: nested columns (lists, structs, maps) are refused, and a
+fixed-size binary column's decoded size (width × rows) is checked, both before any data is read. Its text
+columns are then read as dictionaries, so a value repeated in every row (a few KB compressed, gigabytes decoded)
+is measured from the dictionary, never decoded row by row.
 """
 
 from __future__ import annotations
@@ -22,6 +24,10 @@ from mp_pipelines.spec.size_limits import MAX_CELL_CHARS, MAX_TABLE_BYTES, MAX_T
 CHUNK_ROWS = 10_000  # rows decoded at a time while a table is checked
 TEXT_SUFFIXES = (".txt", ".md", ".markdown", ".rst")
 _OFFSET_BYTES = 4  # what Arrow stores per text value besides its bytes
+
+
+class UnsupportedColumnError(ValueError):
+    """A table's column has a type table inputs do not take (a nested one); the message names file, column, type."""
 
 
 @dataclass
@@ -70,7 +76,7 @@ def read_table(path: str | Path, *, name: str, max_rows: int | None, keep: bool)
     reading = _Reading(f"input {name!r}: table {str(file)!r}", max_rows)
     try:
         return _read_format(real, file.suffix.lower(), reading, keep)
-    except (SizeLimitError, InputPathError):
+    except (SizeLimitError, InputPathError, UnsupportedColumnError):
         raise
     except (ValueError, OSError) as exc:
         raise ValueError(f"input {name!r}: cannot read table {str(file)!r}: {exc}") from None
@@ -206,8 +212,9 @@ def _check_parquet(real: Path, reading: _Reading) -> int:
 
     metadata = pq.ParquetFile(real).metadata
     reading.check_rows(metadata.num_rows)
-    _check_parquet_metadata(metadata, reading)
     schema = metadata.schema.to_arrow_schema()
+    _check_parquet_schema(schema, metadata.num_rows, reading)
+    _check_parquet_metadata(metadata, reading)
     text = [field.name for field in schema if _is_text(field.type)]
     parquet = pq.ParquetFile(real, metadata=metadata, read_dictionary=text)
     start = 0
@@ -219,6 +226,29 @@ def _check_parquet(real: Path, reading: _Reading) -> int:
             reading.add_bytes(size)
         start += batch.num_rows
     return start
+
+
+def _check_parquet_schema(schema: Any, rows: int, reading: _Reading) -> None:
+    """Refuse nested columns, and check fixed-size binary columns' widths, from the schema alone.
+
+    A nested column is refused because what it holds is not bounded by the row count: one row of a list column
+    may hold millions of values, stored in a few bytes (run-length encoded) and decoded whole, in one batch, and
+    its text is not read as dictionaries. A fixed-size binary column is stored as a dictionary but decoded in
+    full (its width in every row), so width × rows is its decoded size, and its width is the length of each cell.
+    """
+    import pyarrow as pa
+
+    fixed = 0
+    for field in schema:
+        if pa.types.is_nested(field.type):
+            raise UnsupportedColumnError(
+                f"{reading.what}: column {field.name!r} has the nested type {field.type}; table inputs take flat "
+                "columns only (text, numbers, booleans, dates and times): store a nested value as JSON text in a "
+                "string column")
+        if pa.types.is_fixed_size_binary(field.type):
+            reading.check_cell(field.type.byte_width, field.name, None)
+            fixed += field.type.byte_width * rows
+    MAX_TABLE_BYTES.check(fixed, f"{reading.what} once decoded", at_least=True)
 
 
 def _check_parquet_metadata(metadata: Any, reading: _Reading) -> None:
