@@ -130,8 +130,8 @@ def _read_chunks(take: Callable[[int], Any], reading: _Reading, keep: bool) -> l
         start, reading.rows = reading.rows, reading.rows + len(chunk)
         if reading.rows > reading.row_limit():
             reading.check_rows(reading.rows, at_least=_more(take))
-        _check_frame_cells(chunk, reading, start)
-        reading.add_bytes(int(chunk.memory_usage(deep=True, index=False).sum()))
+        nested = _check_frame_cells(chunk, reading, start)
+        reading.add_bytes(int(chunk.memory_usage(deep=True, index=False).sum()) + nested)
         if keep:
             kept.append(chunk)
         if len(chunk) < want:
@@ -177,15 +177,18 @@ class _JsonLines:
         return pd.read_json(io.StringIO("".join(lines)), lines=True) if lines else None
 
 
-def _check_frame_cells(frame: Any, reading: _Reading, start: int) -> None:
-    """SizeLimitError naming the column and row of a text cell longer than MP_MAX_CELL_CHARS."""
+def _check_frame_cells(frame: Any, reading: _Reading, start: int) -> int:
+    """SizeLimitError naming the column and row of a text cell longer than MP_MAX_CELL_CHARS; the bytes the
+    nested values (JSON lists and objects) hold beyond what pandas counts (it counts their containers only)."""
     import numpy as np
     import pandas as pd
 
+    nested = 0
     for column in frame.columns:
         series = frame[column]
         if series.dtype == object:
             lengths = np.fromiter((_chars(value) for value in series), dtype=np.int64, count=len(series))
+            nested += sum(_contents_bytes(value) for value in series if isinstance(value, (list, dict)))
         elif isinstance(series.dtype, pd.StringDtype):
             lengths = series.str.len().fillna(0).to_numpy(dtype=np.int64)
         else:
@@ -193,6 +196,21 @@ def _check_frame_cells(frame: Any, reading: _Reading, start: int) -> None:
         if len(lengths) and lengths.max() > MAX_CELL_CHARS.value():
             position = int(lengths.argmax())
             reading.check_cell(int(lengths[position]), column, start + position)
+    return nested
+
+
+def _contents_bytes(value: list | dict) -> int:
+    """What a nested JSON value's contents take in memory, all levels down (without the outer container)."""
+    import sys
+
+    total, pending = 0, [value]
+    while pending:  # a loop, not recursion: JSON may nest deeper than Python's recursion limit
+        items = pending.pop()
+        for item in (list(items.keys()) + list(items.values())) if isinstance(items, dict) else items:
+            total += sys.getsizeof(item)
+            if isinstance(item, (list, dict)):
+                pending.append(item)
+    return total
 
 
 def _chars(value: Any) -> int:
