@@ -260,13 +260,23 @@ def _check_parquet_schema(schema: Any, rows: int, reading: _Reading) -> None:
     for field in schema:
         if pa.types.is_nested(field.type):
             raise UnsupportedColumnError(
-                f"{reading.what}: column {field.name!r} has the nested type {field.type}; table inputs take flat "
+                f"{reading.what}: column {field.name!r} has the nested type {_type_name(field.type)}; table inputs take flat "
                 "columns only (text, numbers, booleans, dates and times): store a nested value as JSON text in a "
                 "string column")
         if pa.types.is_fixed_size_binary(field.type):
             reading.check_cell(field.type.byte_width, field.name, None)
             fixed += field.type.byte_width * rows
     MAX_TABLE_BYTES.check(fixed, f"{reading.what} once decoded", at_least=True)
+
+
+
+def _type_name(kind: Any) -> str:
+    """An Arrow type as its schema prints it; a map without the field name Arrow adds (`map<string, string>`)."""
+    import pyarrow as pa
+
+    if pa.types.is_map(kind):
+        return f"map<{_type_name(kind.key_type)}, {_type_name(kind.item_type)}>"
+    return str(kind)
 
 
 def _check_parquet_metadata(metadata: Any, reading: _Reading) -> None:
