@@ -7,7 +7,8 @@ A Parquet file is checked from its metadata first: its row count, its column chu
 longest value its statistics record, and its schema: nested columns (lists, structs, maps) are refused, and a
 fixed-size binary column's decoded size (width × rows) is checked, both before any data is read. Its text
 columns are then read as dictionaries, so a value repeated in every row (a few KB compressed, gigabytes decoded)
-is measured from the dictionary, never decoded row by row.
+is measured from the dictionary, never decoded row by row. CSV and JSONL chunks are measured as pandas holds
+them; a nested JSON value (a list or an object) counts all levels down, and as long as it prints for its cell.
 """
 
 from __future__ import annotations
