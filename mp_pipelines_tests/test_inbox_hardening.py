@@ -14,6 +14,7 @@ from pathlib import Path
 
 import dagster as dg
 import pandas as pd
+import pyarrow.parquet as pq
 import pytest
 
 from mp_pipelines import definitions
@@ -23,7 +24,7 @@ from mp_pipelines_tests.postgres import temporary_database
 from mp_pipelines_tests.services import DagsterServices, dagster_services, pg_env, wait_for, write_instance_config
 from mp_pipelines_tests.test_daemon import INBOX_SENSOR, cursor_state, runs, sensor_ticks, tags
 from mp_pipelines_tests.test_sensors import LONG_AGO, Inbox, parse_cursor, put, tickets_csv
-from mp_pipelines_tests.test_tables_and_paths import write_parquet_bomb
+from mp_pipelines_tests.test_tables_and_paths import write_nested_parquet_bomb, write_parquet_bomb
 
 BAD_NAME = b"bad\xffutf8.csv"
 BAD_NAME_SHOWN = "bad\\xffutf8.csv"  # how the sensor log and cursor spell it
@@ -81,6 +82,21 @@ def test_files_the_sensor_cannot_take_are_skipped_and_the_good_ones_run(
     # decided once: the next tick neither fails nor retries them
     again = sensor.tick()
     assert not again.run_requests and parse_cursor(again.cursor) == states
+
+
+def test_a_nested_parquet_column_is_refused_by_the_sensor_from_the_schema(
+        inbox: Path, instance: dg.DagsterInstance, monkeypatch: pytest.MonkeyPatch) -> None:
+    write_nested_parquet_bomb(inbox / "nested.parquet", rows=20, cell_bytes=200_000)  # 4 MB decoded
+    os.utime(inbox / "nested.parquet", (LONG_AGO, LONG_AGO))
+    put(inbox, "good.csv", tickets_csv())
+    monkeypatch.setattr(pq.ParquetFile, "iter_batches", lambda *args, **kwargs: pytest.fail("table data was read"))
+    result = Inbox(instance).tick()
+    assert [r.tags[FILE_TAG] for r in result.run_requests] == ["good.csv"]
+    state = parse_cursor(result.cursor)["nested.parquet"]
+    assert state.outcome == "skipped"
+    assert state.reason == (f"refused: input 'tickets': table {str(inbox / 'nested.parquet')!r}: column 'docs' has "
+                            "the nested type list<element: string>; table inputs take flat columns only (text, "
+                            "numbers, booleans, dates and times): store a nested value as JSON text in a string column")
 
 
 def test_an_unexpected_error_checking_one_file_skips_only_that_file(inbox: Path) -> None:

@@ -117,7 +117,6 @@ PEAK_RSS = textwrap.dedent("""
     from pathlib import Path
     import pandas, pyarrow.parquet
     from mp_pipelines.spec.inputs import check_table, load_table
-    from mp_pipelines.spec.size_limits import SizeLimitError
 
     def memory(field):  # VmHWM: this process's peak RSS (ru_maxrss would carry the parent's over exec); VmRSS: now
         return int(re.search(field + r":\\s+(\\d+) kB", Path("/proc/self/status").read_text()).group(1)) * 1024
@@ -131,7 +130,7 @@ PEAK_RSS = textwrap.dedent("""
         try:
             read(sys.argv[1], name="tickets")
             outcome[read.__name__] = "read"
-        except SizeLimitError as exc:
+        except ValueError as exc:  # a SizeLimitError, or a column type refused
             outcome[read.__name__] = str(exc)
     print(json.dumps({"outcome": outcome, "grown": memory("VmHWM") - before, "held": memory("VmRSS") - rss_before}))
 """)
@@ -152,6 +151,82 @@ def test_checking_and_loading_a_parquet_bomb_stays_small_in_memory(tmp_path: Pat
     assert result["grown"] < 150 * MIB, f"peak RSS grew by {result['grown'] / MIB:.0f} MiB"
     # and what it took is handed back, so a long-lived process (the sensor's code server) does not keep it
     assert result["held"] < 40 * MIB, f"RSS after the checks is {result['held'] / MIB:.0f} MiB above where it started"
+
+
+# --- nested and fixed-size columns: decided from the schema, before any data is read ------------------------------
+
+
+def write_nested_parquet_bomb(path: Path, rows: int, cell_bytes: int) -> None:
+    """A list<string> column whose every row holds one string of `cell_bytes` letters, the same one in each:
+    a few KB compressed, rows × cell_bytes once decoded. Built from a dictionary, so the test holds one copy."""
+    leaf = pa.DictionaryArray.from_arrays(pa.array([0] * rows, pa.int32()), pa.array(["x" * cell_bytes]))
+    lists = pa.ListArray.from_arrays(pa.array(range(rows + 1), pa.int32()), leaf)
+    pq.write_table(pa.table({"id": list(range(rows)), "docs": lists}), path, compression="zstd", use_dictionary=True,
+                   store_schema=False)  # its schema then is list<string>, as any writer of such a file gives
+
+
+NESTED = {  # column type as the file's schema gives it: a value of it
+    "list<element: string>": pa.array([["a", "b"], ["c"]], pa.list_(pa.string())),
+    "large_list<element: int64>": pa.array([[1, 2], [3]], pa.large_list(pa.int64())),
+    "struct<title: string, pages: int64>": pa.array([{"title": "a", "pages": 1}] * 2),
+    "map<string, string>": pa.array([[("k", "v")], []], pa.map_(pa.string(), pa.string())),
+    "list<element: struct<title: string, tags: list<element: string>>>":
+        pa.array([[{"title": "a", "tags": ["x"]}], []]),
+}
+
+
+@pytest.mark.parametrize("kind", list(NESTED))
+def test_a_nested_parquet_column_is_refused_before_any_data_is_read(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, kind: str) -> None:
+    table = tmp_path / "nested.parquet"
+    pq.write_table(pa.table({"id": [1, 2], "body": ["a", "b"], "docs": NESTED[kind]}), table)
+    refuse_reading(monkeypatch)
+    for read in (load_table, check_table):
+        with pytest.raises(ValueError) as caught:
+            read(table, name="tickets")
+        assert str(caught.value) == (
+            f"input 'tickets': table {str(table)!r}: column 'docs' has the nested type {kind}; table inputs take "
+            "flat columns only (text, numbers, booleans, dates and times): store a nested value as JSON text in a "
+            "string column")
+        assert not isinstance(caught.value, SizeLimitError)
+
+
+def test_a_nested_parquet_bomb_is_refused_without_being_decoded(tmp_path: Path) -> None:
+    bomb = tmp_path / "bomb.parquet"
+    write_nested_parquet_bomb(bomb, rows=20, cell_bytes=30 * MIB)  # 600 MiB decoded, 30 MiB in the metadata
+    assert bomb.stat().st_size < 50_000
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MP_MAX_")}
+    done = subprocess.run([sys.executable, "-c", PEAK_RSS, str(bomb)], capture_output=True, text=True, env=env,
+                          timeout=300, check=True)
+    result = json.loads(done.stdout)
+    for name in ("check_table", "load_table"):
+        assert "column 'docs' has the nested type list<element: string>" in result["outcome"][name], result
+    # decided from the schema: not one value is decoded (decoding a batch of it took 1.2 GiB)
+    assert result["grown"] < 30 * MIB, f"peak RSS grew by {result['grown'] / MIB:.0f} MiB"
+
+
+def test_a_fixed_size_binary_column_is_measured_from_its_width_before_any_data_is_read(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    table = tmp_path / "fixed.parquet"
+    width = 400_000
+    pq.write_table(pa.table({"blob": pa.array([b"x" * width] * 20, pa.binary(width))}), table, compression="zstd")
+    assert table.stat().st_size < 10_000  # one dictionary value; the footer says 400 KB, it decodes to 8 MB
+    refuse_reading(monkeypatch)
+    monkeypatch.setenv("MP_MAX_TABLE_BYTES", "1000000")
+    with pytest.raises(SizeLimitError) as caught:
+        check_table(table, name="tickets")
+    assert str(caught.value) == (f"input 'tickets': table {str(table)!r} once decoded is at least 8,000,000 bytes, "
+                                 "more than the limit 1,000,000 (MP_MAX_TABLE_BYTES); set MP_MAX_TABLE_BYTES to "
+                                 "allow more")
+    monkeypatch.setenv("MP_MAX_CELL_CHARS", "100000")
+    with pytest.raises(SizeLimitError, match=r"a cell of column 'blob' is 400,000 characters, more than the limit "
+                                             r"100,000 \(MP_MAX_CELL_CHARS\)"):
+        check_table(table, name="tickets")
+    monkeypatch.undo()
+    small = tmp_path / "small.parquet"
+    pq.write_table(pa.table({"key": pa.array([b"ab", b"cd"], pa.binary(2))}), small)
+    assert check_table(small) == 2
+    assert list(load_table(small)["key"]) == [b"ab", b"cd"]
 
 
 # --- CSV and JSONL: bounded chunks that stop at the first limit passed -------------------------------------------
@@ -194,6 +269,26 @@ def test_a_long_csv_or_jsonl_cell_names_its_column_and_row(tmp_path: Path, monke
         assert str(caught.value) == (f"input 'tickets': table {str(table)!r}: a cell of column 'body' (row 1) is "
                                      "101 characters, more than the limit 100 (MP_MAX_CELL_CHARS); "
                                      "set MP_MAX_CELL_CHARS to allow more")
+
+
+def test_nested_jsonl_values_count_in_full_in_the_decoded_size_and_their_length(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    table = tmp_path / "nested.jsonl"
+    records = [{"id": i, "tags": [f"tag {i} {j}" for j in range(500)], "meta": {"k": {"deep": [f"v{i}"] * 50}}}
+               for i in range(200)]
+    table.write_text("".join(json.dumps(record) + "\n" for record in records))
+    frame = pd.read_json(table, lines=True)
+    containers = int(frame.memory_usage(deep=True, index=False).sum())  # pandas counts the lists, not the strings
+    limit = 3 * containers
+    assert table.stat().st_size < limit
+    monkeypatch.setenv("MP_MAX_TABLE_BYTES", str(limit))
+    with pytest.raises(SizeLimitError, match=rf"once decoded is at least [\d,]+ bytes, more than the limit {limit:,}"):
+        check_table(table, name="tickets")
+    monkeypatch.setenv("MP_MAX_TABLE_BYTES", str(20 * limit))
+    assert load_table(table)["tags"][3][:2] == ["tag 3 0", "tag 3 1"]
+    monkeypatch.setenv("MP_MAX_CELL_CHARS", "1000")  # a nested value is as long as it prints
+    with pytest.raises(SizeLimitError, match=r"a cell of column 'tags' \(row 100\) is 7,390 characters"):
+        check_table(table, name="tickets")
 
 
 def test_decoded_size_is_limited_and_a_table_within_the_limits_loads_as_a_whole_read_does(

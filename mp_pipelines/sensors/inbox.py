@@ -282,20 +282,22 @@ def _skip(scan: InboxScan, name: str, signature: str, reason: str,
 
 
 def table_checker(spec: WorkflowSpec, input_name: str) -> Callable[[Path], str | None]:
-    """Why a file is no good as the workflow's table input (malformed, empty, too large, refused), or None.
+    """Why a file is no good as the workflow's table input (malformed, empty, too large, refused: a path that may
+    not be read or a nested Parquet column), or None.
 
     It reads only what deciding needs: Parquet metadata, then chunks of rows, stopping at the first limit passed;
     no DataFrame of the whole file is built.
     """
     from mp_pipelines.spec.inputs import check_table
     from mp_pipelines.spec.size_limits import SizeLimitError
+    from mp_pipelines.spec.tables import UnsupportedColumnError
 
     def check(path: Path) -> str | None:
         try:
             rows = check_table(path, name=input_name, max_rows=spec.max_items)
         except SizeLimitError as exc:
             return f"too large: {exc}"
-        except InputPathError as exc:
+        except (InputPathError, UnsupportedColumnError) as exc:
             return f"refused: {exc}"
         except ValueError as exc:
             return f"malformed: {exc}"

@@ -4,8 +4,11 @@ reading in bounded chunks that stop as soon as a limit is passed.
 The limits (size_limits.py): MP_MAX_TABLE_BYTES on the decoded size, what the table takes in memory (and first
 on the file itself); MP_MAX_TABLE_ROWS and the workflow's max_items on rows; MP_MAX_CELL_CHARS on one text cell.
 A Parquet file is checked from its metadata first: its row count, its column chunks' uncompressed sizes and the
-longest value its statistics record. Its text columns are then read as dictionaries, so a value repeated in
-every row (a few KB compressed, gigabytes decoded) is measured from the dictionary, never decoded row by row.
+longest value its statistics record, and its schema: nested columns (lists, structs, maps) are refused, and a
+fixed-size binary column's decoded size (width × rows) is checked, both before any data is read. Its text
+columns are then read as dictionaries, so a value repeated in every row (a few KB compressed, gigabytes decoded)
+is measured from the dictionary, never decoded row by row. CSV and JSONL chunks are measured as pandas holds
+them; a nested JSON value (a list or an object) counts all levels down, and as long as it prints for its cell.
 """
 
 from __future__ import annotations
@@ -22,6 +25,10 @@ from mp_pipelines.spec.size_limits import MAX_CELL_CHARS, MAX_TABLE_BYTES, MAX_T
 CHUNK_ROWS = 10_000  # rows decoded at a time while a table is checked
 TEXT_SUFFIXES = (".txt", ".md", ".markdown", ".rst")
 _OFFSET_BYTES = 4  # what Arrow stores per text value besides its bytes
+
+
+class UnsupportedColumnError(ValueError):
+    """A table's column has a type table inputs do not take (a nested one); the message names file, column, type."""
 
 
 @dataclass
@@ -70,7 +77,7 @@ def read_table(path: str | Path, *, name: str, max_rows: int | None, keep: bool)
     reading = _Reading(f"input {name!r}: table {str(file)!r}", max_rows)
     try:
         return _read_format(real, file.suffix.lower(), reading, keep)
-    except (SizeLimitError, InputPathError):
+    except (SizeLimitError, InputPathError, UnsupportedColumnError):
         raise
     except (ValueError, OSError) as exc:
         raise ValueError(f"input {name!r}: cannot read table {str(file)!r}: {exc}") from None
@@ -124,8 +131,8 @@ def _read_chunks(take: Callable[[int], Any], reading: _Reading, keep: bool) -> l
         start, reading.rows = reading.rows, reading.rows + len(chunk)
         if reading.rows > reading.row_limit():
             reading.check_rows(reading.rows, at_least=_more(take))
-        _check_frame_cells(chunk, reading, start)
-        reading.add_bytes(int(chunk.memory_usage(deep=True, index=False).sum()))
+        nested = _check_frame_cells(chunk, reading, start)
+        reading.add_bytes(int(chunk.memory_usage(deep=True, index=False).sum()) + nested)
         if keep:
             kept.append(chunk)
         if len(chunk) < want:
@@ -171,15 +178,18 @@ class _JsonLines:
         return pd.read_json(io.StringIO("".join(lines)), lines=True) if lines else None
 
 
-def _check_frame_cells(frame: Any, reading: _Reading, start: int) -> None:
-    """SizeLimitError naming the column and row of a text cell longer than MP_MAX_CELL_CHARS."""
+def _check_frame_cells(frame: Any, reading: _Reading, start: int) -> int:
+    """SizeLimitError naming the column and row of a text cell longer than MP_MAX_CELL_CHARS; the bytes the
+    nested values (JSON lists and objects) hold beyond what pandas counts (it counts their containers only)."""
     import numpy as np
     import pandas as pd
 
+    nested = 0
     for column in frame.columns:
         series = frame[column]
         if series.dtype == object:
             lengths = np.fromiter((_chars(value) for value in series), dtype=np.int64, count=len(series))
+            nested += sum(_contents_bytes(value) for value in series if isinstance(value, (list, dict)))
         elif isinstance(series.dtype, pd.StringDtype):
             lengths = series.str.len().fillna(0).to_numpy(dtype=np.int64)
         else:
@@ -187,6 +197,21 @@ def _check_frame_cells(frame: Any, reading: _Reading, start: int) -> None:
         if len(lengths) and lengths.max() > MAX_CELL_CHARS.value():
             position = int(lengths.argmax())
             reading.check_cell(int(lengths[position]), column, start + position)
+    return nested
+
+
+def _contents_bytes(value: list | dict) -> int:
+    """What a nested JSON value's contents take in memory, all levels down (without the outer container)."""
+    import sys
+
+    total, pending = 0, [value]
+    while pending:  # a loop, not recursion: JSON may nest deeper than Python's recursion limit
+        items = pending.pop()
+        for item in (list(items.keys()) + list(items.values())) if isinstance(items, dict) else items:
+            total += sys.getsizeof(item)
+            if isinstance(item, (list, dict)):
+                pending.append(item)
+    return total
 
 
 def _chars(value: Any) -> int:
@@ -206,8 +231,9 @@ def _check_parquet(real: Path, reading: _Reading) -> int:
 
     metadata = pq.ParquetFile(real).metadata
     reading.check_rows(metadata.num_rows)
-    _check_parquet_metadata(metadata, reading)
     schema = metadata.schema.to_arrow_schema()
+    _check_parquet_schema(schema, metadata.num_rows, reading)
+    _check_parquet_metadata(metadata, reading)
     text = [field.name for field in schema if _is_text(field.type)]
     parquet = pq.ParquetFile(real, metadata=metadata, read_dictionary=text)
     start = 0
@@ -219,6 +245,39 @@ def _check_parquet(real: Path, reading: _Reading) -> int:
             reading.add_bytes(size)
         start += batch.num_rows
     return start
+
+
+def _check_parquet_schema(schema: Any, rows: int, reading: _Reading) -> None:
+    """Refuse nested columns, and check fixed-size binary columns' widths, from the schema alone.
+
+    A nested column is refused because what it holds is not bounded by the row count: one row of a list column
+    may hold millions of values, stored in a few bytes (run-length encoded) and decoded whole, in one batch, and
+    its text is not read as dictionaries. A fixed-size binary column is stored as a dictionary but decoded in
+    full (its width in every row), so width × rows is its decoded size, and its width is the length of each cell.
+    """
+    import pyarrow as pa
+
+    fixed = 0
+    for field in schema:
+        if pa.types.is_nested(field.type):
+            raise UnsupportedColumnError(
+                f"{reading.what}: column {field.name!r} has the nested type {_type_name(field.type)}; table inputs take flat "
+                "columns only (text, numbers, booleans, dates and times): store a nested value as JSON text in a "
+                "string column")
+        if pa.types.is_fixed_size_binary(field.type):
+            reading.check_cell(field.type.byte_width, field.name, None)
+            fixed += field.type.byte_width * rows
+    MAX_TABLE_BYTES.check(fixed, f"{reading.what} once decoded", at_least=True)
+
+
+
+def _type_name(kind: Any) -> str:
+    """An Arrow type as its schema prints it; a map without the field name Arrow adds (`map<string, string>`)."""
+    import pyarrow as pa
+
+    if pa.types.is_map(kind):
+        return f"map<{_type_name(kind.key_type)}, {_type_name(kind.item_type)}>"
+    return str(kind)
 
 
 def _check_parquet_metadata(metadata: Any, reading: _Reading) -> None:
