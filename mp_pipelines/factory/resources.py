@@ -88,7 +88,7 @@ class StepStorage(dg.ConfigurableIOManager):
     def handle_output(self, context: dg.OutputContext, obj: object) -> None:
         path = _run_output_path(self.root, context)
         assert path is not None, "Dagster hands every output over with its run, step and name"
-        _write_atomically(path, pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL))
+        _write_atomically(path, obj)
         if context.has_asset_key:
             latest = self.root.joinpath(*context.asset_key.path)
             _publish(path, latest)
@@ -110,8 +110,8 @@ class StepStorage(dg.ConfigurableIOManager):
 
 def _run_output_path(root: Path, upstream: dg.OutputContext | None) -> Path | None:
     """Where the run that produced output `upstream` stored it (Dagster's layout: `<run id>/<step key>/<output>`
-    [`/<mapping key>`]); None when Dagster names no producing step (an asset this
-    run does not materialize: its latest value is read instead)."""
+    [`/<mapping key>`]); None when Dagster names no producing step (an asset this run does not materialize: its
+    latest value is read instead)."""
     if upstream is None:
         return None
     try:
@@ -129,12 +129,13 @@ def _load(path: Path) -> object:
         return pickle.load(file)
 
 
-def _write_atomically(path: Path, data: bytes) -> None:
+def _write_atomically(path: Path, obj: object) -> None:
+    """`obj` pickled into a temporary file beside `path`, then renamed over it."""
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:
         with os.fdopen(handle, "wb") as file:
-            file.write(data)
+            pickle.dump(obj, file, protocol=pickle.HIGHEST_PROTOCOL)
         os.replace(temporary, path)
     except BaseException:
         with contextlib.suppress(OSError):
