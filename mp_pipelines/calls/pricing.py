@@ -188,6 +188,9 @@ def load_prices(path: str | os.PathLike[str] | None = None) -> PriceTable:
     if path:
         try:
             data = yaml.safe_load(Path(path).read_text())
+        except yaml.MarkedYAMLError as exc:
+            where = f" on line {exc.problem_mark.line + 1}" if exc.problem_mark else ""
+            raise PriceFileError(f"{path}: the price file is not valid YAML{where} ({exc.problem})") from None
         except (OSError, yaml.YAMLError) as exc:
             raise PriceFileError(f"{path}: cannot read the price file ({exc})") from None
         online, batch_prices = parse_price_file(data, str(path))

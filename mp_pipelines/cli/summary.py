@@ -10,10 +10,10 @@ from typing import Any
 _ITEM = re.compile(r"\b([A-Za-z_][A-Za-z0-9_]*)\[(\d+)(?:_\d+)?\]")
 # What to do, by words of the error: the first match wins.
 _ADVICE: Sequence[tuple[tuple[str, ...], str]] = (
-    (("budget of run",), ""),
+    (("budget of run",), ""),  # the budget error says where its limit was set and how to raise it
     # an MP_* variable the step read cannot be used (SettingError): neither the workflow nor its input is at fault
     (("environment setting:",), "fix or unset the environment variable named above where the run's steps run (the "
-     "code location's or worker's environment), then run it again"),  # the budget error says where its limit was set and how to raise it
+     "code location's or worker's environment), then run it again"),
     (("401", "403", "authentication", "api key", "permission"),
      "check OPENAI_API_KEY (and OPENAI_BASE_URL) for the endpoint, then resume the run"),
     (("connection", "connect", "timed out", "timeout", "429", "rate limit", "502", "503", "500", "unreachable"),
