@@ -319,3 +319,16 @@ def test_a_secret_setting_is_never_checked_by_printing_it() -> None:
 
     secret = {"KEY", "TOKEN", "PASSWORD", "SECRET", "URL"}
     assert not [name for name in CHECKS if secret & set(name.split("_"))]
+
+
+def test_the_failure_summary_names_a_bad_setting_not_the_template_or_the_input() -> None:
+    from mp_pipelines.cli.summary import failure_summary
+
+    raw = "mp_pipelines.spec.size_limits.SettingError: MP_MAX_PROMPT_CHARS='x' is not a whole number; set …"
+    summary = failure_summary("r1", {"fan": {"status": "failed", "error": raw}}, ["fan"])
+    assert "environment setting: MP_MAX_PROMPT_CHARS='x'" in summary and "SettingError" not in summary
+    assert "fix or unset the environment variable" in summary and "template" not in summary
+    inputs_step = "step wf__inputs: workflow 'wf': environment setting: MP_MAX_INPUT_CHARS='1x' is not a whole number"
+    summary = failure_summary("r1", {"fan": {"status": "not_run"}}, ["fan"], [inputs_step])
+    assert "before any task ran, at step wf__inputs" in summary and "MP_MAX_INPUT_CHARS='1x'" in summary
+    assert "check the path given" not in summary

@@ -23,7 +23,7 @@ if TYPE_CHECKING:
 
 EXIT_CODES = ("Exit codes: 0 success; 1 a run failed (run, resume) or a workflow has problems (validate); "
               "2 bad usage or input (an unknown workflow, an unknown or mistyped input, an unreadable input file, "
-              "a run that cannot be resumed, a run refused before it started).")
+              "a run that cannot be resumed, a run refused before it started, an MP_* setting that cannot be used).")
 
 
 class RunRefusedError(click.ClickException):

@@ -8,6 +8,8 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 _ITEM = re.compile(r"\b([A-Za-z_][A-Za-z0-9_]*)\[(\d+)(?:_\d+)?\]")
+# A SettingError no op turned into its own failure message shows as Dagster prints it: its qualified class name.
+_SETTING_CLASS = re.compile(r"\b(?:[A-Za-z_][\w.]*\.)?(?:SettingError|SettingsError|PriceSettingError): ")
 # What to do, by words of the error: the first match wins.
 _ADVICE: Sequence[tuple[tuple[str, ...], str]] = (
     (("budget of run",), ""),  # the budget error says where its limit was set and how to raise it
@@ -63,7 +65,7 @@ def failure_summary(run_id: str, tasks: Mapping[str, Mapping[str, Any]], order: 
                   "then run it again." if "blocking check" in reason else _advice(reason, run_id))
         return f"Run {run_id} failed at the quality checks of task {name}: {reason}. {advice}"
     if not failed and step_errors:
-        reason = " ".join(step_errors[0].split()).removesuffix(".")
+        reason = _SETTING_CLASS.sub("environment setting: ", " ".join(step_errors[0].split()).removesuffix("."))
         return f"Run {run_id} failed before any task ran, at {reason}. {_advice(reason, run_id)}"
     if not failed:
         return (f"Run {run_id} failed before any task did (see the Dagster UI, or run again with --verbose for "
@@ -71,7 +73,7 @@ def failure_summary(run_id: str, tasks: Mapping[str, Mapping[str, Any]], order: 
     name = failed[0]
     task = tasks[name]
     reason = " ".join(str(task.get("error") or "no error was recorded").split())
-    reason = reason.removeprefix(f"task {name}: ").removesuffix(".")
+    reason = _SETTING_CLASS.sub("environment setting: ", reason.removeprefix(f"task {name}: ").removesuffix("."))
     item = failed_item(task, name)
     where = f"task {name}" + (f", item {item}" if item else "")
     others = f" ({len(failed) - 1} other task(s) failed too)" if len(failed) > 1 else ""
