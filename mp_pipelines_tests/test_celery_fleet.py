@@ -141,7 +141,7 @@ def test_celery_without_a_broker_is_bad_usage_not_a_traceback(tmp_path: Path, mo
         assert "needs a broker: set MP_CELERY_BROKER" in result.output and "Traceback" not in result.output
     monkeypatch.setenv("MP_FLEET_LIMITS", "sometimes")
     result = runner.invoke(main, ["run", str(path), "--executor", "celery"])
-    assert result.exit_code == 2 and "MP_FLEET_LIMITS is 'sometimes'; use one of auto, on, off" in result.output
+    assert result.exit_code == 2 and "MP_FLEET_LIMITS='sometimes' is not valid: it must be one of auto, on, off" in result.output
 
 
 def test_the_deployment_guide_names_what_the_fleet_reads() -> None:

@@ -248,3 +248,87 @@ def test_a_bad_setting_in_the_environment_is_bad_usage_not_a_traceback(runner: C
     result = runner.invoke(main, ["run", "research_report", "--input", "topic=x"])
     assert result.exit_code == 2, result.output
     assert "MP_SIMULATED_LATENCY='abc' is not valid" in result.output and "Traceback" not in result.output
+
+
+@pytest.mark.parametrize(("variable", "value", "workflow", "said"), [
+    ("MP_MAX_INPUT_CHARS", "1x", "classify_tickets", "MP_MAX_INPUT_CHARS='1x' is not a whole number"),
+    ("MP_MAX_PROMPT_CHARS", "abc", "research_report", "MP_MAX_PROMPT_CHARS='abc' is not a whole number"),
+    ("MP_MAX_TABLE_ROWS", "0", "classify_tickets", "MP_MAX_TABLE_ROWS='0' is less than 1"),
+    ("MP_PRICES_FILE", "{missing}", "research_report", "is not a usable price file: cannot read the price file"),
+    ("MP_PRICES_FILE", "{malformed}", "research_report", "is not a usable price file: the price file is not valid YAML on line"),
+    ("MP_RETRY_BASE_DELAY", "99", "research_report", "MP_RETRY_BASE_DELAY='99' is not valid"),
+    ("MP_BATCH_POLL_SECONDS", "soon", "research_report", "MP_BATCH_POLL_SECONDS='soon' is not valid"),
+    ("MP_FLEET_LIMITS", "maybe", "research_report", "MP_FLEET_LIMITS='maybe' is not valid"),
+    ("MP_LOG_FORMAT", "xml", "research_report", "MP_LOG_FORMAT='xml' is not valid"),
+])
+def test_a_bad_mp_setting_refuses_the_run_naming_it(runner: CliRunner, monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+                                                    variable: str, value: str, workflow: str, said: str) -> None:
+    malformed = tmp_path / "prices.yaml"
+    malformed.write_text("gpt-4o-mini: {input: [oops\n")
+    value = value.format(missing=tmp_path / "no-such-prices.yaml", malformed=malformed)
+    monkeypatch.setenv(variable, value)
+    args = ["run", workflow] + (["--input", "topic=x"] if workflow == "research_report" else [])
+    result = runner.invoke(main, args)
+    assert result.exit_code == 2, result.output
+    assert variable in result.output and said in result.output, result.output
+    assert "Traceback" not in result.output and "template" not in result.output and "started" not in result.output
+    if variable == "MP_PRICES_FILE":
+        assert "unset it for the shipped prices" in " ".join(result.output.split())
+
+
+@pytest.mark.parametrize(("variable", "value", "workflow", "inputs"), [
+    ("MP_MAX_PROMPT_CHARS", "abc", "research_report", {"topic": "x"}),
+    ("MP_PRICES_FILE", "/no/such/prices.yaml", "research_report", {"topic": "x"}),
+    ("MP_MAX_INPUT_CHARS", "1x", "research_report", {"topic": "x"}),
+])
+def test_a_bad_mp_setting_inside_a_step_names_the_setting(runner: CliRunner, monkeypatch: pytest.MonkeyPatch,
+                                                         variable: str, value: str, workflow: str,
+                                                         inputs: dict[str, str]) -> None:
+    """A run started without the CLI's check (the Dagster UI, a schedule) fails with the setting named, not the
+    template or the input blamed."""
+    from mp_pipelines.cli.main import resolve_workflow
+    from mp_pipelines.cli.running import run_workflow
+
+    spec, source = resolve_workflow(workflow)
+    monkeypatch.setenv(variable, value)
+    outcome = run_workflow(spec, inputs, source=source)
+    summary = outcome.failure_summary()
+    assert not outcome.success and f"{variable}={value!r}" in summary, summary
+    assert "environment setting" in summary and "fix the task's template" not in summary
+    assert "check the path given" not in summary and "before any task did" not in summary and "Error:" not in summary
+
+
+def test_every_mp_setting_is_checked_before_a_run_or_exempt_with_a_reason() -> None:
+    """A new MP_* variable read anywhere in the package must be added to cli/settings_check (CHECKS or EXEMPT)."""
+    import re
+
+    import mp_pipelines
+    from mp_pipelines.cli.settings_check import CHECKS, EXEMPT
+
+    package = Path(mp_pipelines.__file__).parent
+    found = {name for file in package.rglob("*.py")
+             for name in re.findall(r"\bMP_[A-Z][A-Z0-9_]*[A-Z0-9]\b", file.read_text(encoding="utf-8"))}
+    assert found - set(CHECKS) - set(EXEMPT) == set(), "add these to CHECKS or EXEMPT in cli/settings_check.py"
+    assert set(CHECKS) & set(EXEMPT) == set()
+    assert all(reason.strip() for reason in EXEMPT.values())
+    assert set(CHECKS) | set(EXEMPT) <= found, "CHECKS/EXEMPT name a variable the package no longer reads"
+
+
+def test_a_secret_setting_is_never_checked_by_printing_it() -> None:
+    from mp_pipelines.cli.settings_check import CHECKS
+
+    secret = {"KEY", "TOKEN", "PASSWORD", "SECRET", "URL"}
+    assert not [name for name in CHECKS if secret & set(name.split("_"))]
+
+
+def test_the_failure_summary_names_a_bad_setting_not_the_template_or_the_input() -> None:
+    from mp_pipelines.cli.summary import failure_summary
+
+    raw = "mp_pipelines.spec.size_limits.SettingError: MP_MAX_PROMPT_CHARS='x' is not a whole number; set …"
+    summary = failure_summary("r1", {"fan": {"status": "failed", "error": raw}}, ["fan"])
+    assert "environment setting: MP_MAX_PROMPT_CHARS='x'" in summary and "SettingError" not in summary
+    assert "fix or unset the environment variable" in summary and "template" not in summary
+    inputs_step = "step wf__inputs: workflow 'wf': environment setting: MP_MAX_INPUT_CHARS='1x' is not a whole number"
+    summary = failure_summary("r1", {"fan": {"status": "not_run"}}, ["fan"], [inputs_step])
+    assert "before any task ran, at step wf__inputs" in summary and "MP_MAX_INPUT_CHARS='1x'" in summary
+    assert "check the path given" not in summary

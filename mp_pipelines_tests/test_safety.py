@@ -87,7 +87,7 @@ def test_a_long_input_names_the_input_its_size_the_limit_and_the_variable(monkey
 
 def test_a_bad_limit_variable_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("MP_MAX_INPUT_CHARS", "lots")
-    with pytest.raises(ValueError, match="MP_MAX_INPUT_CHARS='lots' is not a whole number of characters"):
+    with pytest.raises(ValueError, match="MP_MAX_INPUT_CHARS='lots' is not a whole number; set a whole number of characters"):
         coerce_input("string", "x", "topic")
     monkeypatch.setenv("MP_MAX_INPUT_CHARS", "1_000")
     assert MAX_INPUT_CHARS.value() == 1000

@@ -47,12 +47,22 @@ DONE = frozenset({"completed", "failed", "expired", "cancelled"})
 UNRUN = frozenset({"batch_expired", "batch_cancelled"})  # error codes of lines the batch never ran
 
 
+def _number(variable: str, default: N, read: Callable[[str], N]) -> N:
+    return number_setting(variable, default, read=read, valid=lambda value: value > 0,
+                          rule="a number greater than 0")
+
+
 def _setting(variable: str, default: N, read: Callable[[str], N]) -> N:
     try:
-        return number_setting(variable, default, read=read, valid=lambda value: value > 0,
-                              rule="a number greater than 0")
+        return _number(variable, default, read)
     except ValueError as exc:
         raise LLMError(str(exc), kind="bad_request") from None
+
+
+def check_settings() -> None:
+    """SettingError when MP_BATCH_MAX_LINES or MP_BATCH_POLL_SECONDS cannot be used."""
+    _number(MAX_LINES_ENV, DEFAULT_MAX_LINES, int)
+    _number(POLL_ENV, DEFAULT_POLL_SECONDS, float)
 
 
 def max_lines() -> int:

@@ -141,7 +141,7 @@ class CircuitRegistry:
         found = self._circuits.get((endpoint, model))
         if found is None:
             found = self._circuits[(endpoint, model)] = Circuit(f"{model} at {endpoint}",
-                                                                base_cooldown=_cooldown_setting(),
+                                                                base_cooldown=cooldown_setting(),
                                                                 unsettled=self.unsettled)
         return found
 
@@ -150,7 +150,8 @@ class CircuitRegistry:
         self.unsettled.clear()
 
 
-def _cooldown_setting() -> float:
+def cooldown_setting() -> float:
+    """MP_CIRCUIT_COOLDOWN: seconds an open circuit pauses calls at first; SettingError when it is unusable."""
     return number_setting(COOLDOWN_ENV, CIRCUIT_COOLDOWN_SECONDS, read=float, valid=lambda value: value > 0,
                           rule="a number of seconds greater than 0")
 

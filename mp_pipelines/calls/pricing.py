@@ -37,6 +37,7 @@ from mp_pipelines.calls.budget import usd
 from mp_pipelines.calls.call import Answer, Call, Proceed
 from mp_pipelines.calls.usage import Usage
 from mp_pipelines.llm.types import LLMError, LLMResult
+from mp_pipelines.spec.size_limits import SettingError
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +68,10 @@ DEFAULT_PRICES: dict[str, tuple[float, float]] = {
 
 class PriceFileError(ValueError):
     """The price file cannot be read or has a bad entry; the message names the file and the model."""
+
+
+class PriceSettingError(PriceFileError, SettingError):
+    """The file MP_PRICES_FILE names cannot be read or has a bad entry; the message names the variable too."""
 
 
 @dataclass(frozen=True)
@@ -183,6 +188,9 @@ def load_prices(path: str | os.PathLike[str] | None = None) -> PriceTable:
     if path:
         try:
             data = yaml.safe_load(Path(path).read_text())
+        except yaml.MarkedYAMLError as exc:
+            where = f" on line {exc.problem_mark.line + 1}" if exc.problem_mark else ""
+            raise PriceFileError(f"{path}: the price file is not valid YAML{where} ({exc.problem})") from None
         except (OSError, yaml.YAMLError) as exc:
             raise PriceFileError(f"{path}: cannot read the price file ({exc})") from None
         online, batch_prices = parse_price_file(data, str(path))
@@ -197,7 +205,13 @@ def current_prices() -> PriceTable:
     """The price table for this process's MP_PRICES_FILE (read once per file name)."""
     path = os.environ.get(PRICES_ENV) or None
     if path not in _TABLES:
-        _TABLES[path] = load_prices(path)
+        try:
+            _TABLES[path] = load_prices(path)
+        except PriceFileError as exc:
+            reason = " ".join(str(exc).split()).removeprefix(f"{path}: ")
+            raise PriceSettingError(f"{PRICES_ENV}={path!r} is not a usable price file: {reason}; set it to a YAML "
+                                    "file of model: {input: USD, output: USD} (per million tokens), or unset it for "
+                                    "the shipped prices") from None
     return _TABLES[path]
 
 

@@ -7,12 +7,14 @@ import os
 from collections.abc import Callable
 from typing import TypeVar
 
+from mp_pipelines.spec.size_limits import SettingError
+
 N = TypeVar("N", int, float)
 
 
 def number_setting(variable: str, default: N, *, read: Callable[[str], N], valid: Callable[[N], bool],
                    rule: str) -> N:
-    """`variable` read by `read` when set (else `default`); ValueError saying it must be `rule` when it is no
+    """`variable` read by `read` when set (else `default`); SettingError saying it must be `rule` when it is no
     number or `valid` refuses it."""
     text = os.environ.get(variable, "")
     if not text.strip():
@@ -22,5 +24,6 @@ def number_setting(variable: str, default: N, *, read: Callable[[str], N], valid
     except ValueError:
         value = None
     if value is None or not valid(value):
-        raise ValueError(f"{variable}={text.strip()!r} is not valid: it must be {rule}.")
+        raise SettingError(f"{variable}={text.strip()!r} is not valid: it must be {rule}, or unset for the default "
+                           f"({default}).")
     return value

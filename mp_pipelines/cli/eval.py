@@ -75,8 +75,9 @@ def eval_command(workflow: str | None, dataset: str | None, tasks: tuple[str, ..
         return
     if not workflow or not dataset:
         raise EvalUsageError("give a WORKFLOW and --dataset F.jsonl|F.csv (or --compare EVAL_A EVAL_B)")
-    from mp_pipelines.cli.main import _quiet_dagster_logs, resolve_workflow
+    from mp_pipelines.cli.main import _quiet_dagster_logs, refuse_bad_settings, resolve_workflow
 
+    refuse_bad_settings()  # exit 2 naming an MP_* variable that cannot be used, before the dataset is read
     spec, source = resolve_workflow(workflow)
     try:
         examples = read_dataset(dataset, spec)
@@ -141,7 +142,7 @@ def run_eval(spec: WorkflowSpec, source: str | None, dataset: str, examples: lis
     """Run every example (one Dagster run each, tagged with the eval id), score `scored` and store the record."""
     from mp_pipelines.calls.usage import Usage
     from mp_pipelines.cli.running import RunRefused, local_instance, refuse_inputs_outside_roots, run_workflow
-    from mp_pipelines.llm.resource import SettingsError
+    from mp_pipelines.spec.size_limits import SettingError
 
     say = progress or (lambda _line: None)
     instance = local_instance()
@@ -163,7 +164,7 @@ def run_eval(spec: WorkflowSpec, source: str | None, dataset: str, examples: lis
             try:
                 outcome = run_workflow(spec, inputs, source=source, executor=executor, instance=instance,
                                        budget=budget, verbose=verbose, tags=tags)
-            except (RunRefused, SettingsError) as exc:
+            except (RunRefused, SettingError) as exc:
                 raise EvalUsageError(f"example {example.index} ({dataset}, {example.where}): {exc}") from None
             usage = usage + outcome.usage
             if getattr(outcome, "checks_usage", None) is not None:  # the quality checks' calls (judges)

@@ -14,6 +14,7 @@ import click
 from mp_pipelines.cli.args import budget_options, executor_option, input_options, mode_option, parse_inputs
 from mp_pipelines.spec.loader import LoadResult, WorkflowValidationError, load_workflow_file, load_workflows
 from mp_pipelines.spec.models import WorkflowSpec
+from mp_pipelines.spec.size_limits import SettingError
 
 if TYPE_CHECKING:
     from mp_pipelines.calls.store import ResponseStore
@@ -22,7 +23,7 @@ if TYPE_CHECKING:
 
 EXIT_CODES = ("Exit codes: 0 success; 1 a run failed (run, resume) or a workflow has problems (validate); "
               "2 bad usage or input (an unknown workflow, an unknown or mistyped input, an unreadable input file, "
-              "a run that cannot be resumed, a run refused before it started).")
+              "a run that cannot be resumed, a run refused before it started, an MP_* setting that cannot be used).")
 
 
 class RunRefusedError(click.ClickException):
@@ -161,17 +162,27 @@ def run(workflow: str, pairs: tuple[str, ...], input_file: str | None, as_json: 
     """Run WORKFLOW (a name or a YAML path) through Dagster and print each task's result."""
     from mp_pipelines.cli.running import RunRefused, run_workflow
     from mp_pipelines.definitions import load_specs
-    from mp_pipelines.llm.resource import SettingsError
 
     _quiet_dagster_logs(verbose)
+    refuse_bad_settings()
     spec, source = resolve_workflow(workflow, load_specs)  # the load the run's job is then built from (cached)
     inputs = parse_inputs(spec, pairs, input_file)
     try:
         outcome = run_workflow(spec, inputs, source=source, executor=executor, progress=_echo_err, budget=budget,
                                verbose=verbose, mode=mode)
-    except (RunRefused, SettingsError) as exc:
+    except (RunRefused, SettingError) as exc:
         raise RunRefusedError(str(exc)) from None
     _print_outcome(outcome, as_json)
+
+
+def refuse_bad_settings() -> None:
+    """RunRefusedError (exit 2) naming the first MP_* variable a run reads whose value cannot be used."""
+    from mp_pipelines.cli.settings_check import check_settings
+
+    try:
+        check_settings()
+    except SettingError as exc:
+        raise RunRefusedError(str(exc)) from None
 
 
 @main.command()
@@ -209,14 +220,14 @@ def worker(name: str | None, concurrency: int | None, loglevel: str) -> None:
 def resume(run_id: str, force: bool, as_json: bool, verbose: bool, **budget: Any) -> None:
     """Re-execute failed run RUN_ID from failure: only what failed runs again, and answers it got are not paid twice."""
     from mp_pipelines.cli.running import ResumeError, RunRefused, resume_run
-    from mp_pipelines.llm.resource import SettingsError
 
     _quiet_dagster_logs(verbose)
+    refuse_bad_settings()
     try:
         outcome = resume_run(run_id, force=force, budget=budget, progress=_echo_err, verbose=verbose)
     except ResumeError as exc:  # no such run, or one that cannot be resumed: bad usage
         raise BadUsageError(str(exc)) from None
-    except (RunRefused, SettingsError) as exc:
+    except (RunRefused, SettingError) as exc:
         raise RunRefusedError(str(exc)) from None
     _print_outcome(outcome, as_json)
 

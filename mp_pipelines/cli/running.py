@@ -99,7 +99,7 @@ class RunOutcome:
         """One paragraph for a failed run: the task, the item, the reason and what to do."""
         from mp_pipelines.cli.summary import failure_summary
 
-        return failure_summary(self.run_id, self.tasks, self.order)
+        return failure_summary(self.run_id, self.tasks, self.order, self.errors)
 
     def as_text(self) -> str:
         """What `run` prints: each task's status, usage and errors, then the final task's output."""
@@ -235,8 +235,12 @@ def summarize(result: dg.ExecuteJobResult, spec: WorkflowSpec, instance: dg.Dags
     order = topological_order(spec)
     status = run.status.value.lower() if run else ("success" if result.success else "failure")
     task_steps = {key: state for key, state in own.items() if not key.endswith(CHECKS_SUFFIX)}
+    # Steps of no task (the inputs step) that failed: the summary names them when no task failed.
+    errors = [f"step {key}: {state.error}" for key, state in own.items()
+              if state.status == "failed" and state.error and task_of_step(key) not in tasks
+              and not key.endswith(CHECKS_SUFFIX)]
     return RunOutcome(result.run_id, status, result.success, tasks, run_usage(task_steps), provider,
-                      final_task=order[-1] if order else None, order=order,
+                      final_task=order[-1] if order else None, errors=errors, order=order,
                       checks_usage=checks_usage if any(t.checks for t in spec.all_tasks()) else None)
 
 

@@ -41,6 +41,7 @@ from mp_pipelines.spec.models import RESERVED_SEPARATOR, BatchSettings, BudgetSp
 from mp_pipelines.spec.paths import InputPathError, input_roots
 from mp_pipelines.spec.problems import WorkflowValidationError
 from mp_pipelines.spec.providers import declared_providers
+from mp_pipelines.spec.size_limits import SettingError
 from mp_pipelines.spec.templates import TemplateError
 from mp_pipelines.spec.versions import task_code_version
 from mp_pipelines.tasks.runner import TaskRun, build_context, condition_holds, preview, run_task
@@ -100,6 +101,9 @@ def build_inputs_op(spec: WorkflowSpec, base_dir: Path | None = None) -> dg.OpDe
         for name, input_spec in spec.inputs.items():
             try:
                 values[name] = coerce_input(input_spec.type, context.op_config[name], name)
+            except SettingError as exc:
+                raise dg.Failure(f"workflow {spec.name!r}: environment setting: {exc}", allow_retries=False,
+                                 metadata={"error_kind": "setting"}) from None
             except ValueError as exc:
                 raise dg.Failure(f"workflow {spec.name!r}: {exc}", allow_retries=False) from None
             if input_spec.type == "table":
@@ -151,7 +155,10 @@ def call_scope(context: dg.OpExecutionContext, spec: WorkflowSpec, task: TaskSpe
     if spec.limits is not None:
         run_limits = llm.limit_settings().merged(LimitSettings(**spec.limits.model_dump()))
     resource: RunBudget = getattr(context.resources, BUDGET_RESOURCE_KEY)
-    current_prices()  # a bad MP_PRICES_FILE fails the step here, before any call is paid for
+    try:
+        current_prices()  # a bad MP_PRICES_FILE fails the step here, before any call is paid for
+    except SettingError as exc:
+        raise setting_failure(task.name, exc) from None
     budget = resource.over(spec)
     store, no_store = open_store(context.instance)
     refusal = budget_refusal(budget, context.run_config, no_store, [spec.settings_for(task).model or llm.default_model])
@@ -167,6 +174,8 @@ def call_scope(context: dg.OpExecutionContext, spec: WorkflowSpec, task: TaskSpe
     try:
         router = ModelRouter(llm, declared_providers(spec))
         retry_budget(task.retries)  # a bad MP_RETRY_BASE_DELAY fails here, before any call
+    except SettingError as exc:
+        raise setting_failure(task.name, exc) from None
     except (WorkflowValidationError, ValueError) as exc:  # e.g. MP_PROVIDERS_FILE changed since the workflow loaded
         raise dg.Failure(f"task {task.name}: {exc}", metadata={"error_kind": "bad_request"},
                          allow_retries=False) from None
@@ -191,7 +200,8 @@ def fleet_mode() -> str:
     """`MP_FLEET_LIMITS`: auto (the default), on or off; anything else is a clear error."""
     mode = os.environ.get(FLEET_LIMITS_ENV, "").strip().lower() or "auto"
     if mode not in FLEET_MODES:
-        raise ValueError(f"{FLEET_LIMITS_ENV} is {mode!r}; use one of {', '.join(FLEET_MODES)}")
+        raise SettingError(f"{FLEET_LIMITS_ENV}={mode!r} is not valid: it must be one of {', '.join(FLEET_MODES)}, "
+                           "or unset for auto.")
     return mode
 
 
@@ -268,6 +278,13 @@ def budget_refusal(budget: BudgetSpec, run_config: Mapping[str, Any], no_store: 
     return None
 
 
+def setting_failure(label: str, exc: SettingError) -> dg.Failure:
+    """The step's failure for an MP_* variable that cannot be used: it names the variable (the workflow is not at
+    fault), and retrying the step cannot help."""
+    return dg.Failure(f"task {label}: environment setting: {exc}", metadata={"error_kind": "setting"},
+                      allow_retries=False)
+
+
 def run_refusal(spec: WorkflowSpec, run_config: Mapping[str, Any], instance: dg.DagsterInstance,
                 default_model: str) -> str | None:
     """Why a run of `spec` with `run_config` must not start (its budget would not hold), or None: for a launcher
@@ -308,6 +325,8 @@ def call_model(context: dg.OpExecutionContext, spec: WorkflowSpec, task: TaskSpe
     try:
         run = run_task(llm, spec, task, template_context, label=label, deadline=deadline,
                        scope=scope, should_stop=lambda: run_is_stopping(context))
+    except SettingError as exc:
+        raise setting_failure(label, exc) from None
     except TemplateError as exc:
         raise dg.Failure(f"task {label}: template error: {exc}", allow_retries=False) from None
     except LLMError as exc:

@@ -22,12 +22,13 @@ from mp_pipelines.llm.batches import BatchAPI
 from mp_pipelines.llm.client import LLMClient
 from mp_pipelines.llm.provider import resolve_provider
 from mp_pipelines.llm.types import LimitSettings, LLMRequest, LLMResult, ResponseObserver
+from mp_pipelines.spec.size_limits import SettingError
 
 _BUILD_LOCK = threading.Lock()  # guards lazy client creation when the resource is used outside a run
 Provider = Literal["auto", "openai", "simulated"]
 
 
-class SettingsError(ValueError):
+class SettingsError(SettingError):
     """An MP_* environment variable holds a value the LLM resource cannot use; the message names it and what it
     may be."""
 

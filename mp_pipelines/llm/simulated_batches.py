@@ -22,11 +22,26 @@ from email.parser import BytesParser
 from email.policy import HTTP
 from typing import TYPE_CHECKING, Any, Protocol
 
+from mp_pipelines.spec.size_limits import SettingError
+
 if TYPE_CHECKING:
     from mp_pipelines.llm.simulated import SimulatedModel
 
 DELAY_ENV = "MP_SIMULATED_BATCH_SECONDS"  # seconds a simulated batch takes to complete (default 0)
 Reply = tuple[int, dict[str, str], Any]  # status, headers, JSON value or raw bytes
+
+
+def simulated_batch_seconds() -> float:
+    """MP_SIMULATED_BATCH_SECONDS (default 0); SettingError when it is no number of seconds, 0 or more."""
+    text = os.environ.get(DELAY_ENV, "").strip()
+    try:
+        seconds = float(text or 0)
+    except ValueError:
+        seconds = -1.0
+    if not 0 <= seconds < float("inf"):
+        raise SettingError(f"{DELAY_ENV}={text!r} is not valid: it must be a number of seconds, 0 or more, or unset "
+                           "for the default (0).")
+    return seconds
 
 
 class BatchFaults(Protocol):
@@ -67,7 +82,7 @@ class SimulatedBatches:
 
     def __init__(self, model: SimulatedModel, completion_delay: float | None = None, seed: int = 0) -> None:
         self.model = model
-        delay = completion_delay if completion_delay is not None else float(os.environ.get(DELAY_ENV) or 0)
+        delay = completion_delay if completion_delay is not None else simulated_batch_seconds()
         self.completion_delay = delay
         self.faults: BatchFaults | None = None
         self.created: list[str] = []  # ids of every batch created, in order: the submissions log

@@ -20,7 +20,7 @@ from typing import Any
 
 from jinja2 import Environment, TemplateSyntaxError, nodes
 
-from mp_pipelines.spec.size_limits import SizeLimit, SizeLimitError
+from mp_pipelines.spec.size_limits import SettingError, SizeLimit, SizeLimitError
 
 PROMPTS_PATH_ENV = "MP_PROMPTS_PATH"
 PROMPTS_FOLDER = "prompts"  # next to the workflow file
@@ -104,6 +104,8 @@ class Library:
                 data = handle.read(MAX_PROMPT_FILE_BYTES.value() + 1)
             MAX_PROMPT_FILE_BYTES.check(len(data), f"prompt file {name!r} ({path})")
             text = data.decode("utf-8")
+        except SettingError:  # MP_MAX_PROMPT_FILE_BYTES is no number: the setting is wrong, not the file
+            raise
         except (SizeLimitError, ValueError) as exc:
             if isinstance(exc, UnicodeDecodeError):
                 raise LibraryError(f"prompt file {name!r} ({path}) is not UTF-8 text") from None

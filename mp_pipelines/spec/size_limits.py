@@ -11,6 +11,12 @@ import os
 from dataclasses import dataclass
 
 
+class SettingError(ValueError):
+    """An MP_* environment variable holds a value that cannot be used; the message names the variable, its value
+    (unless it may hold a secret) and what it may be. The CLI refuses a run with it before the run starts (exit 2,
+    `cli/settings_check.py`); inside a step it fails the step with the same message."""
+
+
 class SizeLimitError(ValueError):
     """A value, file or prompt is larger than its limit; the message names the limit's variable."""
 
@@ -24,17 +30,20 @@ class SizeLimit:
     unit: str  # "characters" or "bytes"
 
     def value(self) -> int:
-        """The limit now: the environment variable when set, else the default; ValueError when it is no count."""
+        """The limit now: the environment variable when set, else the default; SettingError when it is no count."""
         raw = os.environ.get(self.env, "").strip()
         if not raw:
             return self.default
         try:
             limit = int(raw.replace("_", ""))
         except ValueError:
-            raise ValueError(f"{self.env}={raw!r} is not a whole number of {self.unit}") from None
+            raise SettingError(f"{self.env}={raw!r} is not a whole number; {self._wanted()}") from None
         if limit < 1:
-            raise ValueError(f"{self.env}={raw!r} must be at least 1 ({self.unit})")
+            raise SettingError(f"{self.env}={raw!r} is less than 1; {self._wanted()}")
         return limit
+
+    def _wanted(self) -> str:
+        return f"set a whole number of {self.unit}, 1 or more, or unset it for the default ({self.default:,})"
 
     def check(self, size: int, what: str, *, verb: str = "is", at_least: bool = False, detail: str = "") -> None:
         """Raise SizeLimitError saying `what` is `size` units, the limit and how to raise it, when it is too big.

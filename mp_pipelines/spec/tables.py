@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from mp_pipelines.spec.paths import InputPathError, is_utf8_name, quoted_name, readable_file
-from mp_pipelines.spec.size_limits import MAX_CELL_CHARS, MAX_TABLE_BYTES, MAX_TABLE_ROWS, SizeLimitError
+from mp_pipelines.spec.size_limits import MAX_CELL_CHARS, MAX_TABLE_BYTES, MAX_TABLE_ROWS, SettingError, SizeLimitError
 
 CHUNK_ROWS = 10_000  # rows decoded at a time while a table is checked
 TEXT_SUFFIXES = (".txt", ".md", ".markdown", ".rst")
@@ -77,7 +77,7 @@ def read_table(path: str | Path, *, name: str, max_rows: int | None, keep: bool)
     reading = _Reading(f"input {name!r}: table {str(file)!r}", max_rows)
     try:
         return _read_format(real, file.suffix.lower(), reading, keep)
-    except (SizeLimitError, InputPathError, UnsupportedColumnError):
+    except (SizeLimitError, InputPathError, UnsupportedColumnError, SettingError):
         raise
     except (ValueError, OSError) as exc:
         raise ValueError(f"input {name!r}: cannot read table {str(file)!r}: {exc}") from None

@@ -20,7 +20,7 @@ from jinja2 import BaseLoader, StrictUndefined, TemplateNotFound, TemplateSyntax
 
 from mp_pipelines.spec import sandbox
 from mp_pipelines.spec.library import Library, LibraryError, Walk, statements, walk
-from mp_pipelines.spec.size_limits import MAX_PROMPT_CHARS, SizeLimitError
+from mp_pipelines.spec.size_limits import MAX_PROMPT_CHARS, SettingError, SizeLimitError
 
 
 class TemplateError(ValueError):
@@ -232,10 +232,7 @@ def _render_error(exc: Exception) -> TemplateError:
 
 
 def _prompt_limit() -> int:
-    try:
-        return MAX_PROMPT_CHARS.value()
-    except ValueError as exc:  # MP_MAX_PROMPT_CHARS is no number
-        raise TemplateError(str(exc)) from None
+    return MAX_PROMPT_CHARS.value()  # SettingError, not a TemplateError, when MP_MAX_PROMPT_CHARS is no number
 
 
 def _produce(source: str, context: dict[str, Any], limit: int, library: tuple[str, ...]) -> str:
@@ -267,7 +264,7 @@ def render(source: str, context: dict[str, Any], *, deadline: float | None = Non
     try:
         with sandbox.bounded(deadline, limit):
             return _produce(source, context, limit, library)
-    except TemplateError:
+    except (TemplateError, SettingError):
         raise
     except Exception as exc:  # UndefinedError, SecurityError, errors inside filters, the sandbox's bounds
         raise _render_error(exc) from None
@@ -281,6 +278,8 @@ def evaluate(expression: str, context: dict[str, Any], *, deadline: float | None
             return bool(_compiled_expression(expression_body(expression))(context))
     except TemplateSyntaxError as exc:
         raise TemplateError(f"Jinja syntax error in condition {expression!r}: {exc.message}") from None
+    except SettingError:
+        raise
     except Exception as exc:
         error = exc if isinstance(exc, TemplateError) else _render_error(exc)
         raise type(error)(f"condition {expression!r} failed: {error}") from None
@@ -295,6 +294,8 @@ def value_of(expression: str, context: dict[str, Any], *, deadline: float | None
             return _compiled_expression(expression_body(expression))(context)
     except TemplateSyntaxError as exc:
         raise TemplateError(f"Jinja syntax error in {expression!r}: {exc.message}") from None
+    except SettingError:
+        raise
     except Exception as exc:
         error = exc if isinstance(exc, TemplateError) else _render_error(exc)
         raise type(error)(f"{expression!r} failed: {error}") from None

@@ -17,6 +17,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 from mp_pipelines.spec.models import RESERVED_SEPARATOR
+from mp_pipelines.spec.size_limits import SettingError
 from mp_pipelines.telemetry.names import LOG_FORMAT_ENV
 from mp_pipelines.telemetry.setup import trace_id_hex
 
@@ -33,7 +34,7 @@ def json_logs() -> bool:
         return False
     if value == "json":
         return True
-    raise ValueError(f"{LOG_FORMAT_ENV}={value!r} is not valid: use json or text")
+    raise SettingError(f"{LOG_FORMAT_ENV}={value!r} is not valid: it must be json or text, or unset for text.")
 
 
 def record_fields(record: logging.LogRecord) -> dict[str, Any]:
