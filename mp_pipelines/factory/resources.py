@@ -7,9 +7,9 @@ import errno
 import os
 import pickle
 import shutil
-import tempfile
 import threading
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import dagster as dg
@@ -129,13 +129,14 @@ def _load(path: Path) -> object:
         return pickle.load(file)
 
 
-def _write_atomically(path: Path, obj: object) -> None:
-    """`obj` pickled into a temporary file beside `path`, then renamed over it."""
+@contextlib.contextmanager
+def _renamed_into_place(path: Path) -> Iterator[Path]:
+    """A temporary path beside `path`, for the block to write; renamed over `path` when the block ends, so a
+    concurrent reader gets the old file or the new one, never part of one; removed when anything fails."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    temporary = path.with_name(f".{path.name}.{uuid.uuid4().hex}")
     try:
-        with os.fdopen(handle, "wb") as file:
-            pickle.dump(obj, file, protocol=pickle.HIGHEST_PROTOCOL)
+        yield temporary
         os.replace(temporary, path)
     except BaseException:
         with contextlib.suppress(OSError):
@@ -143,21 +144,19 @@ def _write_atomically(path: Path, obj: object) -> None:
         raise
 
 
+def _write_atomically(path: Path, obj: object) -> None:
+    """`obj` pickled at `path`, in one step."""
+    with _renamed_into_place(path) as temporary, temporary.open("xb") as file:
+        pickle.dump(obj, file, protocol=pickle.HIGHEST_PROTOCOL)
+
+
 def _publish(stored: Path, latest: Path) -> None:
-    """Make `latest` the value at `stored` in one step: a hard link renamed over it (a copy where the file system
-    has no hard links), so a concurrent reader gets the old value or the new one, never part of one."""
-    latest.parent.mkdir(parents=True, exist_ok=True)
-    temporary = latest.with_name(f".{latest.name}.{uuid.uuid4().hex}")
-    try:
-        os.link(stored, temporary)
-    except OSError:
-        shutil.copyfile(stored, temporary)
-    try:
-        os.replace(temporary, latest)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(temporary)
-        raise
+    """Make `latest` the value at `stored`, in one step: a hard link (a copy where the file system has none)."""
+    with _renamed_into_place(latest) as temporary:
+        try:
+            os.link(stored, temporary)
+        except OSError:
+            shutil.copyfile(stored, temporary)
 
 
 def missing_upstream(key: dg.AssetKey, path: str | None) -> str:
