@@ -196,13 +196,12 @@ class RunValues:
     The IO manager is set up once for all reads, and the run's own context is not re-entered: that would set up
     every resource of the run again (the model, the budget) and log it in the finished run."""
 
-    def __init__(self, result: dg.ExecuteJobResult, instance: dg.DagsterInstance,
-                 resources: dg.ResourceDefinition | None = None) -> None:
+    def __init__(self, result: dg.ExecuteJobResult, instance: dg.DagsterInstance) -> None:
         self.result = result
         self.instance = instance
         self._stack = contextlib.ExitStack()
         self._resources = self._stack.enter_context(dg.build_resources(
-            {"io_manager": resources or result.job_def.resource_defs["io_manager"]}, instance=instance))
+            {"io_manager": result.job_def.resource_defs["io_manager"]}, instance=instance))
 
     def __enter__(self) -> RunValues:
         return self
