@@ -12,6 +12,7 @@ checked and bounded the same way.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any
@@ -272,30 +273,27 @@ def render(source: str, context: dict[str, Any], *, deadline: float | None = Non
 
 def evaluate(expression: str, context: dict[str, Any], *, deadline: float | None = None) -> bool:
     """Evaluate a condition such as `classify.severity == 'high'` (braces optional) to a bool."""
-    limit = _prompt_limit()
-    try:
-        with sandbox.bounded(deadline, limit):
-            return bool(_compiled_expression(expression_body(expression))(context))
-    except TemplateSyntaxError as exc:
-        raise TemplateError(f"Jinja syntax error in condition {expression!r}: {exc.message}") from None
-    except SettingError:
-        raise
-    except Exception as exc:
-        error = exc if isinstance(exc, TemplateError) else _render_error(exc)
-        raise type(error)(f"condition {expression!r} failed: {error}") from None
+    return _expression_value(expression, context, deadline, what="condition ", convert=bool)
 
 
 def value_of(expression: str, context: dict[str, Any], *, deadline: float | None = None) -> Any:
     """The value of an expression such as `plan` or `inputs.items[:3]` (braces optional), as it is: a list stays
     a list. TemplateError when it cannot be evaluated."""
+    return _expression_value(expression, context, deadline, what="", convert=lambda value: value)
+
+
+def _expression_value(expression: str, context: dict[str, Any], deadline: float | None, *, what: str,
+                      convert: Callable[[Any], Any]) -> Any:
+    """`convert` of `expression`'s value, both in the sandbox, within the deadline and the prompt size limit; its
+    errors say `what` it is (a condition) and the expression."""
     limit = _prompt_limit()
     try:
         with sandbox.bounded(deadline, limit):
-            return _compiled_expression(expression_body(expression))(context)
+            return convert(_compiled_expression(expression_body(expression))(context))
     except TemplateSyntaxError as exc:
-        raise TemplateError(f"Jinja syntax error in {expression!r}: {exc.message}") from None
+        raise TemplateError(f"Jinja syntax error in {what}{expression!r}: {exc.message}") from None
     except SettingError:
         raise
     except Exception as exc:
         error = exc if isinstance(exc, TemplateError) else _render_error(exc)
-        raise type(error)(f"{expression!r} failed: {error}") from None
+        raise type(error)(f"{what}{expression!r} failed: {error}") from None
