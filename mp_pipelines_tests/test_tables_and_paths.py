@@ -136,15 +136,19 @@ PEAK_RSS = textwrap.dedent("""
 """)
 
 
+def peak_rss_reading(table: Path, **settings: str) -> dict:
+    """PEAK_RSS on `table` in a fresh process, with the default size limits except `settings`."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MP_MAX_")} | settings
+    done = subprocess.run([sys.executable, "-c", PEAK_RSS, str(table)], capture_output=True, text=True, env=env,
+                          timeout=300, check=True)
+    return json.loads(done.stdout)
+
+
 def test_checking_and_loading_a_parquet_bomb_stays_small_in_memory(tmp_path: Path) -> None:
     bomb = tmp_path / "bomb.parquet"
     write_parquet_bomb(bomb, rows=20, cell_bytes=30 * MIB)  # 600 MiB decoded, 30 MiB in the metadata
     assert bomb.stat().st_size < 50_000
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MP_MAX_")}
-    env["MP_MAX_CELL_CHARS"] = str(100 * MIB)  # let the cells pass: the decoded size must stop it
-    done = subprocess.run([sys.executable, "-c", PEAK_RSS, str(bomb)], capture_output=True, text=True, env=env,
-                          timeout=300, check=True)
-    result = json.loads(done.stdout)
+    result = peak_rss_reading(bomb, MP_MAX_CELL_CHARS=str(100 * MIB))  # let the cells pass: the decoded size must stop it
     for name in ("check_table", "load_table"):
         assert "once decoded is at least" in result["outcome"][name], result
     # the one dictionary value (30 MiB) is decoded, never the 20 cells it stands for
@@ -195,10 +199,7 @@ def test_a_nested_parquet_bomb_is_refused_without_being_decoded(tmp_path: Path) 
     bomb = tmp_path / "bomb.parquet"
     write_nested_parquet_bomb(bomb, rows=20, cell_bytes=30 * MIB)  # 600 MiB decoded, 30 MiB in the metadata
     assert bomb.stat().st_size < 50_000
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MP_MAX_")}
-    done = subprocess.run([sys.executable, "-c", PEAK_RSS, str(bomb)], capture_output=True, text=True, env=env,
-                          timeout=300, check=True)
-    result = json.loads(done.stdout)
+    result = peak_rss_reading(bomb)
     for name in ("check_table", "load_table"):
         assert "column 'docs' has the nested type list<element: string>" in result["outcome"][name], result
     # decided from the schema: not one value is decoded (decoding a batch of it took 1.2 GiB)

@@ -270,7 +270,6 @@ def _check_parquet_schema(schema: Any, rows: int, reading: _Reading) -> None:
     MAX_TABLE_BYTES.check(fixed, f"{reading.what} once decoded", at_least=True)
 
 
-
 def _type_name(kind: Any) -> str:
     """An Arrow type as its schema prints it; a map without the field name Arrow adds (`map<string, string>`)."""
     import pyarrow as pa
