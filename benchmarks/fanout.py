@@ -97,7 +97,10 @@ def workflow_yaml(n: int, concurrency: int, per_item: bool) -> str:
 def instance_for(storage: str, home: Path, dbname: str | None):
     import dagster as dg
 
-    overrides: dict = {"telemetry": {"enabled": False}}
+    from mp_pipelines.dagster_ext.compute_logs import compute_logs_config
+
+    # the compute logs `mp-pipelines run` uses for its local instance (cli/running.py)
+    overrides: dict = {"telemetry": {"enabled": False}, "compute_logs": compute_logs_config(str(home / "storage"))}
     if storage == "sqlite":  # the storage `mp-pipelines run` uses for its local instance (cli/running.py)
         from mp_pipelines.dagster_ext.sqlite import pooled_storage_config
 
@@ -112,7 +115,8 @@ def instance_for(storage: str, home: Path, dbname: str | None):
 
 
 def _dagster(variant: str, n: int, concurrency: int, storage: str, dbname: str | None, tmp: Path) -> int:
-    """Run the generated job; returns the number of Dagster steps it ran."""
+    """Run the generated job as `mp-pipelines run` does (cli/running.py: the result is not entered as a context,
+    which would set up the run's resources again); returns the number of Dagster steps it ran."""
     import dagster as dg
 
     from mp_pipelines.cli.config import run_config
@@ -129,10 +133,10 @@ def _dagster(variant: str, n: int, concurrency: int, storage: str, dbname: str |
         job = dg.build_reconstructable_job("mp_pipelines.definitions", "get_job",
                                            reconstructable_args=("bench_fanout", str(spec_path)))
         with instance_for(storage, tmp / "home", dbname) as instance:
-            with dg.execute_job(job, instance=instance, run_config=config) as result:
-                if not result.success:
-                    raise SystemExit(f"variant {variant}: the run failed")
-                return len({e.step_key for e in result.all_events if e.event_type_value == "STEP_START"})
+            result = dg.execute_job(job, instance=instance, run_config=config)
+            if not result.success:
+                raise SystemExit(f"variant {variant}: the run failed")
+            return len({e.step_key for e in result.all_events if e.event_type_value == "STEP_START"})
 
 
 def child(args: argparse.Namespace) -> None:
