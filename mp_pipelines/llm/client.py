@@ -26,7 +26,6 @@ import json
 import logging
 import os
 import re
-import sys
 import threading
 import time
 from collections.abc import AsyncGenerator, Callable, Mapping
@@ -36,6 +35,7 @@ from typing import Any
 import httpx
 import openai
 
+from mp_pipelines.llm import tls
 from mp_pipelines.llm.headers import retry_after_seconds
 from mp_pipelines.llm.lanes import Lanes, close_with_loop
 from mp_pipelines.llm.provider import resolve_provider
@@ -181,7 +181,9 @@ class LLMClient:
         self._lock = threading.RLock()  # _sync_client builds its arguments under it
         self._sync: openai.OpenAI | None = None
         self._async: dict[asyncio.AbstractEventLoop, tuple[Lanes, AsyncGenerator[None, None]]] = {}
-        self._ssl_context: Any = None  # built once (~20 ms) and shared by every client of this LLMClient
+        self._ssl_context: Any = None  # chosen once (tls.py) and shared by every client of this LLMClient
+        if self.provider_name != "simulated" and tls.needs_tls(self.base_url):
+            tls.prepare(openai.DefaultAsyncHttpxClient)  # ready by the first call
 
     def __repr__(self) -> str:
         return f"LLMClient(provider={self.provider_name!r}, base_url={public_url(self.base_url)!r})"
@@ -218,12 +220,12 @@ class LLMClient:
             return self._sync
 
     def _tls_context(self, factory: type) -> Any:
-        """The TLS context the SDK's HTTP client would build for itself (CA bundle, SSL_CERT_FILE), made once."""
+        """The context the clients verify the endpoint's certificate with (tls.py): the process's shared one, or,
+        for a plain-HTTP endpoint reached without a proxy, one that trusts no authority (it never shakes hands)."""
         with self._lock:
             if self._ssl_context is None:
-                http_module = sys.modules[factory.__mro__[1].__module__.split(".")[0]]  # httpx, or httpx2
-                create = getattr(http_module, "create_ssl_context", None)
-                self._ssl_context = create(trust_env=True) if create is not None else True
+                needed = tls.needs_tls(self.base_url)
+                self._ssl_context = tls.verifying_context(factory) if needed else tls.trusting_no_one()
             return self._ssl_context
 
     async def _async_lanes(self) -> Lanes:
