@@ -22,6 +22,7 @@ from mp_pipelines.cli.reporting import (
     summarize_tasks,
     task_output,
 )
+from mp_pipelines.dagster_ext.compute_logs import compute_logs_config
 from mp_pipelines.dagster_ext.sqlite import pooled_storage_config
 from mp_pipelines.factory.names import CHECKS_SUFFIX, RESUME_RETRY_TAG, task_of_step
 from mp_pipelines.spec.graph import topological_order
@@ -38,37 +39,51 @@ _POLL_SECONDS = 0.25
 def local_instance() -> dg.DagsterInstance:
     """The instance at DAGSTER_HOME, else a persistent one under ./.mp_pipelines/dagster_home.
 
-    Where the home's dagster.yaml names no storage (Dagster's default: SQLite files in the home), the same files
-    are opened through `PooledSqliteStorage`, which keeps one connection per database file open instead of one
-    per event (see mp_pipelines/dagster_ext/sqlite.py)."""
+    What the home's dagster.yaml leaves to Dagster's defaults is opened lighter, on the same files: the SQLite storage
+    through `PooledSqliteStorage`, which keeps one connection per database file open instead of one per event
+    (mp_pipelines/dagster_ext/sqlite.py), and the compute logs through `MirroredComputeLogManager`, which copies the
+    captured output to the terminal from a thread instead of `tail` processes (dagster_ext/compute_logs.py)."""
     configured = os.environ.get("DAGSTER_HOME")
     if configured:
         home = Path(configured).expanduser().resolve()
-        if not home.is_dir() or _names_storage(home):
-            return dg.DagsterInstance.get()  # Dagster's own errors and storage choice
-        return dg.DagsterInstance.local_temp(str(home), overrides={"storage": pooled_storage_config(str(home))})
+        named = _named_settings(home) if home.is_dir() else None
+        overrides = _lighter_defaults(home, named) if named is not None else {}
+        if not overrides:
+            return dg.DagsterInstance.get()  # Dagster's own errors and choices
+        return dg.DagsterInstance.local_temp(str(home), overrides=overrides)
     home = (Path.cwd() / LOCAL_HOME).resolve()
     home.mkdir(parents=True, exist_ok=True)
     return dg.DagsterInstance.local_temp(str(home), overrides={"telemetry": {"enabled": False},
                                                                "python_logs": {"python_log_level": "INFO"},
-                                                               "storage": pooled_storage_config(str(home))})
+                                                               **_lighter_defaults(home, _named_settings(home) or set())})
 
 
 _STORAGE_KEYS = ("storage", "run_storage", "event_log_storage", "schedule_storage")
 
 
-def _names_storage(home: Path) -> bool:
-    """Whether the home's dagster.yaml chooses a storage itself (then it is used as written)."""
+def _lighter_defaults(home: Path, named: set[str]) -> dict[str, Any]:
+    """Instance overrides for what the home's dagster.yaml does not choose itself (`named`: its top-level keys)."""
+    overrides: dict[str, Any] = {}
+    if not named & set(_STORAGE_KEYS):
+        overrides["storage"] = pooled_storage_config(str(home))
+    if "compute_logs" not in named:  # Dagster's default place for them: <home>/storage
+        overrides["compute_logs"] = compute_logs_config(str(home / "storage"))
+    return overrides
+
+
+def _named_settings(home: Path) -> set[str] | None:
+    """The top-level keys of the home's dagster.yaml (none without one); None when it cannot be read as a mapping
+    (then Dagster reports it)."""
     import yaml
 
     config = home / "dagster.yaml"
     if not config.exists():
-        return False
+        return set()
     try:
         loaded = yaml.safe_load(config.read_text(encoding="utf-8")) or {}
     except (OSError, yaml.YAMLError):
-        return True  # let Dagster report it
-    return not isinstance(loaded, dict) or any(key in loaded for key in _STORAGE_KEYS)
+        return None
+    return set(loaded) if isinstance(loaded, dict) else None
 
 
 @dataclass

@@ -41,6 +41,7 @@ _TRACED = "mp_pipelines.dagster_ext.traced"
 _POSTGRES = "mp_pipelines.dagster_ext.postgres"
 _PG_ENGINES = "mp_pipelines.dagster_ext.pg_engines"
 _SQLITE = "mp_pipelines.dagster_ext.sqlite"
+_COMPUTE_LOGS = "mp_pipelines.dagster_ext.compute_logs"
 
 
 @dataclass(frozen=True)
@@ -158,6 +159,13 @@ PRIVATE_IMPORTS: tuple[Private, ...] = (
     Private("dagster._core.storage.sqlite_storage", "DagsterSqliteStorage", _SQLITE, members=(
         "from_local", "event_log_storage", "run_storage", "schedule_storage", "register_instance", "dispose")),
     Private("dagster._serdes", "ConfigurableClassData", _SQLITE),
+    # compute_logs.py: Dagster's local compute logs, mirrored to the terminal by a thread
+    Private("dagster._core.storage.compute_log_manager", "CapturedLogContext", _COMPUTE_LOGS),
+    Private("dagster._core.storage.compute_log_manager", "ComputeIOType", _COMPUTE_LOGS, members=("STDOUT", "STDERR")),
+    Private("dagster._core.storage.local_compute_log_manager", "IO_TYPE_EXTENSION", _COMPUTE_LOGS),
+    Private("dagster._core.storage.local_compute_log_manager", "LocalComputeLogManager", _COMPUTE_LOGS, members=(
+        "get_captured_local_path", "complete_artifact_path")),
+    Private("dagster._serdes", "ConfigurableClassData", _COMPUTE_LOGS),
 )
 
 _EVENT_LOG = "dagster_postgres.event_log.event_log:PostgresEventLogStorage"
@@ -211,6 +219,11 @@ OVERRIDES: tuple[Override, ...] = (
              f"{_SQLITE}:PooledSqliteStorage", None),
     Override("dagster._core.storage.sqlite_storage:DagsterSqliteStorage", "run_storage_data",
              f"{_SQLITE}:PooledSqliteStorage", None),
+    # the compute log manager whose captures mirror to the terminal from a thread (compute_logs.py)
+    Override("dagster._core.storage.local_compute_log_manager:LocalComputeLogManager", "capture_logs",
+             f"{_COMPUTE_LOGS}:MirroredComputeLogManager", ("self", "log_key")),
+    Override("dagster._core.storage.local_compute_log_manager:LocalComputeLogManager", "from_config_value",
+             f"{_COMPUTE_LOGS}:MirroredComputeLogManager", ("cls", "inst_data", "config_value")),
     # concurrent executor
     Override("dagster._core.executor.base:Executor", "execute", f"{_EXECUTOR}:ConcurrentExecutor",
              ("self", "plan_context", "execution_plan")),
