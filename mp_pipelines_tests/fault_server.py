@@ -373,8 +373,10 @@ def run_server(
     model: SimulatedModel | None = None,
     faults: FaultScript | None = None,
     api_key: str | None = None,
+    tls: tuple[str, str] | None = None,
 ) -> Iterator[RunningServer]:
-    """Run the fault app with uvicorn in a background thread; yields a RunningServer, stops on exit."""
+    """Run the fault app with uvicorn in a background thread; yields a RunningServer, stops on exit.
+    `tls` (certificate file, key file) serves HTTPS."""
     model = model if model is not None else SimulatedModel()
     faults = faults if faults is not None else FaultScript()
     received: list[ReceivedRequest] = []
@@ -383,7 +385,8 @@ def run_server(
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((host, port))  # bound here so the port is known before uvicorn starts
     bound_port = sock.getsockname()[1]
-    server = uvicorn.Server(server_config(build_fault_app(model, faults, received, api_key, in_flight)))
+    certificate = {"ssl_certfile": tls[0], "ssl_keyfile": tls[1]} if tls else {}
+    server = uvicorn.Server(server_config(build_fault_app(model, faults, received, api_key, in_flight), **certificate))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="mp-llm-server", daemon=True)
     thread.start()
     deadline = time.monotonic() + 10.0
@@ -395,7 +398,8 @@ def run_server(
         time.sleep(0.002)
     bound_host = f"[{host}]" if ":" in host else host
     try:
-        yield RunningServer(f"http://{bound_host}:{bound_port}/v1", model, faults, received, in_flight)
+        scheme = "https" if tls else "http"
+        yield RunningServer(f"{scheme}://{bound_host}:{bound_port}/v1", model, faults, received, in_flight)
     finally:
         server.force_exit = True  # do not wait for requests still sleeping on a scripted delay
         server.should_exit = True

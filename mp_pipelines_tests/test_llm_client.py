@@ -6,13 +6,17 @@ import asyncio
 import logging
 import pickle
 import socket
+import ssl
+import subprocess
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
+from mp_pipelines.llm import tls
 from mp_pipelines.llm.client import LLMClient
 from mp_pipelines.llm.resource import LLMResource
 from mp_pipelines.llm.types import LLMError, LLMRequest
@@ -303,3 +307,50 @@ def test_server_consumes_faults_in_order_and_lists_models(llm_server: RunningSer
     assert statuses[1].json()["choices"][0]["message"]["content"] == "scripted answer"
     assert statuses[2].json()["choices"][0]["message"]["content"].startswith("[simulated]")
     assert [r.body["messages"][0]["content"] for r in llm_server.requests] == ["hi"] * 3
+
+
+# ---------------------------------------------------------------------------------------------------
+# TLS: the endpoint's certificate is verified against the process's authorities (or SSL_CERT_FILE); a plain-HTTP
+# endpoint loads none.
+
+
+@pytest.fixture
+def tls_files(tmp_path: Path) -> tuple[str, str]:
+    """A self-signed certificate for 127.0.0.1 and its key, made by openssl."""
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=127.0.0.1",
+                    "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
+                   check=True, capture_output=True)
+    return str(cert), str(key)
+
+
+def test_an_https_endpoint_is_verified_against_ssl_cert_file(client_for: MakeClient, tls_files: tuple[str, str],
+                                                              llm_server_factory: Callable[..., RunningServer],
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    server = llm_server_factory(tls=tls_files)
+    assert server.base_url.startswith("https://127.0.0.1:")
+    monkeypatch.delenv("SSL_CERT_FILE", raising=False)
+    monkeypatch.delenv("SSL_CERT_DIR", raising=False)
+    with pytest.raises(LLMError, match="could not verify the server's TLS certificate .*set SSL_CERT_FILE") as refused:
+        client_for(server, timeout=5).complete(ask())  # self-signed: not among the system's authorities
+    assert refused.value.kind == "tls" and not refused.value.retryable  # a setting to fix, not a failure to retry
+    monkeypatch.setenv("SSL_CERT_FILE", tls_files[0])
+    assert asyncio.run(client_for(server, timeout=5).acomplete(ask("over TLS"))).text.startswith("[simulated]")
+    assert len(server.requests) == 1
+
+
+def test_a_plain_http_endpoint_gets_a_context_that_trusts_no_authority(tls_files: tuple[str, str],
+                                                                       llm_server_factory: Callable[..., RunningServer],
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in tls.PROXY_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+        monkeypatch.delenv(name.upper(), raising=False)
+    assert not tls.needs_tls("http://127.0.0.1:8000/v1") and tls.needs_tls("https://api.openai.com/v1")
+    monkeypatch.setenv("HTTPS_PROXY", "https://proxy.example:3128")  # the proxy may be reached over TLS
+    assert tls.needs_tls("http://127.0.0.1:8000/v1")
+    # Should a plain-HTTP client ever be led into a handshake, it fails verification instead of passing it.
+    server = llm_server_factory(tls=tls_files)
+    context = tls.trusting_no_one()
+    assert context.verify_mode == ssl.CERT_REQUIRED and context.check_hostname
+    with pytest.raises(httpx.ConnectError, match="(?i)certificate"):
+        httpx.get(f"{server.base_url}/models", verify=context, trust_env=False)

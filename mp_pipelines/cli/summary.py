@@ -16,6 +16,8 @@ _ADVICE: Sequence[tuple[tuple[str, ...], str]] = (
     # an MP_* variable the step read cannot be used (SettingError): neither the workflow nor its input is at fault
     (("environment setting:",), "fix or unset the environment variable named above where the run's steps run (the "
      "code location's or worker's environment), then run it again"),
+    (("tls certificate",), "set SSL_CERT_FILE to the authority that signed the endpoint's certificate (or fix the "
+     "certificate), then resume the run"),
     (("401", "403", "authentication", "api key", "permission"),
      "check OPENAI_API_KEY (and OPENAI_BASE_URL) for the endpoint, then resume the run"),
     (("connection", "connect", "timed out", "timeout", "429", "rate limit", "502", "503", "500", "unreachable"),

@@ -26,6 +26,7 @@ import json
 import logging
 import os
 import re
+import ssl
 import threading
 import time
 from collections.abc import AsyncGenerator, Callable, Mapping
@@ -133,6 +134,21 @@ def _never_connected(exc: openai.APIConnectionError) -> bool:
     """
     cause = exc.__cause__
     return cause is None or any(cls.__name__ == "ConnectError" for cls in type(cause).__mro__)
+
+
+def _certificate_refused(exc: openai.APIConnectionError) -> str | None:
+    """The reason, when the connection failed because the server's certificate did not verify (a setting to fix, not
+    a failure to retry)."""
+    link: BaseException | None = exc.__cause__
+    for _ in range(10):
+        if link is None:
+            return None
+        if isinstance(link, ssl.SSLCertVerificationError):
+            return link.verify_message or str(link)
+        if "CERTIFICATE_VERIFY_FAILED" in str(link):  # the transport's own error, carrying the OpenSSL text
+            return str(link)
+        link = link.__cause__ or link.__context__
+    return None
 
 
 def _transport_failure(exc: openai.APIConnectionError) -> str:
@@ -352,6 +368,10 @@ class LLMClient:
         if isinstance(exc, (openai.APITimeoutError, asyncio.TimeoutError)):
             kind = "timeout"
             what = f"got no answer within {budget:g} s ({tries}): raise the timeout or check that the endpoint responds"
+        elif isinstance(exc, openai.APIConnectionError) and (reason := _certificate_refused(exc)):
+            kind = "tls"
+            what = (f"could not verify the server's TLS certificate ({self._redact(reason)[:200]}): set SSL_CERT_FILE "
+                    "to the certificate of the authority that signed it (or fix the endpoint's certificate)")
         elif isinstance(exc, openai.APIConnectionError) and _never_connected(exc):
             kind, what = "connection", f"could not connect ({tries}): check OPENAI_BASE_URL and that the server runs"
         elif isinstance(exc, openai.APIConnectionError):

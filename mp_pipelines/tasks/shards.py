@@ -27,9 +27,9 @@ from mp_pipelines.tasks.runner import arun_task
 MAX_RETRY_DELAY = 3600.0  # seconds
 MAX_STEPS_PER_FANOUT = 32  # default: small fan-outs keep one step per item, larger ones ≤ this many shards
 WAVES_PER_SHARD = 4  # default shards hold at least this many times the fan-out's breadth
-# Errors that every other item of the fan-out would meet too (a refused key): the shard stops at the first one
-# instead of recording, and paying for, the same refusal item by item.
-STOPS_THE_FAN_OUT = frozenset({"authentication", "batch_unsupported"})
+# Errors that every other item of the fan-out would meet too (a refused key, a certificate that does not verify):
+# the shard stops at the first one instead of recording, and paying for, the same refusal item by item.
+STOPS_THE_FAN_OUT = frozenset({"authentication", "tls", "batch_unsupported"})
 # Failures the call path has already retried within the item's retry budget (calls/retry.py): the item is not
 # run again here; a step retry (the task's `retries:`) re-runs only the shard's failed items.
 RETRIED_BY_THE_CALL = RETRIED_KINDS | {"circuit_open"}
