@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import dagster as dg
 import pytest
 
@@ -10,7 +12,8 @@ from mp_pipelines.definitions import defs as load_defs
 from mp_pipelines.factory.job import build_job
 from mp_pipelines.factory.schedules import build_schedule
 from mp_pipelines.spec.builder import WorkflowBuilder
-from mp_pipelines.spec.loader import LoadResult, load_workflows
+from mp_pipelines.spec.loader import LoadResult, load_workflow_file, load_workflows
+from mp_pipelines_tests.workflow_helpers import fan_workflow, write_workflow
 
 SHIPPED = ("research_report", "summarize_documents", "classify_tickets")
 
@@ -104,6 +107,23 @@ def test_inputs_are_typed_run_config_with_defaults() -> None:
     in_process = dg.validate_run_config(job, {"ops": {"inputs": {"config": {"topic": "x"}}},
                                               "execution": {"config": {"in_process": {}}}})
     assert "in_process" in in_process["execution"]["mp_pipelines_executor"]
+
+
+def test_a_list_input_is_checked_once_by_the_inputs_op(tmp_path: Path, instance: dg.DagsterInstance) -> None:
+    """Given in the run config as the Launchpad takes it: JSON or comma-separated text is a list; a mapping fails the
+    inputs step with one sentence naming the input."""
+    spec = load_workflow_file(write_workflow(tmp_path, fan_workflow("fan_text", ["x"], breadth=2)))
+    job = build_job(spec)
+    field = job.run_config_schema.config_type.fields["ops"].config_type.fields["inputs"]
+    assert "A list" in field.config_type.fields["config"].config_type.fields["words"].description
+    result = job.execute_in_process(run_config={"ops": {"inputs": {"config": {"words": "alpha, beta"}}}},
+                                    instance=instance)
+    assert result.output_for_node("fan_text__inputs") == {"words": ["alpha", "beta"]}
+    refused = job.execute_in_process(run_config={"ops": {"inputs": {"config": {"words": {"a": 1}}}}},
+                                     instance=instance, raise_on_error=False)
+    assert not refused.success
+    [failure] = [e for e in refused.all_events if e.event_type == dg.DagsterEventType.STEP_FAILURE]
+    assert "input 'words' expects a list: got a dict" in failure.step_failure_data.error.message
 
 
 def test_asset_lineage_mirrors_the_dag() -> None:
