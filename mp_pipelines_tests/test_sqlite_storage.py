@@ -102,6 +102,12 @@ def test_a_new_run_shard_is_what_dagster_itself_creates(tmp_path: Path) -> None:
             assert _schema(str(tmp_path / "pooled" / name)) == _schema(str(tmp_path / "stock" / name)), name
         assert _schema(str(tmp_path / "pooled" / "history" / "runs" / f"{pooled_run}.db")) == _schema(
             str(tmp_path / "stock" / "history" / "runs" / f"{stock_run}.db"))
+        # the pooled shard is a copy of the folder's empty shard, which Dagster's listing of runs does not take for one
+        [template] = (tmp_path / "pooled" / "history" / "runs").glob(".empty-run-shard-dagster-*.template")
+        assert _schema(str(template)) == _schema(str(tmp_path / "stock" / "history" / "runs" / f"{stock_run}.db"))
+        assert pooled.event_log_storage.get_all_run_ids() == [pooled_run]
+        second_run = _one_run(pooled)
+        assert _schema(str(tmp_path / "pooled" / "history" / "runs" / f"{second_run}.db")) == _schema(str(template))
         kinds = [r.event_log_entry.dagster_event_type for r in pooled.get_records_for_run(pooled_run).records]
         assert kinds == [r.event_log_entry.dagster_event_type for r in stock.get_records_for_run(stock_run).records]
     finally:

@@ -142,7 +142,8 @@ PRIVATE_IMPORTS: tuple[Private, ...] = (
     Private("dagster._config.config_schema", "UserConfigSchema", _SQLITE),
     Private("dagster._core.storage.base_storage", "DagsterStorage", _SQLITE),
     Private("dagster._core.storage.event_log.sqlite.sqlite_event_log", "SqliteEventLogStorage", _SQLITE, members=(
-        "_initdb", "conn_string_for_shard", "run_connection", "index_connection", "_event_to_row")),
+        "_initdb", "conn_string_for_shard", "path_for_shard", "run_connection", "index_connection", "_event_to_row")),
+    Private("dagster._core.storage.event_log.sqlite.sqlite_event_log", "INDEX_SHARD_NAME", _SQLITE),
     Private("dagster._core.events", "ASSET_EVENTS", _SQLITE),
     Private("dagster._core.events", "ASSET_CHECK_EVENTS", _SQLITE),
     Private("dagster._core.events", "EVENT_TYPE_TO_PIPELINE_RUN_STATUS", _SQLITE),
