@@ -65,8 +65,7 @@ def test_a_budget_without_a_store_fails_multiprocess_steps_before_any_call(
     use_server(llm_server, monkeypatch)
     monkeypatch.setenv("MP_CACHE_URL", "none")
     path = write_workflow(tmp_path, fan("split", 12, extra="budget: {max_calls: 5}", task_extra="\n    shard_size: 4"))
-    # spawn, not forkserver: a forkserver started by an earlier test keeps that test's environment
-    run_id = execute(path, instance, {"multiprocess": {"start_method": "spawn"}})
+    run_id = execute(path, instance, {"multiprocess": {}})
     assert instance.get_run_by_id(run_id).status == dg.DagsterRunStatus.FAILURE
     assert len(llm_server.requests) == 0, "no call may go out under a budget nothing can enforce"
     failures = step_failures(instance, run_id)

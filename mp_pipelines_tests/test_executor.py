@@ -307,3 +307,25 @@ def test_termination_frees_the_pool_slots_of_in_flight_steps(instance: dg.Dagste
     info = instance.event_log_storage.get_concurrency_info(POOL)
     assert (info.active_slot_count, info.pending_step_count) == (0, 0)  # nothing left claimed or queued
     assert len(events_of(instance, run.run_id, ET.STEP_FAILURE)) == 2  # the two holders; the others never started
+
+
+def test_a_forkserver_of_another_environment_is_replaced_unless_a_run_still_uses_it(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A multiprocess run starting after the environment changed stops the forkserver (its executor starts a new
+    one), unless a run still has step processes on it: then it spawns its own."""
+    import multiprocessing.forkserver
+
+    from mp_pipelines.dagster_ext.forkserver import _claim, _release
+
+    server = multiprocessing.forkserver._forkserver
+    monkeypatch.setenv("MP_TEST_ENVIRONMENT", "first")
+    assert _claim()  # a run here, on a forkserver of this environment
+    multiprocessing.forkserver.ensure_running()
+    started = server._forkserver_pid
+    monkeypatch.setenv("MP_TEST_ENVIRONMENT", "second")
+    assert not _claim(), "the first run still uses the forkserver: the second spawns"
+    assert server._forkserver_pid == started
+    _release()
+    assert _claim(), "nothing uses it any more: it is stopped, the run's executor starts one of this environment"
+    assert server._forkserver_pid is None
+    _release()

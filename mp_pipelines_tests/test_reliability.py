@@ -181,6 +181,22 @@ def test_cache_lives_in_postgresql_when_the_instance_does(openai_env: RunningSer
     assert store.count("") == 4
 
 
+def test_multiprocess_steps_see_the_environment_their_run_starts_in(
+        llm_server_factory, instance: dg.DagsterInstance, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Step processes fork from a forkserver that a process starts once. When the process names an endpoint after
+    a run on the simulated model, its next run's steps call that endpoint (not the simulated model, whose answers
+    are cached under another endpoint), as the run reports."""
+    path = write_workflow(tmp_path, chain())
+    first = run_file(path, {}, instance, executor="multiprocess")
+    assert first.success and first.provider == "simulated"
+    server = llm_server_factory()  # an endpoint no earlier forkserver can have been started with
+    monkeypatch.setenv("OPENAI_BASE_URL", server.base_url)
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-test-not-a-real-key")
+    second = run_file(path, {}, instance, executor="multiprocess")
+    assert second.success and second.provider == "openai"
+    assert second.usage.calls == 4 and second.usage.cache_hits == 0 and len(server.requests) == 4
+
+
 @pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
 def test_processes_opening_a_new_store_at_once_all_get_it(backend: str, tmp_path: Path) -> None:
     """Every step of a first run opens the store at about the same moment. Creating the tables raced ("already
@@ -346,8 +362,7 @@ def test_call_budget_is_shared_by_step_processes(llm_server_factory, monkeypatch
     path = write_workflow(tmp_path, fan("spread_budget", 40, breadth=8, extra="budget: {max_calls: 10}",
                                         task_extra="\n    shard_size: 20"))
     config = run_config({}, None)
-    # spawn, not forkserver: a forkserver started by an earlier test keeps that test's environment
-    config["execution"] = {"config": {"multiprocess": {"start_method": "spawn"}}}
+    config["execution"] = {"config": {"multiprocess": {}}}
     with dg.execute_job(reconstructable_job(load_workflow_file(path), str(path)), instance=instance,
                         run_config=config) as result:
         assert not result.success

@@ -110,8 +110,7 @@ def test_breadth_holds_across_shards_in_separate_processes(llm_server_factory, m
     path = write_workflow(tmp_path, fan_out("spread", 12, breadth=4, shard=3))
     job = dg.build_reconstructable_job("mp_pipelines.definitions", "get_job", reconstructable_args=("spread", str(path)))
     config = run_config({}, None)
-    # spawn, not forkserver: a forkserver started by an earlier test keeps that test's environment
-    config["execution"] = {"config": {"multiprocess": {"start_method": "spawn"}}}
+    config["execution"] = {"config": {"multiprocess": {}}}
     with dg.execute_job(job, instance=instance, run_config=config) as result:
         assert result.success
     assert 1 <= server.in_flight.peak <= 4

@@ -1,7 +1,8 @@
 """The quarantine for Dagster internals: the only package of mp_pipelines allowed to import `dagster._*`.
 
 * `executor`: `concurrent_executor` / `selectable_executor`, the steps of a run on threads
-  (`step_threads`: one step's thread and the outputs it has stored);
+  (`step_threads`: one step's thread and the outputs it has stored), Dagster's multiprocess one on a
+  forkserver of the current environment (`forkserver`);
 * `postgres`: dagster-postgres storages on pooled connections (re-exported by `mp_pipelines.storage`,
   the module users name in dagster.yaml), on the process-safe shared engines of `pg_engines`;
 * `compat`: the Dagster version this was written against and every private name used here, with the

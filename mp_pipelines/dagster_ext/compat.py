@@ -38,6 +38,7 @@ WRITTEN_AGAINST = {"dagster": DAGSTER_VERSION, "dagster-postgres": DAGSTER_POSTG
 _EXECUTOR = "mp_pipelines.dagster_ext.executor"
 _STEP_THREADS = "mp_pipelines.dagster_ext.step_threads"
 _TRACED = "mp_pipelines.dagster_ext.traced"
+_FORKSERVER = "mp_pipelines.dagster_ext.forkserver"
 _POSTGRES = "mp_pipelines.dagster_ext.postgres"
 _PG_ENGINES = "mp_pipelines.dagster_ext.pg_engines"
 _SQLITE = "mp_pipelines.dagster_ext.sqlite"
@@ -236,6 +237,12 @@ OVERRIDES: tuple[Override, ...] = (
              ("self", "plan_context", "execution_plan")),
     Override("dagster._core.executor.base:Executor", "retries", f"{_TRACED}:TracedExecutor", None),
     Override("dagster._core.executor.base:Executor", "step_dependency_config", f"{_TRACED}:TracedExecutor", None),
+    # the multiprocess executor on a forkserver of the current environment (forkserver.py)
+    Override("dagster._core.executor.base:Executor", "execute", f"{_FORKSERVER}:CurrentEnvironmentExecutor",
+             ("self", "plan_context", "execution_plan")),
+    Override("dagster._core.executor.base:Executor", "retries", f"{_FORKSERVER}:CurrentEnvironmentExecutor", None),
+    Override("dagster._core.executor.base:Executor", "step_dependency_config",
+             f"{_FORKSERVER}:CurrentEnvironmentExecutor", None),
 )
 
 # Private attributes set by the stock `__init__` (with should_autocreate_tables=False it opens no connection)

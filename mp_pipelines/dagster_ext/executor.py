@@ -56,6 +56,7 @@ from dagster._core.executor.base import Executor
 from dagster._utils.error import serializable_error_info_from_exc_info
 
 from mp_pipelines.dagster_ext.celery import CELERY_EXECUTOR_CONFIG, celery_fleet_executor
+from mp_pipelines.dagster_ext.forkserver import CurrentEnvironmentExecutor
 from mp_pipelines.dagster_ext.step_threads import StepThread, StepThreads, StoredOutputs, is_terminal
 from mp_pipelines.dagster_ext.traced import TracedExecutor
 
@@ -308,8 +309,9 @@ def _selected_requirements(config: dict[str, Any]) -> list[dg.ExecutorRequiremen
     requirements=_selected_requirements,
 )
 def selectable_executor(init_context: dg.InitExecutorContext) -> Executor:
-    """The concurrent executor, or Dagster's multiprocess or in-process one, or dagster-celery's on a worker
-    fleet, chosen per run in run config."""
+    """The concurrent executor, or Dagster's multiprocess (its forkserver's step processes in the current
+    environment, see `forkserver.py`) or in-process one, or dagster-celery's on a worker fleet, chosen per run in
+    run config."""
     ((kind, options),) = init_context.executor_config.items()
     if kind == "celery":
         return celery_fleet_executor(init_context, options)
@@ -317,6 +319,13 @@ def selectable_executor(init_context: dg.InitExecutorContext) -> Executor:
         chosen, config = concurrent_executor, options
     else:
         chosen, config = dg.multi_or_in_process_executor, {kind: options}
-    return TracedExecutor(chosen.executor_creation_fn(  # type: ignore[misc]
-        dg.InitExecutorContext(job=init_context.job, executor_def=chosen, executor_config=config,
-                               instance=init_context.instance)))
+
+    def make(config: dict[str, Any]) -> Executor:
+        return chosen.executor_creation_fn(  # type: ignore[misc]
+            dg.InitExecutorContext(job=init_context.job, executor_def=chosen, executor_config=config,
+                                   instance=init_context.instance))
+
+    if kind == "multiprocess" and "forkserver" in (options.get("start_method") or {}):
+        spawning = {kind: {**options, "start_method": {"spawn": {}}}}
+        return TracedExecutor(CurrentEnvironmentExecutor(make(config), lambda: make(spawning)))
+    return TracedExecutor(make(config))
