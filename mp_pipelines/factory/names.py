@@ -88,7 +88,12 @@ def collect_step(workflow: str, task: str) -> str:
 
 def mapped_step(workflow: str, task: str, mapping_key: str) -> str:
     """One mapped step of a fan-out (an item or a shard of items)."""
-    return f"{node_name(workflow, task)}.{task}[{mapping_key}]"
+    return keyed_step(f"{node_name(workflow, task)}.{task}", mapping_key)
+
+
+def keyed_step(step: str, mapping_key: str | None) -> str:
+    """The key a step runs under: `step[mapping_key]` for a mapped step, `step` otherwise."""
+    return step if mapping_key is None else f"{step}[{mapping_key}]"
 
 
 def is_mapped_step(step_key: str, workflow: str, task: str) -> bool:

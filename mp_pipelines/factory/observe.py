@@ -14,7 +14,7 @@ from typing import Any, Callable
 
 import dagster as dg
 
-from mp_pipelines.factory.names import collect_step, items_step, task_of_step
+from mp_pipelines.factory.names import collect_step, items_step, keyed_step, task_of_step
 from mp_pipelines.spec.models import WorkflowSpec
 from mp_pipelines.telemetry import names as n
 from mp_pipelines.telemetry.setup import RUN_WORKER_PIDS, Telemetry, active, run_parent
@@ -31,8 +31,7 @@ def observed(spec: WorkflowSpec, step: str, compute: Compute, *, prompts: bool) 
 
     def traced(context: dg.OpExecutionContext, inputs: Mapping[str, Any]) -> Iterator[Any]:
         telemetry = active()
-        mapping_key = context.get_mapping_key()
-        step_key = f"{step}[{mapping_key}]" if mapping_key is not None else step
+        step_key = keyed_step(step, context.get_mapping_key())
         tally = StepTally(spec.name, task, telemetry)
         told = False
         try:
