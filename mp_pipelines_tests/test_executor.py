@@ -311,7 +311,7 @@ def test_termination_frees_the_pool_slots_of_in_flight_steps(instance: dg.Dagste
 
 def test_a_forkserver_of_another_environment_is_replaced_unless_a_run_still_uses_it(
         monkeypatch: pytest.MonkeyPatch) -> None:
-    """A multiprocess run starting after the environment changed stops the forkserver (its executor starts a new
+    """A multiprocess run starting after the environment changed lets the forkserver go (its executor starts a new
     one), unless a run still has step processes on it: then it spawns its own."""
     import multiprocessing.forkserver
 
@@ -326,6 +326,12 @@ def test_a_forkserver_of_another_environment_is_replaced_unless_a_run_still_uses
     assert not _claim(), "the first run still uses the forkserver: the second spawns"
     assert server._forkserver_pid == started
     _release()
-    assert _claim(), "nothing uses it any more: it is stopped, the run's executor starts one of this environment"
+    assert _claim(), "nothing uses it any more: it is let go, the run's executor starts one of this environment"
     assert server._forkserver_pid is None
     _release()
+    deadline = time.monotonic() + 10
+    while Path(f"/proc/{started}").exists() and time.monotonic() < deadline:  # it exits, and is reaped
+        time.sleep(0.05)
+    assert not Path(f"/proc/{started}").exists()
+    multiprocessing.forkserver.ensure_running()  # a new one starts where the old one was
+    assert server._forkserver_pid not in (None, started)

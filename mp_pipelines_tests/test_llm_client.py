@@ -6,7 +6,6 @@ import asyncio
 import logging
 import pickle
 import socket
-import ssl
 import subprocess
 import time
 from collections.abc import Callable, Iterator
@@ -16,7 +15,6 @@ from typing import Any
 import httpx
 import pytest
 
-from mp_pipelines.llm import tls
 from mp_pipelines.llm.client import LLMClient
 from mp_pipelines.llm.resource import LLMResource
 from mp_pipelines.llm.types import LLMError, LLMRequest
@@ -310,8 +308,7 @@ def test_server_consumes_faults_in_order_and_lists_models(llm_server: RunningSer
 
 
 # ---------------------------------------------------------------------------------------------------
-# TLS: the endpoint's certificate is verified against the process's authorities (or SSL_CERT_FILE); a plain-HTTP
-# endpoint loads none.
+# TLS: the endpoint's certificate is verified against the process's authorities (or SSL_CERT_FILE).
 
 
 @pytest.fixture
@@ -337,20 +334,3 @@ def test_an_https_endpoint_is_verified_against_ssl_cert_file(client_for: MakeCli
     monkeypatch.setenv("SSL_CERT_FILE", tls_files[0])
     assert asyncio.run(client_for(server, timeout=5).acomplete(ask("over TLS"))).text.startswith("[simulated]")
     assert len(server.requests) == 1
-
-
-def test_a_plain_http_endpoint_gets_a_context_that_trusts_no_authority(tls_files: tuple[str, str],
-                                                                       llm_server_factory: Callable[..., RunningServer],
-                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
-    for name in tls.PROXY_VARIABLES:
-        monkeypatch.delenv(name, raising=False)
-        monkeypatch.delenv(name.upper(), raising=False)
-    assert not tls.needs_tls("http://127.0.0.1:8000/v1") and tls.needs_tls("https://api.openai.com/v1")
-    monkeypatch.setenv("HTTPS_PROXY", "https://proxy.example:3128")  # the proxy may be reached over TLS
-    assert tls.needs_tls("http://127.0.0.1:8000/v1")
-    # Should a plain-HTTP client ever be led into a handshake, it fails verification instead of passing it.
-    server = llm_server_factory(tls=tls_files)
-    context = tls.trusting_no_one()
-    assert context.verify_mode == ssl.CERT_REQUIRED and context.check_hostname
-    with pytest.raises(httpx.ConnectError, match="(?i)certificate"):
-        httpx.get(f"{server.base_url}/models", verify=context, trust_env=False)

@@ -15,6 +15,7 @@ left out of the terminal (`tail -F` checks once a second and can miss the last l
 from __future__ import annotations
 
 import os
+import select
 import sys
 import threading
 from collections.abc import Iterator, Sequence
@@ -63,21 +64,21 @@ def mirrored(stream: IO[Any], path: str) -> Iterator[None]:
         yield
         return
     stream.flush()
-    terminal = os.dup(descriptor)
-    try:
-        with open(path, "ab", buffering=0) as sink, open(path, "rb", buffering=0) as source:
-            copier = _Copier(source, terminal)
+    with open(path, "ab", buffering=0) as sink:
+        copier = _Copier(path, os.dup(descriptor))
+        try:
             os.dup2(sink.fileno(), descriptor)
+        except BaseException:
+            copier.finish()
+            raise
+        try:
+            yield
+        finally:
             try:
-                yield
+                stream.flush()
             finally:
-                try:
-                    stream.flush()
-                finally:
-                    os.dup2(terminal, descriptor)
-                    copier.finish()
-    finally:
-        os.close(terminal)
+                os.dup2(copier.terminal, descriptor)
+                copier.finish()
 
 
 def _touched(path: str) -> None:
@@ -94,18 +95,27 @@ def _descriptor(stream: IO[Any]) -> int | None:
 
 
 class _Copier(threading.Thread):
-    """Copies what is appended to `source` to the descriptor `target` until `finish()`, then the rest."""
+    """Copies what is appended to the file `path` to the descriptor `terminal` until `finish()`, then the rest; it
+    owns `terminal` and closes it when it ends (never while a write to it may still run)."""
 
-    def __init__(self, source: IO[bytes], target: int) -> None:
+    def __init__(self, path: str, terminal: int) -> None:
         super().__init__(name="mp-compute-log-mirror", daemon=True)
-        self._source, self._target, self._done = source, target, threading.Event()
-        self._broken = False
+        self.terminal, self._done, self._broken = terminal, threading.Event(), False
+        try:
+            self._source = open(path, "rb", buffering=0)  # noqa: SIM115 - closed by the thread when it ends
+        except BaseException:
+            os.close(terminal)
+            raise
         self.start()
 
     def run(self) -> None:
-        while not self._done.wait(MIRROR_SECONDS):
+        try:
+            while not self._done.wait(MIRROR_SECONDS):
+                self._copy()
             self._copy()
-        self._copy()
+        finally:
+            self._source.close()
+            os.close(self.terminal)
 
     def finish(self) -> None:
         self._done.set()
@@ -118,6 +128,9 @@ class _Copier(threading.Thread):
             view = memoryview(chunk)
             try:
                 while view:
-                    view = view[os.write(self._target, view):]
+                    try:
+                        view = view[os.write(self.terminal, view):]
+                    except BlockingIOError:  # a non-blocking pipe that is full: wait until it drains
+                        select.select([], [self.terminal], [], 1.0)
             except OSError:
                 self._broken = True

@@ -8,17 +8,20 @@ MP_CACHE_URL, the working folder in MP_LOCAL_RUN_DIR) would have its steps call 
 than the run reports, look up and keep answers under another endpoint or in another cache (every cached answer
 missed, and paid for again), or check inputs against other roots.
 
-So before a run forks its steps, a forkserver started in another environment is stopped, and the run's executor
-starts a new one. While another run of this process still has step processes on that forkserver (stopping it
-would cut them off from it), the run spawns its step processes instead. What of the forkserver is read and
-stopped is private to `multiprocessing.forkserver` (`_forkserver`, its `_forkserver_pid` and `_stop`, in Python
-3.11); without them a run in a changed environment spawns its steps.
+So before a run forks its steps, a forkserver started in another environment is let go (without waiting for it:
+it exits once no process holds its pipe any more) and the run's executor starts a new one. While another run of
+this process still has step processes on that forkserver, the run spawns its step processes instead. What of the
+forkserver is read and let go is private to `multiprocessing.forkserver` (`_forkserver`, its `_lock`,
+`_forkserver_pid`, `_forkserver_alive_fd` and `_forkserver_address`, in Python 3.11); without them a run in a
+changed environment spawns its steps.
 """
 
 import multiprocessing.forkserver
+import multiprocessing.util
 import os
 import threading
 from collections.abc import Callable, Iterator
+from contextlib import suppress
 from typing import Any
 
 import dagster as dg
@@ -44,12 +47,37 @@ def _claim() -> bool:
     with _LOCK:
         running = getattr(server, "_forkserver_pid", None) is not None
         if running and _Forkserver.environment != environment:
-            if _Forkserver.runs or _Forkserver.environment is None or not hasattr(server, "_stop"):
+            if _Forkserver.runs or _Forkserver.environment is None or not _detachable(server):
                 return False  # in use, or not started here (someone else's): leave it alone
-            server._stop()
+            _detach(server)
         _Forkserver.environment = environment
         _Forkserver.runs += 1
         return True
+
+
+def _detachable(server: Any) -> bool:
+    return all(hasattr(server, name) for name in ("_lock", "_forkserver_alive_fd", "_forkserver_address"))
+
+
+def _detach(server: Any) -> None:
+    """Let the old forkserver go without waiting for it (its own `_stop` waits until every process holding its
+    "alive" pipe has ended, which may be never while a user's pool runs): close this process's end of the pipe, so
+    the server exits once the others are gone, forget it, so the executor starts a new one, and reap it in a thread."""
+    with server._lock:
+        pid, alive, address = server._forkserver_pid, server._forkserver_alive_fd, server._forkserver_address
+        server._forkserver_pid = server._forkserver_alive_fd = server._forkserver_address = None
+    if alive is not None:
+        with suppress(OSError):
+            os.close(alive)
+    if address and not multiprocessing.util.is_abstract_socket_namespace(address):
+        with suppress(OSError):
+            os.unlink(address)
+    threading.Thread(target=_reap, args=(pid,), name="mp-forkserver-reaper", daemon=True).start()
+
+
+def _reap(pid: int) -> None:
+    with suppress(OSError):  # ChildProcessError: reaped elsewhere
+        os.waitpid(pid, 0)
 
 
 def _release() -> None:

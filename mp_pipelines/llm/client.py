@@ -198,7 +198,7 @@ class LLMClient:
         self._sync: openai.OpenAI | None = None
         self._async: dict[asyncio.AbstractEventLoop, tuple[Lanes, AsyncGenerator[None, None]]] = {}
         self._ssl_context: Any = None  # chosen once (tls.py) and shared by every client of this LLMClient
-        if self.provider_name != "simulated" and tls.needs_tls(self.base_url):
+        if self.provider_name != "simulated":
             tls.prepare(openai.DefaultAsyncHttpxClient)  # ready by the first call
 
     def __repr__(self) -> str:
@@ -236,12 +236,10 @@ class LLMClient:
             return self._sync
 
     def _tls_context(self, factory: type) -> Any:
-        """The context the clients verify the endpoint's certificate with (tls.py): the process's shared one, or,
-        for a plain-HTTP endpoint reached without a proxy, one that trusts no authority (it never shakes hands)."""
+        """The context the clients verify the endpoint's certificate with: the process's shared one (tls.py)."""
         with self._lock:
             if self._ssl_context is None:
-                needed = tls.needs_tls(self.base_url)
-                self._ssl_context = tls.verifying_context(factory) if needed else tls.trusting_no_one()
+                self._ssl_context = tls.verifying_context(factory)
             return self._ssl_context
 
     async def _async_lanes(self) -> Lanes:
