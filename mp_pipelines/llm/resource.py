@@ -16,11 +16,13 @@ from dataclasses import replace
 from typing import Literal, get_args
 
 import dagster as dg
+import openai
 from pydantic import Field, PrivateAttr
 
 from mp_pipelines.llm.batches import BatchAPI
 from mp_pipelines.llm.client import LLMClient
 from mp_pipelines.llm.provider import resolve_provider
+from mp_pipelines.llm.tls import prepare as prepare_tls
 from mp_pipelines.llm.types import LimitSettings, LLMRequest, LLMResult, ResponseObserver
 from mp_pipelines.spec.size_limits import SettingError
 
@@ -173,7 +175,10 @@ def build_llm_resource() -> LLMResource:
 
     SettingsError names an MP_* variable whose value cannot be used, and what it may be.
     """
-    return LLMResource(**_settings_from_env())
+    resource = LLMResource(**_settings_from_env())
+    if resource.provider_name != "simulated":  # a run builds this with its job: the TLS context is ready by its calls
+        prepare_tls(openai.DefaultAsyncHttpxClient)
+    return resource
 
 
 def llm_run_config(mode: str) -> dict[str, object]:
