@@ -197,7 +197,7 @@ class LLMClient:
         self._lock = threading.RLock()  # _sync_client builds its arguments under it
         self._sync: openai.OpenAI | None = None
         self._async: dict[asyncio.AbstractEventLoop, tuple[Lanes, AsyncGenerator[None, None]]] = {}
-        self._ssl_context: Any = None  # chosen once (tls.py) and shared by every client of this LLMClient
+        self._ssl_context: Any = None  # the process's shared context (tls.py), for every client of this LLMClient
         if self.provider_name != "simulated":
             tls.prepare(openai.DefaultAsyncHttpxClient)  # ready by the first call
 
