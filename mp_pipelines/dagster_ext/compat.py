@@ -39,6 +39,7 @@ _EXECUTOR = "mp_pipelines.dagster_ext.executor"
 _STEP_THREADS = "mp_pipelines.dagster_ext.step_threads"
 _TRACED = "mp_pipelines.dagster_ext.traced"
 _FORKSERVER = "mp_pipelines.dagster_ext.forkserver"
+_DELEGATING = "mp_pipelines.dagster_ext.delegating"
 _POSTGRES = "mp_pipelines.dagster_ext.postgres"
 _PG_ENGINES = "mp_pipelines.dagster_ext.pg_engines"
 _SQLITE = "mp_pipelines.dagster_ext.sqlite"
@@ -235,14 +236,15 @@ OVERRIDES: tuple[Override, ...] = (
     # the run span around whichever executor a run chose (traced.py)
     Override("dagster._core.executor.base:Executor", "execute", f"{_TRACED}:TracedExecutor",
              ("self", "plan_context", "execution_plan")),
-    Override("dagster._core.executor.base:Executor", "retries", f"{_TRACED}:TracedExecutor", None),
-    Override("dagster._core.executor.base:Executor", "step_dependency_config", f"{_TRACED}:TracedExecutor", None),
     # the multiprocess executor on a forkserver of the current environment (forkserver.py)
     Override("dagster._core.executor.base:Executor", "execute", f"{_FORKSERVER}:CurrentEnvironmentExecutor",
              ("self", "plan_context", "execution_plan")),
-    Override("dagster._core.executor.base:Executor", "retries", f"{_FORKSERVER}:CurrentEnvironmentExecutor", None),
-    Override("dagster._core.executor.base:Executor", "step_dependency_config",
-             f"{_FORKSERVER}:CurrentEnvironmentExecutor", None),
+    # what the two wrapping executors above hand on to the executor they wrap (delegating.py)
+    Override("dagster._core.executor.base:Executor", "execute", f"{_DELEGATING}:DelegatingExecutor",
+             ("self", "plan_context", "execution_plan")),
+    Override("dagster._core.executor.base:Executor", "retries", f"{_DELEGATING}:DelegatingExecutor", None),
+    Override("dagster._core.executor.base:Executor", "step_dependency_config", f"{_DELEGATING}:DelegatingExecutor",
+             None),
 )
 
 # Private attributes set by the stock `__init__` (with should_autocreate_tables=False it opens no connection)

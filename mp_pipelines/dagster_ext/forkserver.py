@@ -27,6 +27,7 @@ from typing import Any
 import dagster as dg
 
 from mp_pipelines.dagster_ext.compat import checked_overrides
+from mp_pipelines.dagster_ext.delegating import DelegatingExecutor
 
 _LOCK = threading.Lock()
 
@@ -86,21 +87,13 @@ def _release() -> None:
 
 
 @checked_overrides
-class CurrentEnvironmentExecutor(dg.Executor):
+class CurrentEnvironmentExecutor(DelegatingExecutor):
     """`forkserver`, Dagster's multiprocess executor on a forkserver, on one whose step processes see the current
     environment; `spawning()`, the same on spawned step processes, when that forkserver is in use by another run."""
 
     def __init__(self, forkserver: dg.Executor, spawning: Callable[[], dg.Executor]) -> None:
-        self._inner = forkserver
+        super().__init__(forkserver)
         self._spawning = spawning
-
-    @property
-    def retries(self) -> Any:
-        return self._inner.retries
-
-    @property
-    def step_dependency_config(self) -> Any:
-        return self._inner.step_dependency_config
 
     def execute(self, plan_context: Any, execution_plan: Any) -> Iterator[Any]:
         if not _claim():

@@ -9,27 +9,15 @@ import os
 from collections.abc import Iterator
 from typing import Any
 
-import dagster as dg
-
 from mp_pipelines.dagster_ext.compat import checked_overrides
+from mp_pipelines.dagster_ext.delegating import DelegatingExecutor
 from mp_pipelines.telemetry.names import FAILED_STEPS
 from mp_pipelines.telemetry.setup import RUN_WORKER_PIDS, active, start_run_span
 
 
 @checked_overrides
-class TracedExecutor(dg.Executor):
+class TracedExecutor(DelegatingExecutor):
     """`inner`, its run inside the run's span."""
-
-    def __init__(self, inner: dg.Executor) -> None:
-        self._inner = inner
-
-    @property
-    def retries(self) -> Any:
-        return self._inner.retries
-
-    @property
-    def step_dependency_config(self) -> Any:
-        return self._inner.step_dependency_config
 
     def execute(self, plan_context: Any, execution_plan: Any) -> Iterator[Any]:
         telemetry = active()
