@@ -25,6 +25,7 @@ from typing import Any
 import sqlalchemy as sa
 
 from mp_pipelines.calls.fleet import fleet_key
+from mp_pipelines.calls.store import create_tables
 
 __all__ = ["LIMITS_REDIS_URL_ENV", "RedisLimits", "SqlLimits", "fleet_key", "open_shared_limits"]
 
@@ -152,9 +153,7 @@ class SqlLimits:
         self.engine = engine
         self._postgres = engine.dialect.name == "postgresql"
         biggest = "GREATEST" if self._postgres else "max"
-        with engine.begin() as conn:
-            for table in (RATES, SLOTS):
-                conn.execute(sa.schema.CreateTable(table, if_not_exists=True))
+        create_tables(engine, [RATES, SLOTS])  # with the store's retries of a race lost to another process
         self._reserve_sql = sa.text(
             f"INSERT INTO {_RATES} (key, requests_tat, tokens_tat, paused_until) VALUES (:key, :now + :rc, :now + :tc, 0) "
             f"ON CONFLICT (key) DO UPDATE SET "

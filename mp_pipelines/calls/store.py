@@ -83,7 +83,7 @@ class ResponseStore:
                             f"VALUES ({', '.join([mark] * len(_COLUMNS))}) ON CONFLICT (scope, key) DO NOTHING")
         self._open_account_sql = (f"INSERT INTO {RUN_SPEND.name} (run_id, calls, tokens, cost_usd) "
                                   f"VALUES ({mark}, 0, 0, 0) ON CONFLICT (run_id) DO NOTHING")
-        _create_tables(self.engine)
+        create_tables(self.engine, _METADATA.sorted_tables)
         self.write_failures = 0  # batches the writer could not store (flush() reports them)
         self._readers = ThreadPoolExecutor(max_workers=4, thread_name_prefix="mp-cache-read")
         self._lookups: dict[asyncio.AbstractEventLoop, list[tuple[str, str, asyncio.Future]]] = {}
@@ -293,15 +293,15 @@ class ResponseStore:
             return int(conn.execute(query).scalar_one())
 
 
-def _create_tables(engine: sa.engine.Engine) -> None:
-    """Create the tables and indexes if they are missing. Processes opening a new store at the same moment race
+def create_tables(engine: sa.engine.Engine, tables: list[sa.Table]) -> None:
+    """Create `tables` and their indexes if they are missing. Processes opening a new store at the same moment race
     here (every shard step of a first run does): IF NOT EXISTS covers most of it, and a lost race (SQLite's
     immediate "database is locked" while another connection switches the file to WAL, PostgreSQL's duplicate
     catalog row) is tried again."""
     for attempt in range(_SETUP_ATTEMPTS):
         try:
             with engine.begin() as conn:
-                for table in _METADATA.sorted_tables:
+                for table in tables:
                     conn.execute(sa.schema.CreateTable(table, if_not_exists=True))
                     for index in table.indexes:
                         conn.execute(sa.schema.CreateIndex(index, if_not_exists=True))
