@@ -25,10 +25,12 @@ from mp_pipelines_tests.services import (
 )
 from mp_pipelines_tests.workflow_helpers import write_workflow
 
+# Ten chained calls of MP_SIMULATED_LATENCY (2 s) each: a run that is still in its steps ~20 s after it starts,
+# so a cancel that a loaded machine delays by seconds still lands in a step, not in the run's last moments
+# (Dagster lets a run that has left its last step finish as SUCCESS).
 SLOW = {"name": "slow_probe", "inputs": {"rounds": {"type": "integer", "default": 3}},
-        "tasks": [{"name": "first", "prompt": "Think about round {{ inputs.rounds }}."},
-                  {"name": "second", "prompt": "Think again: {{ first }}"},
-                  {"name": "third", "prompt": "And again: {{ second }}"}]}
+        "tasks": [{"name": "round_1", "prompt": "Think about round {{ inputs.rounds }}."}]
+        + [{"name": f"round_{n}", "prompt": f"Think again: {{{{ round_{n - 1} }}}}"} for n in range(2, 11)]}
 NEW = {"name": "added_later", "description": "Added while the server runs.",
        "tasks": [{"name": "outline", "prompt": "Outline something."},
                  {"name": "expand", "prompt": "Expand {{ outline }}"}]}
