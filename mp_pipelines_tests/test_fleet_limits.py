@@ -132,21 +132,33 @@ def run_three(tmp_path: Path, server: RunningServer, env: dict[str, str],
                                   env=full, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
                  for p in range(3)]
 
+    done = threading.Event()
+
     def inject() -> None:  # once all three are sending, the next request gets one 429 with Retry-After: 2
         deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
+        while time.monotonic() < deadline and not done.is_set():
             senders = {str((r.body or {}).get("messages", [{}])[-1].get("content", ""))[5:7] for r in server.requests}
             if len(senders & {"p0", "p1", "p2"}) == 3:
                 server.faults.add(status=429, headers={"retry-after": "2"})
                 return
-            time.sleep(0.05)
+            done.wait(0.05)
 
     injector = threading.Thread(target=inject, daemon=True)
     injector.start()
     results = []
-    for process in processes:
-        out, err = process.communicate(timeout=240 + items)
-        results.append(subprocess.CompletedProcess(process.args, process.returncode, out, err))
+    try:
+        for process in processes:
+            out, err = process.communicate(timeout=240 + items)
+            results.append(subprocess.CompletedProcess(process.args, process.returncode, out, err))
+    finally:
+        # a process that failed early leaves the injector waiting: stop it, or it would inject its 429 into
+        # whichever test uses the shared server next
+        done.set()
+        injector.join()
+        for process in processes:
+            if process.poll() is None:  # communicate timed out: no process outlives its test
+                process.kill()
+                process.communicate()
     return results
 
 

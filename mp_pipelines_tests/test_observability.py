@@ -268,6 +268,42 @@ def test_stats_adds_up_known_runs(tmp_path: Path, instance: dg.DagsterInstance, 
     assert bad.exit_code == 2 and "--since 'last week'" in bad.output
 
 
+JUDGED = """
+name: judged
+inputs:
+  notes: {type: list, default: [tea, coffee]}
+tasks:
+  - name: summary
+    for_each: inputs.notes
+    prompt: "Summarise: {{ item }}"
+    checks: [{type: judge, rubric: "Is it a faithful summary?", min_score: 1}]
+"""
+
+
+def test_judge_calls_are_spans_of_the_checks_step_and_count_in_stats(tmp_path: Path, instance: dg.DagsterInstance,
+                                                                      openai_env: RunningServer,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """A judge check's calls hang under the span of the task's checks step, like any step's calls, and `stats`
+    counts them with the task's own calls (the run's summary keeps them apart as `checks_usage`)."""
+    path = write_workflow(tmp_path, JUDGED)
+    with OTLPReceiver() as receiver:
+        monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", receiver.endpoint)
+        outcome = run_file(path, {}, instance, executor="concurrent")
+        spans = receiver.wait_for(lambda s: any(not x.parent_span_id for x in s)
+                                  and len([x for x in s if x.name.startswith("chat ")]) >= 4)
+        shutdown()
+    assert outcome.success and outcome.usage.calls == 2
+    judged = outcome.checks_usage
+    assert judged is not None and judged.calls == 2
+    _, steps, chats = tree(spans)
+    checks_span = next(s for s in steps if s.name == "step judged__summary__checks")
+    assert len([c for c in chats if c.parent_span_id == checks_span.span_id]) == 2 == len(chats) - 2
+    (row,) = usage_rows(instance, since=None, by="task")
+    assert (row["workflow"], row["task"], row["calls"]) == ("judged", "summary", 4)
+    assert row["prompt_tokens"] == outcome.usage.prompt_tokens + judged.prompt_tokens
+    assert row["cost_usd"] == pytest.approx(outcome.usage.cost_usd + judged.cost_usd, abs=1e-8)
+
+
 def test_since_and_percentiles() -> None:
     """--since forms, in UTC; nearest-rank percentiles."""
     now = datetime(2026, 12, 7, 12, 0, tzinfo=timezone.utc)

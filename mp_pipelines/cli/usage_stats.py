@@ -1,7 +1,7 @@
 """Model-call figures over time, read from the instance's event log (SQLite or PostgreSQL), not from logs.
 
-Every step that calls the model stores what its calls did as `mp/calls` metadata on its output, or on its failure
-(`telemetry/tally.py`): per model, the answers, cache hits, tokens, cost, HTTP 429s and each answer's latency, and
+Every step that calls the model stores what its calls did as `mp/calls` metadata on its output (a checks step: on
+its first check result, its judges' calls counted as the task's), or on its failure (`telemetry/tally.py`): per model, the answers, cache hits, tokens, cost, HTTP 429s and each answer's latency, and
 the step's failed items. `usage_rows` adds those up per workflow, task, model or day (UTC).
 """
 
@@ -110,11 +110,12 @@ def _metadata(event: Any) -> dict[str, Any]:
 
 
 def stored_calls(instance: dg.DagsterInstance, since: datetime | None) -> Iterator[Call]:
-    """The `mp/calls` records of every step output and failure since `since` (every one when None)."""
+    """The `mp/calls` records of every step output, check result and failure since `since` (every one when None)."""
     import dagster as dg  # not at import time: `mp-pipelines list` and other quick commands stay light
 
     after = since.timestamp() if since is not None else None
-    for event_type in (dg.DagsterEventType.STEP_OUTPUT, dg.DagsterEventType.STEP_FAILURE):
+    for event_type in (dg.DagsterEventType.STEP_OUTPUT, dg.DagsterEventType.STEP_FAILURE,
+                       dg.DagsterEventType.ASSET_CHECK_EVALUATION):  # a checks step's judges
         records = instance.get_event_records(dg.EventRecordsFilter(event_type=event_type, after_timestamp=after),
                                              ascending=True)
         for record in records:

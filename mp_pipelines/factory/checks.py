@@ -4,7 +4,8 @@ One multi-asset check per task with checks, in step `<workflow>__<task>__checks`
 stored value, yields one AssetCheckResult per check (severity WARN or ERROR, metadata naming the failing items),
 and fails when a blocking check fails with severity error, so Dagster skips the assets downstream of the task;
 the failure names the checks and their failing items. Judge checks call the model through the call path, under
-the run's LLM and budget resources.
+the run's LLM and budget resources; the step runs inside `observe.observed`, so their calls have the step's span
+as parent and are tallied with the task's (`mp/calls` on the first check result, or on the step's failure).
 """
 
 import dataclasses
@@ -14,6 +15,7 @@ from typing import Any
 import dagster as dg
 
 from mp_pipelines.factory.names import PROMPT_RESOURCE_KEYS, WORKFLOW_TAG, checks_step
+from mp_pipelines.factory.observe import observed
 from mp_pipelines.factory.ops import asset_key, call_scope, chat_model, failure_metadata, run_is_stopping, settle_writes
 from mp_pipelines.llm.types import LLMError
 from mp_pipelines.spec.checks import CheckSpec, check_names
@@ -121,19 +123,24 @@ def build_task_checks(spec: WorkflowSpec, task: TaskSpec) -> dg.AssetChecksDefin
                           required_resource_keys=set(PROMPT_RESOURCE_KEYS) if judges else None,
                           op_tags={WORKFLOW_TAG: spec.name}, description=f"Quality checks of {task.name}.")
     def task_checks(context: dg.AssetCheckExecutionContext, value: Any) -> Iterator[dg.AssetCheckResult]:
-        selected = {k.name for k in context.selected_asset_check_keys if k.asset_key == key}
-        indices = item_indices(context, key) if task.for_each else None
-        outcomes = evaluate_all(task, value, _judges(context, spec, task, value, selected, indices), only=selected,
-                                indices=indices)
-        for outcome in outcomes:
-            if not outcome.passed:
-                context.log.warning(f"{task.name}: check {outcome.name} failed ({outcome.severity}): "
-                                    f"{outcome.description}")
-            yield check_result(spec, task, outcome)
-        failure = blocking_failure(task, outcomes)
-        if failure is not None:
-            raise failure
+        def evaluate(_: dg.OpExecutionContext, __: Any) -> Iterator[dg.AssetCheckResult]:
+            selected = {k.name for k in context.selected_asset_check_keys if k.asset_key == key}
+            indices = item_indices(context, key) if task.for_each else None
+            outcomes = evaluate_all(task, value, _judges(context, spec, task, value, selected, indices),
+                                    only=selected, indices=indices)
+            for outcome in outcomes:
+                if not outcome.passed:
+                    context.log.warning(f"{task.name}: check {outcome.name} failed ({outcome.severity}): "
+                                        f"{outcome.description}")
+                yield check_result(spec, task, outcome)
+            failure = blocking_failure(task, outcomes)
+            if failure is not None:
+                raise failure
 
+        # In its step span, with the judges' calls tallied (as the task's) for `stats` and the metrics.
+        yield from observed(spec, step, evaluate, prompts=False)(context.op_execution_context, {})
+
+    step = checks_step(spec.name, task.name)
     return task_checks
 
 

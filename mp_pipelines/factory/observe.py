@@ -2,8 +2,8 @@
 
 `observed` wraps an op's compute function: the step's span (child of the run's span, see `telemetry.setup`) is the
 current span while the op runs, so each model call's span, made on the shared event loop, is its child; the step's
-tally goes out as `mp/calls` metadata on its first output (or its failure), and the process's metrics are pushed
-when the step ends.
+tally goes out as `mp/calls` metadata on its first output (a checks step: its first check result) or else on its
+failure, and the process's metrics are pushed when the step ends.
 """
 
 
@@ -45,9 +45,13 @@ def observed(spec: WorkflowSpec, step: str, compute: Compute, *, prompts: bool) 
                             failures = 0 if collects else int(_raw(event.metadata.get("failed_items")) or 0)
                             _count_items(telemetry, spec, task, event.metadata, failures, collects)
                             event = _with_tally(event, tally, failures)
+                        elif isinstance(event, dg.AssetCheckResult) and not told:  # a checks step (its judges)
+                            told = True
+                            event = _check_with_tally(event, tally)
                         yield event
                 except dg.Failure as failure:
-                    raise _told_failure(failure, span, tally, telemetry, spec, task, collects) from failure.__cause__
+                    raise _told_failure(failure, span, tally, telemetry, spec, task, collects,
+                                        told=told) from failure.__cause__
                 finally:
                     if span is not None:
                         span.set_attribute(n.CALLS, sum(t.calls for t in tally.models.values()))
@@ -58,14 +62,15 @@ def observed(spec: WorkflowSpec, step: str, compute: Compute, *, prompts: bool) 
 
 
 def _told_failure(failure: dg.Failure, span: Any, tally: StepTally, telemetry: Telemetry | None, spec: WorkflowSpec,
-                  task: str, collects: bool) -> dg.Failure:
-    """The step's failure with its tally in the metadata (its failed items: 1 for a plain task)."""
+                  task: str, collects: bool, *, told: bool) -> dg.Failure:
+    """The step's failure with its tally in the metadata (its failed items: 1 for a plain task), unless an event
+    the step yielded before it already carries the tally (`told`: `stats` would count the calls twice)."""
     failures = 0 if collects else int(_raw(failure.metadata.get("failed_items")) or 1)
     if not collects:
         _count(telemetry, spec, task, "failed", failures)
     if span is not None:
         span.set_attribute(n.ATTRIBUTES["error_type"][0], str(_raw(failure.metadata.get("error_kind")) or "failure"))
-    if not tally.models and not failures:
+    if told or (not tally.models and not failures):
         return failure
     return dg.Failure(failure.description, metadata={**failure.metadata,
                                                      TALLY_METADATA_KEY: tally.as_metadata(failures)},
@@ -105,6 +110,14 @@ def _with_tally(output: dg.Output, tally: StepTally, failures: int) -> dg.Output
     metadata = {**output.metadata, TALLY_METADATA_KEY: dg.MetadataValue.json(tally.as_metadata(failures))}
     return dg.Output(output.value, output_name=output.output_name, metadata=metadata,
                      data_version=output.data_version, tags=output.tags)
+
+
+def _check_with_tally(result: dg.AssetCheckResult, tally: StepTally) -> dg.AssetCheckResult:
+    if not tally.models:
+        return result
+    metadata = {**result.metadata, TALLY_METADATA_KEY: dg.MetadataValue.json(tally.as_metadata(0))}
+    return dg.AssetCheckResult(passed=result.passed, asset_key=result.asset_key, check_name=result.check_name,
+                               metadata=metadata, severity=result.severity, description=result.description)
 
 
 def _count_items(telemetry: Telemetry | None, spec: WorkflowSpec, task: str, metadata: Mapping[str, Any],
