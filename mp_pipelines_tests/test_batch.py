@@ -221,6 +221,18 @@ def test_a_cost_budget_in_batch_mode_needs_max_tokens(server: RunningServer, ins
     assert not server.model.batches.created
 
 
+def test_a_bad_batch_setting_fails_the_step_as_a_setting_before_any_batch(
+        server: RunningServer, instance: dg.DagsterInstance, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A run started without the CLI's check of the MP_* settings (the Python API, the UI, a sensor): a bad
+    MP_BATCH_MAX_LINES fails the step before any batch is sent, named as an environment setting, not retried."""
+    monkeypatch.setenv("MP_BATCH_MAX_LINES", "lots")
+    outcome = run(write_workflow(tmp_path, fan("bad_lines", 3)), instance)
+    assert not outcome.success
+    error = outcome.tasks["echo"]["error"]
+    assert "environment setting" in error and "MP_BATCH_MAX_LINES='lots'" in error, error
+    assert not server.model.batches.created and not server.requests
+
+
 def test_an_endpoint_without_the_batch_api_fails_clearly_or_falls_back_online(
         server: RunningServer, instance: dg.DagsterInstance, tmp_path: Path) -> None:
     server.model.batches = NoBatchAPI()

@@ -30,6 +30,7 @@ from mp_pipelines.factory.names import (
     executor_kind,
     inputs_step,
     node_name,
+    task_of_step,
     task_step,
 )
 from mp_pipelines.factory.observe import observed
@@ -170,6 +171,13 @@ def call_scope(context: dg.OpExecutionContext, spec: WorkflowSpec, task: TaskSpe
     if refusal is not None:
         raise dg.Failure(f"task {task.name}: {refusal}", metadata={"error_kind": "budget"}, allow_retries=False)
     batch = batch_settings(context, spec, task)
+    if batch.mode == "batch":
+        from mp_pipelines.calls.batch_send import check_settings  # the sending half loads with the first batch
+
+        try:
+            check_settings()  # a bad MP_BATCH_* fails the step here as a setting, before any batch is sent
+        except SettingError as exc:
+            raise setting_failure(task.name, exc) from None
     if batch.mode == "batch" and budget.max_cost_usd is not None and spec.settings_for(task).max_tokens is None:
         raise dg.Failure(f"task {task.name} runs in batch mode under a cost budget (max_cost_usd) and needs "
                          "max_tokens: a batch's cost is admitted before it is sent, with max_tokens as the bound of "
@@ -219,8 +227,8 @@ def fleet_limits(context: dg.OpExecutionContext) -> FleetLimits | None:
     SQLite file next to a local instance). Without either, limits stay per process (None)."""
     try:
         mode = fleet_mode()
-    except ValueError as exc:
-        raise dg.Failure(str(exc), allow_retries=False) from None
+    except SettingError as exc:
+        raise setting_failure(task_of_step(context.step_key), exc) from None
     redis_url = os.environ.get(LIMITS_REDIS_URL_ENV, "").strip()
     if mode == "off" or (mode == "auto" and not redis_url and executor_kind(context.run_config) not in SPREAD_EXECUTORS):
         return None
