@@ -1,8 +1,9 @@
 """Model-call figures over time, read from the instance's event log (SQLite or PostgreSQL), not from logs.
 
 Every step that calls the model stores what its calls did as `mp/calls` metadata on its output (a checks step: on
-its first check result, its judges' calls counted as the task's), or on its failure (`telemetry/tally.py`): per model, the answers, cache hits, tokens, cost, HTTP 429s and each answer's latency, and
-the step's failed items. `usage_rows` adds those up per workflow, task, model or day (UTC).
+its first check result, its judges' calls counted as the task's), or on its failure (`telemetry/tally.py`): per
+model, the answers, cache hits, tokens, cost, HTTP 429s and each answer's latency, and the step's failed items.
+`usage_rows` adds those up per workflow, task, model or day (UTC).
 """
 
 from __future__ import annotations

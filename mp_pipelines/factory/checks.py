@@ -117,8 +117,9 @@ def build_task_checks(spec: WorkflowSpec, task: TaskSpec) -> dg.AssetChecksDefin
                                metadata={"type": check.type, "severity": check.severity})
              for check, name in zip(task.checks, names)]
     judges = any(check.type == "judge" for check in task.checks)
+    step = checks_step(spec.name, task.name)
 
-    @dg.multi_asset_check(name=checks_step(spec.name, task.name), specs=specs, can_subset=True,
+    @dg.multi_asset_check(name=step, specs=specs, can_subset=True,
                           ins={"value": dg.AssetIn(key=key)},
                           required_resource_keys=set(PROMPT_RESOURCE_KEYS) if judges else None,
                           op_tags={WORKFLOW_TAG: spec.name}, description=f"Quality checks of {task.name}.")
@@ -140,7 +141,6 @@ def build_task_checks(spec: WorkflowSpec, task: TaskSpec) -> dg.AssetChecksDefin
         # In its step span, with the judges' calls tallied (as the task's) for `stats` and the metrics.
         yield from observed(spec, step, evaluate, prompts=False)(context.op_execution_context, {})
 
-    step = checks_step(spec.name, task.name)
     return task_checks
 
 
