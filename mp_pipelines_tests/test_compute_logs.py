@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import dagster as dg
+import pytest
 
 from mp_pipelines.cli.running import local_instance
 from mp_pipelines.cli.ui import INSTANCE_CONFIG
@@ -88,13 +89,23 @@ def test_local_instance_mirrors_compute_logs_unless_the_home_chooses(tmp_path: P
     home = tmp_path / "home"
     home.mkdir()
     monkeypatch.setenv("DAGSTER_HOME", str(home))
-    (home / "dagster.yaml").write_text(INSTANCE_CONFIG)  # what `mp-pipelines ui` writes names no compute logs
-    with local_instance() as instance:
+    (home / "dagster.yaml").write_text(INSTANCE_CONFIG)  # what `mp-pipelines ui` writes: the webserver and daemon
+    with local_instance() as instance:                   # read it too, so their runs mirror without `tail` as well
         assert _manager_class(instance) == "MirroredComputeLogManager"
+        assert instance.compute_log_manager._base_dir == str(home / "storage")  # Dagster's default place
         assert instance.get_ref().storage_data.class_name == "PooledSqliteStorage"  # its storage kept
+    with dg.DagsterInstance.get() as instance:  # as the webserver and the daemon open it
+        assert isinstance(instance.compute_log_manager, MirroredComputeLogManager)
+        assert instance.compute_log_manager._base_dir == str(home / "storage")
     (home / "dagster.yaml").write_text(
         f"compute_logs:\n  module: dagster.core.storage.noop_compute_log_manager\n  class: NoOpComputeLogManager\n"
         f"storage:\n  sqlite:\n    base_dir: {home}\n")  # both chosen: both kept
     with local_instance() as instance:
         assert _manager_class(instance) == "NoOpComputeLogManager"
         assert type(instance.event_log_storage).__name__ == "SqliteEventLogStorage"
+
+
+def test_without_base_dir_the_manager_needs_dagster_home(monkeypatch: Any) -> None:
+    monkeypatch.delenv("DAGSTER_HOME", raising=False)
+    with pytest.raises(dg.DagsterInvariantViolationError, match="has no base_dir and DAGSTER_HOME is not set"):
+        MirroredComputeLogManager.from_config_value(None, {})

@@ -39,6 +39,12 @@ storage:
       base_dir:
         env: DAGSTER_HOME
 
+# What runs print, kept where Dagster keeps it (<home>/storage) and shown in the UI; a thread of the run's process
+# copies it to that process's terminal instead of Dagster's `tail` processes (mp_pipelines/dagster_ext/compute_logs.py).
+compute_logs:
+  module: mp_pipelines.dagster_ext.compute_logs
+  class: MirroredComputeLogManager
+
 concurrency:
   runs:
     max_concurrent_runs: 4

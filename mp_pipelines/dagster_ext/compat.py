@@ -227,6 +227,8 @@ OVERRIDES: tuple[Override, ...] = (
              f"{_COMPUTE_LOGS}:MirroredComputeLogManager", ("self", "log_key")),
     Override("dagster._core.storage.local_compute_log_manager:LocalComputeLogManager", "from_config_value",
              f"{_COMPUTE_LOGS}:MirroredComputeLogManager", ("cls", "inst_data", "config_value")),
+    Override("dagster._core.storage.local_compute_log_manager:LocalComputeLogManager", "config_type",
+             f"{_COMPUTE_LOGS}:MirroredComputeLogManager", ("cls",)),
     # concurrent executor
     Override("dagster._core.executor.base:Executor", "execute", f"{_EXECUTOR}:ConcurrentExecutor",
              ("self", "plan_context", "execution_plan")),

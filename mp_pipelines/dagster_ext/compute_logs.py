@@ -23,6 +23,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
 
+from dagster import DagsterInvariantViolationError, Field, StringSource
 from dagster._core.storage.compute_log_manager import CapturedLogContext, ComputeIOType
 from dagster._core.storage.local_compute_log_manager import IO_TYPE_EXTENSION, LocalComputeLogManager
 from dagster._serdes import ConfigurableClassData
@@ -37,8 +38,17 @@ class MirroredComputeLogManager(LocalComputeLogManager):
     """`LocalComputeLogManager` whose captures copy to the terminal from a thread, not `tail` processes."""
 
     @classmethod
+    def config_type(cls) -> dict[str, Any]:
+        return {**super().config_type(), "base_dir": Field(
+            StringSource, is_required=False,
+            description="Where the captured output goes; default <DAGSTER_HOME>/storage, Dagster's own default.")}
+
+    @classmethod
     def from_config_value(cls, inst_data: ConfigurableClassData | None, config_value: Any) -> MirroredComputeLogManager:
-        return cls(inst_data=inst_data, **config_value)
+        config = dict(config_value)
+        if config.get("base_dir") is None:
+            config["base_dir"] = _home_storage()
+        return cls(inst_data=inst_data, **config)
 
     @contextmanager
     def capture_logs(self, log_key: Sequence[str]) -> Iterator[CapturedLogContext]:
@@ -47,6 +57,15 @@ class MirroredComputeLogManager(LocalComputeLogManager):
         with mirrored(sys.stdout, out_path), mirrored(sys.stderr, err_path):
             yield CapturedLogContext(log_key)
         _touched(self.complete_artifact_path(log_key))  # as Dagster: the capture is complete
+
+
+def _home_storage() -> str:
+    """<DAGSTER_HOME>/storage: where Dagster keeps a local instance's compute logs unless told otherwise."""
+    home = os.environ.get("DAGSTER_HOME", "").strip()
+    if not home:
+        raise DagsterInvariantViolationError(
+            "compute_logs: MirroredComputeLogManager has no base_dir and DAGSTER_HOME is not set; set one of them")
+    return os.path.join(os.path.expanduser(home), "storage")
 
 
 def compute_logs_config(base_dir: str) -> dict[str, Any]:
