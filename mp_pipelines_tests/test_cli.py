@@ -278,6 +278,7 @@ def test_a_bad_mp_setting_refuses_the_run_naming_it(runner: CliRunner, monkeypat
 
 @pytest.mark.parametrize(("variable", "value", "workflow", "inputs"), [
     ("MP_MAX_PROMPT_CHARS", "abc", "research_report", {"topic": "x"}),
+    ("MP_MAX_PROMPT_CHARS", "abc", "classify_tickets", {}),  # a fan-out's items, rendered on the call loop
     ("MP_PRICES_FILE", "/no/such/prices.yaml", "research_report", {"topic": "x"}),
     ("MP_MAX_INPUT_CHARS", "1x", "research_report", {"topic": "x"}),
 ])
@@ -296,6 +297,9 @@ def test_a_bad_mp_setting_inside_a_step_names_the_setting(runner: CliRunner, mon
     assert not outcome.success and f"{variable}={value!r}" in summary, summary
     assert "environment setting" in summary and "fix the task's template" not in summary
     assert "check the path given" not in summary and "before any task did" not in summary and "Error:" not in summary
+    failed = [task for task in outcome.tasks.values() if task["status"] == "failed"]
+    assert all(task["error"].startswith("task ") and "environment setting" in task["error"]
+               for task in failed), failed  # the step's own error, not an exception's class name
 
 
 def test_every_mp_setting_is_checked_before_a_run_or_exempt_with_a_reason() -> None:

@@ -41,6 +41,7 @@ from mp_pipelines.factory.ops import (
     retry_policy,
     run_batch_settings,
     run_is_stopping,
+    setting_failure,
     settle_writes,
     split_inputs,
     task_deadline,
@@ -49,6 +50,7 @@ from mp_pipelines.factory.ops import (
 from mp_pipelines.llm.types import LLMError
 from mp_pipelines.spec.inputs import load_table
 from mp_pipelines.spec.models import TaskSpec, WorkflowSpec
+from mp_pipelines.spec.size_limits import SettingError
 from mp_pipelines.tasks.runner import build_context, preview, records
 from mp_pipelines.tasks.shards import ItemRecord, run_shard, shard_size
 
@@ -168,6 +170,8 @@ def _run_items(context: dg.OpExecutionContext, spec: WorkflowSpec, task: TaskSpe
         outcome = shared_loop().run(coro, should_stop=lambda: run_is_stopping(context))
     except LLMError as exc:
         raise dg.Failure(f"task {task.name}: {exc}", metadata=failure_metadata(exc), allow_retries=False) from None
+    except SettingError as exc:
+        raise setting_failure(task.name, exc) from None
     settle_writes(scope)
     for record in outcome:
         record.run_id = context.run_id

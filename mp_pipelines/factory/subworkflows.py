@@ -32,6 +32,7 @@ from mp_pipelines.factory.ops import (
     make_op,
     node_prefix,
     run_is_stopping,
+    setting_failure,
     settle_writes,
     split_inputs,
     upstream_ins,
@@ -39,6 +40,7 @@ from mp_pipelines.factory.ops import (
 from mp_pipelines.llm.types import LLMError
 from mp_pipelines.spec.graph import body_dependencies, step_dependencies, topological_order
 from mp_pipelines.spec.models import RESERVED_SEPARATOR, LoopSpec, TaskSpec, WorkflowSpec
+from mp_pipelines.spec.size_limits import SettingError
 from mp_pipelines.spec.subworkflows import result_steps
 from mp_pipelines.spec.versions import task_code_version
 from mp_pipelines.tasks.runner import build_context, preview
@@ -239,7 +241,9 @@ def run_call_items(context: dg.OpExecutionContext, caller: WorkflowSpec, task: T
         if isinstance(first, LLMError):
             raise dg.Failure(f"task {task.name}: {first}", metadata=failure_metadata(first),
                              allow_retries=False) from None
-        raise
+        if isinstance(first, SettingError):
+            raise setting_failure(task.name, first) from None
+        raise first from group  # not a group's "unhandled errors in a TaskGroup"
     for scope in opened:
         settle_writes(scope)
     for record in outcome:

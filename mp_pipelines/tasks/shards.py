@@ -21,6 +21,7 @@ from mp_pipelines.calls.retry import RETRIED_KINDS
 from mp_pipelines.calls.usage import Usage
 from mp_pipelines.llm.types import ChatModel, LLMError
 from mp_pipelines.spec.models import RetrySpec, TaskSpec, WorkflowSpec
+from mp_pipelines.spec.size_limits import SettingError
 from mp_pipelines.spec.templates import TemplateError, evaluate
 from mp_pipelines.tasks.runner import arun_task
 
@@ -164,7 +165,8 @@ async def run_shard(model: ChatModel, spec: WorkflowSpec, task: TaskSpec, base_c
                     deadline_of: Callable[[], float | None], log: Any) -> list[ItemRecord]:
     """Every item of a shard concurrently (the scope's breadth and limits decide how many calls fly).
 
-    An error in STOPS_THE_FAN_OUT cancels the other items and is raised as itself."""
+    An error in STOPS_THE_FAN_OUT or an unusable MP_* setting (SettingError) cancels the other items and is raised
+    as itself."""
     retries = task.retries if len(items) > 1 else None
     if scope.batch is not None:
         scope.batch.expect(len(items))
@@ -177,8 +179,10 @@ async def run_shard(model: ChatModel, spec: WorkflowSpec, task: TaskSpec, base_c
                                                 retries=retries, row=item if is_table else None, log=log))
                      for index, item in items]
     except BaseExceptionGroup as group_error:
-        stopping = group_error.subgroup(lambda e: isinstance(e, LLMError) and e.kind in STOPS_THE_FAN_OUT)
-        if stopping is None:
-            raise
-        raise stopping.exceptions[0] from None  # run_item raises no groups: the items' errors are flat here
+        # run_item raises no groups: the items' errors are flat here. An unusable MP_* setting is every item's.
+        stopping = group_error.subgroup(lambda e: isinstance(e, SettingError)
+                                        or (isinstance(e, LLMError) and e.kind in STOPS_THE_FAN_OUT))
+        if stopping is not None:
+            raise stopping.exceptions[0] from None
+        raise group_error.exceptions[0] from group_error  # not a group's "unhandled errors in a TaskGroup"
     return [t.result() for t in tasks]
