@@ -342,10 +342,19 @@ def test_a_judge_in_a_run_is_counted_apart_and_in_the_run_budget(tmp_path: Path,
     (check,) = payload["tasks"]["summary"]["checks"]
     assert check["passed"] and check["metadata"]["calls"] == 2 and len(check["metadata"]["scores"]) == 2
     assert payload["checks_usage"]["calls"] == 2 and payload["usage"]["calls"] == 3  # the tasks' own: 2 + 1
+    assert _stats_calls(instance) == 5  # `stats` counts the judge's calls too
     # 3 calls: both summaries, then one judge call; the second is refused, so `final` (behind the check) waits.
     stopped = _run(tmp_path, instance, judge.replace("faithful", "short"), max_calls=3)
     assert stopped["status"] == "failure" and stopped["tasks"]["final"]["status"] in ("not_run", "skipped")
     assert "budget" in stopped["tasks"]["summary"]["checks_error"]
+    # the judge calls answered before the refusal are in the run's summary as in `stats`
+    assert _stats_calls(instance) - 5 == stopped["usage"]["calls"] + stopped["checks_usage"]["calls"] > 0
+
+
+def _stats_calls(instance: dg.DagsterInstance) -> int:
+    from mp_pipelines.cli.usage_stats import usage_rows
+
+    return sum(row["calls"] for row in usage_rows(instance, since=None, by="workflow"))
 
 
 def test_run_command_prints_failed_checks_and_json(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

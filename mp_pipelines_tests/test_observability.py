@@ -302,6 +302,14 @@ def test_judge_calls_are_spans_of_the_checks_step_and_count_in_stats(tmp_path: P
     assert (row["workflow"], row["task"], row["calls"]) == ("judged", "summary", 4)
     assert row["prompt_tokens"] == outcome.usage.prompt_tokens + judged.prompt_tokens
     assert row["cost_usd"] == pytest.approx(outcome.usage.cost_usd + judged.cost_usd, abs=1e-8)
+    # A blocking check that fails after the judge scored: the step fails, its calls are still counted once; and a
+    # task whose name ends in "_" (its checks step key: judged__summary___checks) keeps its name.
+    failing = JUDGED.replace("name: judged", "name: judged_again").replace("name: summary", "name: summary_").replace(
+        "min_score: 1}]", "min_score: 1}, {type: max_chars, value: 5, blocking: true}]").replace("tea, coffee", "mate, kvass")
+    stopped = run_file(write_workflow(tmp_path, failing), {}, instance, executor="concurrent")
+    assert not stopped.success and stopped.checks_usage is not None and stopped.checks_usage.calls == 2
+    rows = {(r["workflow"], r["task"]): r["calls"] for r in usage_rows(instance, since=None, by="task")}
+    assert rows == {("judged", "summary"): 4, ("judged_again", "summary_"): 2 + 2}
 
 
 def test_since_and_percentiles() -> None:

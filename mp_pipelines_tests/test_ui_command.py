@@ -145,3 +145,24 @@ def test_the_instance_config_is_kept_when_the_home_has_one(tmp_path: Path, monke
     monkeypatch.delenv("DAGSTER_HOME")
     monkeypatch.chdir(tmp_path)
     assert instance_home() == (tmp_path / ".mp_pipelines" / "dagster_home").resolve()
+
+
+def test_the_cli_runs_on_the_instance_ui_made_without_dagster_home(tmp_path: Path) -> None:
+    """`mp-pipelines ui` first (its dagster.yaml names the storage by `env: DAGSTER_HOME`), then `run` and `stats`
+    in the same folder with no DAGSTER_HOME set: they open that instance, with no traceback."""
+    from mp_pipelines.cli.ui import LOCAL_HOME, ensure_instance_config
+
+    home = (tmp_path / LOCAL_HOME).resolve()
+    home.mkdir(parents=True)
+    ensure_instance_config(home)  # what `mp-pipelines ui` writes before it starts the webserver and the daemon
+    env = offline_env()
+    made = subprocess.run([*cli(), "run", "research_report", "-i", "topic=after the ui", "-i", "max_questions=1",
+                           "--json", "--executor", "multiprocess"], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert made.returncode == 0, made.stderr[-3000:]
+    run_id = json.loads(made.stdout)["run_id"]
+    assert (home / "history" / "runs" / f"{run_id}.db").is_file()  # in the ui's storage (base_dir: DAGSTER_HOME)
+    assert list((home / "storage" / run_id / "compute_logs").glob("*.out"))  # the ui's compute logs
+    stats = subprocess.run([*cli(), "stats", "--json"], cwd=tmp_path, env=env, capture_output=True, text=True,
+                           timeout=120)
+    assert stats.returncode == 0 and json.loads(stats.stdout)[0]["workflow"] == "research_report", stats.stderr

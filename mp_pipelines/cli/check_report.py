@@ -54,8 +54,8 @@ def attach_checks(tasks: dict[str, dict[str, Any]], evaluations: Mapping[str, li
             numbers = {key: result["metadata"].get(key) or 0 for key in _USAGE_KEYS}
             usage = usage + Usage(**{k: (float(v) if k == "cost_usd" else int(v)) for k, v in numbers.items()})
         state = states.get(checks_step(spec.name, task.name))
-        if state is not None:
-            usage = usage + state.usage  # the calls of a judge step that failed (its failure metadata)
+        if state is not None:  # the calls of a judge step that failed: all of them, from its tally, when it has one
+            usage = usage + (state.tallied if state.tallied is not None else state.usage)
             if state.status == "failed" and state.error:
                 tasks[task.name]["checks_error"] = state.error
     return usage

@@ -25,6 +25,7 @@ from mp_pipelines.factory.names import (
 from mp_pipelines.spec.graph import loop_iterations
 from mp_pipelines.spec.models import LoopSpec, TaskSpec, WorkflowSpec
 from mp_pipelines.tasks.runner import records
+from mp_pipelines.telemetry.tally import TALLY_METADATA_KEY
 
 _STEP_EVENTS = {
     dg.DagsterEventType.STEP_START,
@@ -47,6 +48,7 @@ class StepState:
     usage: Usage = field(default_factory=Usage)  # calls of its outputs, and of failed attempts that got answers
     failed_items: list[dict[str, Any]] = field(default_factory=list)  # fan-out items left out (on_item_failure: skip)
     models: dict[str, int] = field(default_factory=dict)  # model that answered → calls (fallbacks, providers)
+    tallied: Usage | None = None  # every call of a failed attempt, from its `mp/calls` tally (telemetry/tally.py)
 
 
 def step_states(instance: dg.DagsterInstance, run_id: str) -> dict[str, StepState]:
@@ -81,9 +83,23 @@ def step_states(instance: dg.DagsterInstance, run_id: str) -> dict[str, StepStat
             state.error = _error_text(error, user_failure)
             if user_failure is not None:  # answers a failed attempt got were paid for
                 state.usage = state.usage + Usage.from_metadata(user_failure.metadata)
+                tally = getattr(user_failure.metadata.get(TALLY_METADATA_KEY), "value", None)
+                if isinstance(tally, dict):
+                    state.tallied = (state.tallied or Usage()) + tally_usage(tally)
                 if "failed" in user_failure.metadata:
                     state.failed_items = list(user_failure.metadata["failed"].value)
     return states
+
+
+def tally_usage(tally: dict[str, Any]) -> Usage:
+    """The calls, cache hits, tokens and cost of a step's `mp/calls` tally, over its models."""
+    usage = Usage()
+    for row in tally.get("models") or []:
+        usage = usage + Usage(calls=int(row.get("calls", 0)), cache_hits=int(row.get("cache_hits", 0)),
+                              prompt_tokens=int(row.get("prompt_tokens", 0)),
+                              completion_tokens=int(row.get("completion_tokens", 0)),
+                              cost_usd=float(row.get("cost_usd", 0.0)), rate_limited=int(row.get("rate_limited", 0)))
+    return usage
 
 
 def family_step_states(instance: dg.DagsterInstance, run_id: str, own: dict[str, StepState]) -> dict[str, StepState]:

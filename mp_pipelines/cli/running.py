@@ -53,9 +53,14 @@ def local_instance() -> dg.DagsterInstance:
         return dg.DagsterInstance.local_temp(str(home), overrides=overrides)
     home = (Path.cwd() / LOCAL_HOME).resolve()
     home.mkdir(parents=True, exist_ok=True)
+    named = _named_settings(home)
+    if named:
+        # A dagster.yaml here (the one `mp-pipelines ui` writes names its storage by `env: DAGSTER_HOME`) is read as
+        # the DAGSTER_HOME it is, by this process and the step processes it starts.
+        os.environ["DAGSTER_HOME"] = str(home)
     return dg.DagsterInstance.local_temp(str(home), overrides={"telemetry": {"enabled": False},
                                                                "python_logs": {"python_log_level": "INFO"},
-                                                               **_lighter_defaults(home, _named_settings(home) or set())})
+                                                               **_lighter_defaults(home, named or set())})
 
 
 _STORAGE_KEYS = ("storage", "run_storage", "event_log_storage", "schedule_storage")

@@ -8,7 +8,6 @@ the run's LLM and budget resources; the step runs inside `observe.observed`, so 
 as parent and are tallied with the task's (`mp/calls` on the first check result, or on the step's failure).
 """
 
-import dataclasses
 from collections.abc import Iterator
 from typing import Any
 
@@ -90,7 +89,7 @@ def _judges(context: dg.AssetCheckExecutionContext, spec: WorkflowSpec, task: Ta
         return {}
     op_context = context.op_execution_context
     # The judge's calls are online, whatever the run's --mode: a check waits for its answers.
-    scope = dataclasses.replace(call_scope(op_context, spec, judge_task(spec, task)), batch=None)
+    scope = call_scope(op_context, spec, judge_task(spec, task), online=True)
     answers, _ = task_answers(task, value, indices)
     judged = {}
     try:
@@ -139,7 +138,7 @@ def build_task_checks(spec: WorkflowSpec, task: TaskSpec) -> dg.AssetChecksDefin
                 raise failure
 
         # In its step span, with the judges' calls tallied (as the task's) for `stats` and the metrics.
-        yield from observed(spec, step, evaluate, prompts=False)(context.op_execution_context, {})
+        yield from observed(spec, step, evaluate, prompts=False, task=task.name)(context.op_execution_context, {})
 
     return task_checks
 

@@ -103,11 +103,11 @@ def _items(spec: WorkflowSpec, task: TaskSpec, source_kind: str, source: str, wo
     return value, False
 
 
-def _breadth_share(context: dg.OpExecutionContext, spec: WorkflowSpec, shards: int) -> int:
+def _breadth_share(context: dg.OpExecutionContext, spec: WorkflowSpec, task: TaskSpec, shards: int) -> int:
     """Calls this step may have in flight: the whole breadth when shards share one process (the default
     executors) or the fleet's shared limits hold it across processes (`fleet_limits`); a fair share of it when
     each step is its own process and nothing is shared."""
-    if executor_kind(context.run_config) not in SPREAD_EXECUTORS or fleet_limits(context) is not None:
+    if executor_kind(context.run_config) not in SPREAD_EXECUTORS or fleet_limits(context, task.name) is not None:
         return spec.breadth
     return max(1, spec.breadth // max(1, min(shards, spec.breadth)))
 
@@ -125,7 +125,7 @@ def build_shard_op(spec: WorkflowSpec, task: TaskSpec, upstream: list[str],
         workflow_inputs, values = split_inputs(inputs)
         shard = values.pop("item")
         items = shard["items"]
-        breadth = _breadth_share(context, spec, shard["shards"])
+        breadth = _breadth_share(context, spec, task, shard["shards"])
         outcome = _run_items(context, spec, task, workflow_inputs, values, items, shard["is_table"], breadth)
         frame = pd.DataFrame([record.as_row() for record in outcome])
         failed = [record for record in outcome if record.status == "failed"]

@@ -23,10 +23,11 @@ from mp_pipelines.telemetry.tally import TALLY_METADATA_KEY, StepTally, tallying
 Compute = Callable[[dg.OpExecutionContext, Mapping[str, Any]], Iterator[Any]]
 
 
-def observed(spec: WorkflowSpec, step: str, compute: Compute, *, prompts: bool) -> Compute:
+def observed(spec: WorkflowSpec, step: str, compute: Compute, *, prompts: bool, task: str | None = None) -> Compute:
     """`compute` inside its step span and tally (see the module docstring); `step` is the op's step key (without a
-    mapping key); `prompts`: the op calls the model, so its failure is a failed item."""
-    task = task_of_step(step)
+    mapping key); `prompts`: the op calls the model, so its failure is a failed item; `task`: the task the step
+    is counted for, when its step key does not say it plainly (a checks step's key ends in `__checks`)."""
+    task = task or task_of_step(step)
     collects = not prompts or step in (collect_step(spec.name, task), items_step(spec.name, task))
 
     def traced(context: dg.OpExecutionContext, inputs: Mapping[str, Any]) -> Iterator[Any]:

@@ -30,7 +30,6 @@ from mp_pipelines.factory.names import (
     executor_kind,
     inputs_step,
     node_name,
-    task_of_step,
     task_step,
 )
 from mp_pipelines.factory.observe import observed
@@ -151,7 +150,7 @@ def llm_pool(provider: str, spec: WorkflowSpec, task: TaskSpec) -> str:
 
 
 def call_scope(context: dg.OpExecutionContext, spec: WorkflowSpec, task: TaskSpec, *, fanout: str | None = None,
-               breadth: int | None = None) -> CallScope:
+               breadth: int | None = None, online: bool = False) -> CallScope:
     """Everything a call of this op runs under: the run's workflow `limits` over the resource's defaults, its
     budget, the task's cache policy, and the run family for checkpoints.
 
@@ -170,7 +169,7 @@ def call_scope(context: dg.OpExecutionContext, spec: WorkflowSpec, task: TaskSpe
     refusal = budget_refusal(budget, context.run_config, no_store, [spec.settings_for(task).model or llm.default_model])
     if refusal is not None:
         raise dg.Failure(f"task {task.name}: {refusal}", metadata={"error_kind": "budget"}, allow_retries=False)
-    batch = batch_settings(context, spec, task)
+    batch = spec.batch_settings(task, "online") if online else batch_settings(context, spec, task)
     if batch.mode == "batch":
         from mp_pipelines.calls.batch_send import check_settings  # the sending half loads with the first batch
 
@@ -199,7 +198,7 @@ def call_scope(context: dg.OpExecutionContext, spec: WorkflowSpec, task: TaskSpe
                      step_retry=context.retry_number > 0 and not is_resume(run),
                      workflow=spec.name, task=task.name, repair_attempts=task.repair_attempts, task_timeout=task.timeout,
                      retry_budget=retry_budget(task.retries), fallback=spec.fallback_for(task), router=router,
-                     log=context.log, fleet=fleet_limits(context),
+                     log=context.log, fleet=fleet_limits(context, task.name),
                      batch=BatchCollector(batch, context.log) if batch.mode == "batch" else None)
 
 
@@ -218,7 +217,7 @@ def fleet_mode() -> str:
     return mode
 
 
-def fleet_limits(context: dg.OpExecutionContext) -> FleetLimits | None:
+def fleet_limits(context: dg.OpExecutionContext, task: str) -> FleetLimits | None:
     """The limits this step shares with the other processes of its run (and every run using the same storage).
 
     `MP_FLEET_LIMITS=auto` shares them when the run's steps are spread over processes (the multiprocess and
@@ -228,7 +227,7 @@ def fleet_limits(context: dg.OpExecutionContext) -> FleetLimits | None:
     try:
         mode = fleet_mode()
     except SettingError as exc:
-        raise setting_failure(task_of_step(context.step_key), exc) from None
+        raise setting_failure(task, exc) from None
     redis_url = os.environ.get(LIMITS_REDIS_URL_ENV, "").strip()
     if mode == "off" or (mode == "auto" and not redis_url and executor_kind(context.run_config) not in SPREAD_EXECUTORS):
         return None
