@@ -11,7 +11,6 @@ from typing import Any, Iterator, Mapping
 import dagster as dg
 import pandas as pd
 
-from mp_pipelines.calls.loop import shared_loop
 from mp_pipelines.calls.usage import Usage
 from mp_pipelines.factory.names import (
     FANOUT_TAG,
@@ -34,23 +33,19 @@ from mp_pipelines.factory.ops import (
     asset_metadata,
     call_scope,
     chat_model,
-    failure_metadata,
     fleet_limits,
     log_fields,
     make_op,
     retry_policy,
     run_batch_settings,
-    run_is_stopping,
-    setting_failure,
+    run_items,
     settle_writes,
     split_inputs,
     task_deadline,
     upstream_ins,
 )
-from mp_pipelines.llm.types import LLMError
 from mp_pipelines.spec.inputs import load_table
 from mp_pipelines.spec.models import TaskSpec, WorkflowSpec
-from mp_pipelines.spec.size_limits import SettingError
 from mp_pipelines.tasks.runner import build_context, preview, records
 from mp_pipelines.tasks.shards import ItemRecord, run_shard, shard_size
 
@@ -166,12 +161,7 @@ def _run_items(context: dg.OpExecutionContext, spec: WorkflowSpec, task: TaskSpe
     llm = chat_model(context)
     coro = run_shard(llm, spec, task, base, items, is_table=is_table, scope=scope,
                      deadline_of=lambda: task_deadline(task), log=context.log)
-    try:
-        outcome = shared_loop().run(coro, should_stop=lambda: run_is_stopping(context))
-    except LLMError as exc:
-        raise dg.Failure(f"task {task.name}: {exc}", metadata=failure_metadata(exc), allow_retries=False) from None
-    except SettingError as exc:
-        raise setting_failure(task.name, exc) from None
+    outcome = run_items(context, task, coro)
     settle_writes(scope)
     for record in outcome:
         record.run_id = context.run_id

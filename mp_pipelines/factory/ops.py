@@ -5,7 +5,7 @@ import os
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Mapping
+from typing import Any, Callable, Coroutine, Iterable, Iterator, Mapping, TypeVar
 
 import dagster as dg
 
@@ -15,6 +15,7 @@ from mp_pipelines.calls.call import CallScope
 from mp_pipelines.calls.deadline import TaskTimeout
 from mp_pipelines.calls.fleet import FleetLimits
 from mp_pipelines.calls.fleet_stores import LIMITS_REDIS_URL_ENV, open_shared_limits
+from mp_pipelines.calls.loop import shared_loop
 from mp_pipelines.calls.models import ModelRouter
 from mp_pipelines.calls.pricing import current_prices, unpriced_under_budget
 from mp_pipelines.calls.retry import retry_budget
@@ -202,6 +203,8 @@ def call_scope(context: dg.OpExecutionContext, spec: WorkflowSpec, task: TaskSpe
                      batch=BatchCollector(batch, context.log) if batch.mode == "batch" else None)
 
 
+T = TypeVar("T")
+
 FLEET_LIMITS_ENV = "MP_FLEET_LIMITS"
 FLEET_MODES = ("auto", "on", "off")
 _FLEETS: dict[tuple[str, int], FleetLimits] = {}
@@ -315,6 +318,17 @@ def is_resume(run: dg.DagsterRun) -> bool:
     """Whether the run re-executes a failed one from failure (UI, run retries, `mp-pipelines resume`): only then do
     calls take the answers its run family already got. Re-executing all steps asks the model again."""
     return run.parent_run_id is not None and run.is_resume_retry
+
+
+def run_items(context: dg.OpExecutionContext, task: TaskSpec, coro: Coroutine[Any, Any, T]) -> T:
+    """Run a shard's items (`coro`) on the shared loop, cancelled when the run is terminated; what stops them all
+    (an error in STOPS_THE_FAN_OUT, an unusable MP_* setting) fails the step, without retries."""
+    try:
+        return shared_loop().run(coro, should_stop=lambda: run_is_stopping(context))
+    except LLMError as exc:
+        raise dg.Failure(f"task {task.name}: {exc}", metadata=failure_metadata(exc), allow_retries=False) from None
+    except SettingError as exc:
+        raise setting_failure(task.name, exc) from None
 
 
 def settle_writes(scope: CallScope) -> None:

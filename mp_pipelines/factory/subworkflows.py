@@ -18,7 +18,6 @@ from typing import Any, Iterator
 import dagster as dg
 
 from mp_pipelines.calls.call import CallScope
-from mp_pipelines.calls.loop import shared_loop
 from mp_pipelines.factory.names import CALL_RESULT_OP, INPUTS_OP, WORKFLOW_TAG, node_name
 from mp_pipelines.factory.ops import (
     asset_key,
@@ -27,20 +26,16 @@ from mp_pipelines.factory.ops import (
     chat_model,
     check_condition,
     checked_table_path,
-    failure_metadata,
     llm_pool,
     make_op,
     node_prefix,
-    run_is_stopping,
-    setting_failure,
+    run_items,
     settle_writes,
     split_inputs,
     upstream_ins,
 )
-from mp_pipelines.llm.types import LLMError
 from mp_pipelines.spec.graph import body_dependencies, step_dependencies, topological_order
 from mp_pipelines.spec.models import RESERVED_SEPARATOR, LoopSpec, TaskSpec, WorkflowSpec
-from mp_pipelines.spec.size_limits import SettingError
 from mp_pipelines.spec.subworkflows import result_steps
 from mp_pipelines.spec.versions import task_code_version
 from mp_pipelines.tasks.runner import build_context, preview
@@ -232,18 +227,7 @@ def run_call_items(context: dg.OpExecutionContext, caller: WorkflowSpec, task: T
     base = build_context(caller, workflow_inputs, values)
     coro = run_call_shard(chat_model(context), caller, task, base, items, is_table=is_table, scope_for=scope_for,
                           log=context.log, check_path=_path_check(callee, None))
-    try:
-        outcome = shared_loop().run(coro, should_stop=lambda: run_is_stopping(context))
-    except LLMError as exc:
-        raise dg.Failure(f"task {task.name}: {exc}", metadata=failure_metadata(exc), allow_retries=False) from None
-    except BaseExceptionGroup as group:
-        first = group.exceptions[0]
-        if isinstance(first, LLMError):
-            raise dg.Failure(f"task {task.name}: {first}", metadata=failure_metadata(first),
-                             allow_retries=False) from None
-        if isinstance(first, SettingError):
-            raise setting_failure(task.name, first) from None
-        raise first from group  # not a group's "unhandled errors in a TaskGroup"
+    outcome = run_items(context, task, coro)
     for scope in opened:
         settle_writes(scope)
     for record in outcome:

@@ -13,7 +13,7 @@ import logging
 import math
 import random
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, NoReturn
 
 from mp_pipelines.calls.call import CallScope
 from mp_pipelines.calls.deadline import TaskTimeout
@@ -179,10 +179,16 @@ async def run_shard(model: ChatModel, spec: WorkflowSpec, task: TaskSpec, base_c
                                                 retries=retries, row=item if is_table else None, log=log))
                      for index, item in items]
     except BaseExceptionGroup as group_error:
-        # run_item raises no groups: the items' errors are flat here. An unusable MP_* setting is every item's.
-        stopping = group_error.subgroup(lambda e: isinstance(e, SettingError)
-                                        or (isinstance(e, LLMError) and e.kind in STOPS_THE_FAN_OUT))
-        if stopping is not None:
-            raise stopping.exceptions[0] from None
-        raise group_error.exceptions[0] from group_error  # not a group's "unhandled errors in a TaskGroup"
+        raise_item_error(group_error)
     return [t.result() for t in tasks]
+
+
+def raise_item_error(group: BaseExceptionGroup) -> NoReturn:
+    """Raise what stopped the items of a shard (the errors of their TaskGroup; an item raises no groups, so they
+    are flat here): an error in STOPS_THE_FAN_OUT or an unusable MP_* setting (every item's) as itself, anything
+    else as its first error rather than as the group's "unhandled errors in a TaskGroup"."""
+    stopping = group.subgroup(lambda e: isinstance(e, SettingError)
+                              or (isinstance(e, LLMError) and e.kind in STOPS_THE_FAN_OUT))
+    if stopping is not None:
+        raise stopping.exceptions[0] from None
+    raise group.exceptions[0] from group

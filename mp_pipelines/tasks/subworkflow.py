@@ -23,7 +23,7 @@ from mp_pipelines.spec.models import LoopSpec, TaskSpec, WorkflowSpec
 from mp_pipelines.spec.subworkflows import is_template, result_steps, single_expression
 from mp_pipelines.spec.templates import TemplateError, render, value_of
 from mp_pipelines.tasks.runner import arun_task, build_context, condition_holds, records
-from mp_pipelines.tasks.shards import STOPS_THE_FAN_OUT, ItemRecord, run_shard
+from mp_pipelines.tasks.shards import STOPS_THE_FAN_OUT, ItemRecord, raise_item_error, run_shard
 
 # (workflow, task) → the scope its calls run under; made by the caller's step (factory/).
 ScopeFor = Callable[[WorkflowSpec, TaskSpec], CallScope]
@@ -227,9 +227,12 @@ async def run_call_shard(model: ChatModel, caller: WorkflowSpec, task: TaskSpec,
                          items: list[tuple[int, Any]], *, is_table: bool, scope_for: ScopeFor, log: Any,
                          check_path: CheckPath | None = None) -> list[ItemRecord]:
     """Every item of a shard of a `for_each` call concurrently (breadth and limits bound the calls in flight)."""
-    async with asyncio.TaskGroup() as group:
-        running = [group.create_task(run_call_item(model, caller, task, base_context, index, item,
-                                                   scope_for=scope_for, row=item if is_table else None, log=log,
-                                                   check_path=check_path))
-                   for index, item in items]
+    try:
+        async with asyncio.TaskGroup() as group:
+            running = [group.create_task(run_call_item(model, caller, task, base_context, index, item,
+                                                       scope_for=scope_for, row=item if is_table else None, log=log,
+                                                       check_path=check_path))
+                       for index, item in items]
+    except BaseExceptionGroup as group_error:
+        raise_item_error(group_error)
     return [t.result() for t in running]
