@@ -26,6 +26,11 @@ def cli() -> list[str]:
     return [exe] if exe else [sys.executable, "-m", "mp_pipelines.cli"]
 
 
+def run_cli(cwd: Path, env: dict[str, str], *args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    """`mp-pipelines ARGS` in a child process in `cwd`, its output captured as text."""
+    return subprocess.run([*cli(), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
 def offline_env() -> dict[str, str]:
     drop = ("DAGSTER_HOME", "OPENAI_API_KEY", "OPENAI_BASE_URL", "MP_LLM_PROVIDER", "MP_WORKFLOWS_PATH")
     return {**{k: v for k, v in os.environ.items() if k not in drop}, "PYTHONUNBUFFERED": "1"}
@@ -77,9 +82,8 @@ def using_home(home: Path) -> list[int]:
 
 def test_ui_shows_cli_runs_on_one_instance_and_ctrl_c_stops_both(tmp_path: Path) -> None:
     env = offline_env()
-    made = subprocess.run([*cli(), "run", "research_report", "-i", "topic=shared instances", "-i", "max_questions=1",
-                           "--json", "--executor", "in_process"], cwd=tmp_path, env=env, capture_output=True,
-                          text=True, timeout=300)
+    made = run_cli(tmp_path, env, "run", "research_report", "-i", "topic=shared instances", "-i", "max_questions=1",
+                   "--json", "--executor", "in_process")
     assert made.returncode == 0, made.stderr[-3000:]
     run_id = json.loads(made.stdout)["run_id"]
     home = (tmp_path / ".mp_pipelines" / "dagster_home").resolve()
@@ -156,13 +160,11 @@ def test_the_cli_runs_on_the_instance_ui_made_without_dagster_home(tmp_path: Pat
     home.mkdir(parents=True)
     ensure_instance_config(home)  # what `mp-pipelines ui` writes before it starts the webserver and the daemon
     env = offline_env()
-    made = subprocess.run([*cli(), "run", "research_report", "-i", "topic=after the ui", "-i", "max_questions=1",
-                           "--json", "--executor", "multiprocess"], cwd=tmp_path, env=env, capture_output=True,
-                          text=True, timeout=300)
+    made = run_cli(tmp_path, env, "run", "research_report", "-i", "topic=after the ui", "-i", "max_questions=1",
+                   "--json", "--executor", "multiprocess")
     assert made.returncode == 0, made.stderr[-3000:]
     run_id = json.loads(made.stdout)["run_id"]
     assert (home / "history" / "runs" / f"{run_id}.db").is_file()  # in the ui's storage (base_dir: DAGSTER_HOME)
     assert list((home / "storage" / run_id / "compute_logs").glob("*.out"))  # the ui's compute logs
-    stats = subprocess.run([*cli(), "stats", "--json"], cwd=tmp_path, env=env, capture_output=True, text=True,
-                           timeout=120)
+    stats = run_cli(tmp_path, env, "stats", "--json", timeout=120)
     assert stats.returncode == 0 and json.loads(stats.stdout)[0]["workflow"] == "research_report", stats.stderr
